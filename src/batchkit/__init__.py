@@ -1,0 +1,90 @@
+"""batchkit: run many small async jobs against slow, flaky systems, and get a truthful report.
+
+The whole public API is re-exported here; everything else is private.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from ._api import ContextFactory as ContextFactory
+from ._api import batch_process as batch_process
+from ._api import stream as stream
+from ._engine import InputFailed as InputFailed
+from ._errors import BatchkitError as BatchkitError
+from ._errors import InvalidArgument as InvalidArgument
+from ._errors import ItemCancelled as ItemCancelled
+from ._errors import ItemError as ItemError
+from ._errors import ItemSkipped as ItemSkipped
+from ._errors import ItemTimeout as ItemTimeout
+from ._errors import MissingExtra as MissingExtra
+from ._errors import StopReason as StopReason
+from ._events import AttemptFailed as AttemptFailed
+from ._events import DeadlineHit as DeadlineHit
+from ._events import Event as Event
+from ._events import ItemFinished as ItemFinished
+from ._events import ItemStarted as ItemStarted
+from ._events import LimitChanged as LimitChanged
+from ._events import Observer as Observer
+from ._events import RunFinished as RunFinished
+from ._events import RunStarted as RunStarted
+from ._events import RunStopping as RunStopping
+from ._outcomes import BatchReport as BatchReport
+from ._outcomes import Failure as Failure
+from ._outcomes import FailureKind as FailureKind
+from ._outcomes import LimitChange as LimitChange
+from ._outcomes import Outcome as Outcome
+from ._outcomes import Success as Success
+from ._policies import Adaptive as Adaptive
+from ._policies import AsyncLimiter as AsyncLimiter
+from ._policies import Backoff as Backoff
+from ._policies import Deadline as Deadline
+from ._policies import FailureRatio as FailureRatio
+from ._policies import RateLimit as RateLimit
+from ._policies import Retry as Retry
+from ._policies import RetryOn as RetryOn
+from ._stream import Stream as Stream
+
+try:
+    __version__ = version("batchkit")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "Adaptive",
+    "AsyncLimiter",
+    "AttemptFailed",
+    "Backoff",
+    "BatchReport",
+    "BatchkitError",
+    "ContextFactory",
+    "Deadline",
+    "DeadlineHit",
+    "Event",
+    "Failure",
+    "FailureKind",
+    "FailureRatio",
+    "InputFailed",
+    "InvalidArgument",
+    "ItemCancelled",
+    "ItemError",
+    "ItemFinished",
+    "ItemSkipped",
+    "ItemStarted",
+    "ItemTimeout",
+    "LimitChange",
+    "LimitChanged",
+    "MissingExtra",
+    "Observer",
+    "Outcome",
+    "RateLimit",
+    "Retry",
+    "RetryOn",
+    "RunFinished",
+    "RunStarted",
+    "RunStopping",
+    "StopReason",
+    "Stream",
+    "Success",
+    "__version__",
+    "batch_process",
+    "stream",
+]

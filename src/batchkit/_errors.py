@@ -1,0 +1,81 @@
+"""The errors batchkit raises or records.
+
+Item failures are values (see :class:`batchkit.Failure`); misuse of the library is an
+exception raised before any item runs. Everything batchkit itself creates fits one tree::
+
+    BatchkitError
+    ├── InvalidArgument            (also a TypeError and a ValueError) bad arguments, raised at once
+    ├── MissingExtra               (also an ImportError) an optional integration is not installed
+    └── ItemError                  recorded on a Failure envelope, never raised by batchkit itself
+        ├── ItemTimeout            (also a TimeoutError) an attempt ran past its ``timeout``
+        ├── ItemCancelled          the run stopped (deadline, threshold) while the item was in flight
+        └── ItemSkipped            the run stopped before the item started
+
+``raise_for_failures()`` raises a plain :class:`ExceptionGroup` of the recorded errors.
+``asyncio.CancelledError``, ``KeyboardInterrupt`` and ``SystemExit`` are never caught.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+__all__ = [
+    "BatchkitError",
+    "InvalidArgument",
+    "ItemCancelled",
+    "ItemError",
+    "ItemSkipped",
+    "ItemTimeout",
+    "MissingExtra",
+    "StopReason",
+]
+
+StopReason = Literal["deadline", "fail_fast", "max_failures", "max_failure_ratio"]
+"""Why a run stopped starting items before its input was done."""
+
+
+class BatchkitError(Exception):
+    """Base class of every error batchkit creates."""
+
+
+class InvalidArgument(BatchkitError, TypeError, ValueError):
+    """An argument is of the wrong type or out of range. Raised before any item runs."""
+
+
+class MissingExtra(BatchkitError, ImportError):
+    """An optional integration was used without its extra installed."""
+
+    def __init__(self, feature: str, extra: str, package: str) -> None:
+        super().__init__(
+            f"{feature} needs the optional package {package!r}.\n"
+            f"HINT: pip install 'batchkit[{extra}]'"
+        )
+        self.extra = extra
+
+
+class ItemError(BatchkitError):
+    """An error batchkit records on an item's :class:`~batchkit.Failure`."""
+
+
+class ItemTimeout(ItemError, TimeoutError):
+    """An attempt did not finish within the per-item ``timeout``."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"attempt timed out after {timeout:g} s")
+        self.timeout = timeout
+
+
+class ItemCancelled(ItemError):
+    """The run stopped while this item was in flight (or waiting to retry)."""
+
+    def __init__(self, reason: StopReason) -> None:
+        super().__init__(f"cancelled: the run stopped ({reason})")
+        self.reason: StopReason = reason
+
+
+class ItemSkipped(ItemError):
+    """The run stopped, or the deadline left no room, before this item started."""
+
+    def __init__(self, reason: StopReason) -> None:
+        super().__init__(f"skipped: the run stopped ({reason}) before this item started")
+        self.reason: StopReason = reason

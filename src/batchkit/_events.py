@@ -1,0 +1,144 @@
+"""Events a run reports to observers, and the :class:`Observer` seam.
+
+Observers are plain callables taking one event. They run inline on the event loop, so they
+must be quick and must not block. An observer that raises is logged once (logger
+``batchkit``) and then dropped for the rest of the run; it never breaks the run. When no
+observer is given, no event object is ever built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, final
+
+if TYPE_CHECKING:
+    from ._errors import StopReason
+    from ._outcomes import BatchReport, Outcome
+
+__all__ = [
+    "AttemptFailed",
+    "DeadlineHit",
+    "Event",
+    "ItemFinished",
+    "ItemStarted",
+    "LimitChanged",
+    "Observer",
+    "RunFinished",
+    "RunStarted",
+    "RunStopping",
+]
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunStarted:
+    name: str | None
+    concurrency: int
+    """The starting concurrency limit."""
+    total: int | None
+    """How many items, when the input is sized; ``None`` for iterators and async iterables."""
+    time: float
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ItemStarted:
+    name: str | None
+    index: int
+    key: str
+    item: Any
+    attempt: int
+    """1 for the first attempt."""
+    in_flight: int
+    time: float
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AttemptFailed:
+    name: str | None
+    index: int
+    key: str
+    item: Any
+    attempt: int
+    error: BaseException
+    kind: Literal["error", "timeout"]
+    retry_in: float | None
+    """Seconds until the next attempt, or ``None`` when the item will not be retried."""
+    time: float
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ItemFinished:
+    name: str | None
+    key: str
+    outcome: Outcome[Any, Any]
+    in_flight: int
+    """Items still in flight after this one."""
+    time: float
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimitChanged:
+    name: str | None
+    old: int
+    new: int
+    reason: str
+    time: float
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunStopping:
+    """The run stopped starting items early (a threshold or ``fail_fast``; not the deadline)."""
+
+    name: str | None
+    reason: StopReason
+    in_flight: int
+    time: float
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeadlineHit:
+    name: str | None
+    in_flight: int
+    """Items in flight when the deadline came; they are being cancelled."""
+    time: float
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunFinished:
+    name: str | None
+    report: BatchReport[Any, Any]
+    time: float
+
+
+Event: TypeAlias = (
+    RunStarted
+    | ItemStarted
+    | AttemptFailed
+    | ItemFinished
+    | LimitChanged
+    | RunStopping
+    | DeadlineHit
+    | RunFinished
+)
+"""Every event, in the order a run emits them: ``RunStarted``, then per item ``ItemStarted``
+(per attempt), ``AttemptFailed`` (per failed attempt), ``ItemFinished``; ``LimitChanged``,
+``RunStopping`` and ``DeadlineHit`` when they happen; ``RunFinished`` last, with the report.
+Items that never start (skipped) only get an ``ItemFinished``.
+For ``stream``, ``RunFinished`` carries a report of what was produced before the stream ended."""
+
+
+class Observer(Protocol):
+    """Anything callable with one :data:`Event`."""
+
+    def __call__(self, event: Event, /) -> None: ...
+
+
+Observers: TypeAlias = Sequence[Observer]

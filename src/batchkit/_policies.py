@@ -1,0 +1,228 @@
+"""Policies: frozen, validated configuration values. ``None`` for a policy means "off"."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, TypeAlias, final, runtime_checkable
+
+from ._errors import InvalidArgument
+
+__all__ = [
+    "Adaptive",
+    "AsyncLimiter",
+    "Backoff",
+    "Deadline",
+    "FailureRatio",
+    "RateLimit",
+    "Retry",
+    "RetryOn",
+]
+
+
+def _check_number(name: str, value: object, *, minimum: float = 0.0, strict: bool = True) -> float:
+    """Validate a finite real number ``> minimum`` (or ``>=`` when not strict)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgument(f"{name} must be a number of seconds, got {value!r}")
+    if math.isnan(value) or math.isinf(value):
+        raise InvalidArgument(f"{name} must be finite, got {value!r}")
+    if value < minimum or (strict and value == minimum):
+        op = ">" if strict else ">="
+        raise InvalidArgument(f"{name} must be {op} {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise InvalidArgument(f"{name} must be >= {minimum}, got {value!r}")
+    return value
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Backoff:
+    """Exponential backoff with full jitter, capped.
+
+    The wait before retry ``n`` (1 for the first retry) is drawn uniformly from
+    ``[0, min(maximum, initial * multiplier ** (n - 1))]`` (``jitter=True``, the default,
+    which spreads retries of many items apart), or is exactly that ceiling (``jitter=False``).
+    """
+
+    initial: float = 0.1
+    maximum: float = 10.0
+    multiplier: float = 2.0
+    jitter: bool = True
+
+    def __post_init__(self) -> None:
+        _check_number("Backoff.initial", self.initial, strict=False)
+        _check_number("Backoff.maximum", self.maximum, strict=False)
+        _check_number("Backoff.multiplier", self.multiplier, minimum=1.0, strict=False)
+        if self.maximum < self.initial:
+            raise InvalidArgument(
+                f"Backoff.maximum ({self.maximum:g}) must be >= Backoff.initial ({self.initial:g})"
+            )
+
+
+RetryOn: TypeAlias = (
+    type[Exception] | tuple[type[Exception], ...] | Callable[[Exception], bool]
+)
+"""Which errors are retried: exception types, or a predicate over the exception."""
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Retry:
+    """Retry failed attempts of an item.
+
+    - ``attempts``: the most attempts per item, the first included (``attempts=1``: no retry).
+    - ``retry_on``: exception types or a predicate; ``CancelledError`` is never retried.
+    - ``timeouts``: whether an attempt that hit the per-item ``timeout`` is retried.
+    - An error with a numeric ``retry_after`` attribute (seconds, e.g. from an HTTP 429's
+      ``Retry-After``) makes the next attempt wait at least that long.
+    - ``hold_slot``: keep the item's concurrency slot while it waits out the backoff. The default
+      (``False``) frees the slot so other items run meanwhile, which is best for throughput;
+      ``True`` keeps the pressure on a struggling upstream at ``concurrency`` at most.
+    A backoff never sleeps past the run's deadline: such an item ends with its last error.
+    """
+
+    attempts: int = 3
+    backoff: Backoff = Backoff()
+    retry_on: RetryOn = Exception
+    timeouts: bool = True
+    hold_slot: bool = False
+
+    def __post_init__(self) -> None:
+        _check_int("Retry.attempts", self.attempts, minimum=1)
+        if not isinstance(self.backoff, Backoff):
+            raise InvalidArgument(f"Retry.backoff must be a Backoff, got {self.backoff!r}")
+        on = self.retry_on
+        types = on if isinstance(on, tuple) else (on,)
+        if isinstance(on, type) or isinstance(on, tuple):
+            for t in types:
+                if not (isinstance(t, type) and issubclass(t, Exception)):
+                    raise InvalidArgument(
+                        f"Retry.retry_on must hold Exception subclasses, got {t!r}\n"
+                        "HINT: CancelledError, KeyboardInterrupt and SystemExit are never retried."
+                    )
+        elif not callable(on):
+            raise InvalidArgument(
+                f"Retry.retry_on must be exception types or a predicate, got {on!r}"
+            )
+
+    def should_retry(self, error: Exception) -> bool:
+        on = self.retry_on
+        if isinstance(on, type | tuple):
+            return isinstance(error, on)
+        return bool(on(error))
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RateLimit:
+    """At most ``per_second`` attempt starts per second on average, ``burst`` at once at most.
+
+    A token bucket that starts with ``burst`` tokens (default 1: no start-up burst at all) and
+    refills continuously. Applies to every attempt, retries included.
+    """
+
+    per_second: float
+    burst: int = 1
+
+    def __post_init__(self) -> None:
+        _check_number("RateLimit.per_second", self.per_second)
+        _check_int("RateLimit.burst", self.burst, minimum=1)
+
+
+@runtime_checkable
+class AsyncLimiter(Protocol):
+    """Any object used as ``async with limiter:`` before each attempt (e.g. aiolimiter's)."""
+
+    async def __aenter__(self) -> object: ...
+    async def __aexit__(self, *exc_info: object) -> bool | None: ...
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Deadline:
+    """When the whole run must end.
+
+    Give ``seconds`` (from the call's start) or ``at`` (an absolute ``loop.time()``). When it
+    comes, in-flight items are cancelled, items not started are skipped, and the call returns
+    the partial report on time. With ``fit_timeout`` (default on), an item whose ``timeout``
+    cannot fit before the deadline is skipped instead of started.
+    """
+
+    seconds: float | None = None
+    at: float | None = None
+    fit_timeout: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.seconds is None) == (self.at is None):
+            raise InvalidArgument("Deadline takes exactly one of seconds= or at=")
+        if self.seconds is not None:
+            _check_number("Deadline.seconds", self.seconds)
+        if self.at is not None:
+            _check_number("Deadline.at", self.at, minimum=-math.inf)
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FailureRatio:
+    """Stop the run when more than ``ratio`` of finished items failed, once ``min_sample`` finished.
+
+    Failures are ``error`` and ``timeout`` outcomes.
+    """
+
+    ratio: float
+    min_sample: int = 10
+
+    def __post_init__(self) -> None:
+        _check_number("FailureRatio.ratio", self.ratio, strict=False)
+        if self.ratio >= 1:
+            raise InvalidArgument(f"FailureRatio.ratio must be < 1, got {self.ratio!r}")
+        _check_int("FailureRatio.min_sample", self.min_sample, minimum=1)
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Adaptive:
+    """An adaptive concurrency limit (AIMD), for ``concurrency=``.
+
+    Starts at ``initial``; after each success whose latency stays under
+    ``latency_factor`` times the baseline (the fastest recent item), the limit grows by
+    ``1 / limit`` (about +1 per window of ``limit`` items); on an overload signal — a
+    timeout, an error matching ``overload_on``, or a slow success — it is multiplied by
+    ``decrease`` (at most once per baseline latency, so one burst of errors counts once).
+    It always stays within ``[min, max]``; the report's ``limit_changes`` records every move.
+    """
+
+    initial: int = 4
+    min: int = 1
+    max: int = 64
+    decrease: float = 0.75
+    latency_factor: float = 2.0
+    overload_on: RetryOn | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("Adaptive.min", self.min, minimum=1)
+        _check_int("Adaptive.max", self.max, minimum=self.min)
+        _check_int("Adaptive.initial", self.initial, minimum=self.min)
+        if self.initial > self.max:
+            raise InvalidArgument(
+                f"Adaptive.initial ({self.initial}) must be <= Adaptive.max ({self.max})"
+            )
+        _check_number("Adaptive.decrease", self.decrease)
+        if self.decrease >= 1:
+            raise InvalidArgument(f"Adaptive.decrease must be < 1, got {self.decrease!r}")
+        _check_number("Adaptive.latency_factor", self.latency_factor, minimum=1.0)
+
+    def is_overload(self, error: Exception) -> bool:
+        on = self.overload_on
+        if on is None:
+            return False
+        if isinstance(on, type | tuple):
+            return isinstance(error, on)
+        return bool(on(error))

@@ -1,0 +1,38 @@
+"""Rate-limit math (GCRA, a token bucket without a timer) as pure functions of the state and now.
+
+The state is one number, ``tat``: the theoretical arrival time of the next start. A start
+reserved at ``now`` may begin at ``max(tat, now) - tolerance``; each start pushes ``tat`` one
+``interval`` further. ``tolerance = (burst - 1) * interval`` is what allows ``burst`` starts at
+once, and no more: a fresh bucket does not hand out a start-up burst beyond ``burst``.
+"""
+
+from __future__ import annotations
+
+from ._policies import RateLimit
+
+__all__ = ["TokenBucket", "reserve"]
+
+
+def reserve(tat: float, now: float, interval: float, tolerance: float) -> tuple[float, float]:
+    """Reserve one start. Returns ``(new_tat, wait)``: the new state and how long to wait."""
+    base = tat if tat > now else now
+    allowed = base - tolerance
+    wait = allowed - now if allowed > now else 0.0
+    return base + interval, wait
+
+
+class TokenBucket:
+    """The engine's limiter for a :class:`RateLimit`: reservations are FIFO and never lost."""
+
+    __slots__ = ("interval", "tat", "tolerance")
+
+    def __init__(self, policy: RateLimit, now: float) -> None:
+        self.interval = 1.0 / policy.per_second
+        self.tolerance = (policy.burst - 1) * self.interval
+        # Start as if the bucket had just filled: ``burst`` starts may go at once, no more.
+        self.tat = now
+
+    def reserve(self, now: float) -> float:
+        """Take the next start; returns the seconds to wait before it."""
+        self.tat, wait = reserve(self.tat, now, self.interval, self.tolerance)
+        return wait
