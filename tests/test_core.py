@@ -6,8 +6,7 @@ import asyncio
 import contextlib
 import gc
 import threading
-from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -23,6 +22,9 @@ from batchkit import (
 
 from .helpers import Recorder, now, run_virtual
 
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
 pytestmark = pytest.mark.looptime
 
 
@@ -36,9 +38,7 @@ async def test_seed_call_shape_is_a_sliding_window_not_batches() -> None:
         rec.exit(i)
         return i
 
-    report = await batch_process(
-        range(20), process_single_market, batch_size=5, concurrency=3
-    )
+    report = await batch_process(range(20), process_single_market, batch_size=5, concurrency=3)
     assert report.wall_time == 105
     assert now() == 105
     assert rec.peak == 3
@@ -140,7 +140,7 @@ async def test_empty_input() -> None:
     async def fn(i: int) -> int:
         raise AssertionError("never called")
 
-    report = await batch_process([], fn)
+    report: BatchReport[int, int] = await batch_process([], fn)
     assert len(report) == 0
     assert report.ok
     assert report.wall_time == 0
@@ -343,9 +343,10 @@ async def test_fail_fast_stops_starting_cancels_in_flight_and_skips_the_rest() -
     report = await batch_process(range(10), fn, concurrency=3, context=ctx, fail_fast=True)
     assert report.wall_time == 5
     assert report.stop_reason == "fail_fast"
-    kinds = ["success" if o.ok else o.kind for o in report]  # type: ignore[union-attr]
+    kinds = [o.kind if isinstance(o, Failure) else "success" for o in report]
     assert kinds == ["cancelled", "error", "cancelled"] + ["skipped"] * 7
-    assert ctx.entered == 3 and len(ctx.exited) == 3
+    assert ctx.entered == 3
+    assert len(ctx.exited) == 3
     skipped = report.failures[-1]
     assert isinstance(skipped.error, ItemSkipped)
     assert skipped.attempts == 0
@@ -428,7 +429,8 @@ async def test_report_views_and_output() -> None:
         "elapsed": 1.0, "error": "ValueError: zero",
     }  # fmt: skip
     text = str(report)
-    assert "market-3" in text and "error" in text
+    assert "market-3" in text
+    assert "error" in text
     assert report.summary().startswith("4 items in 6.000s: 3 success, 1 error")
     with pytest.raises(ExceptionGroup) as info:
         report.raise_for_failures()
@@ -441,7 +443,7 @@ async def test_raise_for_failures_is_silent_when_all_succeeded() -> None:
     async def fn(i: int) -> int:
         return i
 
-    report = await batch_process(range(3), fn)
+    report: BatchReport[int, int] = await batch_process(range(3), fn)
     report.raise_for_failures()
     assert report.ok
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,6 +19,9 @@ from hypothesis import strategies as st
 from batchkit import Failure, Success, batch_process, stream
 
 from .helpers import Recorder, now, run_virtual
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
 
 HANG = -1
 
@@ -123,11 +126,14 @@ def test_sliding_window_schedule_is_exactly_greedy(case: Case) -> None:
                 case.timeout is not None and case.latencies[i] > case.timeout
             )
             if timed_out:
-                assert isinstance(o, Failure) and o.kind == "timeout"
+                assert isinstance(o, Failure)
+                assert o.kind == "timeout"
             elif i in case.failing:
-                assert isinstance(o, Failure) and o.kind == "error"
+                assert isinstance(o, Failure)
+                assert o.kind == "error"
             else:
-                assert isinstance(o, Success) and o.value == i * 2
+                assert isinstance(o, Success)
+                assert o.value == i * 2
             assert o.elapsed == durations[i]
         assert ctxs.entered == ctxs.exited == len(durations)
         assert ctxs.open == 0
@@ -151,9 +157,12 @@ def test_cancelling_the_caller_at_any_time_cleans_up(case: Case, cancel_at: int)
         before = asyncio.all_tasks()
         task = asyncio.create_task(
             batch_process(
-                range(len(case.latencies)), fn, concurrency=case.concurrency,
-                timeout=case.timeout, context=ctxs,
-            )  # fmt: skip
+                range(len(case.latencies)),
+                fn,
+                concurrency=case.concurrency,
+                timeout=case.timeout,
+                context=ctxs,
+            )
         )
         await asyncio.sleep(cancel_at)
         task.cancel()
@@ -191,7 +200,8 @@ def test_fail_fast_gives_every_item_one_envelope_and_cleans_up(case: Case) -> No
         )  # fmt: skip
         assert asyncio.all_tasks() == before
         assert [o.index for o in report] == list(range(n))
-        assert ctxs.entered == ctxs.exited and ctxs.open == 0
+        assert ctxs.entered == ctxs.exited
+        assert ctxs.open == 0
         hard = [o for o in report if isinstance(o, Failure) and o.kind in ("error", "timeout")]
         if report.stop_reason is None:
             assert hard == []

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from ._policies import Adaptive
+if TYPE_CHECKING:
+    from ._policies import Adaptive
 
 __all__ = ["AimdState", "on_overload", "on_success"]
 

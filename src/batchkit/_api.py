@@ -6,14 +6,16 @@ import inspect
 import math
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, TypeAlias, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, overload
 
 from ._engine import Engine, Plan
 from ._errors import InvalidArgument
-from ._events import Observer
-from ._outcomes import BatchReport
 from ._policies import Adaptive, AsyncLimiter, Deadline, FailureRatio, RateLimit, Retry
 from ._stream import Stream
+
+if TYPE_CHECKING:
+    from ._events import Observer
+    from ._outcomes import BatchReport
 
 __all__ = ["ContextFactory", "batch_process", "stream"]
 
@@ -63,12 +65,18 @@ def _check_arity(fn: Callable[..., Any], n: int, with_context: bool) -> None:
 
 def _seconds(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidArgument(
-            f"{name} must be a number of seconds or None, got {value!r}"
-        )
+        raise InvalidArgument(f"{name} must be a number of seconds or None, got {value!r}")
     if math.isnan(value) or math.isinf(value) or value <= 0:
         raise InvalidArgument(f"{name} must be a finite number of seconds > 0, got {value!r}")
     return float(value)
+
+
+def _positive_int_or_none(name: str, value: object, hint: str = "") -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgument(f"{name} must be an int >= 1 or None, got {value!r}{hint}")
+    return value
 
 
 def _plan(
@@ -130,11 +138,8 @@ def _plan(
         if arg is not None and not callable(arg):
             raise InvalidArgument(f"{arg_name} must be a callable taking an item, got {arg!r}")
 
-    if batch_size is not None and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-    ):
-        raise InvalidArgument(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
-    read_ahead = batch_size if batch_size is not None else DEFAULT_COST_READ_AHEAD
+    batch = _positive_int_or_none("batch_size", batch_size)
+    read_ahead = batch if batch is not None else DEFAULT_COST_READ_AHEAD
 
     if not isinstance(fail_fast, bool):
         raise InvalidArgument(f"fail_fast must be a bool, got {fail_fast!r}")
@@ -157,7 +162,11 @@ def _plan(
     deadline_at: float | None = None
     fit_timeout = True
     if isinstance(deadline, Deadline):
-        deadline_seconds, deadline_at, fit_timeout = deadline.seconds, deadline.at, deadline.fit_timeout
+        deadline_seconds, deadline_at, fit_timeout = (
+            deadline.seconds,
+            deadline.at,
+            deadline.fit_timeout,
+        )
     elif deadline is not None:
         deadline_seconds = _seconds("deadline", deadline)
     if (
@@ -172,21 +181,15 @@ def _plan(
             "Deadline(seconds=..., fit_timeout=False) to start items anyway"
         )
 
-    if max_failures is not None and (
-        isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 1
-    ):
-        raise InvalidArgument(
-            f"max_failures must be an int >= 1 or None, got {max_failures!r}\n"
-            "HINT: max_failures=1 is fail_fast=True"
-        )
+    failures_cap = _positive_int_or_none(
+        "max_failures", max_failures, "\nHINT: max_failures=1 is fail_fast=True"
+    )
     ratio: FailureRatio | None
     if max_failure_ratio is None or isinstance(max_failure_ratio, FailureRatio):
         ratio = max_failure_ratio
     elif isinstance(max_failure_ratio, int | float) and not isinstance(max_failure_ratio, bool):
         if not 0 <= max_failure_ratio < 1:
-            raise InvalidArgument(
-                f"max_failure_ratio must be in [0, 1), got {max_failure_ratio!r}"
-            )
+            raise InvalidArgument(f"max_failure_ratio must be in [0, 1), got {max_failure_ratio!r}")
         ratio = FailureRatio(ratio=float(max_failure_ratio))
     else:
         raise InvalidArgument(
@@ -194,7 +197,7 @@ def _plan(
             f"got {max_failure_ratio!r}"
         )
 
-    if isinstance(observers, str | bytes) or not isinstance(observers, Sequence | tuple | list):
+    if isinstance(observers, str | bytes) or not isinstance(observers, Sequence):
         raise InvalidArgument(f"observers must be a sequence of callables, got {observers!r}")
     obs: list[Observer] = []
     for o in observers:
@@ -216,7 +219,7 @@ def _plan(
         slots=slots,
         adaptive=adaptive,
         timeout=timeout_s,
-        context=context,  # type: ignore[arg-type]
+        context=context,
         key=key,  # type: ignore[arg-type]
         read_ahead=read_ahead,
         cost=cost,  # type: ignore[arg-type]
@@ -227,7 +230,7 @@ def _plan(
         deadline_at=deadline_at,
         fit_timeout=fit_timeout,
         fail_fast=fail_fast,
-        max_failures=max_failures,
+        max_failures=failures_cap,
         max_failure_ratio=ratio,
         observers=tuple(obs),
         name=name,
@@ -279,7 +282,7 @@ async def batch_process(
     name: str | None = ...,
 ) -> BatchReport[T, R]: ...
 @overload
-async def batch_process(  # type: ignore[overload-overlap]
+async def batch_process(
     items: Items[T],
     fn: Callable[[T], R],
     *,
@@ -403,7 +406,7 @@ def stream(
     buffer: int | None = ...,
 ) -> Stream[T, R]: ...
 @overload
-def stream(  # type: ignore[overload-overlap]
+def stream(
     items: Items[T],
     fn: Callable[[T], R],
     *,
@@ -489,9 +492,8 @@ def stream(
     )  # fmt: skip
     if not isinstance(ordered, bool):
         raise InvalidArgument(f"ordered must be a bool, got {ordered!r}")
-    if buffer is not None and (isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1):
-        raise InvalidArgument(f"buffer must be an int >= 1 or None, got {buffer!r}")
-    window = plan.slots + (buffer if buffer is not None else plan.slots)
+    extra = _positive_int_or_none("buffer", buffer)
+    window = plan.slots + (extra if extra is not None else plan.slots)
     if plan.cost is not None:
         # Cost ordering needs its read-ahead inside the window.
         window += plan.read_ahead

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-from ._policies import Backoff
+if TYPE_CHECKING:
+    from ._policies import Backoff
 
 __all__ = ["backoff_ceiling", "retry_after_hint", "retry_delay"]
 

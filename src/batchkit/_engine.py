@@ -19,8 +19,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sized
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractAsyncContextManager
-from typing import Any, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar
 
 from . import _backoff
 from ._adaptive import AimdState, on_overload, on_success
@@ -43,9 +42,13 @@ from ._events import (
     RunStarted,
     RunStopping,
 )
-from ._outcomes import BatchReport, Failure, FailureKind, LimitChange, Outcome, make_success
-from ._policies import Adaptive, AsyncLimiter, FailureRatio, Retry
+from ._outcomes import BatchReport, Failure, LimitChange, Outcome, make_success
 from ._ratelimit import TokenBucket
+
+if TYPE_CHECKING:
+    from contextlib import AbstractAsyncContextManager
+
+    from ._policies import Adaptive, AsyncLimiter, FailureRatio, Retry
 
 __all__ = ["Engine", "InputFailed", "Plan"]
 
@@ -341,7 +344,8 @@ class Engine(Generic[T, R]):
                 if self._it is not None:
                     item = next(self._it)
                 else:
-                    assert self._ait is not None and self._pull_lock is not None
+                    assert self._ait is not None
+                    assert self._pull_lock is not None
                     async with self._pull_lock:
                         if self._exhausted:
                             return None
@@ -359,7 +363,8 @@ class Engine(Generic[T, R]):
                 if self._it is not None:
                     item = next(self._it)
                 else:
-                    assert self._ait is not None and self._pull_lock is not None
+                    assert self._ait is not None
+                    assert self._pull_lock is not None
                     async with self._pull_lock:
                         if self._exhausted:
                             break
@@ -505,7 +510,9 @@ class Engine(Generic[T, R]):
                     first_start = now
                 limiter = p.limiter
                 if limiter is None:
-                    outcome_error, value, kind = await self._attempt(slot, index, item, attempt, now)
+                    outcome_error, value, kind = await self._attempt(
+                        slot, index, item, attempt, now
+                    )
                 else:
                     if not await self._wait_in_slot(slot, limiter.__aenter__()):
                         started = first_start if errors else None
@@ -561,7 +568,12 @@ class Engine(Generic[T, R]):
                 if delay is None:
                     self._record(
                         Failure(
-                            item, outcome_error, kind, index, attempt, end - first_start,
+                            item,
+                            outcome_error,
+                            kind,
+                            index,
+                            attempt,
+                            end - first_start,
                             tuple(errors),
                         ),
                         attempt,
@@ -584,7 +596,7 @@ class Engine(Generic[T, R]):
 
     async def _attempt(
         self, slot: _Slot, index: int, item: T, attempt: int, now: float
-    ) -> tuple[BaseException | None, Any, FailureKind | None]:
+    ) -> tuple[BaseException | None, Any, Literal["error", "timeout", "cancelled"] | None]:
         """One attempt: context, ``fn``, timeout. Returns ``(error, value, kind)``; ``kind`` is
         ``None`` on success."""
         p = self._p
@@ -610,7 +622,7 @@ class Engine(Generic[T, R]):
             timers.append((now + timeout, slot, gen))
         error: BaseException | None = None
         value: Any = None
-        kind: FailureKind | None = None
+        kind: Literal["error", "timeout", "cancelled"] | None = None
         try:
             if p.context is None:
                 if p.fn_is_async:
@@ -740,8 +752,9 @@ class Engine(Generic[T, R]):
         history = (*errors, err) if errors else (err,)
         elapsed = self._loop.time() - first_start if first_start is not None else 0.0
         self._record(
-            Failure(item, err, "cancelled", index, attempt if running else attempt - 1,
-                    elapsed, history),
+            Failure(
+                item, err, "cancelled", index, attempt if running else attempt - 1, elapsed, history
+            ),
             attempt,
             None,
         )
@@ -814,7 +827,9 @@ class Engine(Generic[T, R]):
             assert self._loop is not None
             self._event(
                 RunStopping(
-                    name=self._p.name, reason=reason, in_flight=self._in_flight,
+                    name=self._p.name,
+                    reason=reason,
+                    in_flight=self._in_flight,
                     time=self._loop.time(),
                 )
             )
@@ -920,11 +935,14 @@ class Engine(Generic[T, R]):
             self._limit = new
             self._limit_changes.append(LimitChange(time=now, old=old, new=new, reason=reason))
             if self._emit_events:
-                self._event(LimitChanged(name=self._p.name, old=old, new=new, reason=reason, time=now))
+                self._event(
+                    LimitChanged(name=self._p.name, old=old, new=new, reason=reason, time=now)
+                )
             self._open_gate()
 
     def _adapt_success(self, latency: float, started: float, now: float) -> None:
-        assert self._aimd is not None and self._p.adaptive is not None
+        assert self._aimd is not None
+        assert self._p.adaptive is not None
         state, overload = on_success(self._aimd, self._p.adaptive, latency, started, now)
         if overload is not None:
             state = on_overload(state, self._p.adaptive, started, now)
@@ -933,7 +951,8 @@ class Engine(Generic[T, R]):
             self._set_limit(state, now, "increase")
 
     def _adapt_overload(self, started: float, now: float, kind: str) -> None:
-        assert self._aimd is not None and self._p.adaptive is not None
+        assert self._aimd is not None
+        assert self._p.adaptive is not None
         self._set_limit(on_overload(self._aimd, self._p.adaptive, started, now), now, kind)
 
     # ----------------------------------------------------------------- watchdog
@@ -943,7 +962,8 @@ class Engine(Generic[T, R]):
         and dropped. With nothing in flight it sleeps one timeout: any attempt started later
         expires after that anyway, so no one has to wake it."""
         loop = self._loop
-        assert loop is not None and self._p.timeout is not None
+        assert loop is not None
+        assert self._p.timeout is not None
         timeout = self._p.timeout
         while True:
             timers = self._timers
@@ -986,7 +1006,9 @@ class Engine(Generic[T, R]):
                 observer(event)
             except Exception:
                 # Reported once, then dropped: an observer never breaks the run.
-                _log.exception("batchkit: observer %r raised; it is disabled for this run", observer)
+                _log.exception(
+                    "batchkit: observer %r raised; it is disabled for this run", observer
+                )
                 self._observers.remove(observer)
         self._emit_events = bool(self._observers)
 

@@ -8,7 +8,7 @@ exception raised before any item runs. Everything batchkit itself creates fits o
     ├── MissingExtra               (also an ImportError) an optional integration is not installed
     └── ItemError                  recorded on a Failure envelope, never raised by batchkit itself
         ├── ItemTimeout            (also a TimeoutError) an attempt ran past its ``timeout``
-        ├── ItemCancelled          the run stopped (deadline, threshold) while the item was in flight
+        ├── ItemCancelled          the run stopped (deadline, threshold) with the item in flight
         └── ItemSkipped            the run stopped before the item started
 
 ``raise_for_failures()`` raises a plain :class:`ExceptionGroup` of the recorded errors.

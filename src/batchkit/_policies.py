@@ -66,9 +66,7 @@ class Backoff:
             )
 
 
-RetryOn: TypeAlias = (
-    type[Exception] | tuple[type[Exception], ...] | Callable[[Exception], bool]
-)
+RetryOn: TypeAlias = type[Exception] | tuple[type[Exception], ...] | Callable[[Exception], bool]
 """Which errors are retried: exception types, or a predicate over the exception."""
 
 
@@ -100,7 +98,7 @@ class Retry:
             raise InvalidArgument(f"Retry.backoff must be a Backoff, got {self.backoff!r}")
         on = self.retry_on
         types = on if isinstance(on, tuple) else (on,)
-        if isinstance(on, type) or isinstance(on, tuple):
+        if isinstance(on, (type, tuple)):
             for t in types:
                 if not (isinstance(t, type) and issubclass(t, Exception)):
                     raise InvalidArgument(

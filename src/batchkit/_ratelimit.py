@@ -8,7 +8,10 @@ once, and no more: a fresh bucket does not hand out a start-up burst beyond ``bu
 
 from __future__ import annotations
 
-from ._policies import RateLimit
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._policies import RateLimit
 
 __all__ = ["TokenBucket", "reserve"]
 

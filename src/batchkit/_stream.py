@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from types import TracebackType
-from typing import Any, Generic, TypeVar, final
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
 
 from ._engine import Engine, Plan, _Sink
-from ._outcomes import BatchReport, Outcome
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from ._outcomes import BatchReport, Outcome
 
 __all__ = ["Stream"]
 
@@ -20,8 +23,16 @@ class _StreamSink(_Sink[T, R]):
     """Hands outcomes to the consumer. At most ``window`` items are ever pulled from the input
     but not yet taken by the consumer (in flight, waiting to be reordered, or ready)."""
 
-    __slots__ = ("consumed", "consumer", "next_emit", "ordered", "pending", "producers", "ready",
-                 "window")
+    __slots__ = (
+        "consumed",
+        "consumer",
+        "next_emit",
+        "ordered",
+        "pending",
+        "producers",
+        "ready",
+        "window",
+    )
 
     def __init__(self, *, ordered: bool, window: int) -> None:
         self.ordered = ordered

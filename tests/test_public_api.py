@@ -1,0 +1,66 @@
+"""The public surface is deliberate: pinned, sorted, and every name really exported."""
+
+from __future__ import annotations
+
+import batchkit
+
+PUBLIC = [
+    "Adaptive",
+    "AsyncLimiter",
+    "AttemptFailed",
+    "Backoff",
+    "BatchReport",
+    "BatchkitError",
+    "ContextFactory",
+    "Deadline",
+    "DeadlineHit",
+    "Event",
+    "Failure",
+    "FailureKind",
+    "FailureRatio",
+    "InputFailed",
+    "InvalidArgument",
+    "ItemCancelled",
+    "ItemError",
+    "ItemFinished",
+    "ItemSkipped",
+    "ItemStarted",
+    "ItemTimeout",
+    "LimitChange",
+    "LimitChanged",
+    "MissingExtra",
+    "Observer",
+    "Outcome",
+    "RateLimit",
+    "Retry",
+    "RetryOn",
+    "RunFinished",
+    "RunStarted",
+    "RunStopping",
+    "StopReason",
+    "Stream",
+    "Success",
+    "__version__",
+    "batch_process",
+    "stream",
+]
+
+
+def test_all_is_pinned_and_sorted() -> None:
+    assert batchkit.__all__ == PUBLIC
+    assert sorted(batchkit.__all__) == batchkit.__all__
+
+
+def test_every_public_name_exists() -> None:
+    for name in batchkit.__all__:
+        assert hasattr(batchkit, name), name
+
+
+def test_error_tree() -> None:
+    assert issubclass(batchkit.ItemTimeout, batchkit.ItemError)
+    assert issubclass(batchkit.ItemTimeout, TimeoutError)
+    assert issubclass(batchkit.ItemCancelled, batchkit.ItemError)
+    assert issubclass(batchkit.ItemSkipped, batchkit.ItemError)
+    assert issubclass(batchkit.ItemError, batchkit.BatchkitError)
+    assert issubclass(batchkit.InputFailed, batchkit.BatchkitError)
+    assert issubclass(batchkit.MissingExtra, ImportError)
