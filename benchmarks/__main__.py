@@ -1,0 +1,82 @@
+"""``python -m benchmarks [--quick]``: run every scenario and write the results folder."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+from ._report import evaluate, markdown, plot
+from ._runner import ROOT, Settings, machine, run_all, summarise
+from ._scenarios import SCENARIOS, Mode
+
+__all__ = ["main"]
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="batchkit against the other ways to run a batch, in one run.",
+    )
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="smaller sizes, one repetition (<1 min)")
+    size.add_argument("--smoke", action="store_true", help="tiny sizes, for the harness's test")
+    parser.add_argument("--reps", type=int, help="repetitions (default: 3 full, 1 quick)")
+    parser.add_argument(
+        "--scenarios", help=f"comma-separated subset of: {', '.join(SCENARIOS)}", default=""
+    )
+    parser.add_argument("--contenders", help="comma-separated subset of contenders", default="")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results", help="results folder"
+    )
+    args = parser.parse_args(argv)
+
+    mode: Mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    scenarios = tuple(s for s in args.scenarios.split(",") if s) or SCENARIOS
+    unknown = set(scenarios) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    full = mode == "full"
+    settings = Settings(
+        mode=mode,
+        reps=args.reps or (3 if full else 1),
+        scenarios=scenarios,
+        only=frozenset(c for c in args.contenders.split(",") if c) or None,
+        parallel_latency=not full,
+        stream_reps=2 if full and not args.reps else None,
+    )
+    started = time.perf_counter()
+    _log(f"batchkit benchmarks, {mode} mode, {settings.reps} repetition(s)")
+    runs = run_all(settings, _log)
+    summary = summarise(settings, runs)
+    result = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "settings": {**dataclasses.asdict(settings), "only": sorted(settings.only or ())},
+        "elapsed_s": time.perf_counter() - started,
+        "scenarios": summary,
+        "targets": [dataclasses.asdict(t) for t in evaluate(summary)],
+        "runs": runs,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    table = markdown(result)
+    (args.out / "results.md").write_text(table)
+    why_not = plot(result, args.out / "results.png")
+    print(table)
+    if why_not:
+        _log(why_not)
+    _log(f"done in {result['elapsed_s']:.0f} s; results in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

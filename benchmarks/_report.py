@@ -1,0 +1,286 @@
+"""Targets (met or missed), the markdown tables and the PNG plot."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+__all__ = ["Target", "evaluate", "markdown", "plot"]
+
+BATCHKIT = ("batch_process", "stream", "stream_ordered", "bp_cost", "bp_retry", "bp_rate_limit",
+            "bp_observer", "bp_context")  # fmt: skip
+OVERHEAD_MAX = 1.3
+GREEDY_MIN = 0.99  # within 1% of the greedy in-order ideal
+IDEAL_SLACK = 1.02  # "at ideal": within 2% of the ideal makespan
+RSS_MAX_MB = 60.0
+STREAM_WALL_MAX = 1.5
+STALL_MAX_MS = 20.0
+COST_MIN = 0.97
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Target:
+    name: str
+    measured: str
+    threshold: str
+    met: bool
+    value: float | None = None
+
+
+def _row(summary: dict[str, Any], scenario: str, contender: str) -> dict[str, Any] | None:
+    sc = summary.get(scenario)
+    if sc is None:
+        return None
+    return next((r for r in sc["rows"] if r["contender"] == contender and r["runs"]), None)
+
+
+def _ok(x: float | None) -> bool:
+    return x is not None and not math.isnan(x)
+
+
+def evaluate(summary: dict[str, Any]) -> list[Target]:
+    """Every target of issue 7 that this run measured."""
+    out: list[Target] = []
+    for sc in ("overhead_immediate", "overhead_sleep0"):
+        for c in ("batch_process", "stream"):
+            row = _row(summary, sc, c)
+            if row is None or not _ok(row["ratio"]):
+                continue
+            out.append(
+                Target(
+                    name=f"{c} per-item overhead vs pool, {sc}",
+                    measured=f"{row['ratio']:.2f}x ({row['us_per_item']:.2f} µs/item)",
+                    threshold=f"<= {OVERHEAD_MAX}x",
+                    met=row["ratio"] <= OVERHEAD_MAX and row["valid"],
+                    value=row["ratio"],
+                )
+            )
+    if "makespan" in summary:
+        greedy_eff = summary["makespan"]["greedy_efficiency"]
+        for c in ("batch_process", "stream", "pool"):
+            row = _row(summary, "makespan", c)
+            if row is None:
+                continue
+            out.append(
+                Target(
+                    name=f"makespan efficiency, {c}"
+                    + (" (reference, not a batchkit target)" if c == "pool" else ""),
+                    measured=(
+                        f"{row['efficiency']:.3f} = {row['vs_greedy']:.3f} of greedy "
+                        f"{greedy_eff:.3f}"
+                    ),
+                    threshold=f">= {GREEDY_MIN} of greedy",
+                    met=row["vs_greedy"] >= GREEDY_MIN and row["valid"],
+                    value=row["vs_greedy"],
+                )
+            )
+    for sc in ("seed_x100", "hung"):
+        if sc not in summary:
+            continue
+        ideal = summary[sc]["greedy_s"]
+        for c in ("batch_process", "stream"):
+            row = _row(summary, sc, c)
+            if row is None:
+                continue
+            out.append(
+                Target(
+                    name=f"{sc} at ideal, {c}",
+                    measured=f"{row['wall_s']:.3f} s = {row['wall_s'] / ideal:.3f}x ideal",
+                    threshold=f"<= {IDEAL_SLACK}x ideal {ideal:.3f} s",
+                    met=row["wall_s"] <= IDEAL_SLACK * ideal and row["valid"],
+                    value=row["wall_s"] / ideal,
+                )
+            )
+    row = _row(summary, "stream_memory", "stream")
+    if row is not None:
+        n = row["n"]
+        out.append(
+            Target(
+                name=f"stream over {n:,} items: peak RSS growth",
+                measured=f"{row['rss_delta_mb']:.1f} MB",
+                threshold=f"<= {RSS_MAX_MB:g} MB",
+                met=row["rss_delta_mb"] <= RSS_MAX_MB and row["valid"],
+                value=row["rss_delta_mb"],
+            )
+        )
+        if _ok(row["ratio"]):
+            out.append(
+                Target(
+                    name=f"stream over {n:,} items: wall vs pool",
+                    measured=f"{row['ratio']:.2f}x ({row['wall_s']:.2f} s)",
+                    threshold=f"<= {STREAM_WALL_MAX}x",
+                    met=row["ratio"] <= STREAM_WALL_MAX and row["valid"],
+                    value=row["ratio"],
+                )
+            )
+    for name, sc in summary.items():
+        mine = [r for r in sc["rows"] if r["contender"] in BATCHKIT and r["runs"]]
+        if not mine:
+            continue
+        worst = max(mine, key=lambda r: r["stall_ms"])
+        out.append(
+            Target(
+                name=f"longest event-loop stall, batchkit, {name}",
+                measured=f"{worst['stall_ms']:.1f} ms ({worst['contender']})",
+                threshold=f"<= {STALL_MAX_MS:g} ms",
+                met=worst["stall_ms"] <= STALL_MAX_MS,
+                value=worst["stall_ms"],
+            )
+        )
+    row = _row(summary, "makespan", "bp_cost")
+    if row is not None:
+        out.append(
+            Target(
+                name="cost hints: makespan efficiency vs lower bound",
+                measured=f"{row['efficiency']:.3f}",
+                threshold=f">= {COST_MIN}",
+                met=row["efficiency"] >= COST_MIN and row["valid"],
+                value=row["efficiency"],
+            )
+        )
+    return out
+
+
+def _f(x: Any, spec: str) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return format(x, spec)
+
+
+def _valid(row: dict[str, Any]) -> str:
+    if row["errors"]:
+        return "error: " + "; ".join(row["errors"])[:80]
+    return "ok" if row["valid"] else "INVALID: " + "; ".join(row["problems"])
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The results as markdown: the machine, the targets, then one table per scenario."""
+    m = result["machine"]
+    s = result["settings"]
+    lines = [
+        f"Run of {result['date']} — mode `{s['mode']}`, median of {s['reps']} repetition(s)"
+        + (f" ({s['stream_reps']} for the streaming scenario)" if s.get("stream_reps") else "")
+        + f", each in a fresh subprocess; {m['cpus']} CPUs ({m['cpu_model']}), "
+        f"{m['implementation']} {m['python']}, {m['platform']}.",
+        "",
+        "Ratios are to the hand-written sliding-window worker pool measured in the same run. "
+        "Stalls are the longest gap between the 5 ms ticks of a heartbeat task, minus 5 ms "
+        "(the worst of all repetitions).",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | threshold | |",
+        "|---|---|---|---|",
+    ]
+    for t in result["targets"]:
+        lines.append(
+            f"| {t['name']} | {t['measured']} | {t['threshold']} | "
+            f"{'met' if t['met'] else '**missed**'} |"
+        )
+    for sc in result["scenarios"].values():
+        lines += ["", f"## {sc['title']}", ""]
+        if sc["note"]:
+            lines += [f"_{sc['note']}._", ""]
+        kind = sc["kind"]
+        if kind == "overhead":
+            if sc["floor_us_per_item"] is not None:
+                lines += [
+                    f"Lower bound: a bare sequential `await fn(item)` loop, "
+                    f"{sc['floor_us_per_item']:.2f} µs/item.",
+                    "",
+                ]
+            lines += [
+                "| contender | items | µs/item | x pool | max stall ms | outcomes |",
+                "|---|--:|--:|--:|--:|---|",
+            ]
+            for r in sc["rows"]:
+                lines.append(
+                    f"| {r['label']} | {r['n']:,} | {_f(r['us_per_item'], '.2f')} | "
+                    f"{_f(r['ratio'], '.2f')} | {_f(r['stall_ms'], '.1f')} | {_valid(r)} |"
+                )
+        elif kind == "makespan":
+            lines += [
+                f"Lower bound max(sum/C, max) = {sc['lower_bound_s']:.3f} s; overhead-free "
+                f"greedy in input order = {sc['greedy_s']:.3f} s (efficiency "
+                f"{sc['greedy_efficiency']:.3f}); sequential = {sc['sequential_s']:.3f} s.",
+                "",
+                "| contender | makespan s | x pool | efficiency | of greedy | max stall ms "
+                "| outcomes |",
+                "|---|--:|--:|--:|--:|--:|---|",
+            ]
+            for r in sc["rows"]:
+                lines.append(
+                    f"| {r['label']} | {_f(r['wall_s'], '.3f')} | {_f(r['ratio'], '.2f')} | "
+                    f"{_f(r['efficiency'], '.3f')} | {_f(r['vs_greedy'], '.3f')} | "
+                    f"{_f(r['stall_ms'], '.1f')} | {_valid(r)} |"
+                )
+        else:
+            lines += [
+                "Lower bound: ΔRSS 0 MB and a read-ahead of C = 50 items; wall is per item "
+                "because the slowest contenders ran on fewer items.",
+                "",
+                "| contender | items | wall s | µs/item | x pool | ΔRSS MB | max read-ahead "
+                "| max stall ms | outcomes |",
+                "|---|--:|--:|--:|--:|--:|--:|--:|---|",
+            ]
+            for r in sc["rows"]:
+                lines.append(
+                    f"| {r['label']} | {r['n']:,} | {_f(r['wall_s'], '.2f')} | "
+                    f"{_f(r['us_per_item'], '.2f')} | {_f(r['ratio'], '.2f')} | "
+                    f"{_f(r['rss_delta_mb'], '.1f')} | {r['read_ahead']:,} | "
+                    f"{_f(r['stall_ms'], '.1f')} | {_valid(r)} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> str | None:
+    """Draw ratios to the pool per scenario; returns why not if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install -e '.[bench]'): no plot"
+    scenarios = [(k, v) for k, v in result["scenarios"].items() if v["rows"]]
+    if not scenarios:
+        return "nothing to plot"
+    cols = 2
+    rows_n = math.ceil(len(scenarios) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(13, 3.2 * rows_n), squeeze=False)
+    for ax, (name, sc) in zip(axes.flat, scenarios, strict=False):
+        rows = [r for r in sc["rows"] if r["ratio"] is not None]
+        labels = [r["contender"] for r in rows]
+        values = [r["ratio"] for r in rows]
+        colors = [
+            "tab:green"
+            if r["contender"] in BATCHKIT
+            else "tab:gray"
+            if r["contender"] in ("pool", "floor")
+            else "tab:blue"
+            for r in rows
+        ]
+        ax.barh(labels, values, color=colors)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.invert_yaxis()
+        what = "makespan" if sc["kind"] == "makespan" else "time per item"
+        ax.set_title(f"{name}: {what}, x pool (lower is better)", fontsize=9)
+        ax.tick_params(labelsize=7)
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {v:.2f}", va="center", fontsize=7)
+    for ax in list(axes.flat)[len(scenarios) :]:
+        ax.axis("off")
+    fig.suptitle(
+        f"batchkit benchmarks ({result['settings']['mode']} mode, "
+        f"{result['machine']['cpus']} CPUs, Python {result['machine']['python']})",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None

@@ -1,0 +1,207 @@
+"""One measurement in a fresh process: ``python -m benchmarks.worker SCENARIO CONTENDER MODE``.
+
+Prints one JSON object on stdout: wall time, outcome counts, the longest event-loop stall seen
+by a 5 ms heartbeat task, and for the streaming scenario the peak RSS growth and the largest
+read-ahead (items pulled from the input but not yet handed to the consumer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import math
+import resource
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from ._contenders import Collector, Job, get
+from ._scenarios import MODES, Mode, Scenario, scenario
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+__all__ = ["measure", "main"]
+
+HEARTBEAT = 0.005
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:  # not Linux
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so the peak is the run's own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+class _Heartbeat:
+    """Ticks every 5 ms; the longest gap between ticks minus 5 ms is the worst stall a
+    concurrent request handler would have seen. Optionally samples RSS on each tick."""
+
+    def __init__(self, *, sample_rss: bool) -> None:
+        self.max_gap = 0.0
+        self.sample_rss = sample_rss
+        self.max_rss_kb = 0
+
+    async def run(self) -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            now = time.perf_counter()
+            self.max_gap = max(self.max_gap, now - last)
+            last = now
+            if self.sample_rss:
+                self.max_rss_kb = max(self.max_rss_kb, _status_kb("VmRSS") or 0)
+
+
+def _fn(sc: Scenario) -> Any:
+    if sc.fn == "immediate":
+
+        async def immediate(item: int) -> int:
+            return item
+
+        return immediate
+    if sc.fn == "sleep0":
+        sleep = asyncio.sleep
+
+        async def sleep0(item: int) -> int:
+            await sleep(0)
+            return item
+
+        return sleep0
+    assert sc.latencies is not None
+    latencies = sc.latencies
+
+    async def latency(item: int) -> int:
+        d = latencies[item]
+        if math.isinf(d):
+            await asyncio.get_running_loop().create_future()  # never resolved: hangs
+        await asyncio.sleep(d)
+        return item
+
+    return latency
+
+
+class _ReadAhead:
+    """A generator over ``range(n)`` that records, at each pull, how many items were pulled
+    but not yet handed to the consumer."""
+
+    def __init__(self, n: int, out: Collector) -> None:
+        self.n = n
+        self.out = out
+        self.max = 0
+
+    def __iter__(self) -> Iterator[int]:
+        consumed = self.out.consumed
+        for i in range(self.n):
+            ahead = i - consumed()
+            if ahead > self.max:
+                self.max = ahead
+            yield i
+
+
+def _mode(mode: str) -> Mode:
+    for m in MODES:
+        if m == mode:
+            return m
+    raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+
+
+def _is_failure(outcome: object) -> bool:
+    from batchkit import Failure
+
+    return isinstance(outcome, BaseException | Failure)
+
+
+async def measure(scenario_name: str, contender: str, mode: str) -> dict[str, Any]:
+    """Run one contender on one scenario in this process and return the measurements."""
+    sc = scenario(scenario_name, _mode(mode))
+    run = get(contender)
+    streaming = sc.kind == "stream"
+    n = sc.n_for(contender)
+    out = Collector(keep=not streaming)
+    reader = _ReadAhead(n, out) if streaming else None
+    cost = None
+    if contender == "bp_cost":
+        assert sc.latencies is not None
+        cost = sc.durations().__getitem__
+    job = Job(
+        items=reader if reader is not None else range(n),
+        fn=_fn(sc),
+        concurrency=sc.concurrency,
+        timeout=sc.timeout,
+        cost=cost,
+    )
+    gc.collect()
+    rss_before = _status_kb("VmRSS")
+    peak_reset = streaming and _reset_peak_rss()
+    heartbeat = _Heartbeat(sample_rss=streaming)
+    beat = asyncio.create_task(heartbeat.run())
+    await asyncio.sleep(0)  # let the heartbeat start its first tick
+    start = time.perf_counter()
+    await run(job, out)
+    wall = time.perf_counter() - start
+    beat.cancel()
+    # A stall still under way when the run ended counts too.
+    heartbeat.max_gap = max(heartbeat.max_gap, time.perf_counter() - start - wall)
+
+    result: dict[str, Any] = {
+        "scenario": scenario_name,
+        "contender": contender,
+        "mode": mode,
+        "n": n,
+        "wall_s": wall,
+        "stall_ms": max(0.0, heartbeat.max_gap - HEARTBEAT) * 1e3,
+    }
+    if streaming:
+        failed = 0
+        done = out.n
+        peak_kb = _status_kb("VmHWM") if peak_reset else None
+        if peak_kb is None:
+            peak_kb = heartbeat.max_rss_kb or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        result["rss_delta_mb"] = max(0, peak_kb - (rss_before or 0)) / 1024
+        result["rss_method"] = "VmHWM reset" if peak_reset else "VmRSS sampled"
+        assert reader is not None
+        result["read_ahead"] = reader.max
+    else:
+        failed = sum(1 for o in out.kept if _is_failure(o))
+        done = len(out.kept)
+    result["outcomes"] = done
+    result["failed"] = failed
+    problems = []
+    if done != n:
+        problems.append(f"{done} outcomes for {n} items")
+    if failed != sc.expected_failures:
+        problems.append(f"{failed} failures, expected {sc.expected_failures}")
+    result["valid"] = not problems
+    result["problems"] = problems
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.worker")
+    parser.add_argument("scenario")
+    parser.add_argument("contender")
+    parser.add_argument("mode", choices=MODES)
+    args = parser.parse_args(argv)
+    result = asyncio.run(measure(args.scenario, args.contender, args.mode))
+    sys.stdout.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
