@@ -1,0 +1,183 @@
+"""ProgressObserver: rendered to a fake terminal, silent elsewhere, every backend."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import sys
+from typing import TYPE_CHECKING
+
+import pytest
+
+from batchkit import (
+    InvalidArgument,
+    MissingExtra,
+    RunFinished,
+    RunStarted,
+    _progress,
+    batch_process,
+    stream,
+)
+from batchkit._progress import ProgressObserver
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+pytestmark = pytest.mark.looptime
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+async def work(seconds: int) -> int:
+    await asyncio.sleep(seconds)
+    if seconds == 3:
+        raise ValueError("three")
+    return seconds
+
+
+async def test_plain_line_on_a_terminal() -> None:
+    """Items of 1, 3 (fails), 5 and 2 s, two at a time: they end at 1, 3, 5 and 6 s."""
+    term = FakeTerminal()
+    observer = ProgressObserver(file=term, backend="plain", min_interval=0)
+    report = await batch_process(
+        [1, 3, 5, 2], work, concurrency=2, name="demo", observers=[observer]
+    )
+    assert report.wall_time == 6
+    assert term.getvalue().split("\r") == [
+        "",
+        "demo: 0/4 done, 0 failed, 0 in flight",
+        "demo: 0/4 done, 0 failed, 1 in flight",
+        "demo: 0/4 done, 0 failed, 2 in flight",
+        "demo: 1/4 done, 0 failed, 1 in flight, 1.0/s, ETA 00:03",  # t=1: 1 item per second
+        "demo: 1/4 done, 0 failed, 2 in flight, 1.0/s, ETA 00:03",
+        "demo: 2/4 done, 1 failed, 1 in flight, 0.7/s, ETA 00:03",  # t=3: 2 in 3 s
+        "demo: 2/4 done, 1 failed, 2 in flight, 0.7/s, ETA 00:03",
+        "demo: 3/4 done, 1 failed, 1 in flight, 0.6/s, ETA 00:02",  # t=5: 1 left at 0.6/s
+        "demo: 4/4 done, 1 failed, 0 in flight, 0.7/s, ETA 00:00\n",  # t=6: 4 in 6 s
+    ]
+
+
+async def test_throttled_by_min_interval_on_the_loop_clock() -> None:
+    term = FakeTerminal()
+    observer = ProgressObserver(file=term, backend="plain", min_interval=10)
+    await batch_process([1, 2, 4], work, concurrency=3, observers=[observer])
+    # The first frame, then nothing for 10 s of loop time, then the final frame.
+    assert term.getvalue().split("\r") == [
+        "",
+        "0/3 done, 0 failed, 0 in flight",
+        "3/3 done, 0 failed, 0 in flight, 0.8/s, ETA 00:00\n",
+    ]
+
+
+@pytest.mark.parametrize("backend", ["auto", "plain", "tqdm", "rich"])
+async def test_silent_when_not_a_terminal(backend: _progress.Backend) -> None:
+    out = io.StringIO()
+    await batch_process(
+        [1, 2], work, observers=[ProgressObserver(file=out, backend=backend, min_interval=0)]
+    )
+    assert out.getvalue() == ""
+
+
+async def test_force_draws_to_a_file() -> None:
+    out = io.StringIO()
+    await batch_process(
+        [1], work, observers=[ProgressObserver(file=out, backend="plain", force=True)]
+    )
+    assert out.getvalue() == (
+        "\r0/1 done, 0 failed, 0 in flight\r1/1 done, 0 failed, 0 in flight, 1.0/s, ETA 00:00\n"
+    )
+
+
+async def test_tqdm_bar() -> None:
+    term = FakeTerminal()
+    await batch_process(
+        [1, 3, 2], work, name="tq", observers=[ProgressObserver(file=term, backend="tqdm")]
+    )
+    text = term.getvalue()
+    last = text.rstrip("\n").split("\r")[-1]
+    assert last.startswith("tq: 100%|")
+    assert " 3/3 [" in last
+    assert last.endswith(", 1 failed, 0 in flight]")
+    assert text.endswith("\n")  # closed, the cursor is below the bar
+
+
+async def test_rich_bar() -> None:
+    term = FakeTerminal()
+    await batch_process(
+        [1, 3, 2], work, name="rc", observers=[ProgressObserver(file=term, backend="rich")]
+    )
+    text = term.getvalue()
+    assert "rc" in text
+    assert "3/3" in text
+    assert "1 failed, 0 in flight, 1.0/s, ETA 00:00" in text
+    assert text.endswith("\x1b[?25h")  # stopped: the cursor is shown again
+
+
+async def test_unknown_total_with_stream() -> None:
+    async def source() -> AsyncIterator[int]:
+        for n in (1, 2, 3):
+            yield n
+
+    term = FakeTerminal()
+    observer = ProgressObserver(file=term, backend="plain", min_interval=0)
+    async with stream(source(), work, concurrency=3, observers=[observer]) as outcomes:
+        results = [o.ok async for o in outcomes]
+    assert sorted(results) == [False, True, True]
+    frames = term.getvalue().split("\r")
+    assert frames[1] == "0/? done, 0 failed, 0 in flight"
+    assert frames[-1] == "3/? done, 1 failed, 0 in flight, 1.0/s\n"  # no ETA without a total
+
+
+async def test_progress_true_draws_on_stderr_when_it_is_a_terminal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    term = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    monkeypatch.setattr(_progress, "_installed", lambda module: False)  # auto -> plain
+    await batch_process([1, 2], work, progress=True)
+    assert term.getvalue().endswith("2/2 done, 0 failed, 0 in flight, 1.0/s, ETA 00:00\n")
+
+
+async def test_progress_true_is_silent_on_a_pipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    pipe = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", pipe)
+    await batch_process([1, 2], work, progress=True)
+    assert pipe.getvalue() == ""
+
+
+def test_missing_backends(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_progress, "_installed", lambda module: False)
+    with pytest.raises(MissingExtra, match=r"batchkit\[progress\]"):
+        ProgressObserver(backend="tqdm")
+    with pytest.raises(MissingExtra, match=r"batchkit\[rich\]"):
+        ProgressObserver(backend="rich")
+    # "auto" never raises: it falls back to the plain line.
+    term = FakeTerminal()
+    observer = ProgressObserver(file=term)
+    observer(RunStarted(name=None, concurrency=1, total=0, time=0.0))
+    observer(RunFinished(name=None, report=None, time=0.0))  # type: ignore[arg-type]
+    assert term.getvalue() == "\r0/0 done, 0 failed, 0 in flight\n"
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(InvalidArgument, match="backend must be one of"):
+        ProgressObserver(backend="fancy")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="min_interval"):
+        ProgressObserver(min_interval=-1)
+
+
+async def test_close_after_leaving_a_stream_early() -> None:
+    """Leaving a stream early ends the run without RunFinished: close() ends the line."""
+    term = FakeTerminal()
+    observer = ProgressObserver(file=term, backend="plain", min_interval=0)
+    async with stream([1, 5, 5], work, concurrency=3, observers=[observer]) as outcomes:
+        async for _ in outcomes:
+            break
+    assert not term.getvalue().endswith("\n")
+    observer.close()
+    assert term.getvalue().endswith("1/3 done, 0 failed, 2 in flight, 1.0/s, ETA 00:02\n")
+    observer.close()  # idempotent
+    assert term.getvalue().count("\n") == 1
