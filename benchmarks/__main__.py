@@ -50,16 +50,18 @@ def main(argv: list[str] | None = None) -> int:
         reps=args.reps or (3 if full else 1),
         scenarios=scenarios,
         only=frozenset(c for c in args.contenders.split(",") if c) or None,
-        parallel_latency=not full,
+        parallel_latency=1 if full else 3,
         stream_reps=2 if full and not args.reps else None,
     )
     started = time.perf_counter()
+    machine_before = machine()
     _log(f"batchkit benchmarks, {mode} mode, {settings.reps} repetition(s)")
     runs = run_all(settings, _log)
     summary = summarise(settings, runs)
     result = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(),
+        "machine": machine_before,
+        "load_average_after": machine()["load_average"],
         "settings": {**dataclasses.asdict(settings), "only": sorted(settings.only or ())},
         "elapsed_s": time.perf_counter() - started,
         "scenarios": summary,

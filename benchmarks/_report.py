@@ -165,7 +165,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Run of {result['date']} — mode `{s['mode']}`, median of {s['reps']} repetition(s)"
         + (f" ({s['stream_reps']} for the streaming scenario)" if s.get("stream_reps") else "")
         + f", each in a fresh subprocess; {m['cpus']} CPUs ({m['cpu_model']}), "
-        f"{m['implementation']} {m['python']}, {m['platform']}.",
+        f"{m['implementation']} {m['python']}, {m['platform']}; load average "
+        f"{m['load_average'][0]:.2f} before, {result['load_average_after'][0]:.2f} after.",
         "",
         "Ratios are to the hand-written sliding-window worker pool measured in the same run. "
         "Stalls are the longest gap between the 5 ms ticks of a heartbeat task, minus 5 ms "

@@ -35,9 +35,9 @@ class Settings:
     reps: int
     scenarios: tuple[str, ...]
     only: frozenset[str] | None = None  # contender filter
-    # Latency-bound scenarios barely use the CPU: in quick mode two run at once to fit the
+    # Latency-bound scenarios barely use the CPU: in quick mode a few run at once to fit the
     # minute. CPU-bound ones (overhead, streaming) always run alone.
-    parallel_latency: bool = False
+    parallel_latency: int = 1
     stream_reps: int | None = None  # the 1M-item scenario is the slowest; fewer reps in full
 
 
@@ -57,6 +57,8 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
+        # The machine may be shared: a load above the CPU count makes every figure noisier.
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -98,8 +100,8 @@ def run_all(
             shift = rep % len(names)
             order = names[shift:] + names[:shift]
             started = time.perf_counter()
-            if settings.parallel_latency and sc.kind == "makespan":
-                with ThreadPoolExecutor(max_workers=2) as ex:
+            if settings.parallel_latency > 1 and sc.kind == "makespan":
+                with ThreadPoolExecutor(max_workers=settings.parallel_latency) as ex:
                     k = len(order)
                     batch = list(ex.map(runner, [sc.name] * k, order, [settings.mode] * k))
             else:

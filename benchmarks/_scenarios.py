@@ -139,8 +139,8 @@ SCENARIOS: tuple[str, ...] = (
     "policy_costs",
 )
 
-_OVERHEAD_N: dict[Mode, int] = {"full": 100_000, "quick": 20_000, "smoke": 300}
-_STREAM_N: dict[Mode, int] = {"full": 1_000_000, "quick": 100_000, "smoke": 2_000}
+_OVERHEAD_N: dict[Mode, int] = {"full": 100_000, "quick": 10_000, "smoke": 300}
+_STREAM_N: dict[Mode, int] = {"full": 1_000_000, "quick": 50_000, "smoke": 2_000}
 
 
 def scenario(name: str, mode: Mode) -> Scenario:

@@ -1,0 +1,103 @@
+"""The benchmark harness runs end to end on a tiny scenario and writes well-formed results.
+
+No timing assertions: performance figures live in ``python -m benchmarks``, never in tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from typing import TYPE_CHECKING
+
+import pytest
+from benchmarks.__main__ import main
+from benchmarks._report import evaluate
+from benchmarks._scenarios import greedy_makespan, scenario
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+def test_greedy_makespan_is_in_input_order() -> None:
+    # Two slots: 3 | 1+1+... the long item first keeps one slot busy.
+    assert greedy_makespan([3.0, 1.0, 1.0, 1.0], 2) == 3.0
+    assert greedy_makespan([1.0, 1.0, 1.0, 3.0], 2) == 4.0
+    assert greedy_makespan([], 3) == 0.0
+
+
+def test_seed_case_bounds_match_the_issue() -> None:
+    sc = scenario("seed_x100", "full")
+    assert sc.greedy() == pytest.approx(1.05)
+    assert sum(sc.durations()) == pytest.approx(3.0)
+    hung = scenario("hung", "full")
+    assert hung.expected_failures == 10
+    assert sum(1 for x in hung.durations() if x == hung.timeout) == 10
+    assert all(math.isfinite(x) for x in hung.durations())
+
+
+@pytest.mark.timeout(60)
+def test_smoke_run_writes_json_markdown_and_plot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "--smoke",
+            "--scenarios",
+            "overhead_sleep0,stream_memory",
+            "--contenders",
+            "pool,batch_process,stream,floor",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert set(result) >= {"date", "machine", "settings", "scenarios", "targets", "runs"}
+    assert result["machine"]["cpus"] >= 1
+    assert result["settings"]["mode"] == "smoke"
+    # One fresh-process run per (scenario, contender): 4 + 2.
+    assert len(result["runs"]) == 6
+    assert all("error" not in r and r["valid"] for r in result["runs"]), result["runs"]
+
+    overhead = result["scenarios"]["overhead_sleep0"]
+    rows = {r["contender"]: r for r in overhead["rows"]}
+    assert set(rows) == {"pool", "batch_process", "stream", "floor"}
+    assert rows["pool"]["ratio"] == 1.0
+    for row in rows.values():
+        assert row["us_per_item"] > 0
+        assert row["stall_ms"] >= 0
+        assert row["n"] == 300
+
+    streaming = {r["contender"]: r for r in result["scenarios"]["stream_memory"]["rows"]}
+    assert set(streaming) == {"pool", "stream"}
+    # Read-ahead is bounded by the window: C in flight plus C buffered at most.
+    assert 0 < streaming["stream"]["read_ahead"] <= 100
+    assert streaming["stream"]["rss_delta_mb"] >= 0
+
+    names = [t["name"] for t in result["targets"]]
+    assert "batch_process per-item overhead vs pool, overhead_sleep0" in names
+    assert any(n.startswith("stream over 2,000 items") for n in names)
+    assert all(isinstance(t["met"], bool) for t in result["targets"])
+
+    table = (tmp_path / "results.md").read_text()
+    assert "## Targets" in table
+    assert "hand-written worker pool (reference)" in table
+    assert table in capsys.readouterr().out
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_targets_report_a_miss() -> None:
+    row = {
+        "contender": "batch_process",
+        "runs": 1,
+        "ratio": 2.0,
+        "us_per_item": 8.0,
+        "valid": True,
+        "stall_ms": 50.0,
+    }
+    summary = {"overhead_immediate": {"rows": [row]}}
+    targets = {t.name: t for t in evaluate(summary)}
+    assert not targets["batch_process per-item overhead vs pool, overhead_immediate"].met
+    assert not targets["longest event-loop stall, batchkit, overhead_immediate"].met
