@@ -19,15 +19,14 @@ def backoff_ceiling(backoff: Backoff, retry: int) -> float:
     """The largest wait before retry number ``retry`` (1 = the first retry)."""
     if retry < 1:
         raise ValueError("retry counts from 1")
-    # Compare in log space: multiplier ** 1000 overflows a float.
     exponent = retry - 1
-    if backoff.initial == 0:
-        return 0.0
-    if backoff.multiplier > 1 and exponent * math.log(backoff.multiplier) > math.log(
-        backoff.maximum / backoff.initial
-    ):
+    if backoff.initial == 0 or exponent == 0 or backoff.multiplier == 1:
+        return min(backoff.initial, backoff.maximum)
+    # In log space: multiplier ** 1000 overflows a float.
+    log_wait = math.log(backoff.initial) + exponent * math.log(backoff.multiplier)
+    if log_wait >= math.log(backoff.maximum):
         return backoff.maximum
-    return min(backoff.maximum, backoff.initial * backoff.multiplier**exponent)
+    return math.exp(log_wait)
 
 
 def retry_after_hint(error: BaseException) -> float | None:

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar
 
 from . import _backoff
-from ._adaptive import AimdState, on_overload, on_success
+from ._adaptive import AimdState, is_stuck, on_overload, on_success
 from ._errors import (
     BatchkitError,
     ItemCancelled,
@@ -244,6 +244,8 @@ class Engine(Generic[T, R]):
         self._aimd: AimdState | None = None
         self._limit = plan.slots
         self._limit_changes: list[LimitChange] = []
+        # Adaptive only: attempt starts in order, to spot stuck attempts before they end.
+        self._starts: deque[tuple[float, _Slot, int]] = deque()
         self._gate: deque[asyncio.Future[None]] = deque()
         self._deadline_at: float | None = None
         self._start = 0.0
@@ -421,6 +423,8 @@ class Engine(Generic[T, R]):
                     await self._run_item(slot, job.index, job.item, job.first_start, job.errors)
                 finally:
                     self._active -= 1
+                    if self._gate:
+                        self._open_gate()
             else:
                 if sink is not None and not sink.room(self._next_index):
                     await sink.wait_room(self._next_index)
@@ -437,6 +441,8 @@ class Engine(Generic[T, R]):
                         await self._run_item(slot, index, item, None, None)
                 finally:
                     self._active -= 1
+                    if self._gate:
+                        self._open_gate()
                 if pulled is None:
                     if self._stopping:
                         break
@@ -454,6 +460,8 @@ class Engine(Generic[T, R]):
             if self._budget <= 0 or time.perf_counter() - self._slice_start > _YIELD_EVERY_SECONDS:
                 await self._yield()
         self._wake_idle()
+        # Workers parked at the adaptive gate must see that the input is done.
+        self._open_gate(everyone=True)
 
     async def _yield(self) -> None:
         if not self._reset_pending:
@@ -616,6 +624,8 @@ class Engine(Generic[T, R]):
                 )
             )
         gen = slot.gen = slot.gen + 1
+        if self._aimd is not None:
+            self._starts.append((now, slot, gen))
         timeout = p.timeout
         if timeout is not None:
             timers = self._timers
@@ -657,8 +667,6 @@ class Engine(Generic[T, R]):
                     timers.popleft()
                 if len(timers) > 2 * len(self._slots) + 64:
                     self._timers = deque(t for t in timers if t[1].gen == t[2])
-            if self._gate:
-                self._open_gate()
         if slot.cancel_gen == gen:
             # fn swallowed our cancellation and returned: keep its result, undo the request.
             slot.cancel_gen = -1
@@ -921,8 +929,8 @@ class Engine(Generic[T, R]):
         self._gate.append(fut)
         await fut
 
-    def _open_gate(self) -> None:
-        while self._gate and self._active < self._limit:
+    def _open_gate(self, *, everyone: bool = False) -> None:
+        while self._gate and (everyone or self._active < self._limit):
             fut = self._gate.popleft()
             if not fut.done():
                 fut.set_result(None)
@@ -949,6 +957,27 @@ class Engine(Generic[T, R]):
             self._set_limit(state, now, overload)
         else:
             self._set_limit(state, now, "increase")
+        self._adapt_check_stuck(now)
+
+    def _adapt_check_stuck(self, now: float) -> None:
+        """The oldest attempt still running is the first sign of an overload: act on it
+        without waiting for it to time out (every attempt launched meanwhile would suffer)."""
+        assert self._aimd is not None
+        assert self._p.adaptive is not None
+        starts = self._starts
+        while starts:
+            started, slot, gen = starts[0]
+            if slot.gen != gen:
+                starts.popleft()
+                continue
+            if is_stuck(self._aimd, self._p.adaptive, started, now):
+                starts.popleft()
+                self._set_limit(
+                    on_overload(self._aimd, self._p.adaptive, started, now), now, "stuck"
+                )
+            break
+        if len(starts) > 2 * len(self._slots) + 64:
+            self._starts = deque(s for s in starts if s[1].gen == s[2])
 
     def _adapt_overload(self, started: float, now: float, kind: str) -> None:
         assert self._aimd is not None

@@ -189,12 +189,15 @@ class FailureRatio:
 class Adaptive:
     """An adaptive concurrency limit (AIMD), for ``concurrency=``.
 
-    Starts at ``initial``; after each success whose latency stays under
-    ``latency_factor`` times the baseline (the fastest recent item), the limit grows by
-    ``1 / limit`` (about +1 per window of ``limit`` items); on an overload signal — a
-    timeout, an error matching ``overload_on``, or a slow success — it is multiplied by
-    ``decrease`` (at most once per baseline latency, so one burst of errors counts once).
-    It always stays within ``[min, max]``; the report's ``limit_changes`` records every move.
+    Starts at ``initial`` and doubles per round trip (slow start) until the first overload
+    signal. After that, each success whose latency stays under ``latency_factor`` times the
+    baseline (the fastest recent item) grows the limit by ``1 / limit`` (about +1 per round
+    trip), and much more slowly near the limit where the last overload happened. An overload
+    signal — a timeout, an error matching ``overload_on`` (e.g. HTTP 429), a slow success, or
+    an attempt still running past ``latency_factor`` times the baseline — multiplies the limit
+    by ``decrease``, once per round: signals from attempts launched before the last cut are
+    not counted again. The limit always stays within ``[min, max]``; the report's
+    ``limit_changes`` records every move.
     """
 
     initial: int = 4
