@@ -21,6 +21,8 @@ connection held, then write. So ``concurrency`` is bounded by the upstream, not 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, final
@@ -164,7 +166,7 @@ async def select_markets(
 
 
 def _predict_one(
-    client: UpstreamClient, run_id: int
+    client: UpstreamClient, run_id: int, write_lock: asyncio.Lock | None = None
 ) -> Callable[[MarketRef, AsyncSession], Awaitable[Forecast]]:
     async def predict(market: MarketRef, session: AsyncSession) -> Forecast:
         # 1. Database: what we need from it (the previous forecast, a prior for smoothing).
@@ -178,34 +180,50 @@ def _predict_one(
         # 2. Upstream: seconds of network time, no database connection held.
         signals = await client.signals(market.symbol)
         result = forecast(signals, prior)
-        # 3. Database again: write. Idempotent per (market, run): a retried attempt whose
-        #    first try did commit updates that row instead of adding a second one.
-        now = utcnow()
-        existing = await session.scalar(
-            select(Prediction).where(Prediction.market_id == market.id, Prediction.run_id == run_id)
-        )
-        if existing is None:
-            session.add(
-                Prediction(
-                    market_id=market.id,
-                    run_id=run_id,
-                    probability=result.probability,
-                    confidence=result.confidence,
-                    created_at=now,
-                )
-            )
-        else:
-            existing.probability = result.probability
-            existing.confidence = result.confidence
-            existing.created_at = now
-        await session.execute(
-            update(Market)
-            .where(Market.id == market.id)
-            .values(last_predicted_at=now, needs_retry=False)
-        )
-        return result  # the context commits
+        # 3. Database again: write, and commit. Idempotent per (market, run): a retried
+        #    attempt whose first try did commit updates that row instead of adding another.
+        async with write_lock or contextlib.nullcontext():
+            await _save(session, market, run_id, result)
+            await release(session)  # commit inside the lock: it is the write
+        return result
 
     return predict
+
+
+async def _save(session: AsyncSession, market: MarketRef, run_id: int, result: Forecast) -> None:
+    now = utcnow()
+    existing = await session.scalar(
+        select(Prediction).where(Prediction.market_id == market.id, Prediction.run_id == run_id)
+    )
+    if existing is None:
+        session.add(
+            Prediction(
+                market_id=market.id,
+                run_id=run_id,
+                probability=result.probability,
+                confidence=result.confidence,
+                created_at=now,
+            )
+        )
+    else:
+        existing.probability = result.probability
+        existing.confidence = result.confidence
+        existing.created_at = now
+    await session.execute(
+        update(Market)
+        .where(Market.id == market.id)
+        .values(last_predicted_at=now, needs_retry=False)
+    )
+
+
+def _write_lock(session_factory: async_sessionmaker[AsyncSession]) -> asyncio.Lock | None:
+    """SQLite has one writer at a time. Concurrent aiosqlite writers wait for its lock in their
+    threads with back-off sleeps of up to 100 ms; queueing them here instead hands the lock
+    over at once and keeps the write phase short. PostgreSQL needs no such thing."""
+    bind = session_factory.kw.get("bind")
+    if bind is not None and bind.dialect.name == "sqlite":
+        return asyncio.Lock()
+    return None
 
 
 async def generate_predictions(
@@ -257,7 +275,7 @@ async def run_job(
         remaining = config.deadline * f - (time.monotonic() - started)
         report = await batchkit.batch_process(
             markets,
-            _predict_one(client, run_id),
+            _predict_one(client, run_id, _write_lock(session_factory)),
             context=sessions(session_factory),
             key=lambda m: m.symbol,
             concurrency=config.concurrency,

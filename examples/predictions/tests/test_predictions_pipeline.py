@@ -1,0 +1,237 @@
+"""The pipeline against the simulated upstream, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+import sqlalchemy.exc
+
+import batchkit
+from batchkit.sqlalchemy import pool_stats
+from predictions.models import Market, Prediction, Run
+from predictions.pipeline import MarketRef, generate_predictions, select_markets
+from predictions.simulator import SimulatorConfig
+from sqlalchemy import event, select
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from contextlib import AbstractAsyncContextManager
+
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+    from starlette.applications import Starlette
+
+    from predictions.pipeline import RunResult
+    from predictions.upstream import UpstreamClient
+
+    Simulate = Callable[
+        [SimulatorConfig], AbstractAsyncContextManager[tuple[UpstreamClient, Starlette]]
+    ]
+
+F = 0.01  # time factor: 10-15 s calls take 0.10-0.15 s
+# Cleanup after the deadline (cancelling in-flight markets, rolling their sessions back) is
+# real I/O on a shared machine; the run must end within this margin after its deadline.
+DEADLINE_MARGIN = 0.25
+
+
+async def check_record(
+    session_factory: async_sessionmaker[AsyncSession], result: RunResult, markets: int
+) -> None:
+    """The invariants every run keeps, whatever the upstream did."""
+    report = result.report
+    # Every selected market ends in exactly one state.
+    ids = [o.item.id for o in report]
+    assert len(ids) == len(set(ids)) == min(markets, result.config.limit)
+    assert sum(report.counts.values()) == len(report)
+    async with session_factory() as session:
+        saved = set(
+            (
+                await session.scalars(
+                    select(Prediction.market_id).where(Prediction.run_id == result.run_id)
+                )
+            ).all()
+        )
+        run = await session.get(Run, result.run_id)
+        retry_flags = {
+            r.id: r.needs_retry
+            for r in await session.execute(select(Market.id, Market.needs_retry))
+        }
+    # Saved predictions match the successes, exactly.
+    assert saved == {o.item.id for o in report.successes}
+    assert result.saved == len(saved)
+    # The run record matches the report.
+    assert run is not None
+    assert run.counts == report.counts
+    assert run.total == len(report)
+    assert run.retries == report.retries
+    assert run.deadline_hit == report.deadline_hit
+    assert run.status == ("ok" if result.goal_met else "failed")
+    assert run.finished_at is not None
+    assert run.config["concurrency"] == result.config.concurrency
+    # Markets the deadline took are flagged to go first next time; successes are not.
+    for o in report:
+        if isinstance(o, batchkit.Success):
+            assert not retry_flags[o.item.id]
+        elif o.kind in ("skipped", "cancelled"):
+            assert retry_flags[o.item.id]
+
+
+async def test_clean_upstream_predicts_every_market(
+    session_factory: async_sessionmaker[AsyncSession], simulate: Simulate
+) -> None:
+    async with simulate(SimulatorConfig(time_factor=F)) as (client, app):
+        result = await generate_predictions(
+            session_factory, client, concurrency=10, timeout=60, deadline=300, time_factor=F
+        )
+    assert result.report.counts["success"] == 20
+    assert result.goal_met
+    assert set(app.state.upstream.fates) == {"ok"}
+    await check_record(session_factory, result, 20)
+    probabilities = [o.value.probability for o in result.report.successes]
+    assert all(0 < p < 1 for p in probabilities)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_faulty_upstream_keeps_every_invariant(
+    session_factory: async_sessionmaker[AsyncSession], simulate: Simulate, seed: int
+) -> None:
+    first = await select_markets(session_factory, 3)
+    config = SimulatorConfig(
+        time_factor=F,
+        error_rate=0.15,
+        rate_limit_rate=0.15,
+        hang_rate=0.1,
+        seed=seed,
+        # At least one of each fault, whatever the random draws.
+        script={first[0].symbol: ("hang",), first[1].symbol: ("error",), first[2].symbol: ("429",)},
+    )
+    async with simulate(config) as (client, app):
+        result = await generate_predictions(
+            session_factory, client, concurrency=10, timeout=30, deadline=55, time_factor=F
+        )
+    report = result.report
+    fates = app.state.upstream.fates
+    assert min(fates["error"], fates["429"], fates["hang"]) >= 1  # every fault was injected
+    assert report.retries > 0
+    assert report.wall_time <= 55 * F + DEADLINE_MARGIN
+    await check_record(session_factory, result, 20)
+
+
+async def test_deadline_is_met_and_skipped_markets_go_first_next_run(
+    session_factory: async_sessionmaker[AsyncSession], simulate: Simulate
+) -> None:
+    # One market at a time, 10-15 s each, a 55 s deadline: most of the 20 cannot fit.
+    async with simulate(SimulatorConfig(time_factor=F)) as (client, _):
+        first = await generate_predictions(
+            session_factory, client, concurrency=1, timeout=30, deadline=55, time_factor=F
+        )
+        await check_record(session_factory, first, 20)
+        assert first.report.deadline_hit
+        assert first.report.wall_time <= 55 * F + DEADLINE_MARGIN
+        assert not first.goal_met
+        left = [o.item for o in first.report.failures]
+        assert len(left) >= 10
+        assert {o.kind for o in first.report.failures} <= {"skipped", "cancelled"}
+
+        # The next run takes exactly those first.
+        queue = await select_markets(session_factory, 20)
+        assert set(queue[: len(left)]) == set(left)
+        second = await generate_predictions(
+            session_factory, client, limit=len(left), concurrency=10, timeout=60,
+            deadline=300, time_factor=F,
+        )  # fmt: skip
+    assert {o.item for o in second.report} == set(left)
+    assert second.report.counts["success"] == len(left)
+    await check_record(session_factory, second, len(left))
+    async with session_factory() as session:
+        flagged = (await session.scalars(select(Market.id).where(Market.needs_retry))).all()
+    assert flagged == []
+
+
+async def test_429_retry_after_is_honoured(
+    session_factory: async_sessionmaker[AsyncSession], simulate: Simulate
+) -> None:
+    [target] = await select_markets(session_factory, 1)
+    # Every endpoint answers this market's first call with 429, Retry-After: 30 s (scaled).
+    config = SimulatorConfig(time_factor=F, retry_after=30.0, script={target.symbol: ("429",)})
+    async with simulate(config) as (client, _):
+        result = await generate_predictions(
+            session_factory, client, limit=1, timeout=60, deadline=300, time_factor=F
+        )
+    [outcome] = result.report
+    assert isinstance(outcome, batchkit.Success)
+    assert outcome.attempts == 2
+    # First attempt 0.10-0.15 s, then at least the server's 0.3 s, then the second attempt.
+    assert outcome.elapsed >= 30 * F + 10 * F
+
+
+async def test_rejected_request_is_not_retried(
+    session_factory: async_sessionmaker[AsyncSession], simulate: Simulate
+) -> None:
+    async with simulate(SimulatorConfig(time_factor=F)) as (client, _):
+        client.urls = type(client.urls)(
+            prices=client.urls.prices + "/missing/path",
+            orderbook=client.urls.orderbook,
+            news=client.urls.news,
+        )
+        result = await generate_predictions(
+            session_factory, client, limit=3, timeout=60, deadline=300, time_factor=F
+        )
+    assert result.report.counts["error"] == 3
+    assert all(o.attempts == 1 for o in result.report)  # a 404 cannot get better
+    assert not result.goal_met
+    await check_record(session_factory, result, 3)
+
+
+async def test_pool_never_exhausted_at_concurrency_10_with_pool_size_5(
+    engine: AsyncEngine,
+    session_factory: async_sessionmaker[AsyncSession],
+    simulate: Simulate,
+) -> None:
+    assert pool_stats(engine).capacity == 5  # pool_size=5, max_overflow=0, pool_timeout=2 s
+    pool = engine.sync_engine.pool
+    peak = 0
+
+    def checkout(*_: object) -> None:
+        nonlocal peak
+        peak = max(peak, pool.checkedout())  # type: ignore[attr-defined]
+
+    event.listen(engine.sync_engine, "checkout", checkout)
+    try:
+        async with simulate(SimulatorConfig(time_factor=F)) as (client, _):
+            result = await generate_predictions(
+                session_factory, client, concurrency=10, timeout=60, deadline=300, time_factor=F
+            )
+    finally:
+        event.remove(engine.sync_engine, "checkout", checkout)
+    assert result.report.peak_concurrency == 10
+    assert result.report.counts["success"] == 20
+    assert not any(isinstance(o.error, sqlalchemy.exc.TimeoutError) for o in result.report.failures)
+    # Connections are held only for the database work, never across the upstream calls.
+    assert peak <= 5
+    assert pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_a_retried_write_in_the_same_run_updates_its_row(
+    session_factory: async_sessionmaker[AsyncSession], simulate: Simulate
+) -> None:
+    from predictions.pipeline import _predict_one
+
+    [market] = await select_markets(session_factory, 1)
+    async with session_factory() as session, session.begin():
+        run = Run(config={})
+        session.add(run)
+        await session.flush()
+        run_id = run.id
+    predict = _predict_one
+    async with simulate(SimulatorConfig(time_factor=F)) as (client, _):
+        for _attempt in range(2):
+            async with session_factory() as session:
+                await predict(client, run_id)(MarketRef(market.id, market.symbol), session)
+                await session.commit()
+    async with session_factory() as session:
+        rows = (await session.scalars(select(Prediction).where(Prediction.run_id == run_id))).all()
+        assert len(rows) == 1
+        session.add(Prediction(market_id=market.id, run_id=run_id, probability=0.5, confidence=0))
+        with pytest.raises(sqlalchemy.exc.IntegrityError):
+            await session.commit()
