@@ -8,8 +8,8 @@ from importlib.metadata import PackageNotFoundError, version
 from ._api import ContextFactory as ContextFactory
 from ._api import batch_process as batch_process
 from ._api import stream as stream
-from ._engine import InputFailed as InputFailed
 from ._errors import BatchkitError as BatchkitError
+from ._errors import InputFailed as InputFailed
 from ._errors import InvalidArgument as InvalidArgument
 from ._errors import ItemCancelled as ItemCancelled
 from ._errors import ItemError as ItemError

@@ -43,11 +43,8 @@ def on_success(
     if baseline > 0 and latency > policy.latency_factor * baseline:
         return state, "latency"
     ceiling = state.ceiling
-    if ceiling is None:
-        # Slow start: until the first overload, +1 per success doubles the limit per round.
-        step = 1.0
-    else:
-        step = 1.0 / max(state.limit, 1.0)
+    # Slow start: until the first overload, +1 per success doubles the limit per round.
+    step = 1.0 if ceiling is None else 1.0 / max(state.limit, 1.0)
     if ceiling is not None and state.limit + 1.0 >= ceiling:
         step /= _PROBE_SLOWDOWN
         # The ceiling is a memory, not a wall: it rises as the limit probes past it.

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar
 from . import _backoff
 from ._adaptive import AimdState, is_stuck, on_overload, on_success
 from ._errors import (
-    BatchkitError,
+    InputFailed,
     ItemCancelled,
     ItemSkipped,
     ItemTimeout,
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
     from ._policies import Adaptive, AsyncLimiter, FailureRatio, Retry
 
-__all__ = ["Engine", "InputFailed", "Plan"]
+__all__ = ["Engine", "Plan"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -64,15 +64,6 @@ _STOP: Final = 2
 # suspension, so a ``fn`` that never awaits cannot starve the loop (or the watchdog).
 _YIELD_EVERY_ITEMS: Final = 128
 _YIELD_EVERY_SECONDS: Final = 0.005
-
-
-class InputFailed(BatchkitError):
-    """The input iterable itself raised. The error is the ``__cause__``; ``report`` holds the
-    outcomes of every item pulled before it (in-flight items were allowed to finish)."""
-
-    def __init__(self, report: BatchReport[Any, Any]) -> None:
-        super().__init__(f"the input raised after {len(report)} items; see __cause__")
-        self.report = report
 
 
 class Plan:

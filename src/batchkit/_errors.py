@@ -6,6 +6,7 @@ exception raised before any item runs. Everything batchkit itself creates fits o
     BatchkitError
     ├── InvalidArgument            (also a TypeError and a ValueError) bad arguments, raised at once
     ├── MissingExtra               (also an ImportError) an optional integration is not installed
+    ├── InputFailed                the input itself raised; ``.report`` is the partial report
     └── ItemError                  recorded on a Failure envelope, never raised by batchkit itself
         ├── ItemTimeout            (also a TimeoutError) an attempt ran past its ``timeout``
         ├── ItemCancelled          the run stopped (deadline, threshold) with the item in flight
@@ -17,10 +18,14 @@ exception raised before any item runs. Everything batchkit itself creates fits o
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from ._outcomes import BatchReport
 
 __all__ = [
     "BatchkitError",
+    "InputFailed",
     "InvalidArgument",
     "ItemCancelled",
     "ItemError",
@@ -51,6 +56,15 @@ class MissingExtra(BatchkitError, ImportError):
             f"HINT: pip install 'batchkit[{extra}]'"
         )
         self.extra = extra
+
+
+class InputFailed(BatchkitError):
+    """The input iterable itself raised. The error is the ``__cause__``; ``report`` holds the
+    outcomes of every item pulled before it (in-flight items were allowed to finish)."""
+
+    def __init__(self, report: BatchReport[Any, Any]) -> None:
+        super().__init__(f"the input raised after {len(report)} items; see __cause__")
+        self.report = report
 
 
 class ItemError(BatchkitError):
