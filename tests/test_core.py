@@ -468,4 +468,4 @@ async def test_fn_that_never_awaits_does_not_starve_the_loop() -> None:
     done = True
     await hb
     assert len(report) == 20_000
-    assert beats >= 20_000 // 128 // 2
+    assert beats >= 20_000 // 256 // 2

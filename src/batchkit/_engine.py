@@ -60,9 +60,12 @@ _log = logging.getLogger("batchkit")
 _TIMEOUT: Final = 1
 _STOP: Final = 2
 
-# Yield to the event loop after this many items or this much real time without a
-# suspension, so a ``fn`` that never awaits cannot starve the loop (or the watchdog).
-_YIELD_EVERY_ITEMS: Final = 128
+# Yield to the event loop after this much real time (or, in virtual time, this many items
+# per worker) without a suspension, so a ``fn`` that never awaits cannot starve the loop or
+# the watchdog. The budget is shared and refilled once per loop iteration; once it is spent,
+# every worker that comes round yields, so the count scales with the number of workers to
+# keep those extra resumptions rare.
+_YIELD_EVERY_ITEMS_PER_WORKER: Final = 32
 _YIELD_EVERY_SECONDS: Final = 0.005
 
 
@@ -224,7 +227,8 @@ class Engine(Generic[T, R]):
         self._timers: deque[tuple[float, _Slot, int]] = deque()
         self._slots: list[_Slot] = []
         self._idle: asyncio.Future[None] | None = None
-        self._budget = _YIELD_EVERY_ITEMS
+        self._budget_size = max(256, _YIELD_EVERY_ITEMS_PER_WORKER * plan.slots)
+        self._budget = self._budget_size
         self._slice_start = time.perf_counter()
         self._reset_pending = False
         self._observers: list[Observer] = list(plan.observers)
@@ -327,23 +331,37 @@ class Engine(Generic[T, R]):
             self._outcomes.append(None)
         return index
 
+    def _pull_now(self) -> tuple[int, T] | None:
+        """``_pull`` for a plain iterable without cost hints: no coroutine on the hot path."""
+        if self._exhausted:
+            return None
+        try:
+            assert self._it is not None
+            item = next(self._it)
+        except StopIteration:
+            self._exhausted = True
+            return None
+        except Exception as e:
+            self._input_failed(e)
+            return None
+        return self._take_index(item), item
+
     async def _pull(self) -> tuple[int, T] | None:
         """The next item to start, with its input index; ``None`` when there is none."""
         p = self._p
         if p.cost is None:
+            if self._it is not None:
+                return self._pull_now()
             if self._exhausted:
                 return None
             try:
-                if self._it is not None:
-                    item = next(self._it)
-                else:
-                    assert self._ait is not None
-                    assert self._pull_lock is not None
-                    async with self._pull_lock:
-                        if self._exhausted:
-                            return None
-                        item = await anext(self._ait)
-            except (StopIteration, StopAsyncIteration):
+                assert self._ait is not None
+                assert self._pull_lock is not None
+                async with self._pull_lock:
+                    if self._exhausted:
+                        return None
+                    item = await anext(self._ait)
+            except StopAsyncIteration:
                 self._exhausted = True
                 return None
             except Exception as e:
@@ -403,6 +421,7 @@ class Engine(Generic[T, R]):
         # Retries that free their slot come back through the heap; while any item is still
         # active it may yet produce one, so an idle worker waits instead of leaving.
         waits_for_retries = self._p.retry is not None and not self._p.retry.hold_slot
+        pull_now = self._it is not None and self._p.cost is None
         while not self._stopping:
             if self._aimd is not None and self._active >= self._limit:
                 await self._wait_gate()
@@ -422,7 +441,7 @@ class Engine(Generic[T, R]):
                     continue
                 self._active += 1
                 try:
-                    pulled = await self._pull()
+                    pulled = self._pull_now() if pull_now else await self._pull()
                     if pulled is not None:
                         index, item = pulled
                         if self._stopping:
@@ -464,7 +483,7 @@ class Engine(Generic[T, R]):
 
     def _reset_budget(self) -> None:
         self._reset_pending = False
-        self._budget = _YIELD_EVERY_ITEMS
+        self._budget = self._budget_size
         self._slice_start = time.perf_counter()
 
     async def _run_item(
@@ -508,22 +527,77 @@ class Engine(Generic[T, R]):
                 if first_start is None:
                     first_start = now
                 limiter = p.limiter
-                if limiter is None:
-                    outcome_error, value, kind = await self._attempt(
-                        slot, index, item, attempt, now
-                    )
-                else:
+                if limiter is not None:
                     if not await self._wait_in_slot(slot, limiter.__aenter__()):
                         started = first_start if errors else None
                         self._stopped_item(index, item, started, errors, attempt)
                         return
-                    try:
-                        now = loop.time()
-                        outcome_error, value, kind = await self._attempt(
-                            slot, index, item, attempt, now
+                    now = loop.time()
+                # -- one attempt: context, fn, timeout (inline: this is the hot path) --
+                in_flight = self._in_flight = self._in_flight + 1
+                if in_flight > self._peak:
+                    self._peak = in_flight
+                if self._emit_events:
+                    self._event(
+                        ItemStarted(
+                            name=p.name,
+                            index=index,
+                            key=self._key(index, item),
+                            item=item,
+                            attempt=attempt,
+                            in_flight=in_flight,
+                            time=now,
                         )
-                    finally:
+                    )
+                gen = slot.gen = slot.gen + 1
+                if self._aimd is not None:
+                    self._starts.append((now, slot, gen))
+                timeout = p.timeout
+                if timeout is not None:
+                    self._timers.append((now + timeout, slot, gen))
+                outcome_error: BaseException | None = None
+                kind: Literal["error", "timeout", "cancelled"] | None = None
+                try:
+                    if p.context is None:
+                        if p.fn_is_async:
+                            value = await p.fn(item)
+                        else:
+                            value = await self._call_sync(item)
+                    else:
+                        value, outcome_error = await self._attempt_in_context(item)
+                        if outcome_error is not None:
+                            kind = "error"
+                except asyncio.CancelledError as e:
+                    if slot.cancel_gen != gen:
+                        raise  # not ours: the caller is cancelling the run
+                    slot.cancel_gen = -1
+                    assert slot.task is not None
+                    if slot.task.uncancel() > 0:
+                        raise  # ours, but the caller is cancelling too
+                    if slot.cancel_kind == _TIMEOUT:
+                        assert timeout is not None
+                        outcome_error, kind = ItemTimeout(timeout), "timeout"
+                        outcome_error.__cause__ = e
+                    else:
+                        kind = "cancelled"
+                except Exception as e:
+                    outcome_error, kind = e, "error"
+                finally:
+                    slot.gen = gen + 1
+                    self._in_flight -= 1
+                    if timeout is not None:
+                        timers = self._timers
+                        while timers and timers[0][1].gen != timers[0][2]:
+                            timers.popleft()
+                        if len(timers) > 2 * len(self._slots) + 64:
+                            self._timers = deque(t for t in timers if t[1].gen == t[2])
+                    if limiter is not None:
                         await limiter.__aexit__(None, None, None)
+                if slot.cancel_gen == gen:
+                    # fn swallowed our cancellation and returned: keep its result, undo it.
+                    slot.cancel_gen = -1
+                    assert slot.task is not None
+                    slot.task.uncancel()
                 end = loop.time()
                 if kind is None:
                     elapsed = end - first_start
@@ -592,78 +666,6 @@ class Engine(Generic[T, R]):
                     return
         finally:
             slot.busy = False
-
-    async def _attempt(
-        self, slot: _Slot, index: int, item: T, attempt: int, now: float
-    ) -> tuple[BaseException | None, Any, Literal["error", "timeout", "cancelled"] | None]:
-        """One attempt: context, ``fn``, timeout. Returns ``(error, value, kind)``; ``kind`` is
-        ``None`` on success."""
-        p = self._p
-        in_flight = self._in_flight = self._in_flight + 1
-        if in_flight > self._peak:
-            self._peak = in_flight
-        if self._emit_events:
-            self._event(
-                ItemStarted(
-                    name=p.name,
-                    index=index,
-                    key=self._key(index, item),
-                    item=item,
-                    attempt=attempt,
-                    in_flight=in_flight,
-                    time=now,
-                )
-            )
-        gen = slot.gen = slot.gen + 1
-        if self._aimd is not None:
-            self._starts.append((now, slot, gen))
-        timeout = p.timeout
-        if timeout is not None:
-            timers = self._timers
-            timers.append((now + timeout, slot, gen))
-        error: BaseException | None = None
-        value: Any = None
-        kind: Literal["error", "timeout", "cancelled"] | None = None
-        try:
-            if p.context is None:
-                if p.fn_is_async:
-                    value = await p.fn(item)
-                else:
-                    value = await self._call_sync(item)
-            else:
-                value, error = await self._attempt_in_context(item)
-                if error is not None:
-                    kind = "error"
-        except asyncio.CancelledError as e:
-            if slot.cancel_gen != gen:
-                raise  # not ours: the caller is cancelling the run
-            slot.cancel_gen = -1
-            assert slot.task is not None
-            if slot.task.uncancel() > 0:
-                raise  # ours, but the caller is cancelling too
-            if slot.cancel_kind == _TIMEOUT:
-                assert timeout is not None
-                error, kind = ItemTimeout(timeout), "timeout"
-                error.__cause__ = e
-            else:
-                kind = "cancelled"
-        except Exception as e:
-            error, kind = e, "error"
-        finally:
-            slot.gen = gen + 1
-            self._in_flight -= 1
-            if timeout is not None:
-                timers = self._timers
-                while timers and timers[0][1].gen != timers[0][2]:
-                    timers.popleft()
-                if len(timers) > 2 * len(self._slots) + 64:
-                    self._timers = deque(t for t in timers if t[1].gen == t[2])
-        if slot.cancel_gen == gen:
-            # fn swallowed our cancellation and returned: keep its result, undo the request.
-            slot.cancel_gen = -1
-            assert slot.task is not None
-            slot.task.uncancel()
-        return error, value, kind
 
     async def _attempt_in_context(self, item: T) -> tuple[Any, BaseException | None]:
         """Enter a fresh context, call ``fn(item, ctx)``, exit the context on every path.
