@@ -153,6 +153,7 @@ def summarise(settings: Settings, runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "us_per_item": _median(per_item),
                 # The worst stall of any repetition: a target is about the worst case.
                 "stall_ms": max((r["stall_ms"] for r in good), default=float("nan")),
+                "stall_cpu_ms": max((r["stall_cpu_ms"] for r in good), default=float("nan")),
             }
             if sc.kind == "stream":
                 row["rss_delta_mb"] = _median([r["rss_delta_mb"] for r in good])

@@ -118,7 +118,7 @@ _STREAMING = (
     "aiostream",
     "aiostream_unordered",
 )
-# Over 10x slower than the pool per item: measured on a fifth of the overhead items.
+# Over 10x slower than the pool per item: measured on a tenth of the overhead items.
 _SLOW = ("aiometer", "aiostream", "aiostream_unordered", "anyio")
 _POLICIES = (
     "pool",
@@ -164,7 +164,7 @@ def scenario(name: str, mode: Mode) -> Scenario:
             timeout=60.0,
             contenders=(_POLICIES if name == "policy_costs" else (*_EVERYONE, "floor")),
             note="" if mode == "full" else f"{mode} mode: {n:,} items instead of 100,000",
-            reduced=tuple((c, n // 5) for c in _SLOW),
+            reduced=tuple((c, n // 10) for c in _SLOW),
         )
     if name == "makespan":
         median = {"full": 0.02, "quick": 0.01, "smoke": 0.001}[mode]
@@ -225,8 +225,8 @@ def scenario(name: str, mode: Mode) -> Scenario:
             note="" if mode == "full" else f"{mode} mode: {n:,} items instead of 1,000,000",
             reduced=(
                 ("barrier", n // 10),
-                ("aiostream", n // 20),
-                ("aiostream_unordered", n // 20),
+                ("aiostream", n // 40),
+                ("aiostream_unordered", n // 40),
             ),
         )
     raise ValueError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")

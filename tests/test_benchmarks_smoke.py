@@ -96,6 +96,7 @@ def test_targets_report_a_miss() -> None:
         "us_per_item": 8.0,
         "valid": True,
         "stall_ms": 50.0,
+        "stall_cpu_ms": 50.0,
     }
     summary = {"overhead_immediate": {"rows": [row]}}
     targets = {t.name: t for t in evaluate(summary)}
