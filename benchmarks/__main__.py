@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results", help="results folder"
     )
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG (matplotlib is slow)")
     args = parser.parse_args(argv)
 
     mode: Mode = "smoke" if args.smoke else "quick" if args.quick else "full"
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     table = markdown(result)
     (args.out / "results.md").write_text(table)
-    why_not = plot(result, args.out / "results.png")
+    why_not = "plot skipped (--no-plot)" if args.no_plot else plot(result, args.out / "results.png")
     print(table)
     if why_not:
         _log(why_not)

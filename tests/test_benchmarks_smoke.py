@@ -5,7 +5,6 @@ No timing assertions: performance figures live in ``python -m benchmarks``, neve
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from typing import TYPE_CHECKING
@@ -37,7 +36,7 @@ def test_seed_case_bounds_match_the_issue() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_smoke_run_writes_json_markdown_and_plot(
+def test_smoke_run_writes_json_and_markdown(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = main(
@@ -46,9 +45,10 @@ def test_smoke_run_writes_json_markdown_and_plot(
             "--scenarios",
             "overhead_sleep0,stream_memory",
             "--contenders",
-            "pool,batch_process,stream,floor",
+            "pool,stream",
             "--out",
             str(tmp_path),
+            "--no-plot",  # matplotlib alone takes seconds; the plot is checked by make bench
         ]
     )
     assert code == 0
@@ -56,13 +56,13 @@ def test_smoke_run_writes_json_markdown_and_plot(
     assert set(result) >= {"date", "machine", "settings", "scenarios", "targets", "runs"}
     assert result["machine"]["cpus"] >= 1
     assert result["settings"]["mode"] == "smoke"
-    # One fresh-process run per (scenario, contender): 4 + 2.
-    assert len(result["runs"]) == 6
+    # One fresh-process run per (scenario, contender): 2 + 2.
+    assert len(result["runs"]) == 4
     assert all("error" not in r and r["valid"] for r in result["runs"]), result["runs"]
 
     overhead = result["scenarios"]["overhead_sleep0"]
     rows = {r["contender"]: r for r in overhead["rows"]}
-    assert set(rows) == {"pool", "batch_process", "stream", "floor"}
+    assert set(rows) == {"pool", "stream"}
     assert rows["pool"]["ratio"] == 1.0
     for row in rows.values():
         assert row["us_per_item"] > 0
@@ -76,16 +76,17 @@ def test_smoke_run_writes_json_markdown_and_plot(
     assert streaming["stream"]["rss_delta_mb"] >= 0
 
     names = [t["name"] for t in result["targets"]]
-    assert "batch_process per-item overhead vs pool, overhead_sleep0" in names
+    assert "stream per-item overhead vs pool, overhead_sleep0" in names
     assert any(n.startswith("stream over 2,000 items") for n in names)
     assert all(isinstance(t["met"], bool) for t in result["targets"])
 
     table = (tmp_path / "results.md").read_text()
     assert "## Targets" in table
     assert "hand-written worker pool (reference)" in table
-    assert table in capsys.readouterr().out
-    if importlib.util.find_spec("matplotlib") is not None:
-        assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+    captured = capsys.readouterr()
+    assert table in captured.out
+    assert "plot skipped" in captured.err
+    assert not (tmp_path / "results.png").exists()
 
 
 def test_targets_report_a_miss() -> None:
