@@ -255,6 +255,7 @@ def plot(result: dict[str, Any], path: Path) -> str | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullFormatter
     except ImportError:
         return "matplotlib is not installed (pip install -e '.[bench]'): no plot"
     scenarios = [(k, v) for k, v in result["scenarios"].items() if v["rows"]]
@@ -278,6 +279,7 @@ def plot(result: dict[str, Any], path: Path) -> str | None:
         ax.barh(labels, values, color=colors)
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # log minor labels overlap
         ax.invert_yaxis()
         what = "makespan" if sc["kind"] == "makespan" else "time per item"
         ax.set_title(f"{name}: {what}, x pool (lower is better)", fontsize=9)
