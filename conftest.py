@@ -1,0 +1,163 @@
+"""A throwaway PostgreSQL server for the tests that need one (``@pytest.mark.postgres``).
+
+``postgres_server`` (session scope) starts a server from the PostgreSQL binaries on this
+machine — ``initdb``/``pg_ctl`` on ``PATH`` or under ``/usr/lib/postgresql/*/bin`` — listening
+only on a unix socket in a temporary directory, with durability off for speed, and removes it
+at the end. ``postgres_url`` (function scope) creates an empty database per test and drops it
+afterwards. Without the binaries the tests skip, unless ``BATCHKIT_REQUIRE_POSTGRES=1`` (set by
+``.ci/run``) makes that a failure; a server that does not start is always a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import glob
+import itertools
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Coroutine, Iterator
+
+_SERVER_USER = "postgres"  # the server refuses to run as root; it runs as this user then
+_db_numbers = itertools.count()
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresServer:
+    """A running server: ``url`` is the base async URL, with the ``postgres`` database."""
+
+    socket_dir: Path
+    port: int
+    user: str
+
+    def url(self, database: str = "postgres", driver: str = "asyncpg") -> str:
+        return (
+            f"postgresql+{driver}://{self.user}@/{database}?host={self.socket_dir}&port={self.port}"
+        )
+
+    def __str__(self) -> str:
+        return self.url()
+
+
+def _find_bindir() -> Path | None:
+    initdb = shutil.which("initdb")
+    if initdb is not None:
+        # /usr/local/bin/initdb may be a symlink into the versioned directory.
+        return Path(os.path.realpath(initdb)).parent
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: (
+            int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0
+        ),
+    )
+    return Path(found[-1]).parent if found else None
+
+
+def _run_in_thread(make: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run a coroutine to completion on a loop of its own, whatever loop the caller has."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            asyncio.run(make())
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
+
+
+def _admin(server: PostgresServer, sql: str) -> None:
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(
+            host=str(server.socket_dir), port=server.port, user=server.user, database="postgres"
+        )
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    _run_in_thread(run)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server for this test session, on a unix socket in a temporary directory."""
+    required = os.environ.get("BATCHKIT_REQUIRE_POSTGRES") == "1"
+    bindir = _find_bindir()
+    if bindir is None:
+        message = "PostgreSQL server binaries (initdb, pg_ctl) not found"
+        if required:
+            pytest.fail(f"{message}, and BATCHKIT_REQUIRE_POSTGRES=1", pytrace=False)
+        pytest.skip(message)
+    as_root = os.geteuid() == 0
+    prefix: list[str] = []
+    if as_root:
+        runuser = shutil.which("runuser")
+        prefix = [runuser, "-u", _SERVER_USER, "--"] if runuser else []
+        if not prefix:
+            pytest.fail("running as root and no runuser to drop to the postgres user")
+    base = Path(tempfile.mkdtemp(prefix="batchkit-pg-"))
+    data = base / "data"
+    log = base / "server.log"
+    if as_root:
+        shutil.chown(base, user=_SERVER_USER)
+    port = 5432  # only a unix socket in a private directory: no clash with other servers
+    user = "postgres"
+
+    def run(*args: str) -> None:
+        subprocess.run(
+            [*prefix, *args], cwd=base, check=True, capture_output=True, text=True, timeout=60
+        )
+
+    try:
+        run(
+            str(bindir / "initdb"), "-D", str(data), "-U", user, "-A", "trust",
+            "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions",
+        )  # fmt: skip
+        options = (
+            f"-c listen_addresses='' -c unix_socket_directories='{base}' -p {port} "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+            "-c max_connections=200"
+        )
+        run(str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(log), "-w", "start")
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        detail = getattr(e, "stderr", "") or ""
+        with contextlib.suppress(OSError):
+            detail += "\n" + log.read_text()
+        shutil.rmtree(base, ignore_errors=True)
+        pytest.fail(f"could not start PostgreSQL from {bindir}: {e}\n{detail}", pytrace=False)
+    server = PostgresServer(socket_dir=base, port=port, user=user)
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """The async URL of a fresh, empty database for this test, dropped afterwards."""
+    name = f"test_{os.getpid()}_{next(_db_numbers)}"
+    _admin(postgres_server, f'CREATE DATABASE "{name}"')
+    try:
+        yield postgres_server.url(name)
+    finally:
+        # FORCE: a test that failed may have left connections open.
+        _admin(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -1,0 +1,556 @@
+"""sessions() and release() against SQLite and a real PostgreSQL: the same suite on both.
+
+These tests run in real time (a database needs it); Hypothesis drives each example with a
+fresh event loop from a synchronous test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Literal
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+import sqlalchemy as sa
+from batchkit import (
+    Backoff,
+    Failure,
+    InvalidArgument,
+    ItemTimeout,
+    Retry,
+    Success,
+    batch_process,
+    stream,
+)
+from batchkit.sqlalchemy import Sessions, release, sessions
+
+from ._db import (
+    checked_out,
+    committed_items,
+    create_schema,
+    fresh_engine,
+    insert,
+    make_engine,
+    pool_timeouts,
+    rows,
+    run_fresh,
+    success_indexes,
+)
+
+
+class Boom(Exception):
+    pass
+
+
+# ------------------------------------------------------------------ property: truthfulness
+Behaviour = Literal["ok", "error_before_write", "error_after_write", "hang_outside", "hang_written"]
+BEHAVIOURS: tuple[Behaviour, ...] = (
+    "ok",
+    "error_before_write",
+    "error_after_write",
+    "hang_outside",
+    "hang_written",
+)
+ITEM_TIMEOUT = 0.25
+
+
+async def _truthfulness_run(
+    url: str, plan: list[Behaviour], max_failures: int | None, concurrency: int
+) -> None:
+    engine = make_engine(url, pool_size=2, max_overflow=0, pool_timeout=5.0)
+    try:
+        await create_schema(engine)
+        factory = async_sessionmaker(engine)
+
+        async def fn(i: int, session: AsyncSession) -> int:
+            behaviour = plan[i]
+            # Read, then give the connection back before the "external call".
+            await session.execute(sa.select(sa.func.count()).select_from(rows))
+            await release(session)
+            await asyncio.sleep(0.002)
+            if behaviour == "error_before_write":
+                raise Boom(i)
+            if behaviour == "hang_outside":
+                await asyncio.sleep(30)
+            await insert(session, i)
+            if behaviour == "error_after_write":
+                raise Boom(i)
+            if behaviour == "hang_written":
+                await asyncio.sleep(30)  # holds the connection with an uncommitted row
+            return i
+
+        report = await batch_process(
+            range(len(plan)),
+            fn,
+            context=sessions(factory),
+            concurrency=concurrency,
+            timeout=ITEM_TIMEOUT,
+            max_failures=max_failures,
+        )
+        assert len(report) == len(plan)
+        # The envelopes match the database: a row for every success, none for a failure.
+        assert await committed_items(engine) == success_indexes(report)
+        assert checked_out(engine) == 0
+        for o in report:
+            if isinstance(o, Success):
+                assert plan[o.index] == "ok"
+                assert o.value == o.index
+            elif plan[o.index].startswith("error") and o.kind == "error":
+                assert isinstance(o.error, Boom)
+            elif plan[o.index].startswith("hang") and o.kind == "timeout":
+                assert isinstance(o.error, ItemTimeout)
+        if max_failures is None and "hang_written" not in plan:
+            # No lock or connection held through a timeout: every good item succeeds.
+            assert [o.index for o in report if isinstance(o, Success)] == [
+                i for i, b in enumerate(plan) if b == "ok"
+            ]
+            assert report.counts["cancelled"] == report.counts["skipped"] == 0
+        if max_failures is not None and report.stop_reason is not None:
+            assert report.stop_reason == "max_failures"
+    finally:
+        await engine.dispose()
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    plan=st.lists(
+        st.sampled_from(BEHAVIOURS),
+        min_size=1,
+        max_size=16,
+    ),
+    max_failures=st.none() | st.integers(1, 3),
+    concurrency=st.sampled_from([1, 3, 8]),
+)
+def test_envelopes_match_committed_rows(
+    db_url: str, plan: list[Behaviour], max_failures: int | None, concurrency: int
+) -> None:
+    """Random success/error/timeout/cancel patterns: every success committed, no failure
+    visible, no connection left checked out."""
+    run_fresh(lambda: _truthfulness_run(db_url, plan, max_failures, concurrency))
+
+
+# ------------------------------------------------------------------ property: pool pressure
+async def _pool_run(url: str, delays_ms: list[int], hold: bool) -> tuple[int, int, int]:
+    """Concurrency 8 on a pool of 2 with a 0.5 s pool_timeout; items sleep ``delay`` as the
+    slow external call, with (``hold``) or without the connection checked out meanwhile."""
+    engine = make_engine(url, pool_size=2, max_overflow=0, pool_timeout=0.5)
+    try:
+        await create_schema(engine)
+        factory = async_sessionmaker(engine)
+
+        async def fn(i: int, session: AsyncSession) -> int:
+            n = await session.scalar(sa.select(sa.func.count()).select_from(rows))
+            if not hold:
+                await release(session)
+            await asyncio.sleep(delays_ms[i] / 1000)
+            await insert(session, i, note=f"saw {n}")
+            return i
+
+        report = await batch_process(
+            range(len(delays_ms)), fn, context=sessions(factory), concurrency=8
+        )
+        committed = await committed_items(engine)
+        assert committed == success_indexes(report)
+        assert checked_out(engine) == 0
+        return len(report.successes), len(pool_timeouts(report)), len(report.failures)
+    finally:
+        await engine.dispose()
+
+
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(delays_ms=st.lists(st.integers(1, 10), min_size=8, max_size=48))
+def test_release_pattern_never_runs_the_pool_dry(db_url: str, delays_ms: list[int]) -> None:
+    """Concurrency 4x the pool: with read -> release -> call -> write, no pool timeout."""
+    ok, timeouts, failures = run_fresh(lambda: _pool_run(db_url, delays_ms, hold=False))
+    assert (ok, timeouts, failures) == (len(delays_ms), 0, 0)
+
+
+def test_holding_the_connection_through_the_call_does_run_the_pool_dry(db_url: str) -> None:
+    """The control: the same load holding connections through a 250 ms call times out."""
+    ok, timeouts, _ = run_fresh(lambda: _pool_run(db_url, [250] * 16, hold=True))
+    assert timeouts > 0
+    assert ok < 16
+
+
+# ------------------------------------------------------------------ semantics, one by one
+async def test_success_commits_and_closes(engine: AsyncEngine) -> None:
+    seen: list[AsyncSession] = []
+
+    async def fn(i: int, session: AsyncSession) -> int:
+        seen.append(session)
+        await insert(session, i)
+        return i
+
+    report = await batch_process(range(5), fn, context=sessions(async_sessionmaker(engine)))
+    assert report.ok
+    assert await committed_items(engine) == [0, 1, 2, 3, 4]
+    assert len({id(s) for s in seen}) == 5  # a fresh session per item
+    assert not any(s.in_transaction() for s in seen)
+    assert checked_out(engine) == 0
+
+
+async def test_error_rolls_back_and_keeps_the_original_exception(engine: AsyncEngine) -> None:
+    boom = Boom()
+
+    async def fn(i: int, session: AsyncSession) -> int:
+        await insert(session, i)
+        if i == 1:
+            raise boom
+        return i
+
+    report = await batch_process(range(3), fn, context=sessions(async_sessionmaker(engine)))
+    failure = report[1]
+    assert isinstance(failure, Failure)
+    assert failure.error is boom
+    assert failure.kind == "error"
+    assert await committed_items(engine) == [0, 2]
+    assert checked_out(engine) == 0
+
+
+async def test_retry_gets_a_fresh_session_and_only_the_last_attempt_commits(
+    engine: AsyncEngine,
+) -> None:
+    attempts: list[int] = []
+
+    async def fn(i: int, session: AsyncSession) -> int:
+        attempts.append(i)
+        await insert(session, i, note=f"attempt {len(attempts)}")
+        if len(attempts) < 3:
+            raise Boom
+        return i
+
+    report = await batch_process(
+        [7],
+        fn,
+        context=sessions(async_sessionmaker(engine)),
+        retry=Retry(attempts=3, backoff=Backoff(initial=0.001, maximum=0.001, jitter=False)),
+    )
+    assert report.ok
+    async with engine.connect() as conn:
+        notes = (await conn.execute(sa.select(rows.c.note))).scalars().all()
+    assert notes == ["attempt 3"]
+
+
+async def test_timeout_rolls_back_a_flushed_write(engine: AsyncEngine) -> None:
+
+    async def fn(i: int, session: AsyncSession) -> int:
+        await insert(session, i)  # sent to the database, not committed
+        if i == 0:
+            await asyncio.sleep(30)
+        return i
+
+    report = await batch_process(
+        range(2), fn, context=sessions(async_sessionmaker(engine)), timeout=0.3, concurrency=1
+    )
+    assert [o.ok for o in report] == [False, True]
+    assert isinstance(report[0], Failure)
+    assert report[0].kind == "timeout"
+    assert await committed_items(engine) == [1]
+    assert checked_out(engine) == 0
+
+
+async def test_run_stop_cancels_and_rolls_back_in_flight_items(engine: AsyncEngine) -> None:
+    written = asyncio.Event()
+
+    async def fn(i: int, session: AsyncSession) -> int:
+        if i == 0:
+            await written.wait()
+            raise Boom
+        await insert(session, i)
+        written.set()
+        await asyncio.sleep(30)  # holding an uncommitted row when the run stops
+        return i
+
+    report = await batch_process(
+        range(6), fn, context=sessions(async_sessionmaker(engine)), concurrency=2, fail_fast=True
+    )
+    assert report.stop_reason == "fail_fast"
+    assert report.counts == {"success": 0, "error": 1, "timeout": 0, "cancelled": 1, "skipped": 4}
+    assert await committed_items(engine) == []
+    assert checked_out(engine) == 0
+
+
+async def test_commit_false_leaves_committing_to_fn(engine: AsyncEngine) -> None:
+
+    async def fn(i: int, session: AsyncSession) -> int:
+        await insert(session, i)
+        if i % 2:
+            await session.commit()
+        return i
+
+    report = await batch_process(
+        range(4), fn, context=sessions(async_sessionmaker(engine), commit=False)
+    )
+    assert report.ok
+    assert await committed_items(engine) == [1, 3]
+    assert checked_out(engine) == 0
+
+
+async def test_a_plain_sessionmaker_closes_but_does_not_commit(engine: AsyncEngine) -> None:
+    """``context=async_sessionmaker(engine)`` works too: but nothing is committed for you."""
+
+    async def fn(i: int, session: AsyncSession) -> int:
+        await insert(session, i)
+        return i
+
+    report = await batch_process(range(3), fn, context=async_sessionmaker(engine))
+    assert report.ok
+    assert await committed_items(engine) == []
+    assert checked_out(engine) == 0
+
+
+async def test_stream_left_early_returns_every_connection(db_url: str) -> None:
+    async with fresh_engine(db_url, pool_size=4) as engine:
+
+        async def fn(i: int, session: AsyncSession) -> int:
+            if i:
+                await session.execute(sa.select(rows))  # holds a connection ...
+                await asyncio.sleep(30)  # ... while the stream is left
+            await insert(session, i)
+            return i
+
+        factory = async_sessionmaker(engine)
+        async with stream(range(8), fn, context=sessions(factory), concurrency=4) as outcomes:
+            async for o in outcomes:
+                assert o.ok
+                break
+        assert await committed_items(engine) == [0]
+        assert checked_out(engine) == 0
+
+
+# ------------------------------------------------------------------ the commit is interrupted
+class SlowCommitSession(AsyncSession):
+    """A session whose commit takes 0.3 s before it really commits (or fails)."""
+
+    fail = False
+
+    async def commit(self) -> None:
+        await asyncio.sleep(0.3)
+        if self.fail:
+            raise Boom("commit failed")
+        await super().commit()
+
+
+class FailingSlowCommitSession(SlowCommitSession):
+    fail = True
+
+
+async def test_timeout_during_a_commit_that_succeeds_is_a_success(engine: AsyncEngine) -> None:
+
+    async def fn(i: int, session: SlowCommitSession) -> int:
+        await insert(session, i)
+        return i
+
+    factory = async_sessionmaker(engine, class_=SlowCommitSession)
+    report = await batch_process([0, 1], fn, context=sessions(factory), timeout=0.1, concurrency=1)
+    # The timeout fired at 0.1 s, in the commit; the commit finished, so the rows are there
+    # and the items report what the database holds.
+    assert [type(o) for o in report] == [Success, Success]
+    assert all(o.elapsed >= 0.3 for o in report)
+    assert await committed_items(engine) == [0, 1]
+    assert checked_out(engine) == 0
+    # The run goes on normally after absorbing the timeout: nothing left cancelling.
+    report2 = await batch_process([2], fn, context=sessions(factory))
+    assert report2.ok
+
+
+async def test_timeout_during_a_commit_that_fails_is_a_timeout(engine: AsyncEngine) -> None:
+
+    async def fn(i: int, session: FailingSlowCommitSession) -> int:
+        await insert(session, i)
+        return i
+
+    factory = async_sessionmaker(engine, class_=FailingSlowCommitSession)
+    report = await batch_process([0], fn, context=sessions(factory), timeout=0.1)
+    failure = report[0]
+    assert isinstance(failure, Failure)
+    assert failure.kind == "timeout"
+    assert isinstance(failure.error.__cause__, asyncio.CancelledError)
+    assert await committed_items(engine) == []
+    assert checked_out(engine) == 0
+
+
+async def test_a_failing_commit_without_timeout_is_an_error(engine: AsyncEngine) -> None:
+
+    async def fn(i: int, session: FailingSlowCommitSession) -> int:
+        await insert(session, i)
+        return i
+
+    factory = async_sessionmaker(engine, class_=FailingSlowCommitSession)
+    report = await batch_process([0], fn, context=sessions(factory))
+    failure = report[0]
+    assert isinstance(failure, Failure)
+    assert failure.kind == "error"
+    assert isinstance(failure.error, Boom)
+    assert await committed_items(engine) == []
+    assert checked_out(engine) == 0
+
+
+async def test_run_stopping_during_a_commit_keeps_the_committed_item(engine: AsyncEngine) -> None:
+
+    async def fn(i: int, session: SlowCommitSession) -> int:
+        if i == 1:
+            await asyncio.sleep(0.1)  # fails while item 0 is in its commit
+            raise Boom
+        await insert(session, i)
+        return i
+
+    factory = async_sessionmaker(engine, class_=SlowCommitSession)
+    report = await batch_process(
+        [0, 1], fn, context=sessions(factory), concurrency=2, fail_fast=True
+    )
+    assert report.stop_reason == "fail_fast"
+    assert isinstance(report[0], Success)
+    assert await committed_items(engine) == [0]
+    assert checked_out(engine) == 0
+
+
+async def test_outside_cancellation_during_a_commit_still_stops_the_run(db_url: str) -> None:
+    """Cancelling the caller while a commit is in flight: the commit finishes (shielded),
+    the cancellation is not lost, and no further item starts."""
+    async with fresh_engine(db_url) as engine:
+        await _outside_cancellation(engine)
+
+
+async def _outside_cancellation(engine: AsyncEngine) -> None:
+    started: list[int] = []
+    in_commit = asyncio.Event()
+
+    class SignallingSession(SlowCommitSession):
+        async def commit(self) -> None:
+            in_commit.set()
+            await super().commit()
+
+    async def fn(i: int, session: SignallingSession) -> int:
+        started.append(i)
+        await insert(session, i)
+        return i
+
+    factory = async_sessionmaker(engine, class_=SignallingSession)
+    run = asyncio.create_task(
+        batch_process(range(50), fn, context=sessions(factory), concurrency=1)
+    )
+    await in_commit.wait()
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert started[0] == 0
+    assert len(started) <= 2  # the worker saw the cancellation again at its next await
+    assert (await committed_items(engine))[:1] == [0]
+    assert checked_out(engine) == 0
+
+
+@pytest.mark.postgres
+async def test_postgres_commit_that_is_slow_on_the_server(postgres_url: str) -> None:
+    """A real slow COMMIT (a deferred trigger sleeps at commit time): the timeout lands while
+    the server commits; the item is reported by what the server did."""
+    engine = make_engine(postgres_url)
+    try:
+        await _slow_commit_on_the_server(engine)
+    finally:
+        await engine.dispose()
+
+
+async def _slow_commit_on_the_server(engine: AsyncEngine) -> None:
+    await create_schema(engine)
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.text(
+                "CREATE FUNCTION slow_check() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "PERFORM pg_sleep(0.3); "
+                "IF NEW.note = 'refuse' THEN RAISE EXCEPTION 'refused at commit'; END IF; "
+                "RETURN NULL; END $$"
+            )
+        )
+        await conn.execute(
+            sa.text(
+                "CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON rows DEFERRABLE "
+                "INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_check()"
+            )
+        )
+
+    async def fn(i: int, session: AsyncSession) -> int:
+        await insert(session, i, note="refuse" if i == 1 else "")
+        return i
+
+    report = await batch_process(
+        [0, 1], fn, context=sessions(async_sessionmaker(engine)), timeout=0.1, concurrency=2
+    )
+    assert isinstance(report[0], Success)
+    failure = report[1]
+    assert isinstance(failure, Failure)
+    assert failure.kind == "timeout"
+    assert "refused at commit" in str(failure.error.__cause__.__cause__)  # type: ignore[union-attr]
+    assert await committed_items(engine) == [0]
+    assert checked_out(engine) == 0
+
+
+# ------------------------------------------------------------------ release()
+async def test_release_returns_the_connection_and_keeps_loaded_values(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(sa.insert(rows).values(item=1, note="old"))
+    factory = async_sessionmaker(engine)  # expire_on_commit=True, the default
+    checkouts: list[int] = []
+
+    async def fn(i: int, session: AsyncSession) -> str:
+        await session.execute(sa.select(rows))
+        checkouts.append(checked_out(engine))
+        await release(session)
+        checkouts.append(checked_out(engine))
+        assert session.sync_session.expire_on_commit  # restored
+        await release(session)  # nothing to release: no-op
+        await session.execute(sa.update(rows).values(note="new"))
+        checkouts.append(checked_out(engine))
+        return "done"
+
+    report = await batch_process([1], fn, context=sessions(factory))
+    assert report.ok
+    assert checkouts == [1, 0, 1]
+    async with engine.connect() as conn:
+        assert (await conn.execute(sa.select(rows.c.note))).scalar_one() == "new"
+
+
+async def test_cancellation_during_release_is_delivered_after_it(engine: AsyncEngine) -> None:
+
+    async def fn(i: int, session: SlowCommitSession) -> int:
+        await insert(session, i, note="before release")  # committed by release, by design
+        await release(session)
+        await insert(session, i + 100)
+        return i
+
+    factory = async_sessionmaker(engine, class_=SlowCommitSession)
+    report = await batch_process([0], fn, context=sessions(factory), timeout=0.1)
+    assert isinstance(report[0], Failure)
+    assert report[0].kind == "timeout"
+    assert await committed_items(engine) == [0]  # only what release() committed
+    assert checked_out(engine) == 0
+
+
+# ------------------------------------------------------------------ arguments and types
+def test_sessions_checks_its_arguments() -> None:
+    with pytest.raises(InvalidArgument, match="session factory"):
+        sessions(object())  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="commit must be a bool"):
+        sessions(async_sessionmaker(), commit="yes")  # type: ignore[arg-type]
+    s = sessions(async_sessionmaker())
+    assert isinstance(s, Sessions)
+    assert s.commit is True
+    scope = s()
+    assert scope is not s()  # a new scope per attempt
+
+
+def _typing_check(factory: async_sessionmaker[SlowCommitSession]) -> None:
+    # The session class flows through: fn receives a SlowCommitSession.
+    scope: Sessions[SlowCommitSession] = sessions(factory)
+    del scope
