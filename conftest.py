@@ -19,6 +19,8 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -151,13 +153,55 @@ def postgres_server() -> Iterator[PostgresServer]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture
-def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
-    """The async URL of a fresh, empty database for this test, dropped afterwards."""
-    name = f"test_{os.getpid()}_{next(_db_numbers)}"
-    _admin(postgres_server, f'CREATE DATABASE "{name}"')
-    try:
-        yield postgres_server.url(name)
-    finally:
+class _Databases:
+    """Creates test databases one step ahead, on a thread of its own.
+
+    ``CREATE DATABASE`` copies a template and takes most of a second; made while the previous
+    test runs, it costs a test nothing.
+    """
+
+    def __init__(self, server: PostgresServer) -> None:
+        self.server = server
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pg-createdb")
+        self._ahead: deque[Future[str]] = deque()
+
+    def _create(self) -> str:
+        name = f"test_{os.getpid()}_{next(_db_numbers)}"
+        _admin(self.server, f'CREATE DATABASE "{name}"')
+        return name
+
+    def take(self) -> str:
+        if not self._ahead:
+            self._ahead.append(self._executor.submit(self._create))
+        name = self._ahead.popleft().result()
+        self._ahead.append(self._executor.submit(self._create))
+        return name
+
+    def drop(self, name: str) -> None:
         # FORCE: a test that failed may have left connections open.
-        _admin(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        _admin(self.server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def close(self) -> None:
+        while self._ahead:
+            with contextlib.suppress(Exception):
+                self.drop(self._ahead.popleft().result())
+        self._executor.shutdown()
+
+
+@pytest.fixture(scope="session")
+def _postgres_databases(postgres_server: PostgresServer) -> Iterator[_Databases]:
+    databases = _Databases(postgres_server)
+    try:
+        yield databases
+    finally:
+        databases.close()
+
+
+@pytest.fixture
+def postgres_url(_postgres_databases: _Databases) -> Iterator[str]:
+    """The async URL of a fresh, empty database for this test, dropped afterwards."""
+    name = _postgres_databases.take()
+    try:
+        yield _postgres_databases.server.url(name)
+    finally:
+        _postgres_databases.drop(name)

@@ -123,7 +123,7 @@ async def _truthfulness_run(
     plan=st.lists(
         st.sampled_from(BEHAVIOURS),
         min_size=1,
-        max_size=16,
+        max_size=12,
     ),
     max_failures=st.none() | st.integers(1, 3),
     concurrency=st.sampled_from([1, 3, 8]),
@@ -165,11 +165,11 @@ async def _pool_run(url: str, delays_ms: list[int], hold: bool) -> tuple[int, in
 
 
 @settings(
-    max_examples=12,
+    max_examples=10,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(delays_ms=st.lists(st.integers(1, 10), min_size=8, max_size=48))
+@given(delays_ms=st.lists(st.integers(1, 10), min_size=8, max_size=32))
 def test_release_pattern_never_runs_the_pool_dry(db_url: str, delays_ms: list[int]) -> None:
     """Concurrency 4x the pool: with read -> release -> call -> write, no pool timeout."""
     ok, timeouts, failures = run_fresh(lambda: _pool_run(db_url, delays_ms, hold=False))
