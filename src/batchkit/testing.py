@@ -54,6 +54,7 @@ __all__ = [
     "ProbeError",
     "Step",
     "StepKind",
+    "TICK",
     "instant",
     "run_virtual",
     "strategies",
@@ -446,12 +447,24 @@ def run_virtual(
     ``loop.time()`` inside is virtual and exact; the loop is closed afterwards. In an async
     pytest test, mark it ``@pytest.mark.looptime`` instead (see the testing how-to).
     """
+    error: Exception | None = None
     try:
         import looptime
     except ImportError:
+        error = MissingExtra("batchkit.testing.run_virtual", "testing", "looptime")
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        error = RuntimeError(
+            "run_virtual() cannot be called from a running event loop\nHINT: in an async "
+            "test, await the coroutine and mark the test @pytest.mark.looptime"
+        )
+    if error is not None:
         if inspect.iscoroutine(main):
             main.close()  # never awaited: close it so Python does not warn
-        raise MissingExtra("batchkit.testing.run_virtual", "testing", "looptime") from None
+        raise error
     coro = main if inspect.iscoroutine(main) else cast("Callable[[], Any]", main)()
 
     def new_loop() -> asyncio.AbstractEventLoop:
@@ -521,12 +534,18 @@ def _st() -> ModuleType:
     return st
 
 
+TICK: Final = 1 / 64
+"""Drawn durations are whole multiples of this (15.625 ms): a binary fraction and a whole
+number of microseconds, so sums of them are exact both as floats and on looptime's clock.
+Decimal steps (0.001 s) are not: ``0.131 + 2.0 == 2.1310000000000002``."""
+
+
 def _ms(low: float, high: float) -> SearchStrategy[float]:
-    """Seconds in ``[low, high]`` in whole milliseconds: exact sums, readable failures."""
-    return cast(
-        "SearchStrategy[float]",
-        _st().integers(round(low * 1000), round(high * 1000)).map(lambda ms: ms / 1000),
-    )
+    """Seconds in ``[low, high]``, in whole ticks."""
+    first, last = math.ceil(low / TICK), math.floor(high / TICK)
+    if first > last:
+        raise InvalidArgument(f"no multiple of {TICK} s lies in [{low}, {high}]")
+    return cast("SearchStrategy[float]", _st().integers(first, last).map(lambda n: n * TICK))
 
 
 _KINDS: Final = ("ok", "error", "hang", "slow")
@@ -536,8 +555,8 @@ _KINDS: Final = ("ok", "error", "hang", "slow")
 class strategies:
     """Hypothesis strategies for item plans, latencies and policies.
 
-    Values are in whole milliseconds so virtual times add up exactly. Needs Hypothesis
-    (``pip install 'batchkit[testing]'``).
+    Durations are whole multiples of :data:`TICK` (1/64 s) so virtual times add up exactly.
+    Needs Hypothesis (``pip install 'batchkit[testing]'``).
     """
 
     def __init__(self) -> None:  # pragma: no cover - not meant to be instantiated
