@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import glob
+import inspect
 import itertools
 import os
 import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -205,3 +207,26 @@ def postgres_url(_postgres_databases: _Databases) -> Iterator[str]:
         yield _postgres_databases.server.url(name)
     finally:
         _postgres_databases.drop(name)
+
+
+@pytest.fixture(autouse=True)
+def _close_implicit_loop(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Close the event loop a plugin creates implicitly for a synchronous test.
+
+    looptime's pytest hook calls ``policy.get_event_loop()`` before every test; for a sync
+    test with no loop set, that creates one nobody closes, and its ResourceWarning surfaces
+    (as an error) in whatever test runs when it is garbage collected.
+    """
+    yield
+    if inspect.iscoroutinefunction(request.function):
+        return  # pytest-asyncio owns that test's loop
+    policy = asyncio.get_event_loop_policy()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            loop = policy.get_event_loop()
+    except RuntimeError:
+        return  # no loop set: nothing leaked
+    if not loop.is_running() and not loop.is_closed():
+        loop.close()
+        policy.set_event_loop(None)
