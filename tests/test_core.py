@@ -469,3 +469,84 @@ async def test_fn_that_never_awaits_does_not_starve_the_loop() -> None:
     await hb
     assert len(report) == 20_000
     assert beats >= 20_000 // 256 // 2
+
+
+async def test_cost_hints_start_the_most_expensive_first_within_the_read_ahead() -> None:
+    durations = [1, 1, 1, 8, 1, 1, 1, 9]
+    starts: dict[int, float] = {}
+
+    async def fn(i: int) -> int:
+        starts[i] = now()
+        await asyncio.sleep(durations[i])
+        return i
+
+    report = await batch_process(range(8), fn, concurrency=2, cost=lambda i: durations[i])
+    # Longest first: 9 and 8 start at once, the six short items fill in behind them.
+    assert starts[7] == 0
+    assert starts[3] == 0
+    assert report.wall_time == 12  # the optimum: 23 s of work on 2 slots
+    assert [o.index for o in report] == list(range(8))  # the report keeps input order
+
+    # In input order (no hints) the same batch takes longer: 8 and 9 start late.
+    plain = await batch_process(range(8), fn, concurrency=2)
+    assert plain.wall_time > report.wall_time
+
+
+async def test_batch_size_bounds_the_cost_read_ahead() -> None:
+    durations = [1, 1, 1, 8, 1, 1, 1, 9]
+    starts: dict[int, float] = {}
+
+    async def fn(i: int) -> int:
+        starts[i] = now()
+        await asyncio.sleep(durations[i])
+        return i
+
+    await batch_process(range(8), fn, concurrency=1, cost=lambda i: durations[i], batch_size=4)
+    # Only 4 items are looked at: item 3 (cost 8) goes first, item 7 is not yet read.
+    assert starts[3] == 0
+    assert starts[7] > 0
+
+
+async def test_a_broken_cost_hint_fails_only_that_item() -> None:
+    async def fn(i: int) -> int:
+        return i
+
+    def cost(i: int) -> float:
+        if i == 2:
+            raise KeyError(i)
+        return float(i)
+
+    report = await batch_process(range(5), fn, cost=cost)
+    assert [o.ok for o in report] == [True, True, False, True, True]
+    assert isinstance(report[2], Failure)
+    assert isinstance(report[2].error, KeyError)
+
+
+async def test_cost_hints_with_an_async_source() -> None:
+    async def source() -> AsyncIterator[int]:
+        for i in range(6):
+            yield i
+
+    async def fn(i: int) -> int:
+        await asyncio.sleep(i)
+        return i
+
+    report = await batch_process(source(), fn, concurrency=2, cost=float)
+    assert report.values() == list(range(6))
+    assert report.wall_time == 8  # longest first: 5+2+1 on one slot, 4+3+0 on the other
+
+
+def test_a_timer_due_within_the_clock_resolution_fires() -> None:
+    """0.131 + 2.0 == 2.1310000000000002: asyncio runs that timer at 2.131, and the watchdog
+    must then see the attempt as due (it once re-armed forever, freezing virtual time)."""
+
+    async def fn(x: float) -> float:
+        await asyncio.sleep(x)
+        return x
+
+    async def main() -> BatchReport[float, float]:
+        return await batch_process([0.131, 60.0], fn, concurrency=1, timeout=2.0)
+
+    report = run_virtual(main)
+    assert report.wall_time == 2.131
+    assert report.counts["timeout"] == 1

@@ -198,12 +198,12 @@ async def test_run_stopping_is_a_warning(caplog: pytest.LogCaptureFixture) -> No
         ["fail", "ok-5"], work, fail_fast=True, name="ff", observers=[LoggingObserver()]
     )
     assert lines(caplog) == [
-        ("WARNING", "batch stopping name=ff reason=fail_fast in_flight=1"),
         (
             "WARNING",
             "item failed name=ff key=#0 index=0 outcome=error attempts=1 elapsed=1.000s "
             'in_flight=1 error="Boom: no luck"',
         ),
+        ("WARNING", "batch stopping name=ff reason=fail_fast in_flight=1"),
         (
             "WARNING",
             "item failed name=ff key=#1 index=1 outcome=cancelled attempts=1 elapsed=1.000s "

@@ -27,6 +27,7 @@ from ._events import Observer as Observer
 from ._events import RunFinished as RunFinished
 from ._events import RunStarted as RunStarted
 from ._events import RunStopping as RunStopping
+from ._logging import LoggingObserver as LoggingObserver
 from ._outcomes import BatchReport as BatchReport
 from ._outcomes import Failure as Failure
 from ._outcomes import FailureKind as FailureKind
@@ -41,6 +42,7 @@ from ._policies import FailureRatio as FailureRatio
 from ._policies import RateLimit as RateLimit
 from ._policies import Retry as Retry
 from ._policies import RetryOn as RetryOn
+from ._progress import ProgressObserver as ProgressObserver
 from ._stream import Stream as Stream
 
 try:
@@ -72,9 +74,11 @@ __all__ = [
     "ItemTimeout",
     "LimitChange",
     "LimitChanged",
+    "LoggingObserver",
     "MissingExtra",
     "Observer",
     "Outcome",
+    "ProgressObserver",
     "RateLimit",
     "Retry",
     "RetryOn",

@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sized
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar, cast
 
 from . import _backoff
 from ._adaptive import AimdState, is_stuck, on_overload, on_success
@@ -67,6 +67,12 @@ _STOP: Final = 2
 # keep those extra resumptions rare.
 _YIELD_EVERY_ITEMS_PER_WORKER: Final = 32
 _YIELD_EVERY_SECONDS: Final = 0.005
+
+# asyncio runs a timer once ``loop.time() + clock resolution`` reaches it, so a callback set
+# for ``when`` may see ``loop.time()`` a hair before ``when``. Every "is it time yet?" check
+# allows the same slack; otherwise it would re-arm the timer forever (in virtual time, the
+# clock would never move again).
+_SLACK: Final = time.get_clock_info("monotonic").resolution
 
 
 class Plan:
@@ -275,6 +281,7 @@ class Engine(Generic[T, R]):
             )
 
         deadline_handle: asyncio.TimerHandle | None = None
+        completed = False
         try:
             async with asyncio.TaskGroup() as tg:
                 for _ in range(p.slots):
@@ -288,6 +295,7 @@ class Engine(Generic[T, R]):
                 await asyncio.gather(*(s.task for s in self._slots if s.task is not None))
                 if watchdog is not None:
                     watchdog.cancel()
+            completed = True
         finally:
             if deadline_handle is not None:
                 deadline_handle.cancel()
@@ -295,6 +303,12 @@ class Engine(Generic[T, R]):
                 # A thread cannot be interrupted; do not wait for one that timed out.
                 self._executor.shutdown(wait=False, cancel_futures=True)
             await self._close_input()
+            if not completed and self._emit_events:
+                # Cancelled (or a stream left early): observers still hear the end, with
+                # what had finished by then.
+                self._event(
+                    RunFinished(name=p.name, report=self._report(partial=True), time=loop.time())
+                )
 
         self._finish_unstarted()
         report = self._report()
@@ -304,9 +318,11 @@ class Engine(Generic[T, R]):
             raise InputFailed(report) from self._input_error
         return report
 
-    def _report(self) -> BatchReport[T, R]:
+    def _report(self, *, partial: bool = False) -> BatchReport[T, R]:
         assert self._loop is not None
-        outcomes: list[Outcome[T, R]] = self._outcomes  # type: ignore[assignment]
+        # When not partial, every placeholder has been filled by _finish_unstarted.
+        done = cast("list[Outcome[T, R]]", self._outcomes)
+        outcomes = [o for o in self._outcomes if o is not None] if partial else done
         return BatchReport(
             outcomes=outcomes,
             wall_time=self._loop.time() - self._start,
@@ -391,7 +407,7 @@ class Engine(Generic[T, R]):
                 c = float(p.cost(item))
             except Exception as e:
                 # A broken cost hint is this item's failure, not the run's.
-                self._record(Failure(item, e, "error", index, 0, 0.0, (e,)), 0, None)
+                self._record(Failure(item, e, "error", index, 0, 0.0, (e,)))
                 continue
             heapq.heappush(self._buffer, (-c, index, item))
         if not self._buffer:
@@ -426,7 +442,7 @@ class Engine(Generic[T, R]):
             if self._aimd is not None and self._active >= self._limit:
                 await self._wait_gate()
                 continue
-            if heap and heap[0].ready <= loop.time():
+            if heap and heap[0].ready <= loop.time() + _SLACK:
                 job = heapq.heappop(heap)
                 self._active += 1
                 try:
@@ -516,7 +532,8 @@ class Engine(Generic[T, R]):
                 # The deadline: do not start an attempt whose timeout cannot fit.
                 dl = self._deadline_at
                 if dl is not None and (
-                    now >= dl or (p.fit_timeout and p.timeout is not None and now + p.timeout > dl)
+                    now + _SLACK >= dl
+                    or (p.fit_timeout and p.timeout is not None and now + p.timeout > dl + _SLACK)
                 ):
                     self._no_more_starts("deadline")
                     self._stopped_item(index, item, first_start, errors, attempt)
@@ -603,9 +620,7 @@ class Engine(Generic[T, R]):
                     elapsed = end - first_start
                     if self._aimd is not None:
                         self._adapt_success(end - now, now, end)
-                    self._record(
-                        make_success(item, value, index, attempt, elapsed), attempt, errors
-                    )
+                    self._record(make_success(item, value, index, attempt, elapsed))
                     return
                 if kind == "cancelled":
                     self._stopped_item(index, item, first_start, errors, attempt, running=True)
@@ -648,9 +663,7 @@ class Engine(Generic[T, R]):
                             attempt,
                             end - first_start,
                             tuple(errors),
-                        ),
-                        attempt,
-                        None,
+                        )
                     )
                     return
                 attempt += 1
@@ -704,13 +717,8 @@ class Engine(Generic[T, R]):
         return result
 
     # ------------------------------------------------------------------ outcomes
-    def _record(
-        self, outcome: Outcome[T, R], attempts: int, errors: list[BaseException] | None
-    ) -> None:
+    def _record(self, outcome: Outcome[T, R]) -> None:
         self._finished += 1
-        if type(outcome) is Failure and outcome.kind in ("error", "timeout"):
-            self._failed += 1
-            self._check_thresholds()
         if self._sink is None:
             self._outcomes[outcome.index] = outcome
         else:
@@ -726,12 +734,16 @@ class Engine(Generic[T, R]):
                     time=self._loop.time(),
                 )
             )
+        # After ItemFinished, so observers hear of the failure before the stop it causes.
+        if type(outcome) is Failure and outcome.kind in ("error", "timeout"):
+            self._failed += 1
+            self._check_thresholds()
 
     def _skip(self, index: int, item: T) -> None:
         assert self._stop_reason is not None or self._input_error is not None
         reason: StopReason = self._stop_reason or "fail_fast"
         err = ItemSkipped(reason)
-        self._record(Failure(item, err, "skipped", index, 0, 0.0, (err,)), 0, None)
+        self._record(Failure(item, err, "skipped", index, 0, 0.0, (err,)))
 
     def _stopped_item(
         self,
@@ -755,9 +767,7 @@ class Engine(Generic[T, R]):
         self._record(
             Failure(
                 item, err, "cancelled", index, attempt if running else attempt - 1, elapsed, history
-            ),
-            attempt,
-            None,
+            )
         )
 
     def _finish_unstarted(self) -> None:
@@ -890,7 +900,7 @@ class Engine(Generic[T, R]):
         dl = self._deadline_at
         if dl is not None:
             need = delay + (self._p.timeout if self._p.fit_timeout and self._p.timeout else 0.0)
-            if now + need > dl:
+            if now + need > dl + _SLACK:
                 return None  # the retry could not finish in time: report the last error
         return delay
 
@@ -995,7 +1005,7 @@ class Engine(Generic[T, R]):
                 if slot.gen != gen:
                     timers.popleft()
                     continue
-                if when <= now:
+                if when <= now + _SLACK:
                     timers.popleft()
                     task = slot.task
                     if task is not None and slot.cancel_gen != gen:
