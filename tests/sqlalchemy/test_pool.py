@@ -7,11 +7,11 @@ import sys
 from typing import TYPE_CHECKING
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import AssertionPool, NullPool, StaticPool
 
 import batchkit
-import sqlalchemy as sa
 from batchkit import Adaptive, InvalidArgument, MissingExtra
 from batchkit.sqlalchemy import PoolStats, PoolTooSmall, check_pool, pool_stats
 

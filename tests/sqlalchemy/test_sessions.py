@@ -10,11 +10,11 @@ import asyncio
 from typing import Literal
 
 import pytest
+import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-import sqlalchemy as sa
 from batchkit import (
     Backoff,
     Failure,
