@@ -9,11 +9,11 @@ import threading
 from typing import TYPE_CHECKING, TypeVar
 
 import pytest
+from sqlalchemy import select
 
 from predictions.cli import main
 from predictions.db import database_url, make_engine, make_session_factory
 from predictions.models import Run
-from sqlalchemy import select
 
 if TYPE_CHECKING:
     from collections.abc import Callable

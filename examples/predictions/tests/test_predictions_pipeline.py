@@ -6,13 +6,13 @@ from typing import TYPE_CHECKING
 
 import pytest
 import sqlalchemy.exc
+from sqlalchemy import event, select
 
 import batchkit
 from batchkit.sqlalchemy import pool_stats
 from predictions.models import Market, Prediction, Run
 from predictions.pipeline import MarketRef, generate_predictions, select_markets
 from predictions.simulator import SimulatorConfig
-from sqlalchemy import event, select
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -32,6 +32,13 @@ F = 0.01  # time factor: 10-15 s calls take 0.10-0.15 s
 # Cleanup after the deadline (cancelling in-flight markets, rolling their sessions back) is
 # real I/O on a shared machine; the run must end within this margin after its deadline.
 DEADLINE_MARGIN = 0.25
+
+
+def _failures(result: RunResult) -> str:
+    return "\n".join(
+        f"{f.item.symbol} {f.kind} {f.attempts} {f.elapsed:.3f}s {f.errors!r}"
+        for f in result.report.failures
+    )
 
 
 async def check_record(
@@ -81,9 +88,9 @@ async def test_clean_upstream_predicts_every_market(
 ) -> None:
     async with simulate(SimulatorConfig(time_factor=F)) as (client, app):
         result = await generate_predictions(
-            session_factory, client, concurrency=10, timeout=60, deadline=300, time_factor=F
+            session_factory, client, concurrency=10, timeout=100, deadline=300, time_factor=F
         )
-    assert result.report.counts["success"] == 20
+    assert result.report.counts["success"] == 20, _failures(result)
     assert result.goal_met
     assert set(app.state.upstream.fates) == {"ok"}
     await check_record(session_factory, result, 20)
@@ -156,7 +163,7 @@ async def test_429_retry_after_is_honoured(
     config = SimulatorConfig(time_factor=F, retry_after=30.0, script={target.symbol: ("429",)})
     async with simulate(config) as (client, _):
         result = await generate_predictions(
-            session_factory, client, limit=1, timeout=60, deadline=300, time_factor=F
+            session_factory, client, limit=1, timeout=100, deadline=300, time_factor=F
         )
     [outcome] = result.report
     assert isinstance(outcome, batchkit.Success)
@@ -175,7 +182,7 @@ async def test_rejected_request_is_not_retried(
             news=client.urls.news,
         )
         result = await generate_predictions(
-            session_factory, client, limit=3, timeout=60, deadline=300, time_factor=F
+            session_factory, client, limit=3, timeout=100, deadline=300, time_factor=F
         )
     assert result.report.counts["error"] == 3
     assert all(o.attempts == 1 for o in result.report)  # a 404 cannot get better
@@ -200,12 +207,12 @@ async def test_pool_never_exhausted_at_concurrency_10_with_pool_size_5(
     try:
         async with simulate(SimulatorConfig(time_factor=F)) as (client, _):
             result = await generate_predictions(
-                session_factory, client, concurrency=10, timeout=60, deadline=300, time_factor=F
+                session_factory, client, concurrency=10, timeout=100, deadline=300, time_factor=F
             )
     finally:
         event.remove(engine.sync_engine, "checkout", checkout)
     assert result.report.peak_concurrency == 10
-    assert result.report.counts["success"] == 20
+    assert result.report.counts["success"] == 20, _failures(result)
     assert not any(isinstance(o.error, sqlalchemy.exc.TimeoutError) for o in result.report.failures)
     # Connections are held only for the database work, never across the upstream calls.
     assert peak <= 5

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     ]
 
 F = 0.01
-CONFIG = RunConfig(concurrency=10, timeout=60, deadline=300, time_factor=F)
+CONFIG = RunConfig(concurrency=10, timeout=100, deadline=300, time_factor=F)
 
 
 def http(app: Starlette) -> httpx.AsyncClient:
@@ -82,7 +82,7 @@ async def test_a_run_that_misses_its_goal_answers_503(
             engine=engine,
             session_factory=session_factory,
             client=client,
-            config=RunConfig(concurrency=10, timeout=60, deadline=300, attempts=1, time_factor=F),
+            config=RunConfig(concurrency=10, timeout=100, deadline=300, attempts=1, time_factor=F),
         )
         async with http(app) as svc:
             response = await svc.post("/predictions/generate?limit=3")

@@ -12,8 +12,9 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-import batchkit
 from sqlalchemy import select
+
+import batchkit
 
 from .db import database_url, make_engine, make_session_factory
 from .models import Run, count_markets, create_schema, seed_markets
@@ -207,6 +208,11 @@ def format_result(result: RunResult, title: str = "") -> str:
         f"{' (the deadline stopped the run)' if r.deadline_hit else ''}; "
         f"sum of market times {r.item_time / f:.1f}s (what one market at a time would wait)"
     )
+    if r.deadline_hit and r.counts["skipped"] and r.wall_time < c.deadline * f:
+        lines.append(
+            f"(no market may start after {c.deadline - c.timeout:g}s: its {c.timeout:g}s "
+            "timeout would not fit before the deadline, so the rest were skipped)"
+        )
     lines.append(
         f"goal (>= {c.min_success_ratio:.0%} predicted): "
         + ("MET" if result.goal_met else "MISSED")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -12,8 +13,6 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-
-from sqlalchemy import event
 
 __all__ = ["DEFAULT_DATABASE_URL", "database_url", "make_engine", "make_session_factory"]
 

@@ -15,8 +15,14 @@
 - ``key``: the market symbol names items in logs, tables and the report.
 
 A market holds a database connection only for database work: read the prior, give the
-connection back (commit the read transaction), make the slow upstream calls with no
-connection held, then write. So ``concurrency`` is bounded by the upstream, not by the pool.
+connection back (``batchkit.sqlalchemy.release``), make the slow upstream calls with no
+connection held, then write and commit. So ``concurrency`` is bounded by the upstream, not
+by the pool: 10 markets in flight need about one connection, not ten. On SQLite the writes
+are queued in-process (one writer at a time is all SQLite allows).
+
+The run record is written after ``batch_process`` returns, from its report, in one
+transaction: counts by outcome kind, retries, whether the deadline stopped the run, and the
+config. A prediction row exists for a run exactly when the report says the market succeeded.
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, final
 
+from sqlalchemy import delete, select, update
+
 import batchkit
 from batchkit import Backoff, BatchReport, Observer, Retry
 from batchkit.sqlalchemy import release, sessions
-from sqlalchemy import delete, select, update
 
 from .forecast import Forecast, forecast
 from .models import Market, Prediction, Run, utcnow

@@ -13,12 +13,12 @@ import asyncio
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import select, text
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from batchkit.sqlalchemy import pool_stats
-from sqlalchemy import select, text
 
 from .models import Run, utcnow
 from .pipeline import RunConfig, run_job
