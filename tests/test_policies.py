@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -575,3 +576,32 @@ async def test_success_envelopes_after_retries() -> None:
 
     report = await batch_process(range(3), fn, retry=Retry())
     assert all(isinstance(o, Success) and o.attempts == 1 for o in report)
+
+
+async def test_stream_with_retries_rate_limit_and_adaptive_concurrency() -> None:
+    attempts: dict[int, int] = {}
+    starts: list[float] = []
+
+    async def fn(i: int) -> int:
+        attempts[i] = attempts.get(i, 0) + 1
+        starts.append(now())
+        await asyncio.sleep(1)
+        if i % 3 == 0 and attempts[i] == 1:
+            raise Flaky
+        return i
+
+    async with stream(
+        range(12),
+        fn,
+        concurrency=Adaptive(initial=2, max=4),
+        retry=Retry(attempts=2, backoff=STEADY),
+        rate_limit=RateLimit(per_second=4),
+        ordered=True,
+    ) as outcomes:
+        got = [o async for o in outcomes]
+    assert [o.index for o in got] == list(range(12))
+    assert all(isinstance(o, Success) for o in got)
+    assert [o.attempts for o in got] == [2 if i % 3 == 0 else 1 for i in range(12)]
+    # 16 attempt starts, never more than 4 per second, 0.25 s apart at the closest.
+    assert len(starts) == 16
+    assert all(b - a >= 0.25 for a, b in itertools.pairwise(sorted(starts)))
