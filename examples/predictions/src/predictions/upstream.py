@@ -284,7 +284,7 @@ async def _all_or_nothing(symbol: str, *coros: Coroutine[Any, Any, object]) -> l
 
     What ``asyncio.TaskGroup`` does, written out because on Python 3.11 a TaskGroup whose child
     fails while it waits for the others leaves a cancellation request counted on the calling
-    task (CPython gh-117151-style bug, fixed in 3.12), which later makes batchkit mistake its
+    task (a CPython 3.11 bug; newer versions uncancel it), which later makes batchkit mistake its
     own timeout for the caller's cancellation. No task outlives this call on any path.
     """
     tasks = [asyncio.ensure_future(c) for c in coros]
