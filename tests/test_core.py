@@ -550,3 +550,25 @@ def test_a_timer_due_within_the_clock_resolution_fires() -> None:
     report = run_virtual(main)
     assert report.wall_time == 2.131
     assert report.counts["timeout"] == 1
+
+
+async def test_a_task_group_failing_inside_fn_does_not_confuse_timeouts() -> None:
+    """On 3.11 a TaskGroup whose child fails leaves a cancel request on the task that runs
+    it; batchkit's own timeout must still be told apart from the caller cancelling."""
+
+    async def fn(i: int) -> int:
+        async def fail() -> None:
+            await asyncio.sleep(0.01)
+            raise ValueError(i)
+
+        async with asyncio.TaskGroup() as tg:
+            if i == 1:
+                tg.create_task(fail())
+                tg.create_task(asyncio.sleep(0.05))
+            else:
+                tg.create_task(asyncio.sleep(10))
+        return i
+
+    report = await batch_process([0, 1, 0], fn, concurrency=2, timeout=0.2)
+    assert [o.kind for o in report.failures] == ["timeout", "error", "timeout"]
+    assert report.wall_time == 0.21  # item 2 starts when item 1 fails at 0.01

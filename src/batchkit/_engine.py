@@ -567,6 +567,11 @@ class Engine(Generic[T, R]):
                         )
                     )
                 gen = slot.gen = slot.gen + 1
+                task = slot.task
+                assert task is not None
+                # Cancellation requests already pending on this task (a TaskGroup inside fn
+                # can leave one behind on 3.11): ours is the one above this base.
+                base = task.cancelling()
                 if self._aimd is not None:
                     self._starts.append((now, slot, gen))
                 timeout = p.timeout
@@ -588,8 +593,7 @@ class Engine(Generic[T, R]):
                     if slot.cancel_gen != gen:
                         raise  # not ours: the caller is cancelling the run
                     slot.cancel_gen = -1
-                    assert slot.task is not None
-                    if slot.task.uncancel() > 0:
+                    if task.uncancel() > base:
                         raise  # ours, but the caller is cancelling too
                     if slot.cancel_kind == _TIMEOUT:
                         assert timeout is not None
@@ -870,14 +874,16 @@ class Engine(Generic[T, R]):
     async def _wait_in_slot(self, slot: _Slot, waiting: Awaitable[object]) -> bool:
         """Wait (a backoff, a limiter) while holding the slot; False if the run stopped."""
         gen = slot.gen = slot.gen + 1
+        task = slot.task
+        assert task is not None
+        base = task.cancelling()
         try:
             await waiting
         except asyncio.CancelledError:
             if slot.cancel_gen != gen:
                 raise
             slot.cancel_gen = -1
-            assert slot.task is not None
-            if slot.task.uncancel() > 0:
+            if task.uncancel() > base:
                 raise
             return False
         finally:
