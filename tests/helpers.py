@@ -1,34 +1,13 @@
-"""Shared test helpers: virtual time for sync (Hypothesis) tests, and a recording item function."""
+"""Shared test helpers. Virtual time for sync (Hypothesis) tests is the public
+``batchkit.testing.run_virtual``: the suite uses what it ships."""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
-
-import looptime
-
-if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 T = TypeVar("T")
-
-
-def run_virtual(main: Callable[[], Awaitable[T]]) -> T:
-    """Run ``main()`` on a fresh event loop whose clock is virtual and starts at 0."""
-    loop = looptime.new_event_loop(start=0)
-    try:
-        return loop.run_until_complete(main())
-    finally:
-        # As asyncio.run does: cancel what is left (after a KeyboardInterrupt escaped the
-        # loop, say) and let it clean up before closing.
-        pending = asyncio.all_tasks(loop)
-        for task in pending:
-            task.cancel()
-        if pending:
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
 
 
 def now() -> float:

@@ -19,8 +19,9 @@ from batchkit import (
     Success,
     batch_process,
 )
+from batchkit.testing import run_virtual
 
-from .helpers import Recorder, now, run_virtual
+from .helpers import Recorder, now
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

@@ -28,8 +28,9 @@ from batchkit import (
     batch_process,
     stream,
 )
+from batchkit.testing import run_virtual
 
-from .helpers import now, run_virtual
+from .helpers import now
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
