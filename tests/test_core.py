@@ -575,42 +575,6 @@ async def test_a_task_group_failing_inside_fn_does_not_confuse_timeouts() -> Non
     assert report.wall_time == 0.21  # item 2 starts when item 1 fails at 0.01
 
 
-async def test_outcomes_are_stored_as_columns_until_first_looked_at(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """No envelope object is built while the batch runs (the garbage collector's full passes
-    over 100k of them stalled the loop); the report builds them once, on first access."""
-    from batchkit import _engine, _outcomes
-
-    built: list[int] = []
-    real = _outcomes.make_success
-
-    def counting(*args: Any) -> Any:
-        built.append(args[2])
-        return real(*args)
-
-    monkeypatch.setattr(_engine, "make_success", counting)
-    monkeypatch.setattr(_outcomes, "make_success", counting)
-
-    async def fn(i: int) -> int:
-        if i == 2:
-            raise ValueError(i)
-        return i * 10
-
-    report = await batch_process(range(5), fn, concurrency=2)
-    assert built == []
-    assert len(report) == 5
-    first = report[0]
-    assert built == [0, 1, 3, 4]  # built once, all at once
-    assert report[0] is first
-    assert isinstance(first, Success)
-    assert first.value == 0
-    assert [o.index for o in report.outcomes[1:3]] == [1, 2]
-    assert report.outcomes == list(report)
-    assert "Success(item=4, value=40" in repr(report.outcomes)
-    assert built == [0, 1, 3, 4]
-
-
 async def test_a_cancelled_run_still_tells_observers_what_finished() -> None:
     from batchkit import Event, RunFinished
 

@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sized
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar, cast
 
 from . import _backoff
 from ._adaptive import AimdState, is_stuck, on_overload, on_success
@@ -42,7 +42,7 @@ from ._events import (
     RunStarted,
     RunStopping,
 )
-from ._outcomes import BatchReport, Failure, LimitChange, Outcome, OutcomeStore, make_success
+from ._outcomes import BatchReport, Failure, LimitChange, Outcome, make_success
 from ._ratelimit import TokenBucket
 
 if TYPE_CHECKING:
@@ -218,7 +218,7 @@ class Engine(Generic[T, R]):
         self._exhausted = False
         self._input_error: BaseException | None = None
         # Outcomes of a batch are stored in input order; a stream passes its own sink.
-        self._store: OutcomeStore[T, R] = OutcomeStore()
+        self._outcomes: list[Outcome[T, R] | None] = []
         self._sink = sink
         self._next_index = 0
         self._buffer: list[tuple[float, int, T]] = []  # cost-ordered read-ahead
@@ -321,7 +321,8 @@ class Engine(Generic[T, R]):
     def _report(self, *, partial: bool = False) -> BatchReport[T, R]:
         assert self._loop is not None
         # When not partial, every placeholder has been filled by _finish_unstarted.
-        outcomes = self._store.finished() if partial else self._store
+        done = cast("list[Outcome[T, R]]", self._outcomes)
+        outcomes = [o for o in self._outcomes if o is not None] if partial else done
         return BatchReport(
             outcomes=outcomes,
             wall_time=self._loop.time() - self._start,
@@ -340,12 +341,10 @@ class Engine(Generic[T, R]):
 
     # ------------------------------------------------------------------------- input
     def _take_index(self, item: T) -> int:
-        if self._sink is None:
-            index = self._store.reserve(item)
-            self._next_index = index + 1
-            return index
         index = self._next_index
         self._next_index = index + 1
+        if self._sink is None:
+            self._outcomes.append(None)
         return index
 
     def _pull_now(self) -> tuple[int, T] | None:
@@ -625,12 +624,7 @@ class Engine(Generic[T, R]):
                     elapsed = end - first_start
                     if self._aimd is not None:
                         self._adapt_success(end - now, now, end)
-                    if self._sink is None and not self._emit_events:
-                        # The common case: no envelope object at all until someone looks.
-                        self._finished += 1
-                        self._store.success(index, value, attempt, elapsed)
-                    else:
-                        self._record(make_success(item, value, index, attempt, elapsed))
+                    self._record(make_success(item, value, index, attempt, elapsed))
                     return
                 if kind == "cancelled":
                     self._stopped_item(index, item, first_start, errors, attempt, running=True)
@@ -730,7 +724,7 @@ class Engine(Generic[T, R]):
     def _record(self, outcome: Outcome[T, R]) -> None:
         self._finished += 1
         if self._sink is None:
-            self._store.put(outcome)
+            self._outcomes[outcome.index] = outcome
         else:
             self._sink.put(outcome)
         if self._emit_events:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-from array import array
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypeVar, final, overload
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterator, Sequence
 
     from ._errors import StopReason
 
@@ -19,7 +17,6 @@ __all__ = [
     "FailureKind",
     "LimitChange",
     "Outcome",
-    "OutcomeStore",
     "Success",
 ]
 
@@ -103,96 +100,6 @@ def make_success(item: T, value: R, index: int, attempts: int, elapsed: float) -
     _set_attempts(s, attempts)
     _set_elapsed(s, elapsed)
     return s
-
-
-class OutcomeStore(Sequence[Outcome[T, R]]):
-    """A batch's outcomes in input order, kept column by column while the batch runs.
-
-    A batch of 100k items would otherwise hold 100k envelope objects, and the cyclic garbage
-    collector's full passes over them stall the event loop for tens of milliseconds in the
-    middle of the run. Columns of plain values are nearly free for the collector; envelopes
-    are built once, on first access (typically after the run), and kept.
-    """
-
-    __slots__ = ("_attempts", "_built", "_elapsed", "_failures", "_items", "_values")
-
-    def __init__(self) -> None:
-        self._items: list[T] = []
-        self._values: list[R | None] = []
-        self._attempts: list[int] = []
-        self._elapsed = array("d")
-        self._failures: dict[int, Failure[T]] = {}
-        self._built: list[Outcome[T, R]] | None = None
-
-    def reserve(self, item: T) -> int:
-        """Make room for the next item of the input; returns its index."""
-        self._items.append(item)
-        self._values.append(None)
-        self._attempts.append(0)  # 0: no outcome yet (a success takes at least 1 attempt)
-        self._elapsed.append(0.0)
-        return len(self._items) - 1
-
-    def success(self, index: int, value: R, attempts: int, elapsed: float) -> None:
-        self._values[index] = value
-        self._attempts[index] = attempts
-        self._elapsed[index] = elapsed
-
-    def put(self, outcome: Outcome[T, R]) -> None:
-        if type(outcome) is Failure:
-            self._failures[outcome.index] = outcome
-        else:
-            self.success(outcome.index, outcome.value, outcome.attempts, outcome.elapsed)
-
-    def finished(self) -> list[Outcome[T, R]]:
-        """The outcomes recorded so far (for a run that was cancelled midway)."""
-        return self._envelopes(partial=True)
-
-    def _envelopes(self, *, partial: bool = False) -> list[Outcome[T, R]]:
-        failures, values, attempts, elapsed = (
-            self._failures, self._values, self._attempts, self._elapsed
-        )  # fmt: skip
-        out: list[Outcome[T, R]] = []
-        for i, item in enumerate(self._items):
-            f = failures.get(i)
-            if f is not None:
-                out.append(f)
-            elif attempts[i] or not partial:
-                out.append(make_success(item, values[i], i, attempts[i], elapsed[i]))  # type: ignore[arg-type]
-        return out
-
-    def _all(self) -> list[Outcome[T, R]]:
-        built = self._built
-        if built is None:
-            built = self._built = self._envelopes()
-            # The envelopes hold everything now; drop the columns.
-            self._values, self._attempts, self._elapsed = [], [], array("d")
-            self._failures = {}
-        return built
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    @overload
-    def __getitem__(self, index: int) -> Outcome[T, R]: ...
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[Outcome[T, R]]: ...
-    def __getitem__(self, index: int | slice) -> Outcome[T, R] | Sequence[Outcome[T, R]]:
-        return self._all()[index]
-
-    def __iter__(self) -> Iterator[Outcome[T, R]]:
-        return iter(self._all())
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, OutcomeStore):
-            return self._all() == other._all()
-        if isinstance(other, list):
-            return self._all() == other
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return repr(self._all())
 
 
 @final
