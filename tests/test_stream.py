@@ -78,9 +78,11 @@ async def test_leaving_early_cancels_everything_at_once() -> None:
             break
     # Stragglers were not awaited: everything ended at t=1.
     assert now() == 1
-    # Items 0-3 started at 0; item 4 took item 0's slot at 1, before the consumer left.
-    assert enters == 5
-    assert exits == [1] * 5
+    # Items 0-3 started at 0; item 4 may take item 0's slot at 1 before the consumer leaves
+    # (whether the worker yields first depends on its real-time slice). Either way every
+    # context is exited, and at once.
+    assert enters in (4, 5)
+    assert exits == [1] * enters
     assert asyncio.all_tasks() == before
 
 
