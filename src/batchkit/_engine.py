@@ -340,7 +340,7 @@ class Engine(Generic[T, R]):
         return self._report()
 
     # ------------------------------------------------------------------------- input
-    def _take_index(self, item: T) -> int:
+    def _take_index(self) -> int:
         index = self._next_index
         self._next_index = index + 1
         if self._sink is None:
@@ -360,7 +360,7 @@ class Engine(Generic[T, R]):
         except Exception as e:
             self._input_failed(e)
             return None
-        return self._take_index(item), item
+        return self._take_index(), item
 
     async def _pull(self) -> tuple[int, T] | None:
         """The next item to start, with its input index; ``None`` when there is none."""
@@ -383,7 +383,7 @@ class Engine(Generic[T, R]):
             except Exception as e:
                 self._input_failed(e)
                 return None
-            return self._take_index(item), item
+            return self._take_index(), item
         # Cost hints: keep up to read_ahead items, start the most expensive first.
         while not self._exhausted and len(self._buffer) < p.read_ahead:
             try:
@@ -402,7 +402,7 @@ class Engine(Generic[T, R]):
             except Exception as e:
                 self._input_failed(e)
                 return None
-            index = self._take_index(item)
+            index = self._take_index()
             try:
                 c = float(p.cost(item))
             except Exception as e:
@@ -676,7 +676,8 @@ class Engine(Generic[T, R]):
                     heapq.heappush(
                         self._retry_heap, _Retrying(index, item, end + delay, first_start, errors)
                     )
-                    self._wake_idle_at(end + delay)
+                    # An idle worker may be sleeping until a later retry: wake it to re-plan.
+                    self._wake_idle()
                     return
                 if delay > 0 and not await self._wait_in_slot(slot, asyncio.sleep(delay)):
                     self._stopped_item(index, item, first_start, errors, attempt - 1, running=True)
@@ -791,7 +792,7 @@ class Engine(Generic[T, R]):
         # A stream drains lazily, as its consumer asks (see drain_one), to keep memory bounded.
         if self._sized and self._it is not None and self._sink is None:
             for item in self._it:
-                self._skip(self._take_index(item), item)
+                self._skip(self._take_index(), item)
             self._exhausted = True
 
     def drain_one(self) -> Outcome[T, R] | None:
@@ -799,7 +800,7 @@ class Engine(Generic[T, R]):
         if self._exhausted or self._stop_reason is None or not self._sized or self._it is None:
             return None
         for item in self._it:
-            index = self._take_index(item)
+            index = self._take_index()
             err = ItemSkipped(self._stop_reason)
             return Failure(item, err, "skipped", index, 0, 0.0, (err,))
         self._exhausted = True
@@ -921,10 +922,6 @@ class Engine(Generic[T, R]):
             await fut
         finally:
             handle.cancel()
-
-    def _wake_idle_at(self, when: float) -> None:
-        # An idle worker may be sleeping until a later retry: wake it to re-plan.
-        self._wake_idle()
 
     def _wake_idle(self) -> None:
         fut = self._idle
