@@ -160,11 +160,8 @@ async def _upstream(
 def _observers(log: bool) -> list[batchkit.Observer]:
     if not log:
         return []
-    logging_observer = getattr(batchkit, "LoggingObserver", None)
-    if logging_observer is None:  # an older batchkit without it
-        return []
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    return [logging_observer()]
+    return [batchkit.LoggingObserver()]
 
 
 # ------------------------------------------------------------------------------- summary
