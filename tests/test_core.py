@@ -120,7 +120,14 @@ async def test_errors_are_isolated_and_recorded() -> None:
     assert failure.item == 2
     assert failure.attempts == 1
     assert failure.errors == (boom,)
-    assert report.counts == {"success": 4, "error": 1, "timeout": 0, "cancelled": 0, "skipped": 0}
+    assert report.counts == {
+        "success": 4,
+        "error": 1,
+        "timeout": 0,
+        "cancelled": 0,
+        "skipped": 0,
+        "lost": 0,
+    }
     assert not report.ok
 
 
@@ -250,7 +257,7 @@ async def test_context_is_entered_and_exited_on_every_path() -> None:
     )
     assert len(set(seen)) == 4  # a fresh context per item
     assert [o.ok for o in report] == [True, False, False, True]
-    assert report[2].kind == "timeout"  # type: ignore[union-attr]
+    assert report[2].kind == "timeout"
 
 
 async def test_error_while_exiting_the_context_is_the_items_error() -> None:

@@ -40,7 +40,7 @@ pytestmark = pytest.mark.looptime
 STEADY = Backoff(initial=1, maximum=100, multiplier=2, jitter=False)
 
 
-class Flaky(Exception):
+class Flaky(ConnectionError):
     def __init__(self, retry_after: float | None = None) -> None:
         super().__init__("flaky")
         self.retry_after = retry_after
@@ -312,20 +312,40 @@ async def test_user_supplied_async_limiter() -> None:
 # -- deadline --------------------------------------------------------------------------
 async def test_deadline_returns_on_time_with_the_partial_report() -> None:
     async def fn(i: int) -> int:
+        await asyncio.sleep(60 if i < 3 else 15)
+        return i
+
+    report = await batch_process(range(20), fn, concurrency=3, deadline=50)
+    # Nothing observed yet: the first wave starts, and is cancelled at 50.
+    assert report.wall_time == 50
+    assert report.deadline_hit
+    assert report.stop_reason == "deadline"
+    assert report.counts == {
+        "success": 0, "error": 0, "timeout": 0, "cancelled": 3, "skipped": 17, "lost": 0
+    }  # fmt: skip
+    cancelled = [o for o in report.failures if o.kind == "cancelled"]
+    assert all(isinstance(o.error, ItemCancelled) and o.elapsed == 50 for o in cancelled)
+    skipped = [o for o in report.failures if o.kind == "skipped"]
+    assert all(isinstance(o.error, ItemSkipped) and o.error.reason == "deadline" for o in skipped)
+
+
+async def test_deadline_admission_by_observed_durations_stops_early() -> None:
+    async def fn(i: int) -> int:
         await asyncio.sleep(15)
         return i
 
-    report = await batch_process(
-        range(20), fn, concurrency=3, deadline=Deadline(seconds=50, fit_timeout=False)
-    )
-    # Waves at 0, 15, 30 finish (9 items); the wave started at 45 is cancelled at 50.
-    assert report.wall_time == 50
-    assert report.deadline_hit
-    assert report.counts == {"success": 9, "error": 0, "timeout": 0, "cancelled": 3, "skipped": 8}
-    cancelled = [o for o in report.failures if o.kind == "cancelled"]
-    assert all(isinstance(o.error, ItemCancelled) and o.elapsed == 5 for o in cancelled)
+    report = await batch_process(range(20), fn, concurrency=3, deadline=50)
+    # Waves at 0, 15, 30 finish (9 items); at 45 a 15 s item cannot end by 50: the run stops
+    # starting items and returns at 45, before the deadline, which it never reached.
+    assert report.wall_time == 45
+    assert not report.deadline_hit
+    assert report.stop_reason == "out_of_time"
+    assert report.counts["success"] == 9
+    assert report.counts["skipped"] == 11
     skipped = [o for o in report.failures if o.kind == "skipped"]
-    assert all(isinstance(o.error, ItemSkipped) and o.error.reason == "deadline" for o in skipped)
+    assert all(
+        isinstance(o.error, ItemSkipped) and o.error.reason == "out_of_time" for o in skipped
+    )
 
 
 async def test_no_item_starts_if_its_timeout_cannot_fit() -> None:
@@ -333,10 +353,11 @@ async def test_no_item_starts_if_its_timeout_cannot_fit() -> None:
         await asyncio.sleep(14)
         return i
 
-    report = await batch_process(range(20), fn, concurrency=3, timeout=15, deadline=55)
+    deadline = Deadline(seconds=55, fit_timeout=True)
+    report = await batch_process(range(20), fn, concurrency=3, timeout=15, deadline=deadline)
     # At 42 a new item could only be sure to end by 57 > 55: nothing starts; the call ends.
     assert report.wall_time == 42
-    assert report.stop_reason == "deadline"
+    assert report.stop_reason == "out_of_time"
     assert report.counts["success"] == 9
     assert report.counts["skipped"] == 11
     assert report.counts["cancelled"] == 0
@@ -349,8 +370,10 @@ async def test_deadline_at_an_absolute_loop_time() -> None:
 
     await asyncio.sleep(100)
     report = await batch_process(range(4), fn, concurrency=1, deadline=Deadline(at=125))
-    assert now() == 125
+    # Items end at 110 and 120; a third (10 s observed) could not end by 125.
+    assert now() == 120
     assert report.counts["success"] == 2
+    assert report.stop_reason == "out_of_time"
 
 
 async def test_backoff_never_sleeps_past_the_deadline() -> None:
@@ -394,10 +417,14 @@ async def test_deadline_with_stream() -> None:
 
     async with stream(range(10), fn, concurrency=2, deadline=25) as outcomes:
         kinds = [o.kind if isinstance(o, Failure) else "ok" async for o in outcomes]
-    assert now() == 25
+    assert now() == 20  # at 20 a 10 s item cannot end by 25: out of time
     assert kinds.count("ok") == 4
-    assert kinds.count("cancelled") == 2
-    assert kinds.count("skipped") == 4
+    assert kinds.count("skipped") == 6
+    deadline = Deadline(seconds=25, fit_timeout=True)
+    async with stream(range(10), fn, concurrency=2, timeout=4, deadline=deadline) as outcomes:
+        kinds = [o.kind if isinstance(o, Failure) else "ok" async for o in outcomes]
+    assert now() == 40  # each a 4 s timeout, 21 + 4 = 25: six waves of two
+    assert kinds.count("timeout") == 10
 
 
 # -- failure thresholds ----------------------------------------------------------------

@@ -61,7 +61,10 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"rate_limit": 10}, "rate_limit"),
     ({"deadline": 0}, "deadline"),
     ({"deadline": math.nan}, "deadline"),
-    ({"deadline": 10, "timeout": 30}, "longer than the deadline"),
+    (
+        {"deadline": Deadline(seconds=10, fit_timeout=True), "timeout": 30},
+        "longer than the deadline",
+    ),
     ({"max_failures": 0}, "max_failures"),
     ({"max_failures": True}, "max_failures"),
     ({"max_failure_ratio": 1.5}, "max_failure_ratio"),

@@ -1,40 +1,35 @@
 """The local sliding-window scheduler.
 
-One long-lived worker task per concurrency slot pulls the next item the moment its previous
-one ends: no barrier, no task per item. Per-item timeouts are enforced by one watchdog task
-over a FIFO of attempt deadlines (every attempt gets the same timeout, so deadlines arrive in
-start order) instead of a timer per item; a timed-out attempt is cancelled with
-``Task.cancel()`` on its worker, which records the failure and goes on with the next item.
+Workers — one task per concurrency slot, started lazily, never more than there is work for —
+pull the next item the moment their previous one ends: no barrier, no task per item. Each
+item's attempts go through the :class:`~batchkit._runner.Runner` (admission, context, ``fn``,
+timeout); what follows a failed attempt is the pure :func:`~batchkit._decide.retry_in`; the
+envelope goes to a sink (batch or stream) and to the observers. Stopping (a threshold, the
+deadline, the caller's cancel) cancels what runs, waits at most ``grace`` for it, cancels it
+once more and abandons what still runs, so the call always returns.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import functools
 import heapq
 import logging
 import random
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sized
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sized
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, cast
 
-from . import _backoff
-from ._adaptive import AimdState, is_stuck, on_overload, on_success
-from ._errors import (
-    InputFailed,
-    ItemCancelled,
-    ItemSkipped,
-    ItemTimeout,
-    StopReason,
-)
+from ._attempt import _SLOT, Job, RunInfo, Slot
+from ._decide import retry_in
+from ._errors import InputFailed, ItemCancelled, ItemSkipped, ItemTimeout, StopReason
 from ._events import (
     AttemptFailed,
     DeadlineHit,
     Event,
     ItemFinished,
+    ItemsSkipped,
     ItemStarted,
     LimitChanged,
     Observer,
@@ -42,23 +37,25 @@ from ._events import (
     RunStarted,
     RunStopping,
 )
+from ._meter_adaptive import AdaptiveMeter
+from ._meter_deadline import DeadlineMeter
+from ._meter_limiter import LimiterMeter
+from ._meter_rate import RateMeter
 from ._outcomes import BatchReport, Failure, LimitChange, Outcome, make_success
-from ._ratelimit import TokenBucket
+from ._runner import AttemptResult, Runner
+from ._sinks import BatchSink, Sink
+from ._watchdog import SLACK, STOP, Watchdog, cancel_attempt
 
 if TYPE_CHECKING:
-    from contextlib import AbstractAsyncContextManager
+    from ._meters import Meter
+    from ._options import Plan
 
-    from ._policies import Adaptive, AsyncLimiter, FailureRatio, Retry
-
-__all__ = ["Engine", "Plan"]
+__all__ = ["Engine"]
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 _log = logging.getLogger("batchkit")
-
-_TIMEOUT: Final = 1
-_STOP: Final = 2
 
 # Yield to the event loop after this much real time (or, in virtual time, this many items
 # per worker) without a suspension, so a ``fn`` that never awaits cannot starve the loop or
@@ -68,263 +65,188 @@ _STOP: Final = 2
 _YIELD_EVERY_ITEMS_PER_WORKER: Final = 32
 _YIELD_EVERY_SECONDS: Final = 0.002
 
-# asyncio runs a timer once ``loop.time() + clock resolution`` reaches it, so a callback set
-# for ``when`` may see ``loop.time()`` a hair before ``when``. Every "is it time yet?" check
-# allows the same slack; otherwise it would re-arm the timer forever (in virtual time, the
-# clock would never move again).
-_SLACK: Final = time.get_clock_info("monotonic").resolution
-
-
-class Plan:
-    """Validated, normalised arguments of one run (built by ``_api``)."""
-
-    __slots__ = (
-        "adaptive",
-        "context",
-        "cost",
-        "deadline_at",
-        "deadline_seconds",
-        "fail_fast",
-        "fit_timeout",
-        "fn",
-        "fn_is_async",
-        "key",
-        "limiter",
-        "max_failure_ratio",
-        "max_failures",
-        "name",
-        "observers",
-        "rate_limit",
-        "read_ahead",
-        "retry",
-        "slots",
-        "timeout",
-    )
-
-    def __init__(
-        self,
-        *,
-        fn: Callable[..., Any],
-        fn_is_async: bool,
-        slots: int,
-        adaptive: Adaptive | None,
-        timeout: float | None,
-        context: Callable[[], AbstractAsyncContextManager[Any]] | None,
-        key: Callable[[Any], object] | None,
-        read_ahead: int,
-        cost: Callable[[Any], float] | None,
-        retry: Retry | None,
-        rate_limit: Any,
-        limiter: AsyncLimiter | None,
-        deadline_seconds: float | None,
-        deadline_at: float | None,
-        fit_timeout: bool,
-        fail_fast: bool,
-        max_failures: int | None,
-        max_failure_ratio: FailureRatio | None,
-        observers: tuple[Observer, ...],
-        name: str | None,
-    ) -> None:
-        self.fn = fn
-        self.fn_is_async = fn_is_async
-        self.slots = slots
-        self.adaptive = adaptive
-        self.timeout = timeout
-        self.context = context
-        self.key = key
-        self.read_ahead = read_ahead
-        self.cost = cost
-        self.retry = retry
-        self.rate_limit = rate_limit
-        self.limiter = limiter
-        self.deadline_seconds = deadline_seconds
-        self.deadline_at = deadline_at
-        self.fit_timeout = fit_timeout
-        self.fail_fast = fail_fast
-        self.max_failures = max_failures
-        self.max_failure_ratio = max_failure_ratio
-        self.observers = observers
-        self.name = name
-
-
-class _Slot:
-    """One worker's state; ``gen`` is bumped at each attempt's start and end, so a watchdog
-    entry ``(deadline, slot, gen)`` is live only while ``slot.gen == gen``."""
-
-    __slots__ = ("busy", "cancel_gen", "cancel_kind", "gen", "task")
-
-    def __init__(self) -> None:
-        self.gen = 0
-        self.cancel_gen = -1
-        self.cancel_kind = 0
-        self.busy = False
-        self.task: asyncio.Task[None] | None = None
-
-
-class _Retrying:
-    """An item waiting out its backoff with its slot freed."""
-
-    __slots__ = ("errors", "first_start", "index", "item", "ready")
-
-    def __init__(
-        self, index: int, item: Any, ready: float, first_start: float, errors: list[BaseException]
-    ) -> None:
-        self.index = index
-        self.item = item
-        self.ready = ready
-        self.first_start = first_start
-        self.errors = errors
-
-    def __lt__(self, other: _Retrying) -> bool:
-        return (self.ready, self.index) < (other.ready, other.index)
-
-
-class _Sink(Generic[T, R]):
-    """Where outcomes go. The batch sink stores them in input order; the stream sink hands them
-    to the consumer. ``room()`` is the backpressure check made before pulling an item."""
-
-    __slots__ = ()
-
-    def put(self, outcome: Outcome[T, R]) -> None:
-        raise NotImplementedError
-
-    def room(self, next_index: int) -> bool:
-        return True
-
-    async def wait_room(self, next_index: int) -> None:  # pragma: no cover - batch never waits
-        return None
-
-    def wake(self) -> None:
-        """The run is stopping: release producers waiting for room."""
-
 
 class Engine(Generic[T, R]):
     """Runs one batch. Create, then ``await run()`` exactly once."""
 
-    def __init__(
-        self,
-        plan: Plan,
-        items: Any,
-        sink: _Sink[T, R] | None = None,
-    ) -> None:
+    def __init__(self, plan: Plan, items: Any, sink: Sink[T, R] | None = None) -> None:
         self._p = plan
         self._items = items
         self._sized = isinstance(items, Sized)
         self._total = len(items) if self._sized else None
-        self._is_async_source = hasattr(items, "__aiter__")
         self._it: Iterator[T] | None = None
         self._ait: AsyncIterator[T] | None = None
         self._pull_lock: asyncio.Lock | None = None
         self._exhausted = False
         self._input_error: BaseException | None = None
-        # Outcomes of a batch are stored in input order; a stream passes its own sink.
-        self._outcomes: list[Outcome[T, R] | None] = []
-        self._sink = sink
+        self._sink: Sink[T, R] = sink if sink is not None else BatchSink()
+        self._sink.wake_producers = self._wake
+        self._keys: list[str] | None = [] if plan.key is not None and self._sink.keeps else None
+        self._key_failed = False
         self._next_index = 0
-        self._buffer: list[tuple[float, int, T]] = []  # cost-ordered read-ahead
-        self._retry_heap: list[_Retrying] = []
+        self._buffer: list[tuple[float, int, Job]] = []  # cost-ordered read-ahead
+        self._retry_heap: list[Job] = []
         self._in_flight = 0
-        self._active = 0  # workers holding an item (in an attempt, a backoff or a limiter)
+        self._active = 0  # jobs held by workers (in an attempt, a backoff or a meter)
         self._peak = 0
         self._finished = 0
         self._failed = 0
         self._stop_reason: StopReason | None = None
-        self._stopping = False  # no new starts (deadline fit, threshold, input error)
-        self._timers: deque[tuple[float, _Slot, int]] = deque()
-        self._slots: list[_Slot] = []
+        self._stopping = False  # no new starts (a stop, an input error, the caller's cancel)
+        self._slots: list[Slot] = []
+        self._live: set[Slot] = set()  # workers that may still do work (not ended, abandoned
+        # or waiting only for a thread that outlived its timeout)
+        self._outliving = 0  # workers waiting for a timed-out thread to return
+        self._quiet: asyncio.Future[None] | None = None
         self._idle: asyncio.Future[None] | None = None
+        self._escalation: asyncio.TimerHandle | None = None
+        self._abandoned: list[int] = []
+        self._fatal: list[BaseException] = []
+        self._cancelled = False  # by the caller
         self._budget_size = max(256, _YIELD_EVERY_ITEMS_PER_WORKER * plan.slots)
         self._budget = self._budget_size
         self._slice_start = time.perf_counter()
         self._reset_pending = False
         self._observers: list[Observer] = list(plan.observers)
         self._emit_events = bool(self._observers)
-        self._rng = random.Random()
+        retry = plan.retry
+        self._rng = retry.rng if retry is not None and retry.rng is not None else random.Random()
         self._executor: ThreadPoolExecutor | None = None
-        self._bucket: TokenBucket | None = None
-        self._aimd: AimdState | None = None
-        self._limit = plan.slots
         self._limit_changes: list[LimitChange] = []
-        # Adaptive only: attempt starts in order, to spot stuck attempts before they end.
-        self._starts: deque[tuple[float, _Slot, int]] = deque()
-        self._gate: deque[asyncio.Future[None]] = deque()
-        self._deadline_at: float | None = None
+        self._deadline: DeadlineMeter | None = None
+        self._adaptive: AdaptiveMeter | None = None
         self._start = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: Runner | None = None
+        self._run: RunInfo | None = None
 
-    # ---------------------------------------------------------------------------- run
-    async def run(self) -> BatchReport[T, R]:
+    # ----------------------------------------------------------------------- setup
+    def _setup(self, loop: asyncio.AbstractEventLoop) -> tuple[Meter, ...]:
         p = self._p
-        loop = self._loop = asyncio.get_running_loop()
         self._start = start = loop.time()
-        if p.deadline_seconds is not None:
-            self._deadline_at = start + p.deadline_seconds
-        elif p.deadline_at is not None:
-            self._deadline_at = p.deadline_at
-        if p.rate_limit is not None:
-            self._bucket = TokenBucket(p.rate_limit, start)
+        deadline_at = start + p.deadline_seconds if p.deadline_seconds is not None else None
+        deadline_at = p.deadline_at if p.deadline_at is not None else deadline_at
+        self._run = RunInfo(uuid.uuid4().hex[:12], p.timeout, deadline_at, loop.time)
+        meters: list[Meter] = []
+        # In this order: a place under the adaptive limit, then a rate-limit turn (waited
+        # for with the place held, so turns are not spent by attempts still queued), then
+        # the deadline check (after the waits), then the external limiter (it holds a resource).
         if p.adaptive is not None:
-            self._aimd = AimdState(limit=float(p.adaptive.initial))
-            self._limit = p.adaptive.initial
+            self._adaptive = AdaptiveMeter(p.adaptive, loop, self._on_limit)
+            meters.append(self._adaptive)
+        if p.rate_limit is not None:
+            meters.append(RateMeter(p.rate_limit, loop))
+        if deadline_at is not None:
+            self._deadline = DeadlineMeter(
+                deadline_at, loop, timeout=p.timeout, fit_timeout=p.fit_timeout, cost=p.cost
+            )
+            meters.append(self._deadline)
+        if p.limiter is not None:
+            meters.append(LimiterMeter(p.limiter))
         if not p.fn_is_async:
             self._executor = ThreadPoolExecutor(
                 max_workers=p.slots, thread_name_prefix=f"batchkit-{p.name or 'run'}"
             )
-        if self._is_async_source:
+        if hasattr(self._items, "__aiter__"):
             self._ait = aiter(self._items)
             self._pull_lock = asyncio.Lock()
         else:
             self._it = iter(self._items)
-        if self._emit_events:
-            self._event(
-                RunStarted(name=p.name, concurrency=self._limit, total=self._total, time=start)
-            )
+        return tuple(meters)
 
-        deadline_handle: asyncio.TimerHandle | None = None
+    # ------------------------------------------------------------------------- run
+    async def run(self) -> BatchReport[T, R]:
+        p = self._p
+        loop = self._loop = asyncio.get_running_loop()
+        meters = self._setup(loop)
+        assert self._run is not None
+        watchdog = None
+        if p.timeout is not None:
+            watchdog = Watchdog(loop, p.timeout, p.grace, self._abandon)
+        self._runner = Runner(
+            p, loop, meters=meters, watchdog=watchdog, executor=self._executor,
+            on_start=self._on_start, on_end=self._on_end,
+        )  # fmt: skip
+        if self._emit_events:
+            limit = self._adaptive.limit if self._adaptive else p.slots
+            self._event(
+                RunStarted(name=p.name, concurrency=limit, total=self._total, time=self._start)
+            )
+        deadline_handle = None
+        if self._run.deadline_at is not None:
+            deadline_handle = loop.call_at(self._run.deadline_at, self._on_deadline)
+        watch_task = loop.create_task(watchdog.run()) if watchdog is not None else None
         completed = False
         try:
-            async with asyncio.TaskGroup() as tg:
-                for _ in range(p.slots):
-                    slot = _Slot()
-                    self._slots.append(slot)
-                    slot.task = tg.create_task(self._worker(slot))
-                watchdog = tg.create_task(self._watchdog()) if p.timeout is not None else None
-                if self._deadline_at is not None:
-                    deadline_handle = loop.call_at(self._deadline_at, self._on_deadline)
-                # Workers end on their own when the input is done (or the run stopped).
-                await asyncio.gather(*(s.task for s in self._slots if s.task is not None))
-                if watchdog is not None:
-                    watchdog.cancel()
+            await self._supervise(loop)
             completed = True
         finally:
-            if deadline_handle is not None:
-                deadline_handle.cancel()
-            if self._executor is not None:
-                # A thread cannot be interrupted; do not wait for one that timed out.
-                self._executor.shutdown(wait=False, cancel_futures=True)
-            await self._close_input()
-            if not completed and self._emit_events:
-                # Cancelled (or a stream left early): observers still hear the end, with
-                # what had finished by then.
-                self._event(
-                    RunFinished(name=p.name, report=self._report(partial=True), time=loop.time())
-                )
+            await self._teardown(deadline_handle, watch_task, completed)
+        return self._finish()
 
+    async def _supervise(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the workers and wait until every one has ended or been abandoned."""
+        self._quiet = loop.create_future()
+        first = self._p.slots if self._total is None else min(self._p.slots, self._total)
+        for _ in range(max(1, first) if self._total is not None else 1):
+            self._spawn()
+        self._check_quiet()
+        try:
+            await asyncio.shield(self._quiet)
+        except asyncio.CancelledError:
+            # The caller cancels: start nothing more, cancel what runs, and wait for it at
+            # most ``grace`` (then it is abandoned) before the cancellation goes on. What
+            # is cut now gets no envelope: the caller asked for none.
+            self._cancelled = True
+            self._halt()
+            await asyncio.shield(self._quiet)
+            raise
+        if self._fatal:
+            raise (
+                self._fatal[0]
+                if len(self._fatal) == 1
+                else BaseExceptionGroup("batchkit: fn raised BaseExceptions", self._fatal)
+            )
+
+    async def _teardown(
+        self,
+        deadline_handle: asyncio.TimerHandle | None,
+        watch: asyncio.Task[None] | None,
+        completed: bool,
+    ) -> None:
+        for handle in (deadline_handle, self._escalation):
+            if handle is not None:
+                handle.cancel()
+        if watch is not None:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+        if self._executor is not None:
+            # A thread cannot be interrupted; do not wait for one that timed out.
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        await self._close_input()
+        if not completed and self._emit_events:
+            # Cancelled (or a stream left early): observers still hear the end, with what
+            # had finished by then.
+            assert self._loop is not None
+            self._event(
+                RunFinished(name=self._p.name, report=self._report(), time=self._loop.time())
+            )
+
+    def _finish(self) -> BatchReport[T, R]:
         self._finish_unstarted()
         report = self._report()
         if self._emit_events:
-            self._event(RunFinished(name=p.name, report=report, time=loop.time()))
+            assert self._loop is not None
+            self._event(RunFinished(name=self._p.name, report=report, time=self._loop.time()))
         if self._input_error is not None:
-            raise InputFailed(report) from self._input_error
+            raise InputFailed(report, self._next_index) from self._input_error
         return report
 
-    def _report(self, *, partial: bool = False) -> BatchReport[T, R]:
+    def _report(self) -> BatchReport[T, R]:
         assert self._loop is not None
-        # When not partial, every placeholder has been filled by _finish_unstarted.
-        done = cast("list[Outcome[T, R]]", self._outcomes)
-        outcomes = [o for o in self._outcomes if o is not None] if partial else done
+        runner = self._runner
         return BatchReport(
-            outcomes=outcomes,
+            outcomes=self._sink.outcomes(),
             wall_time=self._loop.time() - self._start,
             concurrency=self._p.adaptive.initial if self._p.adaptive else self._p.slots,
             peak_concurrency=self._peak,
@@ -333,23 +255,42 @@ class Engine(Generic[T, R]):
             limit_changes=tuple(self._limit_changes),
             name=self._p.name,
             key=self._p.key,
+            abandoned=tuple(sorted(self._abandoned)),
+            threads_running=sum(1 for t in runner.threads if not t.done()) if runner else 0,
+            keys=self._keys,
+            tally=self._sink.tally(),
         )
 
     def partial_report(self) -> BatchReport[T, R]:
-        """What a stream produced so far (outcomes are not kept by a stream)."""
+        """What a stream produced so far."""
         return self._report()
 
     # ------------------------------------------------------------------------- input
-    def _take_index(self) -> int:
+    def _take(self, item: T) -> Job:
         index = self._next_index
         self._next_index = index + 1
-        if self._sink is None:
-            self._outcomes.append(None)
-        return index
+        self._sink.reserve(index)
+        key = None
+        if self._p.key is not None:
+            key = self._key_of(index, item)
+            if self._keys is not None:
+                self._keys.append(key)
+        return Job(index, item, key)
 
-    def _pull_now(self) -> tuple[int, T] | None:
+    def _key_of(self, index: int, item: T) -> str:
+        """``key(item)``, computed once per item; a key that raises falls back to the index."""
+        assert self._p.key is not None
+        try:
+            return str(self._p.key(item))
+        except Exception as e:
+            if not self._key_failed:
+                self._key_failed = True
+                _log.warning("batchkit: key() raised for item #%d (%r); using #index", index, e)
+            return f"#{index}"
+
+    def _pull_now(self) -> Job | None:
         """``_pull`` for a plain iterable without cost hints: no coroutine on the hot path."""
-        if self._exhausted:
+        if self._exhausted or self._input_error is not None:
             return None
         try:
             assert self._it is not None
@@ -360,134 +301,163 @@ class Engine(Generic[T, R]):
         except Exception as e:
             self._input_failed(e)
             return None
-        return self._take_index(), item
+        return self._take(item)
 
-    async def _pull(self) -> tuple[int, T] | None:
-        """The next item to start, with its input index; ``None`` when there is none."""
-        p = self._p
-        if p.cost is None:
-            if self._it is not None:
-                return self._pull_now()
-            if self._exhausted:
-                return None
-            try:
-                assert self._ait is not None
-                assert self._pull_lock is not None
-                async with self._pull_lock:
-                    if self._exhausted:
-                        return None
-                    item = await anext(self._ait)
-            except StopAsyncIteration:
-                self._exhausted = True
-                return None
-            except Exception as e:
-                self._input_failed(e)
-                return None
-            return self._take_index(), item
-        # Cost hints: keep up to read_ahead items, start the most expensive first.
-        while not self._exhausted and len(self._buffer) < p.read_ahead:
-            try:
-                if self._it is not None:
-                    item = next(self._it)
-                else:
-                    assert self._ait is not None
-                    assert self._pull_lock is not None
-                    async with self._pull_lock:
-                        if self._exhausted:
-                            break
-                        item = await anext(self._ait)
-            except (StopIteration, StopAsyncIteration):
-                self._exhausted = True
-                break
-            except Exception as e:
-                self._input_failed(e)
-                return None
-            index = self._take_index()
-            try:
-                c = float(p.cost(item))
-            except Exception as e:
-                # A broken cost hint is this item's failure, not the run's.
-                self._record(Failure(item, e, "error", index, 0, 0.0, (e,)))
-                continue
-            heapq.heappush(self._buffer, (-c, index, item))
-        if not self._buffer:
+    async def _next_item(self) -> tuple[T] | None:
+        """The next raw item of the input, or ``None`` when there is none (or it failed)."""
+        if self._exhausted or self._input_error is not None:
             return None
-        _, index, item = heapq.heappop(self._buffer)
-        return index, item
+        try:
+            if self._it is not None:
+                return (next(self._it),)
+            assert self._ait is not None
+            assert self._pull_lock is not None
+            async with self._pull_lock:
+                if self._exhausted:
+                    return None
+                return (await anext(self._ait),)
+        except (StopIteration, StopAsyncIteration):
+            self._exhausted = True
+        except Exception as e:
+            self._input_failed(e)
+        return None
+
+    async def _pull(self, slot: Slot) -> Job | None:
+        """The next item to start; with cost hints, the most expensive of the read-ahead."""
+        p = self._p
+        slot.cancellable = True
+        try:
+            if p.cost is None:
+                got = await self._next_item()
+                return self._take(got[0]) if got is not None else None
+            while len(self._buffer) < p.read_ahead and (got := await self._next_item()):
+                job = self._take(got[0])
+                try:
+                    c = float(p.cost(job.item))
+                except Exception as e:
+                    # A broken cost hint is this item's failure, not the run's.
+                    self._record(Failure(job.item, e, "error", job.index, 0, 0.0, (e,)), job)
+                    continue
+                heapq.heappush(self._buffer, (-c, job.index, job))
+        finally:
+            slot.cancellable = False
+        return heapq.heappop(self._buffer)[2] if self._buffer else None
 
     def _input_failed(self, error: Exception) -> None:
         self._input_error = error
         self._stopping = True
-        self._wake_idle()
+        self._wake()
 
     async def _close_input(self) -> None:
         ait = self._ait
-        if ait is not None and hasattr(ait, "aclose"):
-            try:
+        if ait is None or not hasattr(ait, "aclose"):
+            return
+        try:
+            async with asyncio.timeout(self._p.grace):
                 await ait.aclose()
-            except Exception:  # pragma: no cover - a broken aclose must not hide the report
-                _log.exception("batchkit: closing the async input failed")
+        except Exception as e:  # a hanging or broken aclose must not hide the report
+            _log.warning("batchkit: closing the async input failed: %r", e)
 
     # ---------------------------------------------------------------------- workers
-    async def _worker(self, slot: _Slot) -> None:
-        loop = self._loop
-        assert loop is not None
-        sink = self._sink
-        heap = self._retry_heap
-        # Retries that free their slot come back through the heap; while any item is still
-        # active it may yet produce one, so an idle worker waits instead of leaving.
-        waits_for_retries = self._p.retry is not None and not self._p.retry.hold_slot
+    def _spawn(self) -> None:
+        assert self._loop is not None
+        assert self._run is not None
+        slot = Slot(self._run)
+        self._slots.append(slot)
+        self._live.add(slot)
+        slot.task = self._loop.create_task(self._worker(slot))
+
+    def _grow(self) -> None:
+        """An unsized input had one more item: start one more worker, up to the limit."""
+        if len(self._slots) < self._p.slots and not self._stopping and self._work_left():
+            self._spawn()
+
+    async def _worker(self, slot: Slot) -> None:
+        _SLOT.set(slot)  # this task's own context: what current_attempt() reads
+        try:
+            await self._work(slot)
+        except asyncio.CancelledError:
+            if not (self._stopping and slot.cancels):
+                raise
+            # Ours: the run is stopping. The job this worker held (waiting for a limiter,
+            # a backoff, room) never started again: give it its envelope.
+        except BaseException as e:  # a BaseException from fn: the run ends with it
+            self._fatal.append(e)
+            self._halt()
+        finally:
+            if not slot.abandoned:
+                job, slot.job = slot.job, None
+                if job is not None:
+                    self._stopped(job, running=False)
+            self._live.discard(slot)
+            self._check_quiet()
+
+    async def _work(self, slot: Slot) -> None:
+        grow = self._total is None
         pull_now = self._it is not None and self._p.cost is None
-        while not self._stopping:
-            if self._aimd is not None and self._active >= self._limit:
-                await self._wait_gate()
+        while not self._stopping and not slot.abandoned:
+            job = self._ready_retry()
+            if job is None and self._sink.room(self._next_index):
+                job = self._pull_now() if pull_now else await self._pull(slot)
+                if job is not None and grow:
+                    self._grow()
+            if job is None:
+                if not await self._wait_for_work():
+                    return
                 continue
-            if heap and heap[0].ready <= loop.time() + _SLACK:
-                job = heapq.heappop(heap)
-                self._active += 1
-                try:
-                    await self._run_item(slot, job.index, job.item, job.first_start, job.errors)
-                finally:
-                    self._active -= 1
-                    if self._gate:
-                        self._open_gate()
-            else:
-                if sink is not None and not sink.room(self._next_index):
-                    await sink.wait_room(self._next_index)
-                    continue
-                self._active += 1
-                try:
-                    pulled = self._pull_now() if pull_now else await self._pull()
-                    if pulled is not None:
-                        index, item = pulled
-                        if self._stopping:
-                            # Pulled while another worker stopped the run: never started.
-                            self._skip(index, item)
-                            return
-                        await self._run_item(slot, index, item, None, None)
-                finally:
-                    self._active -= 1
-                    if self._gate:
-                        self._open_gate()
-                if pulled is None:
-                    if self._stopping:
-                        break
-                    if heap:
-                        await self._wait_idle(heap[0].ready)
-                        continue
-                    if waits_for_retries and self._active:
-                        await self._wait_idle(loop.time() + 3600.0)
-                        continue
-                    break
-            if waits_for_retries and self._exhausted:
-                self._wake_idle()
+            slot.job = job
+            await self._run_job(slot, job)
+            slot.job = None
+            if slot.thread is not None and not slot.thread.done():
+                await self._outlive(slot)
             # Starvation guard: see _YIELD_EVERY_*.
             self._budget -= 1
             if self._budget <= 0 or time.perf_counter() - self._slice_start > _YIELD_EVERY_SECONDS:
                 await self._yield()
-        self._wake_idle()
-        # Workers parked at the adaptive gate must see that the input is done.
-        self._open_gate(everyone=True)
+
+    def _ready_retry(self) -> Job | None:
+        heap = self._retry_heap
+        if heap:
+            assert self._loop is not None
+            if heap[0].ready <= self._loop.time() + SLACK:
+                return heapq.heappop(heap)
+        return None
+
+    async def _wait_for_work(self) -> bool:
+        """Nothing to start now: wait for a retry, room or an item's end; False: leave."""
+        if self._stopping:
+            return False
+        assert self._loop is not None
+        heap = self._retry_heap
+        no_room = not self._sink.room(self._next_index)
+        more_retries = self._p.retry is not None and not self._p.retry.hold_slot and self._active
+        if not (heap or no_room or more_retries):
+            self._wake()  # others parked for retries: the input is done, so may they be
+            return False
+        await self._wait_idle(heap[0].ready if heap else None)
+        return True
+
+    async def _outlive(self, slot: Slot) -> None:
+        """A sync ``fn``'s thread outlived its timeout: it keeps counting against the
+        concurrency until it returns — unless the run has nothing else left to do."""
+        thread = slot.thread
+        assert thread is not None
+        assert self._loop is not None
+        self._live.discard(slot)
+        self._outliving += 1
+        self._check_quiet()
+        slot.cancellable = True
+        try:
+            await asyncio.wrap_future(thread, loop=self._loop)
+        except asyncio.CancelledError:
+            if not slot.cancels:
+                raise
+            slot.abandoned = True  # the run ended; the thread is counted in threads_running
+        finally:
+            slot.cancellable = False
+            self._outliving -= 1
+            if not slot.abandoned:
+                self._live.add(slot)
 
     async def _yield(self) -> None:
         if not self._reset_pending:
@@ -502,305 +472,236 @@ class Engine(Generic[T, R]):
         self._budget = self._budget_size
         self._slice_start = time.perf_counter()
 
-    async def _run_item(
-        self,
-        slot: _Slot,
-        index: int,
-        item: T,
-        first_start: float | None,
-        errors: list[BaseException] | None,
-    ) -> None:
-        """Run the attempts of one item until it succeeds, fails for good, or is released to
-        the retry heap (its slot freed during the backoff)."""
-        p = self._p
-        loop = self._loop
-        assert loop is not None
-        retry = p.retry
-        attempt = 1 + (len(errors) if errors else 0)
-        slot.busy = True
+    async def _wait_idle(self, until: float | None) -> None:
+        assert self._loop is not None
+        fut = self._idle
+        if fut is None or fut.done():
+            fut = self._idle = self._loop.create_future()
+        handle = self._loop.call_at(until, _resolve, fut) if until is not None else None
+        try:
+            await asyncio.shield(fut)
+        finally:
+            if handle is not None:
+                handle.cancel()
+
+    def _wake(self) -> None:
+        fut = self._idle
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _check_quiet(self) -> None:
+        """Resolve the supervisor's wait once no worker is left that could still do work."""
+        fut = self._quiet
+        if fut is None or fut.done() or self._live:
+            return
+        if self._outliving and not self._stopping and self._work_left():
+            return  # every slot is held by a thread that outlived its timeout: wait for one
+        for slot in self._slots:
+            if slot.thread is not None and not slot.abandoned and slot.cancellable:
+                cancel_attempt(slot, STOP)  # those waiting only for their thread: leave
+        fut.set_result(None)
+
+    def _work_left(self) -> bool:
+        exhausted = self._exhausted or self._input_error is not None
+        return not exhausted or bool(self._retry_heap) or bool(self._buffer)
+
+    # ----------------------------------------------------------------------- one item
+    async def _run_job(self, slot: Slot, job: Job) -> None:
+        """The attempts of one item until it ends or is released to the retry heap."""
+        runner = self._runner
+        assert runner is not None
+        self._active += 1
         try:
             while True:
-                now = loop.time()
-                # Rate limit: wait for this attempt's turn.
-                if self._bucket is not None:
-                    wait = self._bucket.reserve(now)
-                    if wait > 0:
-                        if not await self._wait_in_slot(slot, asyncio.sleep(wait)):
-                            self._stopped_item(index, item, first_start, errors, attempt)
-                            return
-                        now = loop.time()
-                # The deadline: do not start an attempt whose timeout cannot fit.
-                dl = self._deadline_at
-                if dl is not None and (
-                    now + _SLACK >= dl
-                    or (p.fit_timeout and p.timeout is not None and now + p.timeout > dl + _SLACK)
-                ):
-                    self._no_more_starts("deadline")
-                    self._stopped_item(index, item, first_start, errors, attempt)
-                    return
                 if self._stopping:
-                    self._stopped_item(index, item, first_start, errors, attempt)
+                    self._stopped(job, running=False)
                     return
-                if first_start is None:
-                    first_start = now
-                limiter = p.limiter
-                if limiter is not None:
-                    if not await self._wait_in_slot(slot, limiter.__aenter__()):
-                        started = first_start if errors else None
-                        self._stopped_item(index, item, started, errors, attempt)
-                        return
-                    now = loop.time()
-                # -- one attempt: context, fn, timeout (inline: this is the hot path) --
-                in_flight = self._in_flight = self._in_flight + 1
-                if in_flight > self._peak:
-                    self._peak = in_flight
-                if self._emit_events:
-                    self._event(
-                        ItemStarted(
-                            name=p.name,
-                            index=index,
-                            key=self._key(index, item),
-                            item=item,
-                            attempt=attempt,
-                            in_flight=in_flight,
-                            time=now,
-                        )
-                    )
-                gen = slot.gen = slot.gen + 1
-                task = slot.task
-                assert task is not None
-                # Cancellation requests already pending on this task (a TaskGroup inside fn
-                # can leave one behind on 3.11): ours is the one above this base.
-                base = task.cancelling()
-                if self._aimd is not None:
-                    self._starts.append((now, slot, gen))
-                timeout = p.timeout
-                if timeout is not None:
-                    self._timers.append((now + timeout, slot, gen))
-                outcome_error: BaseException | None = None
-                kind: Literal["error", "timeout", "cancelled"] | None = None
-                try:
-                    if p.context is None:
-                        if p.fn_is_async:
-                            value = await p.fn(item)
-                        else:
-                            value = await self._call_sync(item)
-                    else:
-                        value, outcome_error = await self._attempt_in_context(item)
-                        if outcome_error is not None:
-                            kind = "error"
-                except asyncio.CancelledError as e:
-                    if slot.cancel_gen != gen:
-                        raise  # not ours: the caller is cancelling the run
-                    slot.cancel_gen = -1
-                    if task.uncancel() > base:
-                        raise  # ours, but the caller is cancelling too
-                    if slot.cancel_kind == _TIMEOUT:
-                        assert timeout is not None
-                        outcome_error, kind = ItemTimeout(timeout), "timeout"
-                        outcome_error.__cause__ = e
-                    else:
-                        kind = "cancelled"
-                except Exception as e:
-                    outcome_error, kind = e, "error"
-                finally:
-                    slot.gen = gen + 1
-                    self._in_flight -= 1
-                    if timeout is not None:
-                        timers = self._timers
-                        while timers and timers[0][1].gen != timers[0][2]:
-                            timers.popleft()
-                        if len(timers) > 2 * len(self._slots) + 64:
-                            self._timers = deque(t for t in timers if t[1].gen == t[2])
-                    if limiter is not None:
-                        await limiter.__aexit__(None, None, None)
-                if slot.cancel_gen == gen:
-                    # fn swallowed our cancellation and returned: keep its result, undo it.
-                    slot.cancel_gen = -1
-                    assert slot.task is not None
-                    slot.task.uncancel()
-                end = loop.time()
-                if kind is None:
-                    elapsed = end - first_start
-                    if self._aimd is not None:
-                        self._adapt_success(end - now, now, end)
-                    self._record(make_success(item, value, index, attempt, elapsed))
+                result = await runner.run(slot, job)
+                if slot.abandoned:
+                    return  # its envelope was given when it was abandoned
+                if result.kind == "success":
+                    self._succeeded(job, result)
                     return
-                if kind == "cancelled":
-                    self._stopped_item(index, item, first_start, errors, attempt, running=True)
-                    return
-                assert outcome_error is not None
-                if errors is None:
-                    errors = []
-                errors.append(outcome_error)
-                if self._aimd is not None and (
-                    kind == "timeout"
-                    or (
-                        isinstance(outcome_error, Exception)
-                        and p.adaptive is not None
-                        and p.adaptive.is_overload(outcome_error)
-                    )
-                ):
-                    self._adapt_overload(now, end, kind)
-                delay = self._retry_delay(retry, attempt, outcome_error, kind, end)
-                if self._emit_events:
-                    self._event(
-                        AttemptFailed(
-                            name=p.name,
-                            index=index,
-                            key=self._key(index, item),
-                            item=item,
-                            attempt=attempt,
-                            error=outcome_error,
-                            kind=kind,
-                            retry_in=delay,
-                            time=end,
-                        )
-                    )
+                delay = self._failed_attempt(job, result)
                 if delay is None:
-                    self._record(
-                        Failure(
-                            item,
-                            outcome_error,
-                            kind,
-                            index,
-                            attempt,
-                            end - first_start,
-                            tuple(errors),
-                        )
-                    )
                     return
-                attempt += 1
-                assert retry is not None
-                if not retry.hold_slot:
-                    heapq.heappush(
-                        self._retry_heap, _Retrying(index, item, end + delay, first_start, errors)
-                    )
+                job.attempt += 1
+                assert self._p.retry is not None
+                if not self._p.retry.hold_slot:
+                    assert self._loop is not None
+                    job.ready = self._loop.time() + delay
+                    heapq.heappush(self._retry_heap, job)
                     # An idle worker may be sleeping until a later retry: wake it to re-plan.
-                    self._wake_idle()
+                    self._wake()
                     return
-                if delay > 0 and not await self._wait_in_slot(slot, asyncio.sleep(delay)):
-                    self._stopped_item(index, item, first_start, errors, attempt - 1, running=True)
-                    return
+                if delay > 0:
+                    slot.cancellable = True
+                    try:
+                        await asyncio.sleep(delay)
+                    finally:
+                        slot.cancellable = False
         finally:
-            slot.busy = False
+            self._active -= 1
+            if self._p.retry is not None:
+                self._wake()
 
-    async def _attempt_in_context(self, item: T) -> tuple[Any, BaseException | None]:
-        """Enter a fresh context, call ``fn(item, ctx)``, exit the context on every path.
-        An error while exiting is the item's error if ``fn`` succeeded, else added to it."""
-        p = self._p
-        assert p.context is not None
-        cm = p.context()
-        ctx = await cm.__aenter__()
-        try:
-            if p.fn_is_async:
-                value = await p.fn(item, ctx)
-            else:
-                value = await self._call_sync(item, ctx)
-        except BaseException as e:
-            try:
-                await cm.__aexit__(type(e), e, e.__traceback__)
-            except Exception as exit_error:
-                if exit_error is not e:
-                    e.add_note(f"batchkit: exiting the context also failed: {exit_error!r}")
-            # A context that "suppresses" the error does not make the item a success.
-            raise
-        try:
-            await cm.__aexit__(None, None, None)
-        except Exception as exit_error:
-            return None, exit_error
-        return value, None
+    def _succeeded(self, job: Job, result: AttemptResult) -> None:
+        assert job.first_start is not None
+        elapsed = result.ended - job.first_start
+        self._record(make_success(job.item, result.value, job.index, job.attempt, elapsed), job)
 
-    async def _call_sync(self, item: T, *args: Any) -> Any:
+    def _failed_attempt(self, job: Job, result: AttemptResult) -> float | None:
+        """Record what a failed attempt means; the seconds until a retry, or None."""
+        kind, error = result.kind, result.error
+        if kind == "refused":
+            assert result.reason is not None
+            self._no_more_starts(result.reason)
+            self._stopped(job, running=False)
+            return None
+        if kind == "cancelled":
+            self._stopped(job, running=True)
+            return None
+        assert error is not None
+        if job.errors is None:
+            job.errors = []
+        job.errors.append(error)
+        job.last_kind = kind
+        delay = None
+        if not self._stopping:
+            delay = retry_in(
+                self._p.retry, attempt=job.attempt, kind=kind, error=error,
+                draw=self._rng.random(), now=result.ended,
+                deadline_at=self._deadline.deadline_at if self._deadline else None,
+                expected=self._deadline.expected(job) if self._deadline else 0.0,
+            )  # fmt: skip
+        if self._emit_events:
+            self._event(
+                AttemptFailed(
+                    name=self._p.name, index=job.index, key=self._event_key(job), item=job.item,
+                    attempt=job.attempt, error=error, kind=kind,  # type: ignore[arg-type]
+                    retry_in=delay, time=result.ended,
+                )
+            )  # fmt: skip
+        if delay is None:
+            self._record(self._last_error(job, result.ended), job)
+        return delay
+
+    def _last_error(self, job: Job, now: float) -> Failure[T]:
+        assert job.errors
+        assert job.first_start is not None
+        kind = cast("Any", job.last_kind)
+        elapsed = now - job.first_start
+        return Failure(
+            job.item, job.errors[-1], kind, job.index, len(job.errors), elapsed, tuple(job.errors)
+        )
+
+    def _stopped(self, job: Job, *, running: bool) -> None:
+        """The run stopped around ``job``: ``cancelled`` if it was running, its last error if
+        it was waiting to retry, else ``skipped``."""
         assert self._loop is not None
-        ctx = contextvars.copy_context()
-        call = functools.partial(ctx.run, self._p.fn, item, *args)
-        result = await self._loop.run_in_executor(self._executor, call)
-        if isinstance(result, Awaitable):
-            # A plain function that returned an awaitable (``lambda x: fetch(x)``).
-            result = await result
-        return result
+        now = self._loop.time()
+        reason: StopReason = self._stop_reason or "fail_fast"
+        if running:
+            err: ItemCancelled | ItemSkipped = ItemCancelled(reason)
+            history = (*job.errors, err) if job.errors else (err,)
+            assert job.first_start is not None
+            failure = Failure(
+                job.item, err, "cancelled", job.index, job.attempt, now - job.first_start, history
+            )
+        elif job.errors:
+            failure = self._last_error(job, now)
+        else:
+            err = ItemSkipped(reason)
+            failure = Failure(job.item, err, "skipped", job.index, 0, 0.0, (err,))
+        self._record(failure, job)
+
+    def _on_start(self, slot: Slot, job: Job, now: float) -> None:
+        in_flight = self._in_flight = self._in_flight + 1
+        if in_flight > self._peak:
+            self._peak = in_flight
+        if self._emit_events:
+            self._event(
+                ItemStarted(
+                    name=self._p.name, index=job.index, key=self._event_key(job), item=job.item,
+                    attempt=job.attempt, in_flight=in_flight, time=now,
+                )
+            )  # fmt: skip
+
+    def _on_end(self, slot: Slot, job: Job) -> None:
+        self._in_flight -= 1
 
     # ------------------------------------------------------------------ outcomes
-    def _record(self, outcome: Outcome[T, R]) -> None:
+    def _record(self, outcome: Outcome[T, R], job: Job | None = None) -> None:
+        if self._cancelled:
+            return
         self._finished += 1
-        if self._sink is None:
-            self._outcomes[outcome.index] = outcome
-        else:
-            self._sink.put(outcome)
+        self._sink.put(outcome)
         if self._emit_events:
             assert self._loop is not None
+            key = self._event_key(job) if job is not None else f"#{outcome.index}"
             self._event(
                 ItemFinished(
-                    name=self._p.name,
-                    key=self._key(outcome.index, outcome.item),
-                    outcome=outcome,
-                    in_flight=self._in_flight,
+                    name=self._p.name, key=key, outcome=outcome, in_flight=self._in_flight,
                     time=self._loop.time(),
                 )
-            )
+            )  # fmt: skip
         # After ItemFinished, so observers hear of the failure before the stop it causes.
         if type(outcome) is Failure and outcome.kind in ("error", "timeout"):
             self._failed += 1
             self._check_thresholds()
 
-    def _skip(self, index: int, item: T) -> None:
-        assert self._stop_reason is not None or self._input_error is not None
-        reason: StopReason = self._stop_reason or "fail_fast"
-        err = ItemSkipped(reason)
-        self._record(Failure(item, err, "skipped", index, 0, 0.0, (err,)))
-
-    def _stopped_item(
-        self,
-        index: int,
-        item: T,
-        first_start: float | None,
-        errors: list[BaseException] | None,
-        attempt: int,
-        *,
-        running: bool = False,
-    ) -> None:
-        """The run stopped around this item: ``cancelled`` if it had started, else ``skipped``."""
-        assert self._loop is not None
-        reason: StopReason = self._stop_reason or "fail_fast"
-        if first_start is None and not running:
-            self._skip(index, item)
-            return
-        err = ItemCancelled(reason)
-        history = (*errors, err) if errors else (err,)
-        elapsed = self._loop.time() - first_start if first_start is not None else 0.0
-        self._record(
-            Failure(
-                item, err, "cancelled", index, attempt if running else attempt - 1, elapsed, history
-            )
-        )
+    def _event_key(self, job: Job) -> str:
+        return job.key if job.key is not None else f"#{job.index}"
 
     def _finish_unstarted(self) -> None:
         """After the workers ended: give every item that never started its envelope."""
         while self._retry_heap:
-            r = heapq.heappop(self._retry_heap)
-            self._stopped_item(r.index, r.item, r.first_start, r.errors, len(r.errors) + 1)
+            self._stopped(heapq.heappop(self._retry_heap), running=False)
         while self._buffer:
-            _, index, item = heapq.heappop(self._buffer)
-            self._skip(index, item)
-        if self._exhausted or self._input_error is not None:
+            self._stopped(heapq.heappop(self._buffer)[2], running=False)
+        if self._exhausted or self._input_error is not None or self._stop_reason is None:
             return
-        if self._stop_reason is None:  # pragma: no cover - workers only end early when stopping
+        # Sized inputs (lists, ranges, ...) get an envelope for every item; unsized ones may
+        # be endless or slow and are left unread (input_exhausted=False). Observers hear of
+        # the rest in one ItemsSkipped event; a stream builds the envelopes as they are read.
+        if not (self._sized and self._it is not None and self._total is not None):
             return
-        # Sized inputs (lists, ranges, ...) are drained so every item has an envelope.
-        # Unsized ones may be endless or slow; they are left unread (input_exhausted=False).
-        # A stream drains lazily, as its consumer asks (see drain_one), to keep memory bounded.
-        if self._sized and self._it is not None and self._sink is None:
-            for item in self._it:
-                self._skip(self._take_index(), item)
-            self._exhausted = True
+        rest = range(self._next_index, self._total)
+        if self._emit_events and rest:
+            assert self._loop is not None
+            self._event(
+                ItemsSkipped(
+                    name=self._p.name,
+                    reason=self._stop_reason,
+                    indices=rest,
+                    time=self._loop.time(),
+                )
+            )
+        if not self._sink.keeps:
+            counts = self._sink.tally()
+            if counts is not None and rest:
+                self._sink_count_skipped(len(rest))
+            return
+        for item in self._it:
+            job = self._take(item)
+            err = ItemSkipped(self._stop_reason)
+            self._sink.put(Failure(item, err, "skipped", job.index, 0, 0.0, (err,)))
+            self._finished += 1
+        self._exhausted = True
+
+    def _sink_count_skipped(self, n: int) -> None:
+        counts = getattr(self._sink, "counts", None)
+        if isinstance(counts, dict):
+            counts["skipped"] = counts.get("skipped", 0) + n
 
     def drain_one(self) -> Outcome[T, R] | None:
-        """After a stopped stream's run: the next unread item of a sized input, as skipped."""
+        """After a stopped stream's run: the next unread item of a sized input, as skipped
+        (observers heard of it in the run's ItemsSkipped event)."""
         if self._exhausted or self._stop_reason is None or not self._sized or self._it is None:
             return None
         for item in self._it:
-            index = self._take_index()
+            index = self._next_index
+            self._next_index += 1
             err = ItemSkipped(self._stop_reason)
             return Failure(item, err, "skipped", index, 0, 0.0, (err,))
         self._exhausted = True
@@ -825,19 +726,16 @@ class Engine(Generic[T, R]):
         if self._stop_reason is None:
             self._stop_reason = reason
         self._stopping = True
-        self._wake_idle()
-        if self._sink is not None:
-            self._sink.wake()
-        while self._gate:
-            fut = self._gate.popleft()
-            if not fut.done():
-                fut.set_result(None)
+        self._wake()
+        self._sink.wake()
 
     def _stop(self, reason: StopReason) -> None:
         """Start nothing new and cancel what is in flight."""
-        if self._stopping and self._stop_reason is not None and reason != "deadline":
+        if reason != "deadline" and self._stopping and self._stop_reason is not None:
             return
-        if self._stop_reason is None:
+        if self._stop_reason is None or (
+            reason == "deadline" and self._stop_reason == "out_of_time"
+        ):
             self._stop_reason = reason
         if self._emit_events and reason != "deadline":
             assert self._loop is not None
@@ -850,19 +748,68 @@ class Engine(Generic[T, R]):
                 )
             )
         self._no_more_starts(reason)
+        self._halt()
+
+    def _halt(self) -> None:
+        """Cancel every worker waiting or in an attempt; escalate after ``grace``."""
+        self._stopping = True
+        self._wake()
+        self._sink.wake()
         current = asyncio.current_task()
         for slot in self._slots:
-            task = slot.task
-            if (
-                slot.busy
-                and task is not None
-                and task is not current
-                and not task.done()
-                and slot.cancel_gen != slot.gen
-            ):
-                slot.cancel_gen = slot.gen
-                slot.cancel_kind = _STOP
-                task.cancel()
+            if slot.cancellable and not slot.abandoned and slot.task is not current:
+                cancel_attempt(slot, STOP)
+        if self._escalation is None:
+            assert self._loop is not None
+            self._escalation = self._loop.call_at(self._loop.time() + self._p.grace, self._escalate)
+
+    def _escalate(self) -> None:
+        """``grace`` after the stop: cancel what still runs once more; abandon it a turn later."""
+        live = [
+            s for s in self._slots if not s.abandoned and s.task is not None and not s.task.done()
+        ]
+        for slot in live:
+            cancel_attempt(slot, STOP)
+        if live:
+            assert self._loop is not None
+            self._loop.call_soon(self._abandon_all)
+
+    def _abandon_all(self) -> None:
+        for slot in self._slots:
+            if not slot.abandoned and slot.task is not None and not slot.task.done():
+                self._abandon(slot)
+
+    def _abandon(self, slot: Slot) -> None:
+        """Work that did not stop after two cancellations: give its item its envelope, list
+        it in the report, and stop waiting for it."""
+        assert self._loop is not None
+        assert self._run is not None
+        slot.abandoned = True
+        job, slot.job = slot.job, None
+        if job is not None:
+            self._abandoned.append(job.index)
+            _log.warning(
+                "batchkit: item #%d did not stop after being cancelled twice; abandoned", job.index
+            )
+            if slot.cancel_kind == STOP or self._stopping or self._p.timeout is None:
+                self._stopped(job, running=slot.in_attempt)
+            else:
+                self._timed_out(job)
+        self._live.discard(slot)
+        self._check_quiet()
+        if not self._stopping:
+            self._spawn()
+
+    def _timed_out(self, job: Job) -> None:
+        assert self._loop is not None
+        assert self._p.timeout is not None
+        err = ItemTimeout(self._p.timeout)
+        history = (*job.errors, err) if job.errors else (err,)
+        assert job.first_start is not None
+        elapsed = self._loop.time() - job.first_start
+        self._record(
+            Failure(job.item, err, "timeout", job.index, job.attempt, elapsed, history), job
+        )
 
     def _on_deadline(self) -> None:
         if self._emit_events:
@@ -872,169 +819,12 @@ class Engine(Generic[T, R]):
             )
         self._stop("deadline")
 
-    async def _wait_in_slot(self, slot: _Slot, waiting: Awaitable[object]) -> bool:
-        """Wait (a backoff, a limiter) while holding the slot; False if the run stopped."""
-        gen = slot.gen = slot.gen + 1
-        task = slot.task
-        assert task is not None
-        base = task.cancelling()
-        try:
-            await waiting
-        except asyncio.CancelledError:
-            if slot.cancel_gen != gen:
-                raise
-            slot.cancel_gen = -1
-            if task.uncancel() > base:
-                raise
-            return False
-        finally:
-            slot.gen = gen + 1
-        return not self._stopping
-
-    # --------------------------------------------------------------- retry, idle
-    def _retry_delay(
-        self, retry: Retry | None, attempt: int, error: BaseException, kind: str, now: float
-    ) -> float | None:
-        """Seconds until the next attempt, or None when the item is done failing."""
-        if retry is None or attempt >= retry.attempts or self._stopping:
-            return None
-        if kind == "timeout":
-            if not retry.timeouts:
-                return None
-        elif not (isinstance(error, Exception) and retry.should_retry(error)):
-            return None
-        delay = _backoff.retry_delay(retry.backoff, attempt, self._rng.random(), error)
-        dl = self._deadline_at
-        if dl is not None:
-            need = delay + (self._p.timeout if self._p.fit_timeout and self._p.timeout else 0.0)
-            if now + need > dl + _SLACK:
-                return None  # the retry could not finish in time: report the last error
-        return delay
-
-    async def _wait_idle(self, until: float) -> None:
-        """Nothing to pull; wait for a retry to become ready (or the run to change)."""
-        assert self._loop is not None
-        fut = self._idle
-        if fut is None or fut.done():
-            fut = self._idle = self._loop.create_future()
-        handle = self._loop.call_at(until, _resolve, fut)
-        try:
-            await fut
-        finally:
-            handle.cancel()
-
-    def _wake_idle(self) -> None:
-        fut = self._idle
-        if fut is not None and not fut.done():
-            fut.set_result(None)
-
-    # ------------------------------------------------------------------ adaptive
-    async def _wait_gate(self) -> None:
-        assert self._loop is not None
-        fut = self._loop.create_future()
-        self._gate.append(fut)
-        await fut
-
-    def _open_gate(self, *, everyone: bool = False) -> None:
-        while self._gate and (everyone or self._active < self._limit):
-            fut = self._gate.popleft()
-            if not fut.done():
-                fut.set_result(None)
-
-    def _set_limit(self, state: AimdState, now: float, reason: str) -> None:
-        self._aimd = state
-        new = int(state.limit)
-        old = self._limit
-        if new != old:
-            self._limit = new
-            self._limit_changes.append(LimitChange(time=now, old=old, new=new, reason=reason))
-            if self._emit_events:
-                self._event(
-                    LimitChanged(name=self._p.name, old=old, new=new, reason=reason, time=now)
-                )
-            self._open_gate()
-
-    def _adapt_success(self, latency: float, started: float, now: float) -> None:
-        assert self._aimd is not None
-        assert self._p.adaptive is not None
-        state, overload = on_success(self._aimd, self._p.adaptive, latency, started, now)
-        if overload is not None:
-            state = on_overload(state, self._p.adaptive, started, now)
-            self._set_limit(state, now, overload)
-        else:
-            self._set_limit(state, now, "increase")
-        self._adapt_check_stuck(now)
-
-    def _adapt_check_stuck(self, now: float) -> None:
-        """The oldest attempt still running is the first sign of an overload: act on it
-        without waiting for it to time out (every attempt launched meanwhile would suffer)."""
-        assert self._aimd is not None
-        assert self._p.adaptive is not None
-        starts = self._starts
-        while starts:
-            started, slot, gen = starts[0]
-            if slot.gen != gen:
-                starts.popleft()
-                continue
-            if is_stuck(self._aimd, self._p.adaptive, started, now):
-                starts.popleft()
-                self._set_limit(
-                    on_overload(self._aimd, self._p.adaptive, started, now), now, "stuck"
-                )
-            break
-        if len(starts) > 2 * len(self._slots) + 64:
-            self._starts = deque(s for s in starts if s[1].gen == s[2])
-
-    def _adapt_overload(self, started: float, now: float, kind: str) -> None:
-        assert self._aimd is not None
-        assert self._p.adaptive is not None
-        self._set_limit(on_overload(self._aimd, self._p.adaptive, started, now), now, kind)
-
-    # ----------------------------------------------------------------- watchdog
-    async def _watchdog(self) -> None:
-        """Cancel attempts that outlive the timeout. Deadlines arrive in start order, so the
-        head of the FIFO is always the next to expire; entries of finished attempts are stale
-        and dropped. With nothing in flight it sleeps one timeout: any attempt started later
-        expires after that anyway, so no one has to wake it."""
-        loop = self._loop
-        assert loop is not None
-        assert self._p.timeout is not None
-        timeout = self._p.timeout
-        while True:
-            timers = self._timers
-            now = loop.time()
-            while timers:
-                when, slot, gen = timers[0]
-                if slot.gen != gen:
-                    timers.popleft()
-                    continue
-                if when <= now + _SLACK:
-                    timers.popleft()
-                    task = slot.task
-                    if task is not None and slot.cancel_gen != gen:
-                        slot.cancel_gen = gen
-                        slot.cancel_kind = _TIMEOUT
-                        task.cancel()
-                    continue
-                break
-            target = timers[0][0] if timers else now + timeout
-            fut = loop.create_future()
-            handle = loop.call_at(target, _resolve, fut)
-            try:
-                await fut
-            finally:
-                handle.cancel()
+    def _on_limit(self, old: int, new: int, reason: str, now: float) -> None:
+        self._limit_changes.append(LimitChange(time=now, old=old, new=new, reason=reason))
+        if self._emit_events:
+            self._event(LimitChanged(name=self._p.name, old=old, new=new, reason=reason, time=now))
 
     # ------------------------------------------------------------------- events
-    def _key(self, index: int, item: T) -> str:
-        key = self._p.key
-        if key is None:
-            return f"#{index}"
-        try:
-            return str(key(item))
-        except Exception:
-            return f"#{index}"
-
     def _event(self, event: Event) -> None:
         for observer in tuple(self._observers):
             try:

@@ -35,12 +35,31 @@ __all__ = [
     "StopReason",
 ]
 
-StopReason = Literal["deadline", "fail_fast", "max_failures", "max_failure_ratio"]
-"""Why a run stopped starting items before its input was done."""
+StopReason = Literal["deadline", "fail_fast", "max_failures", "max_failure_ratio", "out_of_time"]
+"""Why a run stopped starting items before its input was done. ``out_of_time``: before the
+deadline, nothing more could finish in time (see :class:`~batchkit.Deadline`)."""
+
+
+def _rebuild(
+    cls: type[BatchkitError],
+    args: tuple[Any, ...],
+    state: dict[str, Any],
+    cause: BaseException | None,
+) -> BatchkitError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    error.__cause__ = cause
+    return error
 
 
 class BatchkitError(Exception):
     """Base class of every error batchkit creates."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickle the message, the attributes (notes included) and the cause as they are:
+        # the default passes the formatted message back to __init__, and drops __cause__.
+        return (_rebuild, (type(self), self.args, dict(self.__dict__), self.__cause__))
 
 
 class InvalidArgument(BatchkitError, TypeError, ValueError):
@@ -62,8 +81,9 @@ class InputFailed(BatchkitError):
     """The input iterable itself raised. The error is the ``__cause__``; ``report`` holds the
     outcomes of every item pulled before it (in-flight items were allowed to finish)."""
 
-    def __init__(self, report: BatchReport[Any, Any]) -> None:
-        super().__init__(f"the input raised after {len(report)} items; see __cause__")
+    def __init__(self, report: BatchReport[Any, Any], pulled: int | None = None) -> None:
+        n = report.total if pulled is None else pulled
+        super().__init__(f"the input raised after {n} items; see __cause__")
         self.report = report
 
 

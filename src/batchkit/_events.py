@@ -22,6 +22,7 @@ __all__ = [
     "Event",
     "ItemFinished",
     "ItemStarted",
+    "ItemsSkipped",
     "LimitChanged",
     "Observer",
     "RunFinished",
@@ -82,6 +83,19 @@ class ItemFinished:
 
 @final
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ItemsSkipped:
+    """Items the run skipped in bulk when it stopped (the unread rest of a sized input): one
+    event for all of them, so skipping a million items stays cheap. Count ``len(indices)``.
+    Every item reaches observers exactly once: in its own ``ItemFinished`` or in one of these."""
+
+    name: str | None
+    reason: StopReason
+    indices: range
+    time: float
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LimitChanged:
     name: str | None
     old: int
@@ -123,6 +137,7 @@ Event: TypeAlias = (
     | ItemStarted
     | AttemptFailed
     | ItemFinished
+    | ItemsSkipped
     | LimitChanged
     | RunStopping
     | DeadlineHit
@@ -131,7 +146,8 @@ Event: TypeAlias = (
 """Every event, in the order a run emits them: ``RunStarted``, then per item ``ItemStarted``
 (per attempt), ``AttemptFailed`` (per failed attempt), ``ItemFinished``; ``LimitChanged``,
 ``RunStopping`` and ``DeadlineHit`` when they happen; ``RunFinished`` last, with the report.
-Items that never start (skipped) only get an ``ItemFinished``.
+Items that never start (skipped) only get an ``ItemFinished``, or, when the run stops, the
+unread rest of a sized input is told in one ``ItemsSkipped``.
 For ``stream``, ``RunFinished`` carries a report of what was produced before the stream ended."""
 
 

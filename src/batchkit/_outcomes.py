@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypeVar, final, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Generic,
+    Literal,
+    TypeAlias,
+    TypeVar,
+    final,
+    get_args,
+    overload,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Iterator, Mapping, Sequence
 
     from ._errors import StopReason
 
@@ -16,7 +26,9 @@ __all__ = [
     "Failure",
     "FailureKind",
     "LimitChange",
+    "KINDS",
     "Outcome",
+    "OutcomeKind",
     "Success",
 ]
 
@@ -25,11 +37,16 @@ R = TypeVar("R")
 T_co = TypeVar("T_co", covariant=True)
 R_co = TypeVar("R_co", covariant=True)
 
-FailureKind: TypeAlias = Literal["error", "timeout", "cancelled", "skipped"]
+# The one list of outcome kinds: everything else (counts, tables, events) derives from it.
+FailureKind: TypeAlias = Literal["error", "timeout", "cancelled", "skipped", "lost"]
 """``error``: ``fn`` (or the context) raised; ``timeout``: the last attempt ran past ``timeout``;
-``cancelled``: the run stopped while the item was in flight; ``skipped``: it never started."""
+``cancelled``: the run stopped while the item was in flight; ``skipped``: it never started;
+``lost``: the worker process running it died (a cluster backend)."""
 
-_KINDS: tuple[str, ...] = ("success", "error", "timeout", "cancelled", "skipped")
+OutcomeKind: TypeAlias = Literal["success", FailureKind]
+"""The ``kind`` of any outcome: ``"success"`` or a :data:`FailureKind`."""
+
+KINDS: tuple[OutcomeKind, ...] = ("success", *get_args(FailureKind))
 
 
 @final
@@ -50,6 +67,10 @@ class Success(Generic[T_co, R_co]):
     @property
     def ok(self) -> Literal[True]:
         return True
+
+    @property
+    def kind(self) -> Literal["success"]:
+        return "success"
 
 
 @final
@@ -145,6 +166,16 @@ class BatchReport(Generic[T, R]):
     """How an adaptive concurrency limit moved, in order."""
     name: str | None = None
     key: Callable[[T], object] | None = field(default=None, repr=False, compare=False)
+    abandoned: tuple[int, ...] = ()
+    """Input indices whose work did not stop after being cancelled twice and was left running
+    when the call returned (also logged at WARNING). Their envelopes are in ``outcomes``."""
+    threads_running: int = 0
+    """Threads of a sync ``fn`` still running when the call returned (a thread cannot be
+    interrupted: one that outlived its timeout runs to its end)."""
+    keys: Sequence[str] | None = field(default=None, repr=False, compare=False)
+    """Each item's key, computed once (by input index), when ``key=`` was given."""
+    tally: Mapping[str, int] | None = field(default=None, repr=False, compare=False)
+    """Outcomes by kind when the outcomes themselves are not kept (a stream's report)."""
 
     # -- sequence behaviour ---------------------------------------------------------------
     def __len__(self) -> int:
@@ -176,14 +207,24 @@ class BatchReport(Generic[T, R]):
     @property
     def counts(self) -> dict[str, int]:
         """Outcomes by kind: ``success``, ``error``, ``timeout``, ``cancelled``, ``skipped``."""
-        counts = dict.fromkeys(_KINDS, 0)
+        counts: dict[str, int] = dict.fromkeys(KINDS, 0)
+        if self.tally is not None:
+            counts.update(self.tally)
+            return counts
         for o in self.outcomes:
-            counts["success" if type(o) is Success else o.kind] += 1
+            counts[o.kind] += 1
         return counts
+
+    @property
+    def total(self) -> int:
+        """How many outcomes the run produced (for a stream's report: produced so far)."""
+        return sum(self.tally.values()) if self.tally is not None else len(self.outcomes)
 
     @property
     def ok(self) -> bool:
         """True when every item succeeded and the whole input was read."""
+        if self.tally is not None:
+            return self.input_exhausted and self.tally.get("success", 0) == self.total
         return self.input_exhausted and all(type(o) is Success for o in self.outcomes)
 
     @property
@@ -215,8 +256,14 @@ class BatchReport(Generic[T, R]):
 
     def item_key(self, outcome: Outcome[T, R]) -> str:
         """How logs and tables name an item: ``key(item)`` if given, else ``#index``."""
+        keys = self.keys
+        if keys is not None and 0 <= outcome.index < len(keys):
+            return keys[outcome.index]
         if self.key is not None:
-            return str(self.key(outcome.item))
+            try:
+                return str(self.key(outcome.item))
+            except Exception:
+                return f"#{outcome.index}"
         return f"#{outcome.index}"
 
     # -- raising, output ------------------------------------------------------------------
@@ -252,7 +299,7 @@ class BatchReport(Generic[T, R]):
                 "index": o.index,
                 "key": self.item_key(o),
                 "ok": o.ok,
-                "kind": "success" if type(o) is Success else o.kind,
+                "kind": o.kind,
                 "attempts": o.attempts,
                 "elapsed": o.elapsed,
             }
@@ -261,7 +308,7 @@ class BatchReport(Generic[T, R]):
             rows.append(row)
         return {
             "name": self.name,
-            "total": len(self.outcomes),
+            "total": self.total,
             "counts": self.counts,
             "ok": self.ok,
             "stop_reason": self.stop_reason,
@@ -291,7 +338,7 @@ class BatchReport(Generic[T, R]):
         parts = ", ".join(f"{v} {k}" for k, v in counts.items()) or "nothing to do"
         stop = f", stopped: {self.stop_reason}" if self.stop_reason else ""
         return (
-            f"{len(self.outcomes)} items in {self.wall_time:.3f}s: {parts} "
+            f"{self.total} items in {self.wall_time:.3f}s: {parts} "
             f"(peak concurrency {self.peak_concurrency}/{self.concurrency}{stop})"
         )
 
@@ -315,8 +362,7 @@ class BatchReport(Generic[T, R]):
             lines.append("")
             lines.append("slowest items:")
             for o in worst:
-                kind = "success" if type(o) is Success else o.kind
-                lines.append(f"  {self.item_key(o):<24} {o.elapsed:>9.3f}s  {kind}")
+                lines.append(f"  {self.item_key(o):<24} {o.elapsed:>9.3f}s  {o.kind}")
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypeAlias, final, runtime_checkable
 
 from ._errors import InvalidArgument
+from ._transient import matches, transient
 
 __all__ = [
     "Adaptive",
@@ -25,12 +27,16 @@ def _check_number(name: str, value: object, *, minimum: float = 0.0, strict: boo
     """Validate a finite real number ``> minimum`` (or ``>=`` when not strict)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidArgument(f"{name} must be a number of seconds, got {value!r}")
-    if math.isnan(value) or math.isinf(value):
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if math.isnan(number) or math.isinf(number):
         raise InvalidArgument(f"{name} must be finite, got {value!r}")
     if value < minimum or (strict and value == minimum):
         op = ">" if strict else ">="
         raise InvalidArgument(f"{name} must be {op} {minimum:g}, got {value!r}")
-    return float(value)
+    return number
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> int:
@@ -76,24 +82,37 @@ class Retry:
     """Retry failed attempts of an item.
 
     - ``attempts``: the most attempts per item, the first included (``attempts=1``: no retry).
-    - ``retry_on``: exception types or a predicate; ``CancelledError`` is never retried.
+    - ``retry_on``: exception types or a predicate; the default, :func:`batchkit.transient`,
+      retries timeouts, network errors (``OSError``), errors with a ``retry_after`` hint and
+      HTTP 429/5xx errors, and nothing else. ``CancelledError`` is never retried.
     - ``timeouts``: whether an attempt that hit the per-item ``timeout`` is retried.
-    - An error with a numeric ``retry_after`` attribute (seconds, e.g. from an HTTP 429's
-      ``Retry-After``) makes the next attempt wait at least that long.
+    - An error with a ``retry_after`` attribute (seconds as a number or a string, or an HTTP
+      date, e.g. from an HTTP 429's ``Retry-After``) makes the next attempt wait at least that
+      long, but never more than ``max_retry_after`` seconds.
     - ``hold_slot``: keep the item's concurrency slot while it waits out the backoff. The default
       (``False``) frees the slot so other items run meanwhile, which is best for throughput;
       ``True`` keeps the pressure on a struggling upstream at ``concurrency`` at most.
+    - ``rng``: the random source of the backoff's jitter (default: a fresh ``random.Random()``
+      per run); pass ``random.Random(seed)`` for a reproducible run.
     A backoff never sleeps past the run's deadline: such an item ends with its last error.
     """
 
     attempts: int = 3
     backoff: Backoff = Backoff()
-    retry_on: RetryOn = Exception
+    retry_on: RetryOn = transient
     timeouts: bool = True
     hold_slot: bool = False
+    max_retry_after: float = 60.0
+    rng: random.Random | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_int("Retry.attempts", self.attempts, minimum=1)
+        _check_number("Retry.max_retry_after", self.max_retry_after, strict=False)
+        if self.rng is not None and not isinstance(self.rng, random.Random):
+            raise InvalidArgument(
+                f"Retry.rng must be a random.Random or None, got {self.rng!r}\n"
+                "HINT: Retry(rng=random.Random(42)) makes the jitter reproducible"
+            )
         if not isinstance(self.backoff, Backoff):
             raise InvalidArgument(f"Retry.backoff must be a Backoff, got {self.backoff!r}")
         on = self.retry_on
@@ -111,10 +130,7 @@ class Retry:
             )
 
     def should_retry(self, error: Exception) -> bool:
-        on = self.retry_on
-        if isinstance(on, type | tuple):
-            return isinstance(error, on)
-        return bool(on(error))
+        return matches(self.retry_on, error)
 
 
 @final
@@ -131,6 +147,11 @@ class RateLimit:
 
     def __post_init__(self) -> None:
         _check_number("RateLimit.per_second", self.per_second)
+        if not math.isfinite(1.0 / self.per_second):
+            raise InvalidArgument(
+                f"RateLimit.per_second is too small to be a rate, got {self.per_second!r}\n"
+                "HINT: for fewer than one start a day, schedule the job instead"
+            )
         _check_int("RateLimit.burst", self.burst, minimum=1)
 
 
@@ -149,13 +170,23 @@ class Deadline:
 
     Give ``seconds`` (from the call's start) or ``at`` (an absolute ``loop.time()``). When it
     comes, in-flight items are cancelled, items not started are skipped, and the call returns
-    the partial report on time. With ``fit_timeout`` (default on), an item whose ``timeout``
-    cannot fit before the deadline is skipped instead of started.
+    the partial report on time: within ``grace`` seconds (plus one loop turn) as long as the
+    cancelled code awaits.
+
+    Before the deadline, an attempt starts only if it can be expected to finish in time: by the
+    item's ``cost=`` hint, else a high quantile (p90) of this run's attempt durations so far,
+    else (nothing observed yet) it starts. When nothing more fits, the run stops starting items
+    (stop reason ``"out_of_time"``) and returns early. ``fit_timeout=True`` uses the worst
+    case instead: an attempt starts only if its whole ``timeout`` fits.
+
+    ``grace``: after the deadline (or a timeout's cancel) batchkit waits at most this long for
+    cancelled work to clean up, cancels it once more, then abandons it (``report.abandoned``).
     """
 
     seconds: float | None = None
     at: float | None = None
-    fit_timeout: bool = True
+    fit_timeout: bool = False
+    grace: float = 1.0
 
     def __post_init__(self) -> None:
         if (self.seconds is None) == (self.at is None):
@@ -164,6 +195,7 @@ class Deadline:
             _check_number("Deadline.seconds", self.seconds)
         if self.at is not None:
             _check_number("Deadline.at", self.at, minimum=-math.inf)
+        _check_number("Deadline.grace", self.grace, strict=False)
 
 
 @final
@@ -222,8 +254,4 @@ class Adaptive:
 
     def is_overload(self, error: Exception) -> bool:
         on = self.overload_on
-        if on is None:
-            return False
-        if isinstance(on, type | tuple):
-            return isinstance(error, on)
-        return bool(on(error))
+        return on is not None and matches(on, error)

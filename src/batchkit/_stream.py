@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
 
-from ._engine import Engine, Plan, _Sink
+from ._engine import Engine
+from ._sinks import StreamSink
 
 if TYPE_CHECKING:
     from types import TracebackType
 
+    from ._options import Plan
     from ._outcomes import BatchReport, Outcome
 
 __all__ = ["Stream"]
@@ -19,83 +20,32 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-class _StreamSink(_Sink[T, R]):
-    """Hands outcomes to the consumer. At most ``window`` items are ever pulled from the input
-    but not yet taken by the consumer (in flight, waiting to be reordered, or ready)."""
-
-    __slots__ = (
-        "consumed",
-        "consumer",
-        "next_emit",
-        "ordered",
-        "pending",
-        "producers",
-        "ready",
-        "window",
-    )
-
-    def __init__(self, *, ordered: bool, window: int) -> None:
-        self.ordered = ordered
-        self.window = window
-        self.ready: deque[Outcome[T, R]] = deque()
-        self.pending: dict[int, Outcome[T, R]] = {}
-        self.next_emit = 0
-        self.consumed = 0
-        self.consumer: asyncio.Future[None] | None = None
-        self.producers: list[asyncio.Future[None]] = []
-
-    def put(self, outcome: Outcome[T, R]) -> None:
-        if self.ordered:
-            self.pending[outcome.index] = outcome
-            pending, n = self.pending, self.next_emit
-            while n in pending:
-                self.ready.append(pending.pop(n))
-                n += 1
-            if n == self.next_emit:
-                return
-            self.next_emit = n
-        else:
-            self.ready.append(outcome)
-        self.wake_consumer()
-
-    def wake_consumer(self) -> None:
-        fut = self.consumer
-        if fut is not None and not fut.done():
-            fut.set_result(None)
-
-    def room(self, next_index: int) -> bool:
-        return next_index - self.consumed < self.window
-
-    async def wait_room(self, next_index: int) -> None:
-        fut = asyncio.get_running_loop().create_future()
-        self.producers.append(fut)
-        await fut
-
-    def wake(self) -> None:
-        producers, self.producers = self.producers, []
-        for fut in producers:
-            if not fut.done():
-                fut.set_result(None)
-
-
 @final
 class Stream(Generic[T, R]):
     """An async context manager; entering it starts the run and gives an async iterator of
     outcomes. Leaving the block (normally, by ``break`` or by an error) cancels what is still
-    running, exits every open context and waits for that cleanup, never for stragglers."""
+    running, exits every open context and waits for that cleanup — at most the deadline's
+    ``grace`` (1 s by default) before abandoning work that does not stop."""
 
-    def __init__(self, plan: Plan, items: Any, *, ordered: bool, window: int) -> None:
-        self._sink: _StreamSink[T, R] = _StreamSink(ordered=ordered, window=window)
+    def __init__(self, plan: Plan, items: Any) -> None:
+        self._sink: StreamSink[T, R] = StreamSink(ordered=plan.ordered, window=plan.window)
+        self._sink.consumer = self._wake_consumer
         self._engine: Engine[T, R] = Engine(plan, items, self._sink)
         self._task: asyncio.Task[BatchReport[T, R]] | None = None
+        self._consumer: asyncio.Future[None] | None = None
         self._entered = False
+
+    def _wake_consumer(self) -> None:
+        fut = self._consumer
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     async def __aenter__(self) -> Stream[T, R]:
         if self._entered:
             raise RuntimeError("a stream can be entered only once")
         self._entered = True
         self._task = asyncio.get_running_loop().create_task(self._engine.run())
-        self._task.add_done_callback(lambda _: self._sink.wake_consumer())
+        self._task.add_done_callback(lambda _: self._wake_consumer())
         return self
 
     async def __aexit__(
@@ -109,10 +59,7 @@ class Stream(Generic[T, R]):
             return
         if not task.done():
             task.cancel()
-        try:
-            await _wait_cancelled(task)
-        finally:
-            self._sink.wake()
+        await _wait_cancelled(task)
 
     def __aiter__(self) -> Stream[T, R]:
         return self
@@ -124,28 +71,36 @@ class Stream(Generic[T, R]):
             raise RuntimeError("iterate a stream inside `async with stream(...) as outcomes:`")
         while True:
             if sink.ready:
-                outcome = sink.ready.popleft()
-                sink.consumed += 1
-                if sink.producers:
-                    sink.wake()
-                return outcome
+                return sink.take()
             if task.done():
                 # Re-raises what the run raised (InputFailed, KeyboardInterrupt, ...).
                 task.result()
                 drained = self._engine.drain_one()
                 if drained is not None:
+                    sink.consumed += 1
                     return drained
                 raise StopAsyncIteration
-            fut = sink.consumer = asyncio.get_running_loop().create_future()
+            fut = self._consumer = asyncio.get_running_loop().create_future()
             try:
                 await fut
             finally:
-                sink.consumer = None
+                self._consumer = None
 
     @property
     def report(self) -> BatchReport[T, R]:
-        """Counts and timings so far. A stream keeps no outcomes, so ``outcomes`` is empty."""
+        """Counts and timings of every outcome produced so far (a stream keeps no outcomes,
+        so ``outcomes`` is empty; ``counts``, ``total`` and ``ok`` count them all)."""
+        if not self._entered:
+            raise RuntimeError(
+                "Stream.report was read before the stream started\n"
+                "HINT: read it inside or after the `async with stream(...) as outcomes:` block"
+            )
         return self._engine.partial_report()
+
+    @property
+    def consumed(self) -> int:
+        """How many outcomes the consumer has taken."""
+        return self._sink.consumed
 
 
 async def _wait_cancelled(task: asyncio.Task[Any]) -> None:

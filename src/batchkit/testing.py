@@ -41,6 +41,7 @@ from ._policies import Adaptive, Backoff, RateLimit, Retry
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence
+    from contextvars import Token
     from types import ModuleType, TracebackType
 
     from hypothesis.strategies import SearchStrategy
@@ -141,7 +142,11 @@ class ItemPlan:
 
 
 class ProbeError(Exception):
-    """The error a :class:`Probe` raises for an ``"error"`` step."""
+    """The error a :class:`Probe` raises for an ``"error"`` step. It carries
+    ``status_code = 503``, so :func:`batchkit.transient` (``Retry``'s default) retries it like
+    the flaky upstream it stands for."""
+
+    status_code = 503
 
     def __init__(self, item: object, attempt: int) -> None:
         super().__init__(f"planned failure of attempt {attempt}")
@@ -482,11 +487,10 @@ class _Instant:
     __slots__ = ("_saved",)
 
     def __init__(self) -> None:
-        self._saved: list[bool] = []
+        self._saved: list[Token[bool]] = []
 
     def __enter__(self) -> None:
-        self._saved.append(_backoff.INSTANT)
-        _backoff.INSTANT = True
+        self._saved.append(_backoff.INSTANT.set(True))
 
     def __exit__(
         self,
@@ -494,7 +498,7 @@ class _Instant:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        _backoff.INSTANT = self._saved.pop()
+        _backoff.INSTANT.reset(self._saved.pop())
 
     def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
         """Decorate a sync or an async function: it runs in instant mode."""
@@ -520,7 +524,8 @@ def instant() -> _Instant:
 
     A context manager (``with instant(): ...``) or a decorator for sync and async test
     functions. The previous state is restored on exit, also on errors; uses nest. The switch
-    is process-wide, so it also affects batches run by code you call.
+    is a context variable: it affects batches started inside the block (also by code you
+    call), and nothing running in other tasks — concurrent tests keep their backoff.
     """
     return _Instant()
 

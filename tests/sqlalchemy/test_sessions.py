@@ -234,7 +234,9 @@ async def test_retry_gets_a_fresh_session_and_only_the_last_attempt_commits(
         [7],
         fn,
         context=sessions(async_sessionmaker(engine)),
-        retry=Retry(attempts=3, backoff=Backoff(initial=0.001, maximum=0.001, jitter=False)),
+        retry=Retry(
+            attempts=3, backoff=Backoff(initial=0.001, maximum=0.001, jitter=False), retry_on=Boom
+        ),
     )
     assert report.ok
     async with engine.connect() as conn:

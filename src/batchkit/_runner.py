@@ -1,0 +1,274 @@
+"""The per-item runner: one attempt of one item — admission, context, ``fn``, timeout — and a
+typed :class:`AttemptResult`. Scheduling (which item, when, what next) is not its business:
+the local engine's workers call it, and so can any backend's.
+
+An attempt runs in a fresh copy of the caller's context (as a task would), so a
+``ContextVar`` an item sets (structlog's ``bind_contextvars``, a tracing span) never leaks
+into the next item on the same worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import types
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, final
+
+from ._attempt import _SLOT
+from ._errors import ItemTimeout
+from ._watchdog import TIMEOUT
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Coroutine, Generator
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from ._attempt import Job, Slot
+    from ._errors import StopReason
+    from ._meters import Meter
+    from ._options import Plan
+    from ._watchdog import Watchdog
+
+__all__ = ["AttemptKind", "AttemptResult", "Runner"]
+
+AttemptKind = Literal["success", "error", "timeout", "cancelled", "refused"]
+
+
+class AttemptResult(NamedTuple):
+    """How one attempt ended. ``refused``: a meter did not let it start (``reason`` says why);
+    ``cancelled``: the run stopped while it ran."""
+
+    kind: AttemptKind
+    value: Any
+    error: BaseException | None
+    started: float
+    ended: float
+    reason: StopReason | None = None
+
+
+@types.coroutine
+def _in_context(
+    coro: Coroutine[Any, Any, Any], ctx: contextvars.Context
+) -> Generator[Any, Any, Any]:
+    """Await ``coro`` with every step run inside ``ctx`` (what a Task does with its context),
+    without a task per attempt."""
+    run, send, throw = ctx.run, coro.send, coro.throw
+    try:
+        signal = run(send, None)
+    except StopIteration as stop:
+        return stop.value
+    while True:
+        try:
+            value = yield signal
+        except GeneratorExit:
+            run(coro.close)
+            raise
+        except BaseException as error:
+            try:
+                signal = run(throw, error)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                signal = run(send, value)
+            except StopIteration as stop:
+                return stop.value
+
+
+@final
+class Runner:
+    """Runs attempts for one run. ``on_start``/``on_end`` let the scheduler keep its counts
+    and tell observers; a runner driven on its own needs neither."""
+
+    __slots__ = (
+        "_call",
+        "_executor",
+        "_loop",
+        "_meters",
+        "_on_end",
+        "_on_start",
+        "_plan",
+        "_slots",
+        "_watchdog",
+        "threads",
+    )
+
+    def __init__(
+        self,
+        plan: Plan,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        meters: tuple[Meter, ...] = (),
+        watchdog: Watchdog | None = None,
+        executor: ThreadPoolExecutor | None = None,
+        on_start: Callable[[Slot, Job, float], None] | None = None,
+        on_end: Callable[[Slot, Job], None] | None = None,
+    ) -> None:
+        self._plan = plan
+        self._loop = loop
+        self._meters = meters
+        self._watchdog = watchdog
+        self._executor = executor
+        self._on_start = on_start
+        self._on_end = on_end
+        self._slots = plan.slots
+        self.threads: set[Future[Any]] = set()
+        """Threads of a sync ``fn`` still running (one that timed out runs to its end)."""
+        if plan.context is not None:
+            self._call: Callable[[Any], Awaitable[Any]] = self._with_context
+        elif plan.fn_is_async:
+            self._call = self._async_call
+        else:
+            self._call = self._sync_call
+
+    # -- admission ---------------------------------------------------------------------
+    async def _admit(self, slot: Slot, job: Job) -> tuple[int, StopReason | None]:
+        """Ask every meter in turn; returns how many admitted and why one refused."""
+        admitted = 0
+        try:
+            for meter in self._meters:
+                slot.cancellable = True
+                refused = await meter.wait_task_can_start(slot, job)
+                slot.cancellable = False
+                if refused is not None:
+                    return admitted, refused
+                admitted += 1
+        except BaseException:
+            slot.cancellable = False
+            await self._release(slot, job, admitted, None)
+            raise
+        return admitted, None
+
+    async def _release(
+        self, slot: Slot, job: Job, admitted: int, result: AttemptResult | None
+    ) -> None:
+        for meter in self._meters[:admitted]:
+            await meter.notify_task_finished(slot, job, result)
+
+    async def run(self, slot: Slot, job: Job) -> AttemptResult:
+        """Admission, then one attempt of ``job`` in ``slot`` (on ``slot.task``)."""
+        if not self._meters:
+            return await self.attempt(slot, job)
+        admitted, refused = await self._admit(slot, job)
+        if refused is not None:
+            await self._release(slot, job, admitted, None)
+            now = self._loop.time()
+            return AttemptResult("refused", None, None, now, now, refused)
+        for meter in self._meters:
+            meter.notify_task_started(slot, job, self._loop.time())
+        result: AttemptResult | None = None
+        try:
+            result = await self.attempt(slot, job)
+        finally:
+            await self._release(slot, job, admitted, result)
+        return result
+
+    # -- the attempt: context, fn, timeout (the hot path) --------------------------------
+    async def attempt(self, slot: Slot, job: Job) -> AttemptResult:
+        loop = self._loop
+        now = slot.started = loop.time()
+        if job.first_start is None:
+            job.first_start = now
+        slot.job = job
+        if self._on_start is not None:
+            self._on_start(slot, job, now)
+        gen = slot.gen = slot.gen + 1
+        task = slot.task
+        assert task is not None
+        # Cancellation requests already pending on this task (a TaskGroup inside fn can
+        # leave one behind on 3.11): ours are the ones above this base.
+        base = task.cancelling()
+        timeout = self._plan.timeout
+        watchdog = self._watchdog
+        if watchdog is not None and timeout is not None:
+            watchdog.arm(slot, gen, now + timeout)
+        slot.cancellable = True
+        try:
+            value = await self._call(job.item)
+        except asyncio.CancelledError as e:
+            return self._cancelled(slot, gen, base, e, now)
+        except Exception as e:
+            return AttemptResult("error", None, e, now, loop.time())
+        finally:
+            slot.cancellable = False
+            slot.gen = gen + 1
+            if self._on_end is not None:
+                self._on_end(slot, job)
+            if watchdog is not None:
+                watchdog.compact(self._slots)
+        if slot.cancel_gen == gen:
+            # fn swallowed our cancellation and returned: keep its result, undo ours.
+            self._uncancel(slot, task)
+        return AttemptResult("success", value, None, now, loop.time())
+
+    def _uncancel(self, slot: Slot, task: asyncio.Task[Any]) -> None:
+        for _ in range(slot.cancels):
+            task.uncancel()
+        slot.cancels = 0
+        slot.cancel_gen = -1
+
+    def _cancelled(
+        self, slot: Slot, gen: int, base: int, error: asyncio.CancelledError, started: float
+    ) -> AttemptResult:
+        task = slot.task
+        assert task is not None
+        if slot.cancel_gen != gen:
+            raise error  # not ours: the caller is cancelling the run
+        self._uncancel(slot, task)
+        if task.cancelling() > base:
+            raise error  # ours, but the caller is cancelling too
+        ended = self._loop.time()
+        if slot.cancel_kind == TIMEOUT:
+            assert self._plan.timeout is not None
+            timeout_error = ItemTimeout(self._plan.timeout)
+            timeout_error.__cause__ = error
+            return AttemptResult("timeout", None, timeout_error, started, ended)
+        return AttemptResult("cancelled", None, None, started, ended)
+
+    # -- the three ways to call fn -------------------------------------------------------
+    def _async_call(self, item: Any) -> Awaitable[Any]:
+        return _in_context(self._plan.fn(item), contextvars.copy_context())
+
+    def _with_context(self, item: Any) -> Awaitable[Any]:
+        return _in_context(self._attempt_in_context(item), contextvars.copy_context())
+
+    async def _attempt_in_context(self, item: Any) -> Any:
+        """Enter a fresh context, call ``fn(item, ctx)``, exit the context on every path.
+        An error while exiting is the item's error if ``fn`` succeeded, else added to it."""
+        p = self._plan
+        assert p.context is not None
+        cm = p.context()
+        ctx = await cm.__aenter__()
+        try:
+            value = await p.fn(item, ctx) if p.fn_is_async else await self._in_thread(item, ctx)
+        except BaseException as e:
+            try:
+                await cm.__aexit__(type(e), e, e.__traceback__)
+            except Exception as exit_error:
+                if exit_error is not e:
+                    e.add_note(f"batchkit: exiting the context also failed: {exit_error!r}")
+            # A context that "suppresses" the error does not make the item a success.
+            raise
+        await cm.__aexit__(None, None, None)
+        return value
+
+    def _sync_call(self, item: Any) -> Awaitable[Any]:
+        return self._in_thread(item)
+
+    async def _in_thread(self, item: Any, *args: Any) -> Any:
+        ctx = contextvars.copy_context()
+        call = functools.partial(ctx.run, self._plan.fn, item, *args)
+        future = self._executor.submit(call) if self._executor is not None else None
+        if future is None:
+            raise RuntimeError("a sync fn needs the runner's executor")
+        self.threads.add(future)
+        future.add_done_callback(self.threads.discard)
+        slot = _SLOT.get()
+        if slot is not None:
+            slot.thread = future
+        result = await asyncio.wrap_future(future, loop=self._loop)
+        if isinstance(result, Awaitable):
+            # A plain function that returned an awaitable (``lambda x: fetch(x)``).
+            result = await result
+        return result
