@@ -31,8 +31,12 @@ def transient(exc: BaseException) -> bool:
     (``ConnectionError`` and the other network errors), errors carrying a server's retry hint
     (a ``retry_after`` attribute), and errors carrying an HTTP status 429 or 5xx (recognised by
     attributes, so httpx's and requests' errors match without importing them). False for
-    everything else: a ``TypeError`` from a bug is not retried.
+    everything else: a ``TypeError`` from a bug is not retried. An exception group is
+    transient when every exception in it is.
     """
+    if isinstance(exc, BaseExceptionGroup):
+        # Concurrent calls failed together (a TaskGroup): transient if each of them is.
+        return all(transient(e) for e in exc.exceptions)
     if isinstance(exc, TimeoutError | OSError):
         return True
     if getattr(exc, "retry_after", None) is not None:

@@ -41,7 +41,7 @@ from ._events import (
     RunFinished,
     RunStarted,
 )
-from ._outcomes import KINDS, Success
+from ._outcomes import Success
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

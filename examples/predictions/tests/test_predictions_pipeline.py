@@ -133,7 +133,8 @@ async def test_deadline_is_met_and_skipped_markets_go_first_next_run(
             session_factory, client, concurrency=1, timeout=30, deadline=55, time_factor=F
         )
         await check_record(session_factory, first, 20)
-        assert first.report.deadline_hit
+        # Stopped by the deadline, or before it once no 10-15 s market could still fit.
+        assert first.report.stop_reason in ("deadline", "out_of_time")
         assert first.report.wall_time <= 55 * F + DEADLINE_MARGIN
         assert not first.goal_met
         left = [o.item for o in first.report.failures]

@@ -203,7 +203,9 @@ async def test_batchkit_timeout_after_a_failed_fetch_is_still_a_timeout() -> Non
             ["ABC"],
             client.signals,
             timeout=0.05,
-            retry=batchkit.Retry(attempts=2, backoff=batchkit.Backoff(initial=0.0)),
+            retry=batchkit.Retry(
+                attempts=2, backoff=batchkit.Backoff(initial=0.0), retry_on=Exception
+            ),
         )
     [outcome] = report
     assert isinstance(outcome, batchkit.Failure)
