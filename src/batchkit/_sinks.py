@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from ._outcomes import Failure
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
@@ -50,6 +52,9 @@ class Sink(Generic[T, R]):
     def wake(self) -> None:
         """The run is stopping or ended: release whoever waits on the sink."""
 
+    def count_skipped(self, n: int) -> None:
+        """``n`` more items were skipped in bulk; their envelopes are built when read."""
+
 
 class BatchSink(Sink[T, R]):
     """Every outcome, stored by input index (a slot is reserved when the item is pulled).
@@ -84,6 +89,8 @@ class StreamSink(Sink[T, R]):
         "next_emit",
         "ordered",
         "pending",
+        "produced",
+        "producers_waiting",
         "ready",
         "window",
     )
@@ -97,11 +104,16 @@ class StreamSink(Sink[T, R]):
         self.next_emit = 0
         self.consumed = 0
         self.counts: dict[str, int] = {}
+        """Failures by kind (successes are ``produced`` minus the failures)."""
+        self.produced = 0
+        self.producers_waiting = False
         self.consumer: Callable[[], None] = _nothing
 
     def put(self, outcome: Outcome[T, R]) -> None:
-        kind = outcome.kind
-        self.counts[kind] = self.counts.get(kind, 0) + 1
+        self.produced += 1
+        if type(outcome) is Failure:
+            kind = outcome.kind
+            self.counts[kind] = self.counts.get(kind, 0) + 1
         if self.ordered:
             self.pending[outcome.index] = outcome
             pending, n = self.pending, self.next_emit
@@ -118,14 +130,25 @@ class StreamSink(Sink[T, R]):
     def take(self) -> Outcome[T, R]:
         outcome = self.ready.popleft()
         self.consumed += 1
-        self.wake_producers()
+        if self.producers_waiting:
+            self.producers_waiting = False
+            self.wake_producers()
         return outcome
 
     def room(self, next_index: int) -> bool:
-        return next_index - self.consumed < self.window
+        if next_index - self.consumed < self.window:
+            return True
+        self.producers_waiting = True
+        return False
 
     def tally(self) -> dict[str, int] | None:
-        return dict(self.counts)
+        counts = dict(self.counts)
+        counts["success"] = self.produced - sum(self.counts.values())
+        return counts
 
     def wake(self) -> None:
         self.consumer()
+
+    def count_skipped(self, n: int) -> None:
+        self.produced += n
+        self.counts["skipped"] = self.counts.get("skipped", 0) + n
