@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 _SERVER_USER = "postgres"  # the server refuses to run as root; it runs as this user then
 _db_numbers = itertools.count()
+_ADMIN_TIMEOUT = 120.0  # seconds an admin statement may take before the run fails: a hang guard
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,10 +90,14 @@ def _admin(server: PostgresServer, sql: str) -> None:
 
     async def run() -> None:
         conn = await asyncpg.connect(
-            host=str(server.socket_dir), port=server.port, user=server.user, database="postgres"
+            host=str(server.socket_dir),
+            port=server.port,
+            user=server.user,
+            database="postgres",
+            timeout=_ADMIN_TIMEOUT,
         )
         try:
-            await conn.execute(sql)
+            await conn.execute(sql, timeout=_ADMIN_TIMEOUT)
         finally:
             await conn.close()
 
@@ -175,7 +180,11 @@ class _Databases:
     def take(self) -> str:
         if not self._ahead:
             self._ahead.append(self._executor.submit(self._create))
-        name = self._ahead.popleft().result()
+        try:
+            # A hang guard, not a margin: CREATE DATABASE takes about a second.
+            name = self._ahead.popleft().result(timeout=_ADMIN_TIMEOUT)
+        except TimeoutError:
+            pytest.fail(f"hang: CREATE DATABASE took over {_ADMIN_TIMEOUT:g} s", pytrace=False)
         self._ahead.append(self._executor.submit(self._create))
         return name
 

@@ -5,17 +5,22 @@ No timing assertions: performance figures live in ``python -m benchmarks``, neve
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import time
 from typing import TYPE_CHECKING
 
 import pytest
+from benchmarks import worker
 from benchmarks.__main__ import main
 from benchmarks._report import evaluate
 from benchmarks._scenarios import greedy_makespan, scenario
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from benchmarks._contenders import Collector, Contender, Job
 
 
 def test_greedy_makespan_is_in_input_order() -> None:
@@ -66,14 +71,22 @@ def test_smoke_run_writes_json_and_markdown(
     assert rows["pool"]["ratio"] == 1.0
     for row in rows.values():
         assert row["us_per_item"] > 0
-        assert row["stall_ms"] >= 0
         assert row["n"] == 300
+        # The summary keeps the worst stall of the row's runs (the meter itself is tested
+        # below: a number >= 0 says nothing, max(0, ...) makes it so by construction).
+        mine = [
+            r
+            for r in result["runs"]
+            if r["scenario"] == "overhead_sleep0" and r["contender"] == row["contender"]
+        ]
+        assert row["stall_ms"] == max(r["stall_ms"] for r in mine)
+        assert row["stall_cpu_ms"] == max(r["stall_cpu_ms"] for r in mine)
 
     streaming = {r["contender"]: r for r in result["scenarios"]["stream_memory"]["rows"]}
     assert set(streaming) == {"pool", "stream"}
     # Read-ahead is bounded by the window: C in flight plus C buffered at most.
     assert 0 < streaming["stream"]["read_ahead"] <= 100
-    assert streaming["stream"]["rss_delta_mb"] >= 0
+    assert math.isfinite(streaming["stream"]["rss_delta_mb"])
 
     names = [t["name"] for t in result["targets"]]
     assert "stream per-item overhead vs pool, overhead_sleep0" in names
@@ -103,3 +116,48 @@ def test_targets_report_a_miss() -> None:
     targets = {t.name: t for t in evaluate(summary)}
     assert not targets["batch_process per-item overhead vs pool, overhead_immediate"].met
     assert not targets["longest event-loop stall, batchkit, overhead_immediate"].met
+
+
+# -- the meters measure: a known stall and a known allocation must show -------------------
+# Lower bounds only: a busy machine can make a stall or the RSS look larger, never smaller.
+BLOCK_S = 0.1
+ALLOC_MB = 64
+
+
+def _contender(monkeypatch: pytest.MonkeyPatch, run: Contender) -> None:
+    monkeypatch.setattr(worker, "get", lambda name: run)
+
+
+@pytest.mark.timeout(60)
+async def test_stall_meter_sees_a_loop_blocked_for_100ms(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def blocks_the_loop(job: Job, out: Collector) -> None:
+        start = time.thread_time()
+        while time.thread_time() - start < BLOCK_S:  # 100 ms of loop CPU without an await
+            pass
+        for item in job.items:
+            out.add(item)
+
+    _contender(monkeypatch, blocks_the_loop)
+    result = await worker.measure("overhead_sleep0", "pool", "smoke")
+    assert result["valid"], result
+    least = (BLOCK_S - worker.HEARTBEAT) * 1e3
+    assert result["stall_cpu_ms"] >= least, result
+    assert result["stall_ms"] >= least, result
+
+
+@pytest.mark.timeout(60)
+async def test_rss_meter_sees_a_64mb_allocation(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def allocates(job: Job, out: Collector) -> None:
+        block = bytearray(b"\x01") * (ALLOC_MB << 20)  # every page written: resident
+        # The heartbeat (every 5 ms, armed before this timer) samples RSS at least once
+        # while the block is alive, for a meter without VmHWM.
+        await asyncio.sleep(4 * worker.HEARTBEAT)
+        for item in job.items:
+            out.add(item)
+        assert len(block) == ALLOC_MB << 20
+        del block
+
+    _contender(monkeypatch, allocates)
+    result = await worker.measure("stream_memory", "stream", "smoke")
+    assert result["valid"], result
+    assert result["rss_delta_mb"] >= ALLOC_MB * 0.95, result

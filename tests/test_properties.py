@@ -182,15 +182,20 @@ def test_cancelling_the_caller_at_any_time_cleans_up(case: Case, cancel_at: int)
 @given(cases())
 def test_fail_fast_gives_every_item_one_envelope_and_cleans_up(case: Case) -> None:
     ctxs = Contexts()
+    rec = Recorder()
 
     async def fn(i: int, ctx: int) -> int:
-        lat = case.latencies[i]
-        if lat == HANG:
-            await asyncio.Event().wait()
-        await asyncio.sleep(lat)
-        if i in case.failing:
-            raise ValueError(i)
-        return i
+        rec.enter(i)
+        try:
+            lat = case.latencies[i]
+            if lat == HANG:
+                await asyncio.Event().wait()
+            await asyncio.sleep(lat)
+            if i in case.failing:
+                raise ValueError(i)
+            return i
+        finally:
+            rec.exit(i)
 
     async def main() -> None:
         before = asyncio.all_tasks()
@@ -203,16 +208,23 @@ def test_fail_fast_gives_every_item_one_envelope_and_cleans_up(case: Case) -> No
         assert [o.index for o in report] == list(range(n))
         assert ctxs.entered == ctxs.exited
         assert ctxs.open == 0
+        # An envelope says "skipped" exactly when fn never ran for the item.
+        for o in report:
+            skipped = isinstance(o, Failure) and o.kind == "skipped"
+            assert skipped == (o.index not in rec.starts), o
+            assert skipped == (o.attempts == 0), o
         hard = [o for o in report if isinstance(o, Failure) and o.kind in ("error", "timeout")]
         if report.stop_reason is None:
             assert hard == []
-        else:
-            assert report.stop_reason == "fail_fast"
-            assert len(hard) >= 1
-            # Nothing started after the first hard failure ended.
-            first_end = min(o.elapsed for o in hard)
-            assert all(o.kind != "skipped" or o.attempts == 0 for o in report.failures)
-            assert report.wall_time >= first_end
+            return
+        assert report.stop_reason == "fail_fast"
+        assert len(hard) >= 1
+        # The first hard failure ended at first_end: nothing started after it, what was in
+        # flight was cancelled at that instant, and the call returned then.
+        first_end = min(rec.ends[o.index] for o in hard)
+        assert max(s for starts in rec.starts.values() for s in starts) <= first_end
+        assert all(end <= first_end for end in rec.ends.values())
+        assert report.wall_time == first_end
 
     run_virtual(main)
 

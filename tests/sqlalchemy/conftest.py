@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from ._db import create_schema, make_engine
+from ._db import create_schema, dispose, make_engine
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -31,10 +31,11 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
-    """An engine on ``db_url`` (pool of 2, no overflow) with the schema created; disposed after."""
+    """An engine on ``db_url`` (pool of 2, no overflow) with the schema created; disposed
+    after, and every connection it was still closing in the background closed."""
     eng = make_engine(db_url)
     try:
         await create_schema(eng)
         yield eng
     finally:
-        await eng.dispose()
+        await dispose(eng)

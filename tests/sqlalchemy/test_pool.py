@@ -15,6 +15,8 @@ import batchkit
 from batchkit import Adaptive, InvalidArgument, MissingExtra
 from batchkit.sqlalchemy import PoolStats, PoolTooSmall, check_pool, pool_stats
 
+from ._db import dispose
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -38,7 +40,7 @@ async def test_pool_stats_count_checked_out_and_overflow(db_url: str) -> None:
         assert (stats.checked_out, stats.overflow, stats.usage) == (0, 0, 0.0)
         assert stats.to_dict()["capacity"] == 4
     finally:
-        await engine.dispose()
+        await dispose(engine)
 
 
 def test_pool_stats_of_a_sync_engine_and_of_a_pool(tmp_path: Path) -> None:
