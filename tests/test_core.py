@@ -126,6 +126,7 @@ async def test_errors_are_isolated_and_recorded() -> None:
         "timeout": 0,
         "cancelled": 0,
         "skipped": 0,
+        "lost": 0,
     }
     assert not report.ok
 

@@ -65,7 +65,14 @@ async def test_info_lines_and_one_warning_per_failed_item(
         name="predictions",
         observers=[LoggingObserver()],
     )
-    assert report.counts == {"success": 2, "error": 1, "timeout": 1, "cancelled": 0, "skipped": 0}
+    assert report.counts == {
+        "success": 2,
+        "error": 1,
+        "timeout": 1,
+        "cancelled": 0,
+        "skipped": 0,
+        "lost": 0,
+    }
     assert lines(caplog) == [
         ("INFO", "batch started name=predictions total=4 concurrency=3"),
         (
@@ -81,7 +88,7 @@ async def test_info_lines_and_one_warning_per_failed_item(
         (
             "INFO",
             "batch finished name=predictions total=4 success=2 error=1 timeout=1 cancelled=0 "
-            "skipped=0 retries=0 peak_concurrency=3 wall=5.000s stop_reason=None",
+            "skipped=0 lost=0 retries=0 peak_concurrency=3 wall=5.000s stop_reason=None",
         ),
     ]
     extras = [r.batchkit for r in records(caplog)]  # type: ignore[attr-defined]
@@ -111,6 +118,7 @@ async def test_info_lines_and_one_warning_per_failed_item(
         "timeout": 1,
         "cancelled": 0,
         "skipped": 0,
+        "lost": 0,
         "retries": 0,
         "peak_concurrency": 3,
         "wall": 5.0,
@@ -153,7 +161,7 @@ async def test_debug_lines_per_attempt_and_retry(caplog: pytest.LogCaptureFixtur
         (
             "INFO",
             "batch finished name=None total=1 success=1 error=0 timeout=0 cancelled=0 "
-            "skipped=0 retries=1 peak_concurrency=1 wall=2.000s stop_reason=None",
+            "skipped=0 lost=0 retries=1 peak_concurrency=1 wall=2.000s stop_reason=None",
         ),
     ]
 
@@ -188,7 +196,7 @@ async def test_deadline_warns_once_and_skipped_items_only_at_item_level(
         (
             "INFO",
             "batch finished name=cron total=5 success=1 error=0 timeout=0 cancelled=2 "
-            "skipped=2 retries=0 peak_concurrency=2 wall=5.000s stop_reason=deadline",
+            "skipped=2 lost=0 retries=0 peak_concurrency=2 wall=5.000s stop_reason=deadline",
         ),
     ]
 

@@ -321,7 +321,7 @@ async def test_deadline_returns_on_time_with_the_partial_report() -> None:
     assert report.deadline_hit
     assert report.stop_reason == "deadline"
     assert report.counts == {
-        "success": 0, "error": 0, "timeout": 0, "cancelled": 3, "skipped": 17
+        "success": 0, "error": 0, "timeout": 0, "cancelled": 3, "skipped": 17, "lost": 0
     }  # fmt: skip
     cancelled = [o for o in report.failures if o.kind == "cancelled"]
     assert all(isinstance(o.error, ItemCancelled) and o.elapsed == 50 for o in cancelled)

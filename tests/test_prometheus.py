@@ -51,7 +51,14 @@ async def test_counts_latency_gauges_and_runs() -> None:
         name="p",
         observers=[observer],
     )
-    assert report.counts == {"success": 2, "error": 1, "timeout": 1, "cancelled": 0, "skipped": 0}
+    assert report.counts == {
+        "success": 2,
+        "error": 1,
+        "timeout": 1,
+        "cancelled": 0,
+        "skipped": 0,
+        "lost": 0,
+    }
 
     def items(outcome: str) -> float | None:
         return sample(registry, "batchkit_items_total", batch="p", outcome=outcome)

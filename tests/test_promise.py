@@ -102,7 +102,6 @@ def assert_one_envelope_each(outcomes: Iterable[batchkit.Outcome[Any, Any]], n: 
 
 
 # -- 1. stream + Retry deadlocks ----------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="issue 10 item 1: stream + Retry deadlocks")
 async def test_item01_stream_with_retry_ordered_concurrency_1_does_not_deadlock() -> None:
     attempts: Counter[int] = Counter()
 
@@ -129,7 +128,6 @@ async def test_item01_stream_with_retry_ordered_concurrency_1_does_not_deadlock(
     assert now() in (51, 52)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 1: stream + Retry deadlocks")
 @pytest.mark.parametrize(
     ("concurrency", "ordered", "failing"),
     [(4, True, {0}), (2, False, {0, 1, 2, 3})],
@@ -179,9 +177,6 @@ async def test_item01_batch_process_with_retry_is_fine() -> None:
 
 
 # -- 2. leaving a stream early when fn swallows a cancellation ---------------------------
-@pytest.mark.xfail(
-    strict=True, reason="issue 10 item 2: leaving a stream early deadlocks on a swallowed cancel"
-)
 @pytest.mark.parametrize("ordered", [False, True], ids=["unordered", "ordered"])
 async def test_item02_leaving_a_stream_early_with_a_swallowed_cancel(ordered: bool) -> None:
     swallowed: list[int] = []
@@ -221,9 +216,6 @@ async def _identity(i: int) -> int:
     return i
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 10 item 3a: a hanging async input ignores the deadline"
-)
 async def test_item03a_deadline_returns_when_the_async_input_hangs_batch() -> None:
     report = await within(
         10, batch_process(_three_then_hang(), _identity, deadline=0.5), "batch_process"
@@ -234,9 +226,6 @@ async def test_item03a_deadline_returns_when_the_async_input_hangs_batch() -> No
     assert not report.input_exhausted
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 10 item 3a: a hanging async input ignores the deadline"
-)
 async def test_item03a_deadline_returns_when_the_async_input_hangs_stream() -> None:
     got = await within(10, collect(_three_then_hang(), _identity, deadline=0.5), "stream")
     assert now() == 0.5
@@ -272,7 +261,6 @@ async def _hang(i: int, _ctx: object) -> int:
     return i
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 3b: a hanging __aexit__ blocks the deadline")
 async def test_item03b_deadline_returns_when_a_context_exit_hangs_after_a_timeout() -> None:
     ctx = _HangingExit()
     report = await within(
@@ -289,7 +277,6 @@ async def test_item03b_deadline_returns_when_a_context_exit_hangs_after_a_timeou
     assert ctx.exited_with == [asyncio.CancelledError]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 3c: slow cleanup after a timeout overruns")
 async def test_item03c_timeout_then_slow_cleanup_returns_within_the_deadline_grace() -> None:
     probe = ContextProbe(exit_latency=3.0)  # cleanup takes 3 s
     report = await within(
@@ -304,7 +291,6 @@ async def test_item03c_timeout_then_slow_cleanup_returns_within_the_deadline_gra
     probe.assert_balanced()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 3: work that ignores cancels is waited on")
 async def test_item03_work_that_ignores_cancellation_is_abandoned_visibly(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -341,7 +327,6 @@ async def test_item03_work_that_ignores_cancellation_is_abandoned_visibly(
     assert asyncio.all_tasks() == before
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 3: Deadline.grace is new")
 async def test_item03_deadline_grace_is_configurable() -> None:
     assert new_api(Deadline(seconds=55), "grace") == 1.0
     ctx = _HangingExit()
@@ -357,7 +342,6 @@ async def test_item03_deadline_grace_is_configurable() -> None:
 
 
 # -- 4. a caller's cancel is honoured ------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="issue 10 item 4: a swallowed cancel delays the caller's")
 async def test_item04_callers_cancel_is_honoured_when_fn_swallows_one() -> None:
     starts: list[tuple[int, float]] = []
 
@@ -402,7 +386,6 @@ def _throttled_once(hint: object) -> Callable[[int], Awaitable[int]]:
     return fn
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 5: an infinite Retry-After waits forever")
 @pytest.mark.parametrize("hint", [math.inf, 1e9], ids=["inf", "1e9"])
 async def test_item05_retry_after_hint_is_capped_by_max_retry_after(hint: float) -> None:
     retry = Retry(attempts=2, backoff=NO_BACKOFF, retry_on=Throttled)
@@ -414,7 +397,6 @@ async def test_item05_retry_after_hint_is_capped_by_max_retry_after(hint: float)
     assert report[0].attempts == 2
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 5: Retry(max_retry_after=...) is new")
 async def test_item05_max_retry_after_caps_the_hint() -> None:
     retry = Retry(attempts=2, backoff=NO_BACKOFF, retry_on=Throttled)
     assert new_api(retry, "max_retry_after") == 60.0
@@ -426,7 +408,6 @@ async def test_item05_max_retry_after_caps_the_hint() -> None:
     assert isinstance(report[0], Success)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 5: string Retry-After hints are ignored")
 @pytest.mark.parametrize(("hint", "waited"), [("7", 7.0), ("120", 60.0)])
 async def test_item05_a_string_retry_after_is_parsed(hint: str, waited: float) -> None:
     retry = Retry(attempts=2, backoff=NO_BACKOFF, retry_on=Throttled)
@@ -453,7 +434,6 @@ async def test_item05_a_hint_past_the_deadline_ends_the_item_with_its_last_error
     assert not report.deadline_hit
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 5: Retry() retries every Exception")
 async def test_item05_default_retry_does_not_rerun_a_bug() -> None:
     calls = 0
 
@@ -492,7 +472,6 @@ class ConnectError(Exception):
             self.status_code = status_code
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 5: batchkit.transient is new")
 @pytest.mark.parametrize(
     ("error", "expected"),
     [
@@ -523,7 +502,6 @@ def test_item05_transient(error: BaseException, expected: bool) -> None:
 # itself, which trivial functions meet by a wide one; the blocking items wait on an event
 # the test sets once their timeouts are reported, never on a sleep.
 @pytest.mark.looptime(False)
-@pytest.mark.xfail(strict=True, reason="issue 10 item 6: queued sync items reported as timed out")
 async def test_item06_sync_fn_timeout_starts_when_the_work_starts() -> None:
     release = threading.Event()
     ran: set[int] = set()
@@ -559,7 +537,6 @@ async def test_item06_sync_fn_timeout_starts_when_the_work_starts() -> None:
 
 
 @pytest.mark.looptime(False)
-@pytest.mark.xfail(strict=True, reason="issue 10 item 6: BatchReport.threads_running is new")
 async def test_item06_report_counts_threads_still_running() -> None:
     release = threading.Event()
 
@@ -587,7 +564,6 @@ async def _odd_fails(i: int) -> int:
     return i
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 7: Stream.report counts nothing")
 async def test_item07_stream_report_counts_every_outcome_and_what_was_consumed() -> None:
     async with stream(range(6), _odd_fails, concurrency=2, ordered=True) as outcomes:
         taken = 0
@@ -605,7 +581,6 @@ async def test_item07_stream_report_counts_every_outcome_and_what_was_consumed()
     assert outcomes.report.counts == report.counts  # still readable after the block
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 7: Stream.report before entering asserts")
 async def test_item07_stream_report_read_too_early_says_why() -> None:
     s = stream(range(3), _odd_fails)
     with pytest.raises(RuntimeError, match="async with"):
@@ -647,7 +622,6 @@ async def test_item08_batch_observers_see_skipped_items() -> None:
     assert _envelopes_seen(events) == Counter(range(10))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 8: observers miss a stream's skipped items")
 @pytest.mark.parametrize("ordered", [False, True], ids=["unordered", "ordered"])
 async def test_item08_stream_observers_see_skipped_items(ordered: bool) -> None:
     events: list[Event] = []
@@ -669,7 +643,6 @@ async def test_item08_stream_observers_see_skipped_items(ordered: bool) -> None:
 
 
 # -- 9. a retry that cannot fit ends with its last error ----------------------------------
-@pytest.mark.xfail(strict=True, reason="issue 10 item 9: an unfit retry is reported cancelled")
 async def test_item09_retry_that_cannot_fit_ends_with_its_last_error() -> None:
     boom = OSError("item 0 failed")
 
@@ -735,7 +708,6 @@ async def test_item09_an_admitted_retry_cut_by_the_deadline_is_cancelled_with_hi
 
 
 # -- 10. deadline admission by what the run observed -------------------------------------
-@pytest.mark.xfail(strict=True, reason="issue 10 item 10: fit_timeout throws away capacity")
 async def test_item10_thirty_10s_items_timeout_20_deadline_55_finish_15() -> None:
     async def fn(i: int) -> int:
         await asyncio.sleep(10)
@@ -754,7 +726,6 @@ async def test_item10_thirty_10s_items_timeout_20_deadline_55_finish_15() -> Non
     assert not report.deadline_hit
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 10: fit_timeout throws away capacity")
 async def test_item10_the_cron_job_configuration_finishes_at_least_12_markets() -> None:
     durations = [10, 15, 12, 13, 11, 14]
 
@@ -792,7 +763,6 @@ async def test_item10_fit_timeout_true_keeps_the_worst_case_rule() -> None:
 
 
 # -- 11. a raising key= -----------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="issue 10 item 11: a raising key= breaks the report")
 async def test_item11_a_raising_key_falls_back_to_the_index_everywhere() -> None:
     calls: Counter[int] = Counter()
 
@@ -832,14 +802,12 @@ async def _aborts(i: int) -> int:
     return i
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 12: a BaseException arrives twice in a group")
 async def test_item12_custom_base_exception_propagates_once_batch() -> None:
     with pytest.raises(Abort) as info:
         await within(HANG, batch_process(range(5), _aborts, concurrency=2), "batch_process")
     assert type(info.value) is Abort
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 12: a BaseException arrives twice in a group")
 async def test_item12_custom_base_exception_propagates_once_stream() -> None:
     with pytest.raises(Abort) as info:
         await within(HANG, collect(range(5), _aborts, concurrency=2), "stream")
@@ -851,7 +819,6 @@ async def _agen_fn(i: int) -> AsyncIterator[int]:
     yield i
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 13: an async generator fn is accepted")
 async def test_item13_an_async_generator_fn_is_rejected_before_any_work() -> None:
     with pytest.raises(InvalidArgument, match="generator"):
         await batch_process(range(3), _agen_fn)
@@ -859,15 +826,11 @@ async def test_item13_an_async_generator_fn_is_rejected_before_any_work() -> Non
         stream(range(3), _agen_fn)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 13: timeout=10**400 raises OverflowError")
 async def test_item13_a_huge_timeout_is_invalid_argument() -> None:
     with pytest.raises(InvalidArgument, match="timeout"):
         await batch_process(range(3), _identity, timeout=10**400)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 10 item 13: RateLimit(per_second=1e-320) limits nothing"
-)
 async def test_item13_a_tiny_rate_limit_limits() -> None:
     try:
         limit = RateLimit(per_second=1e-320)
@@ -887,7 +850,6 @@ async def test_item13_a_tiny_rate_limit_limits() -> None:
     assert now() <= 10
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 13: InputFailed counts 0 items in a stream")
 async def test_item13_stream_input_failed_counts_the_items_consumed() -> None:
     def items() -> Iterable[int]:
         yield from range(5)
@@ -907,7 +869,6 @@ async def test_item13_stream_input_failed_counts_the_items_consumed() -> None:
     assert isinstance(info.value.__cause__, OSError)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 13: one worker per slot, even without work")
 async def test_item13_workers_start_lazily_never_more_than_there_is_work_for() -> None:
     tasks_seen: list[int] = []
     baseline = len(asyncio.all_tasks())
@@ -937,7 +898,6 @@ def _literal_values(tp: object) -> set[str]:
     return {v for a in args for v in _literal_values(a)}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 14: Success has no .kind")
 async def test_item14_every_outcome_has_a_kind_from_one_list() -> None:
     async def fn(i: int) -> int:
         if i == 1:
@@ -957,7 +917,6 @@ async def test_item14_every_outcome_has_a_kind_from_one_list() -> None:
 _rid: ContextVar[str] = ContextVar("rid", default="unset")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 15: context variables leak between items")
 @pytest.mark.parametrize("entry", ["batch_process", "stream"])
 async def test_item15_each_attempt_runs_in_a_copy_of_the_callers_context(entry: str) -> None:
     seen: dict[tuple[int, int], str] = {}

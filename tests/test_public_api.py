@@ -7,6 +7,7 @@ import batchkit
 PUBLIC = [
     "Adaptive",
     "AsyncLimiter",
+    "Attempt",
     "AttemptFailed",
     "Backoff",
     "BatchReport",
@@ -26,12 +27,14 @@ PUBLIC = [
     "ItemSkipped",
     "ItemStarted",
     "ItemTimeout",
+    "ItemsSkipped",
     "LimitChange",
     "LimitChanged",
     "LoggingObserver",
     "MissingExtra",
     "Observer",
     "Outcome",
+    "OutcomeKind",
     "ProgressObserver",
     "RateLimit",
     "Retry",
@@ -44,7 +47,9 @@ PUBLIC = [
     "Success",
     "__version__",
     "batch_process",
+    "current_attempt",
     "stream",
+    "transient",
 ]
 
 

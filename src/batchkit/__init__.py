@@ -8,6 +8,8 @@ from importlib.metadata import PackageNotFoundError, version
 from ._api import ContextFactory as ContextFactory
 from ._api import batch_process as batch_process
 from ._api import stream as stream
+from ._attempt import Attempt as Attempt
+from ._attempt import current_attempt as current_attempt
 from ._errors import BatchkitError as BatchkitError
 from ._errors import InputFailed as InputFailed
 from ._errors import InvalidArgument as InvalidArgument
@@ -21,6 +23,7 @@ from ._events import AttemptFailed as AttemptFailed
 from ._events import DeadlineHit as DeadlineHit
 from ._events import Event as Event
 from ._events import ItemFinished as ItemFinished
+from ._events import ItemsSkipped as ItemsSkipped
 from ._events import ItemStarted as ItemStarted
 from ._events import LimitChanged as LimitChanged
 from ._events import Observer as Observer
@@ -33,6 +36,7 @@ from ._outcomes import Failure as Failure
 from ._outcomes import FailureKind as FailureKind
 from ._outcomes import LimitChange as LimitChange
 from ._outcomes import Outcome as Outcome
+from ._outcomes import OutcomeKind as OutcomeKind
 from ._outcomes import Success as Success
 from ._policies import Adaptive as Adaptive
 from ._policies import AsyncLimiter as AsyncLimiter
@@ -44,6 +48,7 @@ from ._policies import Retry as Retry
 from ._policies import RetryOn as RetryOn
 from ._progress import ProgressObserver as ProgressObserver
 from ._stream import Stream as Stream
+from ._transient import transient as transient
 
 try:
     __version__ = version("batchkit")
@@ -53,6 +58,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 __all__ = [
     "Adaptive",
     "AsyncLimiter",
+    "Attempt",
     "AttemptFailed",
     "Backoff",
     "BatchReport",
@@ -72,12 +78,14 @@ __all__ = [
     "ItemSkipped",
     "ItemStarted",
     "ItemTimeout",
+    "ItemsSkipped",
     "LimitChange",
     "LimitChanged",
     "LoggingObserver",
     "MissingExtra",
     "Observer",
     "Outcome",
+    "OutcomeKind",
     "ProgressObserver",
     "RateLimit",
     "Retry",
@@ -90,5 +98,7 @@ __all__ = [
     "Success",
     "__version__",
     "batch_process",
+    "current_attempt",
     "stream",
+    "transient",
 ]

@@ -172,7 +172,7 @@ class Engine(Generic[T, R]):
             )
         deadline_handle = None
         if self._run.deadline_at is not None:
-            deadline_handle = loop.call_at(self._run.deadline_at, self._on_deadline)
+            deadline_handle = loop.call_at(self._run.deadline_at, self._deadline_reached)
         watch_task = loop.create_task(watchdog.run()) if watchdog is not None else None
         completed = False
         try:
@@ -463,8 +463,8 @@ class Engine(Generic[T, R]):
         assert self._loop is not None
         self._live.discard(slot)
         self._outliving += 1
-        self._check_quiet()
         slot.cancellable = True
+        self._check_quiet()
         try:
             await asyncio.wrap_future(thread, loop=self._loop)
         except asyncio.CancelledError:
@@ -521,6 +521,7 @@ class Engine(Generic[T, R]):
 
     def _work_left(self) -> bool:
         exhausted = self._exhausted or self._input_error is not None
+        exhausted = exhausted or (self._total is not None and self._next_index >= self._total)
         return not exhausted or bool(self._retry_heap) or bool(self._buffer)
 
     # ----------------------------------------------------------------------- one item
@@ -819,6 +820,12 @@ class Engine(Generic[T, R]):
         self._record(
             Failure(job.item, err, "timeout", job.index, job.attempt, elapsed, history), job
         )
+
+    def _deadline_reached(self) -> None:
+        # Two loop turns before the stop: an attempt whose own timer fires at the same
+        # instant (it ends exactly at the deadline) completes instead of being cancelled.
+        assert self._loop is not None
+        self._loop.call_soon(self._loop.call_soon, self._on_deadline)
 
     def _on_deadline(self) -> None:
         if self._emit_events:

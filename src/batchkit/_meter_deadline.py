@@ -1,6 +1,6 @@
 """Deadline admission as a meter: start an attempt only if it can be expected to end in time.
 
-The expected duration is the item's ``cost=`` hint, else a high quantile (p90) of the attempt
+The expected duration is the item's ``cost=`` hint, else a high quantile (p75) of the attempt
 durations this run has observed, else nothing (start: there is nothing to go by yet); capped
 by the ``timeout``. ``fit_timeout=True`` is the worst case instead: the whole timeout must fit.
 """
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DeadlineMeter"]
 
-_QUANTILE: Final = 0.9
+_QUANTILE: Final = 0.75
 _WINDOW: Final = 256  # the most recent attempt durations kept
 _REFRESH: Final = 16  # recompute the quantile after this many new durations
 

@@ -47,8 +47,6 @@ OutcomeKind: TypeAlias = Literal["success", FailureKind]
 """The ``kind`` of any outcome: ``"success"`` or a :data:`FailureKind`."""
 
 KINDS: tuple[OutcomeKind, ...] = ("success", *get_args(FailureKind))
-# ``counts`` always has these; ``lost`` (only a cluster backend produces it) appears when seen.
-_LOCAL_KINDS: tuple[OutcomeKind, ...] = tuple(k for k in KINDS if k != "lost")
 
 
 @final
@@ -208,15 +206,14 @@ class BatchReport(Generic[T, R]):
 
     @property
     def counts(self) -> dict[str, int]:
-        """Outcomes by kind: ``success``, ``error``, ``timeout``, ``cancelled``, ``skipped`` (and
-        ``lost`` when a cluster backend lost any)."""
-        counts: dict[str, int] = dict.fromkeys(_LOCAL_KINDS, 0)
+        """Outcomes by kind, every kind of :data:`OutcomeKind` (``lost`` only ever counts with a
+        cluster backend)."""
+        counts: dict[str, int] = dict.fromkeys(KINDS, 0)
         if self.tally is not None:
             counts.update(self.tally)
         else:
             for o in self.outcomes:
-                kind = o.kind
-                counts[kind] = counts.get(kind, 0) + 1
+                counts[o.kind] += 1
         return counts
 
     @property

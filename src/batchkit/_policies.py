@@ -174,7 +174,7 @@ class Deadline:
     cancelled code awaits.
 
     Before the deadline, an attempt starts only if it can be expected to finish in time: by the
-    item's ``cost=`` hint, else a high quantile (p90) of this run's attempt durations so far,
+    item's ``cost=`` hint, else a high quantile (p75) of this run's attempt durations so far,
     else (nothing observed yet) it starts. When nothing more fits, the run stops starting items
     (stop reason ``"out_of_time"``) and returns early. ``fit_timeout=True`` uses the worst
     case instead: an attempt starts only if its whole ``timeout`` fits.

@@ -303,7 +303,14 @@ async def test_run_stop_cancels_and_rolls_back_in_flight_items(engine: AsyncEngi
         range(6), fn, context=sessions(async_sessionmaker(engine)), concurrency=2, fail_fast=True
     )
     assert report.stop_reason == "fail_fast"
-    assert report.counts == {"success": 0, "error": 1, "timeout": 0, "cancelled": 1, "skipped": 4}
+    assert report.counts == {
+        "success": 0,
+        "error": 1,
+        "timeout": 0,
+        "cancelled": 1,
+        "skipped": 4,
+        "lost": 0,
+    }
     assert await committed_items(engine) == []
     assert checked_out(engine) == 0
 
