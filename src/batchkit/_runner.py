@@ -224,12 +224,7 @@ class Runner:
             slot.gen = gen + 1
             self.in_flight -= 1
             if watchdog is not None:
-                # Drop stale entries at the head (inline: once per attempt).
-                timers = watchdog.timers
-                while timers and timers[0][1].gen != timers[0][2]:
-                    timers.popleft()
-                if len(timers) > 2 * self._slots + 64:
-                    watchdog.compact(self._slots)
+                watchdog.compact(self._slots)
         if slot.cancel_gen == gen:
             # fn swallowed our cancellation and returned: keep its result, undo ours.
             self._uncancel(slot, task)
