@@ -12,11 +12,13 @@ once more and abandons what still runs, so the call always returns.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import heapq
 import logging
 import random
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sized
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, cast
@@ -80,7 +82,10 @@ class Engine(Generic[T, R]):
         self._exhausted = False
         self._input_error: BaseException | None = None
         self._sink: Sink[T, R] = sink if sink is not None else BatchSink()
-        self._sink.wake_producers = self._wake
+        self._sink.wake_producers = self._room_made
+        self._room_waiters: deque[asyncio.Future[None]] = deque()
+        self._reserve = self._sink.reserve
+        self._put = self._sink.put
         self._keys: list[str] | None = [] if plan.key is not None and self._sink.keeps else None
         self._key_failed = False
         self._next_index = 0
@@ -101,6 +106,7 @@ class Engine(Generic[T, R]):
         self._abandoned: list[int] = []
         self._fatal: list[BaseException] = []
         self._cancelled = False  # by the caller
+        self._ended = False
         self._budget_size = max(256, _YIELD_EVERY_ITEMS_PER_WORKER * plan.slots)
         self._budget = self._budget_size
         self._slice_start = time.perf_counter()
@@ -115,6 +121,7 @@ class Engine(Generic[T, R]):
         self._adaptive: AdaptiveMeter | None = None
         self._start = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._base_context = contextvars.copy_context()
         self._runner: Runner | None = None
         self._run: RunInfo | None = None
 
@@ -156,6 +163,7 @@ class Engine(Generic[T, R]):
     async def run(self) -> BatchReport[T, R]:
         p = self._p
         loop = self._loop = asyncio.get_running_loop()
+        self._base_context = contextvars.copy_context()
         meters = self._setup(loop)
         assert self._run is not None
         watchdog = None
@@ -212,6 +220,7 @@ class Engine(Generic[T, R]):
         watch: asyncio.Task[None] | None,
         completed: bool,
     ) -> None:
+        self._ended = True
         for handle in (deadline_handle, self._escalation):
             if handle is not None:
                 handle.cancel()
@@ -267,12 +276,12 @@ class Engine(Generic[T, R]):
     def _take(self, item: T) -> Job:
         index = self._next_index
         self._next_index = index + 1
-        self._sink.reserve(index)
-        key = None
-        if self._p.key is not None:
-            key = self._key_of(index, item)
-            if self._keys is not None:
-                self._keys.append(key)
+        self._reserve(index)
+        if self._p.key is None:
+            return Job(index, item)
+        key = self._key_of(index, item)
+        if self._keys is not None:
+            self._keys.append(key)
         return Job(index, item, key)
 
     def _key_of(self, index: int, item: T) -> str:
@@ -291,8 +300,7 @@ class Engine(Generic[T, R]):
         if self._exhausted or self._input_error is not None:
             return None
         try:
-            assert self._it is not None
-            item = next(self._it)
+            item = next(self._it)  # type: ignore[arg-type]  # set when this is used
         except StopIteration:
             self._exhausted = True
             return None
@@ -363,7 +371,8 @@ class Engine(Generic[T, R]):
         slot = Slot(self._run)
         self._slots.append(slot)
         self._live.add(slot)
-        slot.task = self._loop.create_task(self._worker(slot))
+        # Each worker runs in a fresh copy of the caller's context (see _runner).
+        slot.task = self._loop.create_task(self._worker(slot), context=self._base_context.copy())
 
     def _grow(self) -> None:
         """An unsized input had one more item: start one more worker, up to the limit."""
@@ -372,6 +381,7 @@ class Engine(Generic[T, R]):
 
     async def _worker(self, slot: Slot) -> None:
         _SLOT.set(slot)  # this task's own context: what current_attempt() reads
+        slot.baseline = contextvars.copy_context()
         try:
             await self._work(slot)
         except asyncio.CancelledError:
@@ -426,6 +436,11 @@ class Engine(Generic[T, R]):
             slot.job = None
             if wake_after:
                 self._wake()
+            if slot.polluted:
+                # An item set a context variable: a fresh worker takes over, so the next
+                # item sees the caller's context.
+                self._spawn()
+                return
             if slot.thread is not None and not slot.thread.done():
                 await self._outlive(slot)
             # Starvation guard: see _YIELD_EVERY_*.
@@ -452,6 +467,13 @@ class Engine(Generic[T, R]):
         if not (heap or no_room or more_retries):
             self._wake()  # others parked for retries: the input is done, so may they be
             return False
+        if no_room and not heap:
+            # One waiter per worker, woken one per item the consumer takes: a shared future
+            # would wake every waiting worker for each item (measured: +40% per item).
+            fut = self._loop.create_future()
+            self._room_waiters.append(fut)
+            await fut
+            return True
         await self._wait_idle(heap[0].ready if heap else None)
         return True
 
@@ -497,12 +519,26 @@ class Engine(Generic[T, R]):
             fut = self._idle = self._loop.create_future()
         handle = self._loop.call_at(until, _resolve, fut) if until is not None else None
         try:
-            await asyncio.shield(fut)
+            await fut
         finally:
             if handle is not None:
                 handle.cancel()
 
+    def _room_made(self) -> None:
+        """The stream's consumer took an item: one waiting worker may pull the next."""
+        waiters = self._room_waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                break
+        self._sink.producers_waiting = bool(waiters)
+
     def _wake(self) -> None:
+        waiters, self._room_waiters = self._room_waiters, deque()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
         fut = self._idle
         if fut is not None and not fut.done():
             fut.set_result(None)
@@ -649,7 +685,7 @@ class Engine(Generic[T, R]):
         if self._cancelled:
             return
         self._finished += 1
-        self._sink.put(outcome)
+        self._put(outcome)
         if self._emit_events:
             assert self._loop is not None
             key = self._event_key(job) if job is not None else f"#{outcome.index}"
@@ -828,6 +864,8 @@ class Engine(Generic[T, R]):
         self._loop.call_soon(self._loop.call_soon, self._on_deadline)
 
     def _on_deadline(self) -> None:
+        if self._ended:
+            return  # the run ended in the loop turns since the deadline's timer
         if self._emit_events:
             assert self._loop is not None
             self._event(
