@@ -1,8 +1,8 @@
 """What an attempt knows about itself: :func:`current_attempt`.
 
-The runner keeps one :class:`Slot` per worker; each attempt runs in a copy of the caller's
-context in which ``_SLOT`` names that worker's slot, so :func:`current_attempt` reads the
-attempt's facts without the runner building anything per attempt.
+The engine keeps one :class:`Slot` per worker; each worker runs in a copy of the caller's
+context in which ``_SLOT`` names its slot, so :func:`current_attempt` reads the attempt's
+facts without the runner building anything per attempt.
 """
 
 from __future__ import annotations
