@@ -59,7 +59,7 @@ R = TypeVar("R")
 
 _log = logging.getLogger("batchkit")
 
-# Yield to the event loop after this much real time (or, in virtual time, this many items
+# Yield to the event loop after this much loop time (or, in virtual time, this many items
 # per worker) without a suspension, so a ``fn`` that never awaits cannot starve the loop or
 # the watchdog. The budget is shared and refilled once per loop iteration; once it is spent,
 # every worker that comes round yields, so the count scales with the number of workers to
@@ -109,7 +109,7 @@ class Engine(Generic[T, R]):
         self._ended = False
         self._budget_size = max(256, _YIELD_EVERY_ITEMS_PER_WORKER * plan.slots)
         self._budget = self._budget_size
-        self._slice_start = time.perf_counter()
+        self._slice_start = 0.0
         self._reset_pending = False
         self._observers: list[Observer] = list(plan.observers)
         self._emit_events = bool(self._observers)
@@ -129,6 +129,7 @@ class Engine(Generic[T, R]):
     def _setup(self, loop: asyncio.AbstractEventLoop) -> tuple[Meter, ...]:
         p = self._p
         self._start = start = loop.time()
+        self._slice_start = start
         deadline_at = start + p.deadline_seconds if p.deadline_seconds is not None else None
         deadline_at = p.deadline_at if p.deadline_at is not None else deadline_at
         self._run = RunInfo(uuid.uuid4().hex[:12], p.timeout, deadline_at, loop.time)
@@ -411,6 +412,9 @@ class Engine(Generic[T, R]):
         run = self._runner.run if self._runner is not None else None
         assert run is not None
         wake_after = self._p.retry is not None
+        # The loop's clock: real time on a real loop; in virtual time it stands still while
+        # the CPU works, so only the item budget applies and a test's schedule is exact.
+        clock = self._loop.time if self._loop is not None else time.perf_counter
         while not self._stopping and not slot.abandoned:
             job = self._ready_retry() if heap else None
             if job is None and (room is None or room(self._next_index)):
@@ -445,7 +449,7 @@ class Engine(Generic[T, R]):
                 await self._outlive(slot)
             # Starvation guard: see _YIELD_EVERY_*.
             self._budget -= 1
-            if self._budget <= 0 or time.perf_counter() - self._slice_start > _YIELD_EVERY_SECONDS:
+            if self._budget <= 0 or clock() - self._slice_start > _YIELD_EVERY_SECONDS:
                 await self._yield()
 
     def _ready_retry(self) -> Job | None:
@@ -510,7 +514,8 @@ class Engine(Generic[T, R]):
     def _reset_budget(self) -> None:
         self._reset_pending = False
         self._budget = self._budget_size
-        self._slice_start = time.perf_counter()
+        assert self._loop is not None
+        self._slice_start = self._loop.time()
 
     async def _wait_idle(self, until: float | None) -> None:
         assert self._loop is not None
