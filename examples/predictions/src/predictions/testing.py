@@ -65,13 +65,17 @@ def predictions(
 
 
 def start(
-    *argv: str, cwd: Path | None = None, environ: Mapping[str, str] | None = None
+    *argv: str,
+    cwd: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    stdout: bool = True,
 ) -> subprocess.Popen[str]:
+    """Start ``.venv/bin/predictions argv...``; stdout piped (or discarded), stderr piped."""
     return subprocess.Popen(
         [str(PREDICTIONS), *argv],
         cwd=cwd,
         env=dict(environ) if environ is not None else env(),
-        stdout=subprocess.PIPE,
+        stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -88,11 +92,13 @@ class StderrLines:
         self._thread.start()
 
     def _read(self) -> None:
-        assert self._process.stderr is not None
-        for line in self._process.stderr:
-            with self._cond:
-                self.lines.append(line)
-                self._cond.notify_all()
+        stream = self._process.stderr
+        assert stream is not None
+        with stream:
+            for line in stream:
+                with self._cond:
+                    self.lines.append(line)
+                    self._cond.notify_all()
         with self._cond:
             self.lines.append("")  # EOF marker
             self._cond.notify_all()
