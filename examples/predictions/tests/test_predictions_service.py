@@ -137,13 +137,16 @@ async def test_overlapping_trigger_is_refused(
         )
         async with http(app) as svc:
             first = asyncio.ensure_future(svc.post("/predictions/generate?limit=2"))
-            async with asyncio.timeout(WAIT):  # poll the service itself, with a deadline
+            url = engine.url.render_as_string(hide_password=False)
+            async with asyncio.timeout(WAIT):  # poll the lock row itself, with a deadline
                 while True:
-                    if (await svc.get("/health")).json()["run_in_progress"]:
+                    row = await asyncio.to_thread(lease, url)
+                    if row is not None and row.expires_at is not None:
                         break
                     await asyncio.sleep(0.01)
+            assert (await svc.get("/health")).json()["run_in_progress"] is True
             second = await svc.post("/predictions/generate?limit=2")
-            assert second.status_code == 409
+            assert second.status_code == 409, second.text
             assert second.json()["reason"] == "run_in_progress"
             assert "(predictions serve)" in second.json()["lock"]["holder"]
             app.state.stop_runs("test")  # what SIGTERM does: the first run records and ends
@@ -375,3 +378,43 @@ def test_serve_as_deployed_token_health_and_sigterm(db_url: str, tmp_path: Path)
     assert row.expires_at is None
     assert "Traceback" not in lines.text()
     json.dumps(body)  # stays JSON-safe
+
+
+async def test_runs_go_on_a_loop_of_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 13: ``serve`` runs jobs on a worker thread's loop (the HTTP loop only answers),
+    and a stop set from the HTTP loop (SIGTERM) reaches the run there."""
+    from predictions import worker
+    from predictions.pipeline import Stop
+
+    seen: dict[str, Any] = {}
+    opened, started = threading.Event(), threading.Event()
+
+    @asynccontextmanager
+    async def resources() -> AsyncIterator[Any]:
+        seen["resources"] = threading.get_ident()
+        opened.set()
+        yield "engine", "sessions", "client"
+        seen["closed"] = threading.get_ident()
+
+    async def fake_run_job(sessions: Any, client: Any, config: Any, **kwargs: Any) -> str:
+        stop: Stop = kwargs["stop"]
+        stop.attach()
+        seen["run"] = threading.get_ident()
+        started.set()
+        await stop.event.wait()
+        return f"stopped by {stop.reason} with {sessions} and {client}"
+
+    monkeypatch.setattr(worker, "run_job", fake_run_job)
+    here = threading.get_ident()
+    async with worker.RunThread(resources) as runs:
+        assert runs.engine == "engine"
+        stop = Stop()
+        run = asyncio.ensure_future(
+            runs.run(RunConfig(), stop=stop, holder="test", lease_seconds=1)
+        )
+        assert await asyncio.to_thread(started.wait, WAIT), "the run did not start"
+        stop.set("SIGTERM")  # from this loop, as the signal handler does
+        async with asyncio.timeout(WAIT):
+            assert await run == "stopped by SIGTERM with sessions and client"  # type: ignore[comparison-overlap]
+    assert opened.is_set()
+    assert seen["resources"] == seen["run"] == seen["closed"] != here

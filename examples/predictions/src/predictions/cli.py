@@ -507,23 +507,35 @@ def _loopback(host: str) -> bool:
 
 async def _serve(url: str, args: argparse.Namespace, err: TextIO) -> int:
     from .service import create_app, serve
+    from .worker import RunThread
 
     _configure_logging(args)
     token = os.environ.get(TOKEN_ENV) or None
-    engine = make_engine(url)
+
+    @asynccontextmanager
+    async def resources() -> AsyncIterator[tuple[Any, Any, UpstreamClient]]:
+        """On the runs' own loop: the engine, sessions and upstream (or simulator) of runs."""
+        engine = make_engine(url)
+        try:
+            await create_schema(engine)
+            async with _upstream(args, err) as client:
+                yield engine, make_session_factory(engine), client
+        finally:
+            await engine.dispose()
+
+    # This loop serves HTTP only; /health has a small engine of its own.
     health_engine = make_engine(url, pool_size=1, max_overflow=1, pool_timeout=1.0)
     try:
-        await create_schema(engine)
-        sf = make_session_factory(engine)
-        async with _upstream(args, err) as client:
+        async with RunThread(resources) as runs:
+            assert runs.engine is not None
             app = create_app(
-                engine=engine,
-                session_factory=sf,
-                client=client,
+                engine=runs.engine,
+                session_factory=make_session_factory(health_engine),
                 config=_config(args),
                 token=token,
                 health_engine=health_engine,
                 lease_seconds=args.lease_seconds,
+                runs=runs,
             )
 
             def started(base: str) -> None:
@@ -537,7 +549,6 @@ async def _serve(url: str, args: argparse.Namespace, err: TextIO) -> int:
             await serve(app, host=args.host, port=args.port, on_started=started)
     finally:
         await health_engine.dispose()
-        await engine.dispose()
     return 0
 
 

@@ -356,6 +356,8 @@ async def run_job(
     process) holds the lock. When ``stop`` is set (a signal), the run stops starting markets,
     cancels those in flight, records what it has (status ``interrupted``) and releases the lock.
     """
+    if stop is not None:
+        stop.attach()
     async with hold_run_lock(
         _bind(session_factory), holder=holder, lease_seconds=lease_seconds
     ) as lease:
@@ -364,15 +366,32 @@ async def run_job(
 
 @final
 class Stop:
-    """Asks a run to stop (a signal handler calls :meth:`set`); remembers why."""
+    """Asks a run to stop (a signal handler calls :meth:`set`, from any thread); remembers why."""
 
-    __slots__ = ("event", "reason")
+    __slots__ = ("_loop", "event", "reason")
 
     def __init__(self) -> None:
         self.event = asyncio.Event()
         self.reason = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def attach(self) -> None:
+        """Called by the run, on its loop: later :meth:`set` calls are handed to that loop."""
+        self._loop = asyncio.get_running_loop()
 
     def set(self, reason: str) -> None:
+        loop = self._loop
+        if loop is not None:
+            try:
+                here = asyncio.get_running_loop()
+            except RuntimeError:
+                here = None
+            if here is not loop:
+                loop.call_soon_threadsafe(self._set, reason)
+                return
+        self._set(reason)
+
+    def _set(self, reason: str) -> None:
         if not self.event.is_set():
             self.reason = reason
             self.event.set()

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from starlette.responses import Response
 
     from .upstream import UpstreamClient
+    from .worker import RunThread
 
 __all__ = ["create_app", "last_run_status", "serve"]
 
@@ -127,18 +128,24 @@ def create_app(
     *,
     engine: AsyncEngine,
     session_factory: async_sessionmaker[AsyncSession],
-    client: UpstreamClient,
+    client: UpstreamClient | None = None,
     config: RunConfig | None = None,
     token: str | None = None,
     health_engine: AsyncEngine | None = None,
     health_timeout: float = 2.0,
     lease_seconds: float = LEASE_SECONDS,
+    runs: RunThread | None = None,
 ) -> Starlette:
     """The service over resources the caller owns (and closes): engines, sessions, client.
 
     ``health_engine``: a small engine of its own for ``/health``, so that a health check never
     queues for a connection behind a run's markets (default: ``engine``).
+    ``runs``: run the job on the worker thread's loop and its resources (``serve`` does), so
+    that a run's bursts of work never hold this loop; without it, runs go on this loop with
+    ``session_factory`` and ``client``.
     """
+    if client is None and runs is None:
+        raise TypeError("create_app() needs client= (or runs=, which brings its own)")
     config = config if config is not None else RunConfig()
     health_db = health_engine if health_engine is not None else engine
     url = engine.url.render_as_string(hide_password=False)
@@ -200,15 +207,23 @@ def create_app(
             return limit
         stop = Stop()
         stops.add(stop)
+        run_config = dataclasses.replace(config, limit=limit)
+        holder = default_holder("predictions serve")
         try:
-            result = await run_job(
-                session_factory,
-                client,
-                dataclasses.replace(config, limit=limit),
-                stop=stop,
-                holder=default_holder("predictions serve"),
-                lease_seconds=lease_seconds,
-            )
+            if runs is not None:
+                result = await runs.run(
+                    run_config, stop=stop, holder=holder, lease_seconds=lease_seconds
+                )
+            else:
+                assert client is not None
+                result = await run_job(
+                    session_factory,
+                    client,
+                    run_config,
+                    stop=stop,
+                    holder=holder,
+                    lease_seconds=lease_seconds,
+                )
         except RunInProgress as e:
             return _answer(409, "busy", "run_in_progress", error=str(e), lock=e.to_dict())
         except LeaseLost as e:
@@ -241,7 +256,8 @@ def create_app(
             )
         if authorized(request):
             body["last_run"] = last
-            body["pool"] = pool_stats(engine).to_dict()
+            run_engine = runs.engine if runs is not None and runs.engine is not None else engine
+            body["pool"] = pool_stats(run_engine).to_dict()
             body["run_in_progress"] = bool(stops)
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
