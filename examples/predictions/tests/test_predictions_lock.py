@@ -64,13 +64,12 @@ def hanging_run(url: str, *extra: str) -> subprocess.Popen[str]:
         if process.poll() is not None:
             raise AssertionError(f"the run exited early: {process.communicate()}")
         row = lease(url)
-        return (
-            row is not None
-            and row.expires_at is not None
-            and f"pid {process.pid} " in (row.holder or "")
-        )
+        if row is None or row.expires_at is None or f"pid {process.pid} " not in (row.holder or ""):
+            return False
+        # ... and its run record is written (it comes right after the lock).
+        return any(r.status == "running" for r in runs(url))
 
-    wait_until(f"pid {process.pid} to hold the run lock", holds)
+    wait_until(f"pid {process.pid} to hold the run lock and record its run", holds)
     return process
 
 
