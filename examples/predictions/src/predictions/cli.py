@@ -524,7 +524,7 @@ async def _serve(url: str, args: argparse.Namespace, err: TextIO) -> int:
             await engine.dispose()
 
     # This loop serves HTTP only; /health has a small engine of its own.
-    health_engine = make_engine(url, pool_size=1, max_overflow=1, pool_timeout=1.0)
+    health_engine = make_engine(url, pool_size=1, max_overflow=1, pool_timeout=1.0, pre_ping=False)
     try:
         async with RunThread(resources) as runs:
             assert runs.engine is not None

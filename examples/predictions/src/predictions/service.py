@@ -336,7 +336,10 @@ async def serve(
 ) -> None:
     """Serve ``app`` until SIGTERM/SIGINT (port 0: a free one; ``on_started`` gets the URL)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the
+    # socket says it is TCP. Without it, Nagle's algorithm and delayed ACKs added ~40 ms to
+    # every answer (measured: a 404 took 45 ms at p50 instead of 4 ms).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound = sock.getsockname()[1]

@@ -203,7 +203,8 @@ class _EmbeddedServer(uvicorn.Server):
 @asynccontextmanager
 async def serve_app(app: Callable[..., object], *, host: str = "127.0.0.1") -> AsyncIterator[str]:
     """Serve an ASGI app on a free loopback port for the duration of the block; yield its URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP so that asyncio sets TCP_NODELAY on connections (else ~40 ms per answer).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
     port = sock.getsockname()[1]
