@@ -171,8 +171,8 @@ async def _holder(engine: AsyncEngine, name: str) -> RunInProgress:
                 )
             )
         ).first()
-    if row is None:
-        return RunInProgress(None, None, None)
+    if row is None or row.expires_at is None:  # the holder has the lock, not yet the row
+        return RunInProgress("another process (taking the lock this moment)", None, None)
     return RunInProgress(row.holder, row.acquired_at, row.expires_at)
 
 
