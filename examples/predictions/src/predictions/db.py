@@ -14,7 +14,13 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-__all__ = ["DEFAULT_DATABASE_URL", "database_url", "make_engine", "make_session_factory"]
+__all__ = [
+    "DEFAULT_DATABASE_URL",
+    "database_url",
+    "hide_password",
+    "make_engine",
+    "make_session_factory",
+]
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///predictions.db"
 
@@ -34,21 +40,34 @@ def database_url(explicit: str | None = None) -> str:
     return url
 
 
+def hide_password(url: str) -> str:
+    """``url`` with its password as ``***``, for logs and messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: show nothing that could be a secret
+        return "<unparseable database URL>"
+
+
 def make_engine(
     url: str | None = None,
     *,
     pool_size: int = 5,
     max_overflow: int = 5,
     pool_timeout: float = 10.0,
+    pre_ping: bool = True,
 ) -> AsyncEngine:
-    """An engine with a bounded pool: ``pool_size + max_overflow`` connections at most."""
+    """An engine with a bounded pool: ``pool_size + max_overflow`` connections at most.
+
+    ``pre_ping=False`` skips the test query on each checkout (for an engine whose every use
+    is itself a one-query test, such as ``/health``'s).
+    """
     url = database_url(url)
     kwargs: dict[str, Any] = {}
     parsed = make_url(url)
     in_memory = parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
     if not in_memory:  # in-memory SQLite has a single-connection StaticPool
         kwargs.update(pool_size=pool_size, max_overflow=max_overflow, pool_timeout=pool_timeout)
-    engine = create_async_engine(url, pool_pre_ping=True, **kwargs)
+    engine = create_async_engine(url, pool_pre_ping=pre_ping, **kwargs)
     if parsed.get_backend_name() == "sqlite":
 
         @event.listens_for(engine.sync_engine, "connect")
