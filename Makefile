@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml examples/predictions/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,bench]' -e examples/predictions
+	$(PY) -m pip uninstall --quiet --yes batchkit 2>/dev/null || true
+	$(PY) -m pip install --quiet -e '.[dev,bench,docs]' -e examples/predictions
 	touch $(STAMP)
 
 venv: $(STAMP)

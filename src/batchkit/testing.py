@@ -10,7 +10,7 @@
   batch of hour-long items finishes in milliseconds and times are exact.
 - :func:`instant` removes backoff waits, restoring the previous state afterwards.
 
-Hypothesis and looptime are imported only when used (``pip install 'batchkit[testing]'``).
+Hypothesis and looptime are imported only when used (``pip install 'aio-batchkit[testing]'``).
 """
 
 from __future__ import annotations
@@ -556,7 +556,7 @@ class strategies:
     """Hypothesis strategies for item plans, latencies and policies.
 
     Durations are whole multiples of :data:`TICK` (1/64 s) so virtual times add up exactly.
-    Needs Hypothesis (``pip install 'batchkit[testing]'``).
+    Needs Hypothesis (``pip install 'aio-batchkit[testing]'``).
     """
 
     def __init__(self) -> None:  # pragma: no cover - not meant to be instantiated
