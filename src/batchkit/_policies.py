@@ -111,6 +111,7 @@ class Retry:
             )
 
     def should_retry(self, error: Exception) -> bool:
+        """Whether ``retry_on`` selects ``error`` for another attempt."""
         on = self.retry_on
         if isinstance(on, type | tuple):
             return isinstance(error, on)
@@ -221,6 +222,7 @@ class Adaptive:
         _check_number("Adaptive.latency_factor", self.latency_factor, minimum=1.0)
 
     def is_overload(self, error: Exception) -> bool:
+        """Whether ``overload_on`` counts ``error`` as an overload signal."""
         on = self.overload_on
         if on is None:
             return False

@@ -370,10 +370,12 @@ class ContextProbe(Generic[C]):
 
     @property
     def entered(self) -> int:
+        """How many contexts were entered."""
         return sum(1 for c in self.contexts if c.entered_at is not None)
 
     @property
     def exited(self) -> int:
+        """How many contexts were exited (at least once)."""
         return sum(1 for c in self.contexts if c.exits)
 
     def __call__(self) -> AbstractAsyncContextManager[C]:
