@@ -20,8 +20,8 @@ demo: $(STAMP)
 	$(PY) -m predictions demo
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests examples benchmarks
-	$(PY) -m ruff format --check src tests examples benchmarks
+	$(PY) -m ruff check src tests examples benchmarks noxfile.py mkdocs_hooks.py
+	$(PY) -m ruff format --check src tests examples benchmarks noxfile.py mkdocs_hooks.py
 
 typecheck: $(STAMP)
 	$(PY) -m mypy
@@ -49,4 +49,4 @@ bench-quick: $(STAMP)
 	$(PY) -m benchmarks --quick
 
 clean:
-	rm -rf $(VENV) .coverage .mypy_cache .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .coverage .mypy_cache .pytest_cache .ruff_cache .hypothesis .nox site
