@@ -100,3 +100,34 @@ def test_every_public_method_has_a_docstring(name: str, obj: Any) -> None:
         and not inspect.getdoc(member.fget if isinstance(member, property) else member)
     ]
     assert not undocumented, f"{name}: no docstring on {undocumented}"
+
+
+def _rows(text: str) -> dict[str, list[str]]:
+    rows: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) >= 3:
+            rows.setdefault(cells[0], cells[1:])
+    return rows
+
+
+def test_comparison_figures_match_the_performance_page() -> None:
+    """docs/comparison.md copies measured figures; they must be the latest run's."""
+    comparison = (ROOT / "docs" / "comparison.md").read_text(encoding="utf-8")
+    measured = comparison[comparison.index("## Measured cost per item") :]
+    performance = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
+    heading = "### overhead, fn returns at once"
+    assert heading in performance, f"docs/performance.md has no section {heading!r}"
+    section = performance[performance.index(heading) :]
+    section = section[: section.find("\n### ", 1)]
+    source = _rows(section)  # contender -> items, µs/item, x pool, ...
+    for contender, (per_item, ratio) in (
+        (k, v[:2]) for k, v in _rows(measured).items() if k not in ("contender", "---")
+    ):
+        if set(contender) <= {"-", ":"}:
+            continue
+        assert contender in source, f"{contender!r} is not in docs/performance.md's table"
+        assert [per_item, ratio] == source[contender][1:3], (
+            f"docs/comparison.md shows {contender}: {per_item} µs/item, {ratio}x; "
+            f"docs/performance.md now says {source[contender][1:3]}: copy the new figures"
+        )
