@@ -20,8 +20,8 @@ demo: $(STAMP)
 	$(PY) -m predictions demo
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests examples benchmarks noxfile.py mkdocs_hooks.py
-	$(PY) -m ruff format --check src tests examples benchmarks noxfile.py mkdocs_hooks.py
+	$(PY) -m ruff check src tests examples benchmarks noxfile.py mkdocs_hooks.py docs_griffe.py
+	$(PY) -m ruff format --check src tests examples benchmarks noxfile.py mkdocs_hooks.py docs_griffe.py
 
 typecheck: $(STAMP)
 	$(PY) -m mypy
