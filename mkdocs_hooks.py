@@ -56,3 +56,22 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
 
     markdown = _INCLUDE.sub(include, markdown)
     return _relink(markdown, f"docs/{page_path}", page_path)
+
+
+# Pages that join the nav when they exist: (section, title, docs/-relative path).
+OPTIONAL_PAGES = [("How-to guides", "Scaling out with Dask", "how-to/dask.md")]
+
+
+def on_config(config: Any) -> Any:
+    """Add an optional page (e.g. the Dask how-to, written in parallel) to its nav section
+    once its file exists; until then the nav has no slot pointing at a missing page."""
+    docs = Path(config["docs_dir"])
+    for section_title, title, path in OPTIONAL_PAGES:
+        if not (docs / path).exists():
+            continue
+        for section in config["nav"] or []:
+            if isinstance(section, dict) and section_title in section:
+                pages = section[section_title]
+                if not any(path in entry.values() for entry in pages if isinstance(entry, dict)):
+                    pages.append({title: path})
+    return config
