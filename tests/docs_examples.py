@@ -8,7 +8,8 @@ The rules a page follows (docs/contributing-docs.md tells writers):
   one in the virtual-time loop), as pytest would.
 - Top-level ``await`` works. Everything runs in virtual time (looptime): a block can sleep for
   an hour and the test takes milliseconds; ``asyncio.run()`` in a block gets a virtual-time
-  loop too.
+  loop too. A page that says ``<!-- examples: real-time -->`` runs on a normal event loop
+  (for examples that wait on threads, such as aiosqlite's).
 - A block's output is checked when the next block is a ``text`` block preceded by
   ``<!-- example: output -->``: what the Python block printed must equal it (trailing spaces
   ignored).
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pytest
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -39,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>[^`]*)$")
 _DIRECTIVE = re.compile(r"^\s*<!--\s*example:\s*(?P<kind>\w+)\s*(?P<arg>.*?)\s*-->\s*$")
 _SELF_CONTAINED = re.compile(r"<!--\s*examples:\s*self-contained\s*-->")
+_REAL_TIME = re.compile(r"<!--\s*examples:\s*real-time\s*-->")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +69,7 @@ class Example:
     expected_output: str | None
     earlier: tuple[Block, ...]  # the page's earlier runnable blocks, run first
     self_contained: bool
+    real_time: bool = False
 
 
 def pages() -> list[Path]:
@@ -120,7 +125,9 @@ def _directive_before(lines: list[str], fence_index: int) -> tuple[str | None, s
 def examples() -> Iterator[Example]:
     """Every Python block of every page, in order."""
     for page in pages():
-        self_contained = _SELF_CONTAINED.search(page.read_text(encoding="utf-8")) is not None
+        text = page.read_text(encoding="utf-8")
+        self_contained = _SELF_CONTAINED.search(text) is not None
+        real_time = _REAL_TIME.search(text) is not None
         page_blocks = blocks(page)
         earlier: list[Block] = []
         for n, block in enumerate(page_blocks):
@@ -130,12 +137,21 @@ def examples() -> Iterator[Example]:
             expected = None
             if following is not None and following.directive == "output":
                 expected = following.code
-            yield Example(block, expected, tuple(earlier), self_contained)
+            yield Example(block, expected, tuple(earlier), self_contained, real_time)
             if block.directive != "partial":
                 earlier.append(block)
 
 
 # -- running ------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def no_implicit_loop() -> None:
+    """looptime's pytest hook asks the policy for the current loop before every test; on
+    Python 3.12+ that warns (an error under ``filterwarnings = error``) when no loop was ever
+    set, as in a process whose first test is a sync one. Setting "no loop" makes it a quiet
+    RuntimeError. Import it into a test module to use it there."""
+    asyncio.get_event_loop_policy().set_event_loop(None)
+
+
 class _VirtualTimePolicy(asyncio.DefaultEventLoopPolicy):
     """``asyncio.run()`` inside an example gets a looptime loop (virtual time) too."""
 
@@ -148,14 +164,20 @@ class _VirtualTimePolicy(asyncio.DefaultEventLoopPolicy):
         return patched
 
 
-def run_blocks(run: list[Block], namespace: dict[str, Any]) -> str:
-    """Run ``run`` in order in ``namespace``; return what the last block printed."""
+def run_blocks(run: list[Block], namespace: dict[str, Any], *, real_time: bool = False) -> str:
+    """Run ``run`` in order in ``namespace``; return what the last block printed.
+
+    In virtual time, unless ``real_time`` (for pages whose examples wait on threads, such as
+    aiosqlite's: a virtual clock would jump ahead to the next timer while a thread works).
+    """
     import looptime
 
     saved_policy = asyncio.get_event_loop_policy()
-    asyncio.set_event_loop_policy(_VirtualTimePolicy())
+    if not real_time:
+        asyncio.set_event_loop_policy(_VirtualTimePolicy())
     try:
-        with asyncio.Runner(loop_factory=looptime.new_event_loop) as runner:
+        factory = asyncio.new_event_loop if real_time else looptime.new_event_loop
+        with asyncio.Runner(loop_factory=factory) as runner:
             output = ""
             for block in run:
                 output = _run_one(block, namespace, runner)

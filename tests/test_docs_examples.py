@@ -15,6 +15,7 @@ import pytest
 
 from tests import docs_stand_ins
 from tests.docs_examples import ROOT, Example, examples, pages, run_blocks, same_output
+from tests.docs_examples import no_implicit_loop as no_implicit_loop
 
 EXAMPLES = list(examples())
 
@@ -37,7 +38,7 @@ def test_example(example: Example, tmp_path: Any, monkeypatch: pytest.MonkeyPatc
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")  # an example may show a warning on purpose
-            printed = run_blocks([*example.earlier, block], namespace)
+            printed = run_blocks([*example.earlier, block], namespace, real_time=example.real_time)
     finally:
         for handler in root.handlers[:]:
             if handler not in handlers:

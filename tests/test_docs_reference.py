@@ -11,6 +11,7 @@ import pytest
 
 import batchkit
 from tests.docs_examples import ROOT
+from tests.docs_examples import no_implicit_loop as no_implicit_loop
 
 OPTIONS = ROOT / "docs" / "reference" / "options.md"
 _ROW = re.compile(r"^\|\s*`(?P<name>\w+)`\s*\|\s*(?P<default>[^|]+?)\s*\|")

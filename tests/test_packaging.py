@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.docs_examples import ROOT, blocks
+from tests.docs_examples import no_implicit_loop as no_implicit_loop
 
 pytestmark = [pytest.mark.packaging, pytest.mark.timeout(900)]
 
