@@ -354,7 +354,7 @@ def test_the_strategies_reach_every_feature() -> None:
     """Guard against a strategy that quietly stops drawing something."""
     seen: Counter[str] = Counter()
 
-    @settings(max_examples=300, deadline=None, database=None)
+    @settings(max_examples=100, deadline=None, database=None)
     @given(runs(stream_retry=True, deadline_grace=True))
     def tally(run: Run) -> None:
         seen[run.entry] += 1
