@@ -7,7 +7,7 @@ fresh event loop from a synchronous test.
 from __future__ import annotations
 
 import asyncio
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 import sqlalchemy as sa
@@ -278,7 +278,11 @@ async def test_timeout_rolls_back_a_flushed_write(engine: AsyncEngine) -> None:
         return i
 
     report = await batch_process(
-        range(2), fn, context=sessions(async_sessionmaker(engine)), timeout=0.3, concurrency=1
+        range(2),
+        fn,
+        context=sessions(async_sessionmaker(engine)),
+        timeout=TIMEOUT_IN_COMMIT,  # item 1's insert and commit take far less, even when busy
+        concurrency=1,
     )
     assert [o.ok for o in report] == [False, True]
     assert isinstance(report[0], Failure)
@@ -382,13 +386,35 @@ async def test_stream_left_early_returns_every_connection(db_url: str) -> None:
 
 
 # ------------------------------------------------------------------ the commit is interrupted
+# The per-item timeout of the tests whose timeout must land in the commit: what runs before
+# the commit (an insert) must finish within it, so it is far longer than that takes.
+TIMEOUT_IN_COMMIT = 1.0
+
+
+async def until_cancelling(task: asyncio.Task[Any] | None) -> None:
+    """Wait until ``task`` is being cancelled (a timeout, a run stopping, the caller)."""
+    assert task is not None
+    async with asyncio.timeout(HANG_GUARD):
+        while not task.cancelling():
+            await asyncio.sleep(0.005)
+
+
 class SlowCommitSession(AsyncSession):
-    """A session whose commit takes 0.3 s before it really commits (or fails)."""
+    """A session whose commit is still running when the attempt is cancelled: it waits until
+    the task that made the session (the attempt's worker) is being cancelled, then really
+    commits (or fails). So the cancellation lands in the commit however busy the machine,
+    where a fixed 0.3 s commit raced a 0.1 s timeout."""
 
     fail = False
+    wait_for_cancel = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.owner = asyncio.current_task()
 
     async def commit(self) -> None:
-        await asyncio.sleep(0.3)
+        if self.wait_for_cancel:
+            await until_cancelling(self.owner)
         if self.fail:
             raise Boom("commit failed")
         await super().commit()
@@ -398,6 +424,15 @@ class FailingSlowCommitSession(SlowCommitSession):
     fail = True
 
 
+class FailingCommitSession(SlowCommitSession):
+    fail = True
+    wait_for_cancel = False
+
+
+class CommitAtOnceSession(SlowCommitSession):
+    wait_for_cancel = False
+
+
 async def test_timeout_during_a_commit_that_succeeds_is_a_success(engine: AsyncEngine) -> None:
 
     async def fn(i: int, session: SlowCommitSession) -> int:
@@ -405,15 +440,18 @@ async def test_timeout_during_a_commit_that_succeeds_is_a_success(engine: AsyncE
         return i
 
     factory = async_sessionmaker(engine, class_=SlowCommitSession)
-    report = await batch_process([0, 1], fn, context=sessions(factory), timeout=0.1, concurrency=1)
-    # The timeout fired at 0.1 s, in the commit; the commit finished, so the rows are there
-    # and the items report what the database holds.
+    report = await batch_process(
+        [0, 1], fn, context=sessions(factory), timeout=TIMEOUT_IN_COMMIT, concurrency=1
+    )
+    # The timeout fired in the commit; the commit finished, so the rows are there and the
+    # items report what the database holds.
     assert [type(o) for o in report] == [Success, Success]
-    assert all(o.elapsed >= 0.3 for o in report)
+    assert all(o.elapsed >= TIMEOUT_IN_COMMIT for o in report)
     assert await committed_items(engine) == [0, 1]
     assert checked_out(engine) == 0
     # The run goes on normally after absorbing the timeout: nothing left cancelling.
-    report2 = await batch_process([2], fn, context=sessions(factory))
+    at_once = async_sessionmaker(engine, class_=CommitAtOnceSession)
+    report2 = await batch_process([2], fn, context=sessions(at_once))
     assert report2.ok
 
 
@@ -424,7 +462,7 @@ async def test_timeout_during_a_commit_that_fails_is_a_timeout(engine: AsyncEngi
         return i
 
     factory = async_sessionmaker(engine, class_=FailingSlowCommitSession)
-    report = await batch_process([0], fn, context=sessions(factory), timeout=0.1)
+    report = await batch_process([0], fn, context=sessions(factory), timeout=TIMEOUT_IN_COMMIT)
     failure = report[0]
     assert isinstance(failure, Failure)
     assert failure.kind == "timeout"
@@ -435,11 +473,11 @@ async def test_timeout_during_a_commit_that_fails_is_a_timeout(engine: AsyncEngi
 
 async def test_a_failing_commit_without_timeout_is_an_error(engine: AsyncEngine) -> None:
 
-    async def fn(i: int, session: FailingSlowCommitSession) -> int:
+    async def fn(i: int, session: FailingCommitSession) -> int:
         await insert(session, i)
         return i
 
-    factory = async_sessionmaker(engine, class_=FailingSlowCommitSession)
+    factory = async_sessionmaker(engine, class_=FailingCommitSession)
     report = await batch_process([0], fn, context=sessions(factory))
     failure = report[0]
     assert isinstance(failure, Failure)
@@ -451,14 +489,21 @@ async def test_a_failing_commit_without_timeout_is_an_error(engine: AsyncEngine)
 
 async def test_run_stopping_during_a_commit_keeps_the_committed_item(engine: AsyncEngine) -> None:
 
-    async def fn(i: int, session: SlowCommitSession) -> int:
+    in_commit = asyncio.Event()
+
+    class SignallingSession(SlowCommitSession):
+        async def commit(self) -> None:
+            in_commit.set()
+            await super().commit()
+
+    async def fn(i: int, session: SignallingSession) -> int:
         if i == 1:
-            await asyncio.sleep(0.1)  # fails while item 0 is in its commit
+            await in_commit.wait()  # fails while item 0 is in its commit
             raise Boom
         await insert(session, i)
         return i
 
-    factory = async_sessionmaker(engine, class_=SlowCommitSession)
+    factory = async_sessionmaker(engine, class_=SignallingSession)
     report = await batch_process(
         [0, 1], fn, context=sessions(factory), concurrency=2, fail_fast=True
     )
@@ -505,8 +550,9 @@ async def _outside_cancellation(engine: AsyncEngine) -> None:
 
 @pytest.mark.postgres
 async def test_postgres_commit_that_is_slow_on_the_server(postgres_url: str) -> None:
-    """A real slow COMMIT (a deferred trigger sleeps at commit time): the timeout lands while
-    the server commits; the item is reported by what the server did."""
+    """A real slow COMMIT (a deferred trigger sleeps at commit time) after a timeout landed
+    in the commit (the session holds its commit until then, see SlowCommitSession): the item
+    is reported by what the server did."""
     engine = make_engine(postgres_url)
     try:
         await _slow_commit_on_the_server(engine)
@@ -536,8 +582,11 @@ async def _slow_commit_on_the_server(engine: AsyncEngine) -> None:
         await insert(session, i, note="refuse" if i == 1 else "")
         return i
 
+    # The session holds its commit until the timeout fired; then the server's COMMIT is slow
+    # (the trigger) and refuses item 1.
+    factory = async_sessionmaker(engine, class_=SlowCommitSession)
     report = await batch_process(
-        [0, 1], fn, context=sessions(async_sessionmaker(engine)), timeout=0.1, concurrency=2
+        [0, 1], fn, context=sessions(factory), timeout=TIMEOUT_IN_COMMIT, concurrency=2
     )
     assert isinstance(report[0], Success)
     failure = report[1]
@@ -582,7 +631,7 @@ async def test_cancellation_during_release_is_delivered_after_it(engine: AsyncEn
         return i
 
     factory = async_sessionmaker(engine, class_=SlowCommitSession)
-    report = await batch_process([0], fn, context=sessions(factory), timeout=0.1)
+    report = await batch_process([0], fn, context=sessions(factory), timeout=TIMEOUT_IN_COMMIT)
     assert isinstance(report[0], Failure)
     assert report[0].kind == "timeout"
     assert await committed_items(engine) == [0]  # only what release() committed
