@@ -522,14 +522,15 @@ async def test_item06_sync_fn_timeout_starts_when_the_work_starts() -> None:
             if timed_out == {0, 1}:
                 # The blocked threads return 1 s after their timeouts (the issue's "sleeps
                 # 1 s"): long enough for items queued behind them to time out unrun if their
-                # timeouts started at submission. Correct code does not depend on this delay:
-                # the queued items wait for the threads whatever it is.
+                # timeouts started at submission. The timeout is 2 s, not the issue's 0.3 s, so
+                # the items that do run have room on a busy machine. Correct code does not
+                # depend on this delay: the queued items wait for the threads whatever it is.
                 asyncio.get_running_loop().call_later(1.0, release.set)
 
     try:
         report = await within(
             30,
-            batch_process(range(6), blocking, concurrency=2, timeout=0.3, observers=[observer]),
+            batch_process(range(6), blocking, concurrency=2, timeout=2.0, observers=[observer]),
             "batch_process with a blocking sync fn",
         )
     finally:

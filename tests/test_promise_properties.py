@@ -13,10 +13,9 @@ entry point (``batch_process``, ``stream`` ordered or not). Each example runs in
 - with a deadline, the call returns within the deadline plus its grace (1 s by default);
 - without a deadline or a threshold, every envelope says what happened to its item.
 
-Feature combinations broken today (issue 10) are left out of the main property behind the
-``FIXED_*`` flags below; when the fix lands, flip the flag (and remove the ``xfail`` of the
-test that targets it). Those targeted tests run enough derandomized examples to find the bug
-today, so their strict ``xfail`` is stable.
+Two feature combinations were broken (issue 10 items 1 and 3); the ``FIXED_*`` flags below let
+the strategies leave them out while they were. Both are fixed and drawn now; the targeted tests
+at the end run the derandomized examples that found each bug, as regression properties.
 """
 
 from __future__ import annotations
@@ -38,10 +37,10 @@ from .helpers import now
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
 
-# -- what is broken today (issue 10), left out of the main property until fixed -------------
-FIXED_STREAM_RETRY = False
+# -- combinations that were broken (issue 10); drawn since the fixes landed -----------------
+FIXED_STREAM_RETRY = True
 """Item 1: ``stream`` + ``Retry`` deadlocks. Until True, streams are drawn without retries."""
-FIXED_DEADLINE_GRACE = False
+FIXED_DEADLINE_GRACE = True
 """Item 3: a slow cleanup or a stalled async input overruns the deadline. Until True, runs
 with a deadline get no slow cleanup and no stalled input."""
 
@@ -331,9 +330,9 @@ def test_the_promise_holds_on_each_entry_point(entry: Entry, data: st.DataObject
     check(data.draw(runs(entries=(entry,))))
 
 
-# -- the combinations broken today, each with the examples it takes to find it ---------------
+# -- the combinations that were broken (issue 10 items 1 and 3), each with the examples it took
+# to find the bug: they stay as regression properties
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason="issue 10 item 1: stream + Retry deadlocks")
 @settings(COMMON, max_examples=400, derandomize=True, phases=FIND_ONLY)
 @given(runs(entries=("stream", "stream_ordered"), stream_retry=True))
 def test_the_promise_holds_for_streams_with_retries(run: Run) -> None:
@@ -341,9 +340,6 @@ def test_the_promise_holds_for_streams_with_retries(run: Run) -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    strict=True, reason="issue 10 item 3: slow cleanup or a stalled input overruns the deadline"
-)
 @settings(COMMON, max_examples=300, derandomize=True, phases=FIND_ONLY)
 @given(runs(entries=("batch",), deadline_grace=True))
 def test_the_promise_holds_with_slow_cleanup_and_stalled_inputs(run: Run) -> None:

@@ -71,6 +71,7 @@ class Success(Generic[T_co, R_co]):
 
     @property
     def kind(self) -> Literal["success"]:
+        """Always ``"success"``: every outcome has a ``kind`` (see :data:`OutcomeKind`)."""
         return "success"
 
 
