@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
+import re
 import sys
 from typing import TYPE_CHECKING
 
@@ -181,3 +183,83 @@ async def test_close_after_leaving_a_stream_early() -> None:
     assert term.getvalue().count("\n") == 1
     observer.close()  # idempotent
     assert term.getvalue().count("\n") == 1
+
+
+# -- a bar and log records on one terminal -----------------------------------------------
+def screen(text: str) -> list[str]:
+    """What a terminal shows after ``text``: carriage returns, line feeds, and the few ANSI
+    sequences the backends use (erase line, cursor up; cursor visibility is ignored)."""
+    lines: list[list[str]] = [[]]
+    row = col = 0
+    for token in re.findall(r"\x1b\[[0-9;?]*[A-Za-z]|.|\n", text, re.DOTALL):
+        if token == "\r":
+            col = 0
+        elif token == "\n":
+            row, col = row + 1, 0
+            while len(lines) <= row:
+                lines.append([])
+        elif token.startswith("\x1b["):
+            code, arg = token[-1], token[2:-1]
+            if code == "K":
+                lines[row] = [] if arg == "2" else lines[row][:col]
+            elif code == "A":
+                row = max(row - int(arg or 1), 0)
+        else:
+            line = lines[row]
+            line.extend(" " * (col - len(line) + 1))
+            line[col] = token
+            col += 1
+    return ["".join(line).rstrip() for line in lines]
+
+
+@pytest.mark.parametrize("backend", ["plain", "tqdm", "rich"])
+async def test_log_records_are_written_above_the_bar(backend: _progress.Backend) -> None:
+    """A record logged while the bar shows gets a line of its own, never glued to the bar
+    (``...2 in flight]WARNING ...``); the handler gets its stream back when the bar closes."""
+    term = FakeTerminal()
+    logger = logging.getLogger(f"test_progress.{backend}")
+    handler = logging.StreamHandler(term)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.propagate = False
+
+    async def noisy(seconds: int) -> int:
+        await asyncio.sleep(seconds)
+        logger.warning("item %d says hello", seconds)
+        return seconds
+
+    observer = ProgressObserver(file=term, backend=backend, min_interval=0, force=True)
+    try:
+        await batch_process([1, 2, 3], noisy, concurrency=2, name="logs", observers=[observer])
+    finally:
+        logger.removeHandler(handler)
+    assert handler.stream is term
+    shown = [line for line in screen(term.getvalue()) if line]
+    assert [line for line in shown if "hello" in line] == [
+        "WARNING item 1 says hello",
+        "WARNING item 2 says hello",
+        "WARNING item 3 says hello",
+    ]
+    assert "3/3" in shown[-1]  # the bar, last, in its final state
+
+
+async def test_records_to_other_streams_are_left_alone() -> None:
+    term, elsewhere = FakeTerminal(), io.StringIO()
+    handler = logging.StreamHandler(elsewhere)
+    logger = logging.getLogger("test_progress.elsewhere")
+    logger.addHandler(handler)
+    logger.propagate = False
+
+    async def noisy(seconds: int) -> int:
+        logger.warning("to a file")
+        assert handler.stream is elsewhere
+        return seconds
+
+    try:
+        await batch_process(
+            [1], noisy, observers=[ProgressObserver(file=term, backend="plain", force=True)]
+        )
+    finally:
+        logger.removeHandler(handler)
+    assert elsewhere.getvalue() == "to a file\n"
+    assert "to a file" not in term.getvalue()

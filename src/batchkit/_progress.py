@@ -2,12 +2,21 @@
 
 tqdm and rich are optional and imported only when a bar is actually shown, so
 ``progress=True`` costs nothing when the output is not a terminal (a cron job, CI, a pipe).
+
+While a bar shows, log records bound for the same terminal are written *above* it: the
+stream of every console ``logging.StreamHandler`` that writes to the bar's file (or to
+stdout/stderr when both are the terminal) is swapped for a proxy that clears the bar, writes
+the record, and draws the bar again — what tqdm's ``logging_redirect_tqdm`` and rich's
+``RichHandler`` do, for every backend and with no change to the user's logging setup. The
+original streams are put back when the bar closes.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
+import threading
 from typing import TYPE_CHECKING, Any, Literal, TextIO, TypeAlias, final
 
 from ._errors import InvalidArgument, MissingExtra
@@ -88,6 +97,88 @@ class _Display:
     def close(self, state: _State, now: float) -> None:
         raise NotImplementedError
 
+    def write_above(self, stream: Any, text: str) -> None:
+        """Write whole lines of ``text`` to ``stream`` above the bar, and redraw the bar."""
+        raise NotImplementedError
+
+
+def _terminal(stream: object) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty is not None and isatty())
+    except (OSError, ValueError):  # a closed stream
+        return False
+
+
+class _AboveBar:
+    """A log handler's stream while a bar shows: whole lines go above the bar."""
+
+    def __init__(self, stream: Any, display: _Display, lock: threading.RLock) -> None:
+        self.stream = stream
+        self._display = display
+        self._lock = lock
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            lines, newline, rest = (self._pending + text).rpartition("\n")
+            self._pending = rest
+            if newline:
+                self._display.write_above(self.stream, lines + newline)
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._pending:  # a record without a line end: give it one, above the bar
+                text, self._pending = self._pending, ""
+                self._display.write_above(self.stream, text + "\n")
+            self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # encoding, isatty, fileno, ...
+        return getattr(self.stream, name)
+
+
+class _LogRedirect:
+    """Swaps the streams of console log handlers for :class:`_AboveBar` proxies, and back."""
+
+    def __init__(self, file: TextIO, display: _Display, lock: threading.RLock) -> None:
+        self._swapped: list[tuple[logging.StreamHandler[Any], _AboveBar]] = []
+        std = {id(s) for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__) if s}
+        shared_terminal = _terminal(file)
+        for handler in _stream_handlers():
+            stream = handler.stream
+            if isinstance(stream, _AboveBar):
+                continue  # another bar's proxy already
+            if stream is file or (shared_terminal and id(stream) in std and _terminal(stream)):
+                proxy = _AboveBar(stream, display, lock)
+                handler.setStream(proxy)
+                self._swapped.append((handler, proxy))
+
+    def restore(self) -> None:
+        for handler, proxy in reversed(self._swapped):
+            if handler.stream is proxy:
+                proxy.flush()
+                handler.setStream(proxy.stream)
+        self._swapped.clear()
+
+
+def _stream_handlers() -> list[logging.StreamHandler[Any]]:
+    """Console handlers of the root logger and of every logger created so far."""
+    loggers: list[logging.Logger] = [logging.getLogger()]
+    loggers += [
+        lg
+        for lg in list(logging.Logger.manager.loggerDict.values())
+        if isinstance(lg, logging.Logger)
+    ]
+    found: dict[int, logging.StreamHandler[Any]] = {}
+    for lg in loggers:
+        for handler in list(lg.handlers):
+            if isinstance(handler, logging.StreamHandler) and not isinstance(
+                handler, logging.FileHandler
+            ):
+                found.setdefault(id(handler), handler)
+    return list(found.values())
+
 
 class _PlainDisplay(_Display):
     """A carriage-return line: no dependency, and nothing but ``\\r`` and spaces to clear."""
@@ -118,6 +209,15 @@ class _PlainDisplay(_Display):
         self._file.write("\n")
         self._file.flush()
 
+    def write_above(self, stream: Any, text: str) -> None:
+        self._file.write("\r" + " " * self._width + "\r")  # the bar's line, blank
+        if stream is not self._file:
+            self._file.flush()
+        stream.write(text)
+        stream.flush()
+        self._file.write(self._text)
+        self._file.flush()
+
 
 class _TqdmDisplay(_Display):
     def __init__(self, state: _State, file: TextIO, min_interval: float) -> None:
@@ -135,6 +235,7 @@ class _TqdmDisplay(_Display):
             mininterval=min_interval,
             leave=True,
         )
+        self._file = file
         self._failed = -1
         self._in_flight = -1
 
@@ -152,6 +253,12 @@ class _TqdmDisplay(_Display):
     def close(self, state: _State, now: float) -> None:
         self.update(state, now, True)
         self._bar.close()
+
+    def write_above(self, stream: Any, text: str) -> None:
+        # What tqdm.write does: clear the bars on this terminal, write, redraw them.
+        with self._bar.external_write_mode(file=self._file):
+            stream.write(text)
+            stream.flush()
 
 
 class _RichDisplay(_Display):
@@ -194,6 +301,13 @@ class _RichDisplay(_Display):
         self.update(state, now, True)
         self._progress.stop()
 
+    def write_above(self, stream: Any, text: str) -> None:
+        # Through rich's console, like RichHandler: the live display is drawn again below.
+        # (A record bound for the other standard stream shows on the bar's stream meanwhile.)
+        self._progress.console.print(
+            text.rstrip("\n"), markup=False, highlight=False, emoji=False, soft_wrap=True
+        )
+
 
 @final
 class ProgressObserver:
@@ -212,9 +326,22 @@ class ProgressObserver:
 
     Works with unknown totals (iterators, async iterables): the bar then counts up with no ETA.
     The bar is closed when the run finishes. Show one run at a time per observer.
+
+    While the bar shows, records of console ``logging`` handlers that write to the same
+    terminal are printed above it instead of being glued to it; the handlers get their
+    streams back when the bar closes.
     """
 
-    __slots__ = ("_backend", "_display", "_file", "_force", "_min_interval", "_state")
+    __slots__ = (
+        "_backend",
+        "_display",
+        "_file",
+        "_force",
+        "_lock",
+        "_min_interval",
+        "_redirect",
+        "_state",
+    )
 
     def __init__(
         self,
@@ -236,6 +363,9 @@ class ProgressObserver:
         self._force = force
         self._state: _State | None = None
         self._display: _Display | None = None
+        self._redirect: _LogRedirect | None = None
+        # Log records may come from other threads; a bar is drawn by one writer at a time.
+        self._lock = threading.RLock()
 
     def __repr__(self) -> str:
         return f"ProgressObserver(backend={self._backend!r})"
@@ -256,7 +386,9 @@ class ProgressObserver:
             self._display = _RichDisplay(state, file, self._min_interval)
         else:
             self._display = _PlainDisplay(file, self._min_interval)
-        self._display.update(state, event.time, False)
+        with self._lock:
+            self._display.update(state, event.time, False)
+        self._redirect = _LogRedirect(file, self._display, self._lock)
 
     def __call__(self, event: Event) -> None:
         if type(event) is RunStarted:
@@ -281,12 +413,16 @@ class ProgressObserver:
             return
         else:
             return
-        display.update(state, event.time, False)
+        with self._lock:
+            display.update(state, event.time, False)
 
     def close(self, now: float | None = None) -> None:
         """Close the bar now. Called at the run's end; call it yourself if you leave a
         ``stream`` early, which ends the run without a ``RunFinished`` event."""
-        state, display = self._state, self._display
-        self._state = self._display = None
+        state, display, redirect = self._state, self._display, self._redirect
+        self._state = self._display = self._redirect = None
+        if redirect is not None:
+            redirect.restore()
         if state is not None and display is not None:
-            display.close(state, state.now if now is None else now)
+            with self._lock:
+                display.close(state, state.now if now is None else now)

@@ -1,129 +1,248 @@
-"""The command line, called in-process: ``main(argv)`` returns the exit code."""
+"""The command line, as an operator runs it: the real ``predictions`` script in a subprocess."""
 
 from __future__ import annotations
 
-import asyncio
-import io
 import json
-import threading
-from typing import TYPE_CHECKING, TypeVar
+import re
+import shlex
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from sqlalchemy import select
 
-from predictions.cli import main
-from predictions.db import database_url, make_engine, make_session_factory
-from predictions.models import Run
+from predictions.cli import EXIT, _parser
+from predictions.db import database_url
+from predictions.testing import FAST, PREDICTIONS, QUIET_SIM, env, predictions, runs
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-    from pathlib import Path
+    from collections.abc import Iterator
 
-T = TypeVar("T")
-
-QUIET_SIM = ["--error-rate", "0", "--rate-limit-rate", "0", "--hang-rate", "0"]
-# Over loopback HTTP each request costs a few ms of CPU in this one process; a time factor of
-# 0.05 (calls of 0.5-0.75 s) keeps that small next to the simulated latency.
-FAST = ["--time-factor", "0.05", "--concurrency", "4", "--timeout", "60", "--deadline", "300"]
+README = Path(__file__).parents[1] / "README.md"
 
 
-def in_thread(fn: Callable[[], T]) -> T:
-    """Call ``fn`` on a thread of its own: ``main()`` runs ``asyncio.run``, which on the test's
-    thread would replace (and orphan) the event loop pytest-asyncio keeps there."""
-    results: list[T] = []
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            results.append(fn())
-        except BaseException as e:
-            errors.append(e)
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-    return results[0]
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """An empty working directory: commands must create nothing they were not asked to."""
+    path = tmp_path / "cwd"
+    path.mkdir()
+    return path
 
 
-def cli(*argv: str) -> tuple[int, str]:
-    out = io.StringIO()
-    code = in_thread(lambda: main(list(argv), out=out))
-    return code, out.getvalue()
+def test_init_seed_run_report(db_url: str, workdir: Path) -> None:
+    done = predictions("--database-url", db_url, "init-db", cwd=workdir)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.startswith("schema ready in ")
+    done = predictions("--database-url", db_url, "seed", "--markets", "25", cwd=workdir)
+    assert (done.returncode, done.stdout) == (0, "seeded 25 market(s); 25 in total\n")
+    done = predictions("report", "--database-url", db_url, cwd=workdir)  # after the command too
+    assert (done.returncode, done.stdout) == (0, "no runs yet\n")
 
-
-def runs(url: str) -> list[Run]:
-    async def fetch() -> list[Run]:
-        engine = make_engine(url)
-        try:
-            async with make_session_factory(engine)() as session:
-                return list((await session.scalars(select(Run).order_by(Run.id))).all())
-        finally:
-            await engine.dispose()
-
-    return in_thread(lambda: asyncio.run(fetch()))
-
-
-def test_init_seed_run_report(db_url: str) -> None:
-    assert cli("--database-url", db_url, "init-db") == (
-        0,
-        f"schema ready in {make_engine(db_url).url.render_as_string(hide_password=True)}\n",
-    )
-    code, out = cli("--database-url", db_url, "seed", "--markets", "25")
-    assert (code, out) == (0, "seeded 25 market(s); 25 in total\n")
-    assert cli("--database-url", db_url, "seed", "--markets", "25")[1].startswith("seeded 0 ")
-    assert cli("--database-url", db_url, "report") == (0, "no runs yet\n")
-
-    # The simulator is started in-process, over real loopback HTTP.
-    code, out = cli("--database-url", db_url, "run", "--limit", "4", *FAST, *QUIET_SIM)
-    assert code == 0, out
-    assert "upstream: simulator on http://127.0.0.1:" in out
-    assert "outcomes: 4 success; retries 0; saved predictions 4" in out
-    assert "goal (>= 90% predicted): MET" in out
+    done = predictions("--database-url", db_url, "run", "--limit", "4", *FAST, *QUIET_SIM)
+    assert done.returncode == 0, done.stderr
+    # Stdout: the table only. Stderr: where the upstream is.
+    assert "upstream: simulator on http://127.0.0.1:" in done.stderr
+    assert "upstream:" not in done.stdout
+    assert "outcomes: 4 success; retries 0; saved predictions 4" in done.stdout
+    assert "goal (>= 90% predicted): MET; status ok, reason goal_met" in done.stdout
     [run] = runs(db_url)
     assert (run.status, run.total, run.success) == ("ok", 4, 4)
 
-    code, out = cli("--database-url", db_url, "report", "--last", "5")
-    assert code == 0
-    header, row = out.splitlines()
+    done = predictions("--database-url", db_url, "report", "--last", "5")
+    assert done.returncode == 0
+    header, row = done.stdout.splitlines()
     assert header.split()[:3] == ["run", "started", "(UTC)"]
+    assert "wall (s)" in header
     assert row.split()[0] == str(run.id)
     assert " ok " in row
-    assert "c=4 t=60.0 d=300.0 x0.05" in row
+    assert "c=10 t=60.0 d=300.0 x0.02" in row
 
 
-def test_run_json_and_a_missed_goal_exits_1(tmp_path: Path) -> None:
+def test_defaults_are_the_settings_that_fit_the_cron(workdir: Path) -> None:
+    """Item 1: ``run`` and ``serve`` default to what ``demo`` uses, not the old 3/30/55."""
+    url = f"sqlite:///{workdir / 'p.db'}"
+    assert predictions("--database-url", url, "seed", "--markets", "2").returncode == 0
+    done = predictions("--database-url", url, "run", "--time-factor", "0.02", *QUIET_SIM, "--json")
+    # 0 or 1: at this time factor a busy machine may time a market out; not the point here.
+    assert done.returncode in (0, 1), done.stderr
+    config = json.loads(done.stdout)["config"]
+    assert (config["concurrency"], config["timeout"], config["deadline"]) == (10, 20.0, 55.0)
+    for command in ("run", "serve"):
+        text = " ".join(predictions(command, "--help").stdout.split())
+        assert "markets in flight (default: 10)" in text
+        assert "per market, seconds (default: 20.0)" in text
+        assert "whole run, seconds (default: 55.0)" in text
+
+
+def test_run_json_is_the_only_thing_on_stdout_and_a_missed_goal_exits_1(tmp_path: Path) -> None:
+    """Item 7; and an upstream that refuses every call is named as the reason."""
     url = f"sqlite+aiosqlite:///{tmp_path / 'p.db'}"
-    assert cli("--database-url", url, "seed", "--markets", "3")[0] == 0
+    assert predictions("--database-url", url, "seed", "--markets", "3").returncode == 0
     # Nothing listens on port 9 of loopback: every call is refused (transient, retried).
-    code, out = cli(
+    done = predictions(
         "--database-url", url, "run", *FAST, "--attempts", "2", "--json",
         "--upstream-url", "http://127.0.0.1:9",
     )  # fmt: skip
-    assert code == 1
-    body = json.loads(out)
-    assert body["status"] == "failed"
+    assert done.returncode == EXIT["failed"] == 1
+    body = json.loads(done.stdout)  # the whole of stdout is one JSON document
+    assert (body["status"], body["reason"]) == ("failed", "upstream_unavailable")
     assert body["counts"]["error"] == 3
     assert all(m["attempts"] == 2 for m in body["markets"])
     assert all("ConnectError" in m["error"] for m in body["markets"])
+    assert done.stderr.startswith("upstream: http://127.0.0.1:9")
     assert [r.status for r in runs(url)] == ["failed"]
 
 
-def test_demo_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "predictions-demo.db").write_text("stale")  # replaced, not reused
-    code, out = cli("demo", "--time-factor", "0.02", "--markets", "12")
-    assert "-- cron tick 1, the old settings" in out
-    assert "-- cron tick 2, settings that fit a 60 s cron" in out
-    assert "summary: tick 1 predicted " in out
-    first, second = runs("sqlite+aiosqlite:///predictions-demo.db")
-    assert first.total == second.total == 12
-    assert first.config["concurrency"] == 3
-    assert second.config["concurrency"] == 10
-    # The exit code is the last run's goal, as recorded.
-    assert code == (0 if second.status == "ok" else 1)
-    assert f"goal of the last run: {'MET' if code == 0 else 'MISSED'}" in out
+def test_an_empty_market_table_is_not_success(db_url: str) -> None:
+    """Item 2: status ``empty``, reason ``no_active_markets``, exit code 3."""
+    assert predictions("--database-url", db_url, "init-db").returncode == 0
+    done = predictions("--database-url", db_url, "run", *FAST, "--json")
+    assert done.returncode == EXIT["empty"] == 3
+    body = json.loads(done.stdout)
+    assert (body["status"], body["reason"], body["goal_met"], body["total"]) == (
+        "empty", "no_active_markets", False, 0
+    )  # fmt: skip
+    assert [r.status for r in runs(db_url)] == ["empty"]
+    text = predictions("--database-url", db_url, "run", *FAST)
+    assert "no active market to predict: status empty, reason no_active_markets" in text.stdout
+
+
+def test_each_run_draws_its_own_seed_unless_given(tmp_path: Path) -> None:
+    """Item 3: the simulator's seed is new per run (printed), or the one ``--seed`` gives."""
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    assert predictions("--database-url", url, "seed", "--markets", "1").returncode == 0
+    seeds = []
+    for extra in ([], [], ["--seed", "42"]):
+        done = predictions("--database-url", url, "run", *FAST, *QUIET_SIM, *extra)
+        assert done.returncode == 0, done.stderr
+        match = re.search(r"seed (\d+), --seed to replay", done.stderr)
+        assert match, done.stderr
+        seeds.append(int(match[1]))
+    assert seeds[0] != seeds[1]  # 1 in 2**31 to collide
+    assert seeds[2] == 42
+
+
+def test_times_are_real_world_seconds_labelled(tmp_path: Path) -> None:
+    """Item 4: configured and measured times in one unit, real-world seconds, labelled."""
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    assert predictions("--database-url", url, "seed", "--markets", "1").returncode == 0
+    hang = ["--error-rate", "0", "--rate-limit-rate", "0", "--hang-rate", "1"]
+    argv = ["--database-url", url, "run", "--time-factor", "0.02", "--timeout", "20"]
+    argv += ["--deadline", "300", "--attempts", "1", *hang]
+    table = predictions(*argv)
+    assert table.returncode == 1
+    assert "times in real-world seconds (measured seconds / time factor 0.02)" in table.stdout
+    assert "timeout=20 s" in table.stdout
+    assert "ItemTimeout: timed out after 20 s" in table.stdout  # not the measured 0.4 s
+    [row] = [line for line in table.stdout.splitlines() if " timeout " in line]
+    assert float(row.split()[3]) >= 20.0  # the time column: real-world seconds too
+    body = json.loads(predictions(*argv, "--json").stdout)
+    assert body["units"] == "real-world seconds (measured seconds / time_factor)"
+    [market] = body["markets"]
+    assert market["error"] == "ItemTimeout: timed out after 20 s"
+    assert market["elapsed"] >= 20.0
+    assert body["wall_time"] >= 20.0 > body["measured_wall_time"]
+
+
+BAD_INPUT = [
+    (["run", "--limit", "-5"], "argument --limit: must be an integer in [1, 1000], got -5"),
+    (["run", "--concurrency", "0"], "argument --concurrency: must be an integer in [1, 1000]"),
+    (["run", "--timeout", "0"], "argument --timeout: must be a number > 0, got 0"),
+    (["run", "--deadline", "-1"], "argument --deadline: must be a number > 0, got -1"),
+    (["run", "--min-success", "2"], "argument --min-success: must be a number in [0, 1], got 2"),
+    (["run", "--attempts", "x"], "argument --attempts: must be an integer in [1, 100], got 'x'"),
+    (["run", "--error-rate", "0.6", "--hang-rate", "0.5"], "--error-rate + --rate-limit-rate"),
+    (["serve", "--port", "70000"], "argument --port: must be an integer in [0, 65535]"),
+    (["seed", "--markets", "0"], "argument --markets: must be an integer in [1, 100000]"),
+    (["report", "--last", "0"], "argument --last: must be an integer in [1, 10000], got 0"),
+    (["demo", "--time-factor", "0"], "argument --time-factor: must be a number > 0, got 0"),
+    (["--database-url", "mysql://h/d", "report"], "--database-url: must be a sqlite or"),
+    (["serve", "--host", "0.0.0.0"], "--host 0.0.0.0: serving beyond loopback needs"),
+    (["run", "--unknown"], "unrecognized arguments: --unknown"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
+def test_bad_input_is_one_line_exit_2_and_creates_nothing(
+    argv: list[str], message: str, workdir: Path
+) -> None:
+    """Item 8: one line naming the option and its valid range, exit 2, no file created."""
+    done = predictions(*argv, cwd=workdir)
+    assert done.returncode == EXIT["usage"] == 2
+    assert done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert message in done.stderr
+    assert list(workdir.iterdir()) == []
+
+
+def test_report_on_a_fresh_database_creates_nothing(db_url: str, workdir: Path) -> None:
+    """Item 8: no traceback, no empty ``predictions.db`` left behind."""
+    done = predictions("report", cwd=workdir)  # the default database: ./predictions.db
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == "no runs yet (no database at predictions.db)\n"
+    assert list(workdir.iterdir()) == []
+    done = predictions("--database-url", db_url, "report", cwd=workdir)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.startswith("no runs yet")
+    assert list(workdir.iterdir()) == []
+
+
+def test_an_unreachable_database_is_one_line(tmp_path: Path) -> None:
+    url = f"postgresql://nobody:s3cret@/nowhere?host={tmp_path / 'no-server'}"
+    done = predictions("--database-url", url, "run", *FAST)
+    assert done.returncode == EXIT["unavailable"] == 69
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("predictions: database unavailable (postgresql+asyncpg://")
+    assert "s3cret" not in done.stderr
+
+
+def _options(command: str) -> Iterator[tuple[str, object]]:
+    parser = _parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]  # type: ignore[index]
+    for action in sub._actions:
+        if action.option_strings and action.help and action.default is not None:
+            yield action.option_strings[-1], action.default
+
+
+@pytest.mark.parametrize("command", ["seed", "run", "report", "serve", "demo", "simulator"])
+def test_every_help_shows_the_defaults(command: str) -> None:
+    """Item 8: ``--help`` says the default of every option that has one."""
+    text = " ".join(predictions(command, "--help").stdout.split())
+    options = dict(_options(command))
+    assert options
+    for option, default in options.items():
+        if option in ("--help", "--database-url") or default is False:
+            continue
+        assert re.search(rf"{option} \S+ .*?\(default: {re.escape(str(default))}\)", text), option
+
+
+def test_log_shows_the_apps_and_batchkits_records_only(tmp_path: Path) -> None:
+    """Item 9: ``--log`` is batchkit's events, not httpx's line per request."""
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    assert predictions("--database-url", url, "seed", "--markets", "2").returncode == 0
+    done = predictions("--database-url", url, "run", *FAST, *QUIET_SIM, "--log")
+    assert done.returncode == 0
+    assert "INFO batchkit: batch started name=predictions total=2" in done.stderr
+    assert "HTTP Request" not in done.stderr
+    everything = predictions("--database-url", url, "run", *FAST, *QUIET_SIM, "--log-all")
+    assert "INFO httpx: HTTP Request: GET http://127.0.0.1:" in everything.stderr
+
+
+def test_the_readme_commands_work_as_written() -> None:
+    """Item 10: the README shows ``.venv/bin/predictions ...``; each parses, and it exists."""
+    commands = [
+        shlex.split(line.split("$ ", 1)[1].split("  #")[0])
+        for line in README.read_text().splitlines()
+        if line.startswith("$ .venv/bin/predictions")
+    ]
+    assert len(commands) >= 6
+    assert PREDICTIONS.name == "predictions"
+    assert PREDICTIONS.exists()
+    seen = set()
+    for argv in commands:
+        args = _parser().parse_args(argv[1:])
+        seen.add(args.command)
+    assert {"init-db", "seed", "run", "report", "serve", "demo", "simulator"} <= seen
+    assert predictions("--help").returncode == 0
 
 
 def test_database_url_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -135,7 +254,35 @@ def test_database_url_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     assert database_url("postgresql://h/d") == "postgresql+asyncpg://h/d"
 
 
-def test_usage_errors_exit_2() -> None:
-    with pytest.raises(SystemExit) as info:
-        cli()
-    assert info.value.code == 2
+def test_demo_uses_the_given_database_and_shows_a_market_recover(
+    db_url: str, workdir: Path
+) -> None:
+    """Items 1, 3, 6: both ticks on the defaults; the market down in tick 1 is predicted in
+    tick 2; ``--database-url`` is honoured (no ``predictions-demo.db`` appears)."""
+    # The default time factor (0.2): a busy machine's HTTP overhead stays small next to it.
+    argv = ["demo", "--database-url", db_url, "--markets", "6", "--seed", "3"]
+    done = predictions(*argv, cwd=workdir)
+    assert "-- cron tick 1 (the upstream is down for BTC-100K-DEC)" in done.stdout
+    assert "-- cron tick 2 (the outage is over)" in done.stdout
+    first, second = runs(db_url)
+    assert first.total == second.total == 6
+    assert first.config["concurrency"] == second.config["concurrency"] == 10
+    assert first.config["timeout"] == second.config["timeout"] == 20
+    recovered = re.search(r"failed in tick 1, predicted in tick 2: (.*)", done.stdout)
+    assert recovered, done.stdout
+    assert "BTC-100K-DEC" in recovered[1].split(", ")
+    assert done.returncode == (0 if second.status == "ok" else 1)
+    assert list(workdir.iterdir()) == []
+
+
+def test_demo_json_on_database_url_from_the_environment(workdir: Path) -> None:
+    url = f"sqlite:///{workdir.parent / 'env.db'}"
+    done = predictions(
+        "demo", "--time-factor", "0.02", "--markets", "6", "--json",
+        cwd=workdir, environ=env(DATABASE_URL=url),
+    )  # fmt: skip
+    body = json.loads(done.stdout)
+    assert [b["total"] for b in body] == [6, 6]
+    assert "database: sqlite+aiosqlite:///" in done.stderr
+    assert len(runs(url)) == 2
+    assert list(workdir.iterdir()) == []

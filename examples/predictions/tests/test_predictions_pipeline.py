@@ -221,8 +221,9 @@ async def test_pool_never_exhausted_at_concurrency_10_with_pool_size_5(
 
 
 async def test_a_retried_write_in_the_same_run_updates_its_row(
-    session_factory: async_sessionmaker[AsyncSession], simulate: Simulate
+    engine: AsyncEngine, session_factory: async_sessionmaker[AsyncSession], simulate: Simulate
 ) -> None:
+    from predictions.lock import hold_run_lock
     from predictions.pipeline import _predict_one
 
     [market] = await select_markets(session_factory, 1)
@@ -232,10 +233,13 @@ async def test_a_retried_write_in_the_same_run_updates_its_row(
         await session.flush()
         run_id = run.id
     predict = _predict_one
-    async with simulate(SimulatorConfig(time_factor=F)) as (client, _):
+    async with (
+        simulate(SimulatorConfig(time_factor=F)) as (client, _),
+        hold_run_lock(engine) as lease,
+    ):
         for _attempt in range(2):
             async with session_factory() as session:
-                await predict(client, run_id)(MarketRef(market.id, market.symbol), session)
+                await predict(client, run_id, lease)(MarketRef(market.id, market.symbol), session)
                 await session.commit()
     async with session_factory() as session:
         rows = (await session.scalars(select(Prediction).where(Prediction.run_id == run_id))).all()

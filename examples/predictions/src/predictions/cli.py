@@ -1,129 +1,272 @@
-"""``python -m predictions``: init-db, seed, run, report, serve, demo."""
+"""``predictions``: init-db, seed, run, report, serve, demo, simulator.
+
+Stdout carries a command's result only (a table, or JSON with ``--json``); every other line
+(where the upstream is, which database, progress, logs) goes to stderr.
+
+Exit codes: 0 done (a run met its goal); 1 a run missed its goal or was interrupted; 2 bad
+input (one line naming the option and its valid range; nothing was created); 3 nothing to do
+(no active market); 69 the database is unavailable; 75 another run holds the lock (try again
+later). A run stopped by SIGTERM/SIGINT records its partial result and releases the lock first.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import ipaddress
 import json
 import logging
 import os
+import secrets
+import signal
 import sys
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
-from sqlalchemy import select
+import sqlalchemy.exc
+from sqlalchemy import inspect, select
+from sqlalchemy.engine import make_url
 
 import batchkit
 
-from .db import database_url, make_engine, make_session_factory
+from .db import database_url, hide_password, make_engine, make_session_factory
+from .lock import LEASE_SECONDS, LeaseLost, RunInProgress, default_holder
 from .models import Run, count_markets, create_schema, seed_markets
-from .pipeline import RunConfig, RunResult, run_job
-from .simulator import SimulatorConfig, serve_simulator
+from .pipeline import RunConfig, RunResult, Stop, describe_error, run_job
+from .simulator import SimulatorConfig, create_simulator, serve_simulator
 from .upstream import SignalsUnavailable, UpstreamClient, UpstreamURLs
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncIterator, Callable, Sequence
 
-    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+    from starlette.applications import Starlette
 
-__all__ = ["main"]
+__all__ = ["EXIT", "main"]
+
+log = logging.getLogger("predictions")
 
 UPSTREAM_ENV = "PREDICTIONS_UPSTREAM_URL"
+TOKEN_ENV = "PREDICTIONS_TOKEN"
 DEMO_DATABASE = "predictions-demo.db"
+MAX_LIMIT = 1000
+DEFAULTS = RunConfig()
 
-# The configuration that fits a 60 s cron (see docs/from-batches-to-batchkit.md): the
-# seed job's concurrency=3, timeout=30 cannot fit 20 markets of 10-15 s into 55 s.
-CRON_FIT = {"concurrency": 10, "timeout": 20.0, "deadline": 55.0}
+EXIT = {
+    "ok": 0,
+    "failed": 1,
+    "interrupted": 1,
+    "usage": 2,
+    "empty": 3,
+    "unavailable": 69,  # sysexits EX_UNAVAILABLE
+    "busy": 75,  # sysexits EX_TEMPFAIL: another run holds the lock, try again later
+}
 
 
 # ------------------------------------------------------------------------------ arguments
+class _Parser(argparse.ArgumentParser):
+    """Bad input is one line (``predictions run: error: argument --limit: ...``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _number(
+    kind: type[int] | type[float], low: float | None, high: float | None, *, open_low: bool = False
+) -> Callable[[str], Any]:
+    """An argparse type: ``kind`` within [low, high] (``(low, high]`` with ``open_low``)."""
+    if low is None:
+        valid = f"<= {high:g}"
+    elif high is None:
+        valid = f"{'>' if open_low else '>='} {low:g}"
+    else:
+        valid = f"in {'(' if open_low else '['}{low:g}, {high:g}]"
+    what = "an integer" if kind is int else "a number"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what} {valid}, got {text!r}") from None
+        too_low = low is not None and (value <= low if open_low else value < low)
+        if too_low or (high is not None and value > high) or value != value:
+            raise argparse.ArgumentTypeError(f"must be {what} {valid}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+POSITIVE = _number(float, 0, None, open_low=True)
+RATE = _number(float, 0, 1)
+
+
+def _subparser(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(
+        name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    # Also accepted after the command (``demo --database-url ...``); SUPPRESS keeps the
+    # global option's value when it is not given here.
+    p.add_argument("--database-url", default=argparse.SUPPRESS, help="as the global option")
+    return p
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="predictions",
         description="Market predictions from slow, flaky upstream APIs, on batchkit.",
+        epilog="Exit codes: 0 ok, 1 goal missed or interrupted, 2 bad input, 3 no active "
+        "market, 69 database unavailable, 75 another run holds the lock.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "--database-url",
         default=None,
-        help="SQLAlchemy URL (default: $DATABASE_URL, else sqlite in ./predictions.db)",
+        help="SQLAlchemy URL; if not given: $DATABASE_URL, else sqlite in ./predictions.db",
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    sub.add_parser("init-db", help="create the tables")
+    _subparser(sub, "init-db", "create the tables")
 
-    seed = sub.add_parser("seed", help="insert a realistic set of markets")
-    seed.add_argument("--markets", type=int, default=20, help="how many (default 20)")
+    seed = _subparser(sub, "seed", "insert a realistic set of markets")
+    seed.add_argument("--markets", type=_number(int, 1, 100_000), default=20, help="how many")
 
-    run = sub.add_parser("run", help="run the job once and print its summary")
+    run = _subparser(sub, "run", "run the job once and print its summary")
     _run_args(run)
     _upstream_args(run)
-    run.add_argument("--json", action="store_true", help="print the summary as JSON")
-    run.add_argument("--log", action="store_true", help="log batchkit events (INFO)")
+    run.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    _log_args(run)
 
-    report = sub.add_parser("report", help="the last runs")
-    report.add_argument("--last", type=int, default=10)
+    report = _subparser(sub, "report", "the last runs")
+    report.add_argument("--last", type=_number(int, 1, 10_000), default=10, help="how many runs")
 
-    serve = sub.add_parser("serve", help="HTTP service: POST /predictions/generate, GET /health")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve = _subparser(sub, "serve", "HTTP service: POST /predictions/generate, GET /health")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=_number(int, 0, 65535), default=8000, help="port")
+    serve.add_argument(
+        "--insecure-no-token",
+        action="store_true",
+        help=f"serve on a non-loopback host without ${TOKEN_ENV} (anyone who reaches the "
+        "port may start runs; only behind an authenticating proxy)",
+    )
     _run_args(serve)
     _upstream_args(serve)
+    _log_args(serve)
 
-    demo = sub.add_parser("demo", help="everything, embedded: SQLite file, simulated upstream")
-    demo.add_argument("--markets", type=int, default=20)
+    demo = _subparser(
+        sub, "demo", "everything, embedded: a fresh SQLite file, the simulated upstream"
+    )
+    demo.add_argument("--markets", type=_number(int, 1, 1000), default=20, help="how many")
     demo.add_argument(
         "--time-factor",
-        type=float,
+        type=POSITIVE,
         default=0.2,
-        help="scale real-world durations (10-15 s calls, 55 s deadline); default 0.2",
+        help="scale real-world durations (10-15 s calls, 55 s deadline)",
     )
-    demo.add_argument("--seed", type=int, default=1, help="the simulator's random seed")
-    demo.add_argument("--json", action="store_true", help="print both runs as JSON")
+    demo.add_argument(
+        "--seed", type=_number(int, 0, None), default=None, help="simulator seed; default: new"
+    )
+    demo.add_argument("--json", action="store_true", help="print both runs as JSON on stdout")
+
+    simulator = _subparser(sub, "simulator", "serve the simulated upstream on its own")
+    simulator.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    simulator.add_argument(
+        "--port", type=_number(int, 0, 65535), default=8001, help="port (0: any free one)"
+    )
+    _simulator_args(simulator)
     return p
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
+    d = DEFAULTS
     g = p.add_argument_group("run", "durations in real-world seconds (see --time-factor)")
-    g.add_argument("--limit", type=int, default=20, help="markets per run (default 20)")
-    g.add_argument("--concurrency", type=int, default=3, help="markets in flight (default 3)")
-    g.add_argument("--timeout", type=float, default=30.0, help="per market (default 30)")
-    g.add_argument("--deadline", type=float, default=55.0, help="whole run (default 55)")
-    g.add_argument("--attempts", type=int, default=3, help="per market, retries included")
+    g.add_argument(
+        "--limit", type=_number(int, 1, MAX_LIMIT), default=d.limit, help="markets per run"
+    )
+    g.add_argument(
+        "--concurrency", type=_number(int, 1, 1000), default=d.concurrency, help="markets in flight"
+    )
+    g.add_argument("--timeout", type=POSITIVE, default=d.timeout, help="per market, seconds")
+    g.add_argument("--deadline", type=POSITIVE, default=d.deadline, help="whole run, seconds")
+    g.add_argument(
+        "--attempts",
+        type=_number(int, 1, 100),
+        default=d.attempts,
+        help="per market, retries included",
+    )
     g.add_argument(
         "--min-success",
-        type=float,
-        default=0.9,
-        help="the goal: share of markets predicted, else exit code 1 (default 0.9)",
+        type=RATE,
+        default=d.min_success_ratio,
+        help="the goal: share of markets predicted, else exit code 1",
+    )
+    g.add_argument(
+        "--lease-seconds",
+        type=POSITIVE,
+        default=LEASE_SECONDS,
+        help="SQLite: the run lock's lease, renewed by the run; a crashed run blocks no longer",
+    )
+
+
+def _simulator_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("simulated upstream")
+    g.add_argument("--time-factor", type=POSITIVE, default=1.0, help="scale real-world durations")
+    g.add_argument("--error-rate", type=RATE, default=0.02, help="share of calls answering 503")
+    g.add_argument("--rate-limit-rate", type=RATE, default=0.03, help="share answering 429")
+    g.add_argument("--hang-rate", type=RATE, default=0.01, help="share that hang")
+    g.add_argument(
+        "--seed", type=_number(int, 0, None), default=None, help="random seed; default: new per run"
     )
 
 
 def _upstream_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("upstream")
-    g.add_argument(
+    p.add_argument(
         "--upstream-url",
         default=os.environ.get(UPSTREAM_ENV),
-        help=f"base URL of the APIs (${UPSTREAM_ENV}); default: start the simulator",
+        help=f"base URL of the APIs (${UPSTREAM_ENV}); if not given, start the simulator",
     )
-    g.add_argument("--time-factor", type=float, default=1.0, help="simulator speed-up")
-    g.add_argument("--error-rate", type=float, default=0.02, help="simulator: 503 rate")
-    g.add_argument("--rate-limit-rate", type=float, default=0.03, help="simulator: 429 rate")
-    g.add_argument("--hang-rate", type=float, default=0.01, help="simulator: hang rate")
-    g.add_argument("--seed", type=int, default=0, help="simulator: random seed")
+    _simulator_args(p)
 
 
-def _config(args: argparse.Namespace, **overrides: Any) -> RunConfig:
-    values: dict[str, Any] = {
-        "limit": args.limit,
-        "concurrency": args.concurrency,
-        "timeout": args.timeout,
-        "deadline": args.deadline,
-        "attempts": args.attempts,
-        "min_success_ratio": args.min_success,
-        "time_factor": args.time_factor,
-    }
-    values.update(overrides)
-    return RunConfig(**values)
+def _log_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("logging (stderr)")
+    g.add_argument(
+        "--log", action="store_true", help="log the app's and batchkit's records at INFO"
+    )
+    g.add_argument(
+        "--log-all", action="store_true", help="also other libraries' INFO records (httpx, ...)"
+    )
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """Checks across options, and the database URL: the resolved URL, or exit 2."""
+    if hasattr(args, "error_rate"):
+        total = args.error_rate + args.rate_limit_rate + args.hang_rate
+        if total > 1:
+            parser.error(
+                f"--error-rate + --rate-limit-rate + --hang-rate must be <= 1, got {total:g}"
+            )
+    url = database_url(getattr(args, "database_url", None))
+    try:
+        backend = make_url(url).get_backend_name()
+    except sqlalchemy.exc.ArgumentError:
+        parser.error(f"--database-url: not a database URL: {hide_password(url)!r}")
+    if backend not in ("sqlite", "postgresql"):
+        parser.error(f"--database-url: must be a sqlite or postgresql URL, got {backend!r}")
+    return url
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    return RunConfig(
+        limit=args.limit,
+        concurrency=args.concurrency,
+        timeout=args.timeout,
+        deadline=args.deadline,
+        attempts=args.attempts,
+        min_success_ratio=args.min_success,
+        time_factor=args.time_factor,
+    )
 
 
 def _simulator(args: argparse.Namespace) -> SimulatorConfig:
@@ -132,94 +275,131 @@ def _simulator(args: argparse.Namespace) -> SimulatorConfig:
         rate_limit_rate=args.rate_limit_rate,
         hang_rate=args.hang_rate,
         time_factor=args.time_factor,
-        seed=args.seed,
+        seed=args.seed if args.seed is not None else secrets.randbelow(2**31),
+    )
+
+
+def _describe_simulator(base: str, sim: SimulatorConfig) -> str:
+    return (
+        f"upstream: simulator on {base} (calls {sim.latency[0]:g}-{sim.latency[1]:g} s "
+        f"x time factor {sim.time_factor:g}; 503 {sim.error_rate:.0%}, "
+        f"429 {sim.rate_limit_rate:.0%}, hang {sim.hang_rate:.0%}; seed {sim.seed}, "
+        "--seed to replay)"
     )
 
 
 @asynccontextmanager
-async def _upstream(
-    args: argparse.Namespace, out: TextIO, simulator: SimulatorConfig | None = None
-) -> AsyncIterator[UpstreamClient]:
+async def _upstream(args: argparse.Namespace, err: TextIO) -> AsyncIterator[UpstreamClient]:
     """A client for ``--upstream-url``, or for the simulator started here for the block."""
     async with AsyncExitStack() as stack:
-        given: str | None = getattr(args, "upstream_url", None)
-        if given is not None:
-            base = given
-        else:
-            sim = simulator or _simulator(args)
+        given: str | None = args.upstream_url
+        if given is None:
+            sim = _simulator(args)
             base, _app = await stack.enter_async_context(serve_simulator(sim))
-            print(
-                f"upstream: simulator on {base} (calls {sim.latency[0]:g}-{sim.latency[1]:g} s "
-                f"x time factor {sim.time_factor:g}; 503 {sim.error_rate:.0%}, "
-                f"429 {sim.rate_limit_rate:.0%}, hang {sim.hang_rate:.0%})",
-                file=out,
-            )
+            print(_describe_simulator(base, sim), file=err)
+        else:
+            base = given
+            print(f"upstream: {base}", file=err)
         yield await stack.enter_async_context(UpstreamClient(UpstreamURLs.single(base)))
 
 
-def _observers(log: bool) -> list[batchkit.Observer]:
-    if not log:
+def _configure_logging(args: argparse.Namespace) -> list[batchkit.Observer]:
+    """WARNING and up from everyone on stderr; with ``--log`` the app's and batchkit's INFO
+    records too (not httpx's one line per request, unless ``--log-all``)."""
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "log_all", False) else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not getattr(args, "log", False) and not getattr(args, "log_all", False):
         return []
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for name in ("predictions", "batchkit"):
+        logging.getLogger(name).setLevel(logging.INFO)
     return [batchkit.LoggingObserver()]
 
 
+@asynccontextmanager
+async def _signals_stop(stop: Stop) -> AsyncIterator[None]:
+    """SIGTERM/SIGINT ask the run to stop (and record what it has); a second one is final."""
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+
+    def handle(sig: signal.Signals) -> None:
+        if stop.event.is_set() and main is not None:
+            main.cancel()
+            return
+        print(f"\n{sig.name}: stopping the run (again to abort)", file=sys.stderr)
+        stop.set(sig.name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, handle, sig)
+    try:
+        yield
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
 # ------------------------------------------------------------------------------- summary
-def _describe(error: BaseException) -> str:
+def _describe(error: BaseException, config: RunConfig) -> str:
     if isinstance(error, batchkit.ItemSkipped | batchkit.ItemCancelled):
         return f"{error.reason}: first in line next run"
     if isinstance(error, SignalsUnavailable):
         return f"SignalsUnavailable: {error.message}"
-    text = f"{type(error).__name__}: {error}"
+    text = describe_error(error, config)
     return text if len(text) <= 70 else text[:67] + "..."
 
 
 def format_result(result: RunResult, title: str = "") -> str:
+    """The run as a table. Every time is in real-world seconds (measured / time factor)."""
     r = result.report
     c = result.config
     f = c.time_factor
+    scaled = f" (measured seconds / time factor {f:g})" if f != 1 else ""
     lines = [f"== run {result.run_id}{': ' + title if title else ''} =="]
     lines.append(
-        f"config: limit={c.limit} concurrency={c.concurrency} timeout={c.timeout:g}s "
-        f"deadline={c.deadline:g}s attempts={c.attempts}"
-        + (f" (time factor {f:g})" if f != 1 else "")
+        f"config: limit={c.limit} concurrency={c.concurrency} timeout={c.timeout:g} s "
+        f"deadline={c.deadline:g} s attempts={c.attempts}; times in real-world seconds{scaled}"
     )
-    lines.append(f"{'market':<24}{'outcome':<11}{'tries':>5}{'time':>9}  result")
+    if not len(r):
+        lines.append(
+            "no active market to predict: status empty, reason no_active_markets "
+            "(seed markets: predictions seed)"
+        )
+        return "\n".join(lines)
+    lines.append(f"{'market':<24}{'outcome':<11}{'tries':>5}{'time (s)':>10}  result")
     for o in r:
         if isinstance(o, batchkit.Success):
             outcome = "success"
             detail = f"p={o.value.probability:.3f} confidence={o.value.confidence:.2f}"
         else:
             outcome = o.kind
-            detail = _describe(o.error)
+            detail = _describe(o.error, c)
         lines.append(
-            f"{o.item.symbol:<24}{outcome:<11}{o.attempts:>5}{o.elapsed / f:>8.1f}s  {detail}"
+            f"{o.item.symbol:<24}{outcome:<11}{o.attempts:>5}{o.elapsed / f:>10.1f}  {detail}"
         )
-    counts = ", ".join(f"{v} {k}" for k, v in r.counts.items() if v) or "no markets"
+    counts = ", ".join(f"{v} {k}" for k, v in r.counts.items() if v)
     lines.append(f"outcomes: {counts}; retries {r.retries}; saved predictions {result.saved}")
-    wall = f"{r.wall_time / f:.1f}s" + (
-        f" (measured {r.wall_time:.2f}s at x{f:g})" if f != 1 else ""
-    )
+    measured = f" (measured {r.wall_time:.2f} s)" if f != 1 else ""
     lines.append(
-        f"wall time: {wall} against a {c.deadline:g}s deadline"
+        f"wall time: {r.wall_time / f:.1f} s{measured} against a {c.deadline:g} s deadline"
         f"{' (the deadline stopped the run)' if r.deadline_hit else ''}; "
-        f"sum of market times {r.item_time / f:.1f}s (what one market at a time would wait)"
+        f"sum of market times {r.item_time / f:.1f} s (what one market at a time would wait)"
     )
-    if r.deadline_hit and r.counts["skipped"] and r.wall_time < c.deadline * f:
-        lines.append(
-            f"(no market may start after {c.deadline - c.timeout:g}s: its {c.timeout:g}s "
-            "timeout would not fit before the deadline, so the rest were skipped)"
-        )
+    carried = r.counts["skipped"] + r.counts["cancelled"]
+    if result.interrupted:
+        lines.append(f"interrupted by {result.interrupted}: the record above is partial")
     lines.append(
         f"goal (>= {c.min_success_ratio:.0%} predicted): "
         + ("MET" if result.goal_met else "MISSED")
-        + (
-            f"; {r.counts['skipped'] + r.counts['cancelled']} market(s) go first next run"
-            if r.counts["skipped"] + r.counts["cancelled"]
-            else ""
-        )
+        + f"; status {result.status}, reason {result.reason}"
+        + (f"; {carried} market(s) go first next run" if carried else "")
     )
     return "\n".join(lines)
+
+
+def _exit_code(result: RunResult) -> int:
+    return EXIT[result.status]
 
 
 # ------------------------------------------------------------------------------ commands
@@ -229,7 +409,7 @@ async def _init_db(url: str, out: TextIO) -> int:
         await create_schema(engine)
     finally:
         await engine.dispose()
-    print(f"schema ready in {engine.url.render_as_string(hide_password=True)}", file=out)
+    print(f"schema ready in {hide_password(url)}", file=out)
     return 0
 
 
@@ -246,47 +426,67 @@ async def _seed(url: str, n: int, out: TextIO) -> int:
     return 0
 
 
-async def _run(url: str, args: argparse.Namespace, out: TextIO) -> int:
+async def _run(url: str, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    observers = _configure_logging(args)
     engine = make_engine(url)
+    stop = Stop()
     try:
         sf = make_session_factory(engine)
         await create_schema(engine)
-        async with _upstream(args, out) as client:
+        async with _upstream(args, err) as client, _signals_stop(stop):
             result = await run_job(
                 sf,
                 client,
                 _config(args),
-                observers=_observers(args.log),
-                progress=sys.stderr.isatty(),
+                observers=observers,
+                progress=err.isatty(),
+                stop=stop,
+                holder=default_holder("predictions run"),
+                lease_seconds=args.lease_seconds,
             )
     finally:
         await engine.dispose()
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_result(result), file=out)
-    return 0 if result.goal_met else 1
+    return _exit_code(result)
+
+
+def _sqlite_file(url: str) -> Path | None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
 
 
 async def _report(url: str, last: int, out: TextIO) -> int:
+    path = _sqlite_file(url)
+    if path is not None and not path.exists():  # do not create an empty file by asking
+        print(f"no runs yet (no database at {path})", file=out)
+        return 0
     engine = make_engine(url)
     try:
-        sf: async_sessionmaker[AsyncSession] = make_session_factory(engine)
-        async with sf() as session:
-            runs = (await session.scalars(select(Run).order_by(Run.id.desc()).limit(last))).all()
+        async with engine.connect() as conn:
+            has_runs = await conn.run_sync(lambda c: inspect(c).has_table(Run.__tablename__))
+            runs = (
+                (await conn.execute(select(Run).order_by(Run.id.desc()).limit(last))).all()
+                if has_runs
+                else []
+            )
     finally:
         await engine.dispose()
     if not runs:
         print("no runs yet", file=out)
         return 0
     print(
-        f"{'run':>4} {'started (UTC)':<20}{'status':<9}{'total':>6}{'ok':>5}{'err':>5}"
-        f"{'t/o':>5}{'canc':>5}{'skip':>5}{'retry':>6}{'wall':>9}  deadline  config",
+        f"{'run':>4} {'started (UTC)':<20}{'status':<12}{'total':>6}{'ok':>5}{'err':>5}"
+        f"{'t/o':>5}{'canc':>5}{'skip':>5}{'retry':>6}{'wall (s)':>9}  deadline  config (s)",
         file=out,
     )
     for run in runs:
         cfg = run.config
         f = float(cfg.get("time_factor", 1.0))
-        wall = "-" if run.wall_time is None else f"{run.wall_time / f:.1f}s"
+        wall = "-" if run.wall_time is None else f"{run.wall_time / f:.1f}"
         print(
-            f"{run.id:>4} {run.started_at:%Y-%m-%d %H:%M:%S} {run.status:<9}{run.total:>6}"
+            f"{run.id:>4} {run.started_at:%Y-%m-%d %H:%M:%S} {run.status:<12}{run.total:>6}"
             f"{run.success:>5}{run.error:>5}{run.timed_out:>5}{run.cancelled:>5}{run.skipped:>5}"
             f"{run.retries:>6}{wall:>9}  {'hit' if run.deadline_hit else '-':<8}  "
             f"c={cfg.get('concurrency')} t={cfg.get('timeout')} d={cfg.get('deadline')}"
@@ -296,95 +496,211 @@ async def _report(url: str, last: int, out: TextIO) -> int:
     return 0
 
 
-async def _serve(url: str, args: argparse.Namespace, out: TextIO) -> int:
-    from .service import create_app
-
-    engine = make_engine(url)
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
     try:
-        await create_schema(engine)
-        sf = make_session_factory(engine)
-        async with _upstream(args, out) as client:
-            app = create_app(engine=engine, session_factory=sf, client=client, config=_config(args))
-            import uvicorn
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
-            server = uvicorn.Server(
-                uvicorn.Config(app, host=args.host, port=args.port, log_level="info")
+
+async def _serve(url: str, args: argparse.Namespace, err: TextIO) -> int:
+    from .service import create_app, serve
+    from .worker import RunThread
+
+    _configure_logging(args)
+    token = os.environ.get(TOKEN_ENV) or None
+
+    @asynccontextmanager
+    async def resources() -> AsyncIterator[tuple[Any, Any, UpstreamClient]]:
+        """On the runs' own loop: the engine, sessions and upstream (or simulator) of runs."""
+        engine = make_engine(url)
+        try:
+            await create_schema(engine)
+            async with _upstream(args, err) as client:
+                yield engine, make_session_factory(engine), client
+        finally:
+            await engine.dispose()
+
+    # This loop serves HTTP only; /health has a small engine of its own.
+    health_engine = make_engine(url, pool_size=1, max_overflow=1, pool_timeout=1.0)
+    try:
+        async with RunThread(resources) as runs:
+            assert runs.engine is not None
+            app = create_app(
+                engine=runs.engine,
+                session_factory=make_session_factory(health_engine),
+                config=_config(args),
+                token=token,
+                health_engine=health_engine,
+                lease_seconds=args.lease_seconds,
+                runs=runs,
             )
-            await server.serve()
+
+            def started(base: str) -> None:
+                print(
+                    f"serving on {base} (database {hide_password(url)}; "
+                    f"token {'required' if token else 'not required'})",
+                    file=err,
+                    flush=True,
+                )
+
+            await serve(app, host=args.host, port=args.port, on_started=started)
     finally:
-        await engine.dispose()
+        await health_engine.dispose()
     return 0
 
 
-async def _demo(args: argparse.Namespace, out: TextIO) -> int:
-    db = Path(DEMO_DATABASE)
-    for path in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
-        path.unlink(missing_ok=True)  # every demo starts from the same empty database
-    url = f"sqlite+aiosqlite:///{db}"
+async def _simulate(args: argparse.Namespace, err: TextIO) -> int:
+    from .service import serve
+
+    sim = _simulator(args)
+    app: Starlette = create_simulator(sim)
+
+    def started(url: str) -> None:
+        print(_describe_simulator(url, sim), file=err, flush=True)
+
+    await serve(app, host=args.host, port=args.port, on_started=started)
+    return 0
+
+
+async def _demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    given = getattr(args, "database_url", None) or os.environ.get("DATABASE_URL")
+    human = err if args.json else out
+    if given:
+        url = database_url(given)
+    else:
+        db = Path(DEMO_DATABASE)
+        for path in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+            path.unlink(missing_ok=True)  # the default demo starts from an empty database
+        url = f"sqlite+aiosqlite:///{db}"
     f = args.time_factor
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    # Tick 1 has an outage for one market (its APIs answer 503), over by tick 2.
+    down = "BTC-100K-DEC"
     sim = SimulatorConfig(
-        error_rate=0.02, rate_limit_rate=0.03, hang_rate=0.01, time_factor=f, seed=args.seed
+        error_rate=0.02,
+        rate_limit_rate=0.03,
+        hang_rate=0.01,
+        time_factor=f,
+        seed=seed,
+        down=frozenset({down}),
     )
+    config = RunConfig(limit=args.markets, time_factor=f)
     engine = make_engine(url)
+    stop = Stop()
     results: list[tuple[str, RunResult]] = []
     try:
         await create_schema(engine)
         sf = make_session_factory(engine)
         await seed_markets(sf, args.markets)
-        print(f"database: {db} ({args.markets} markets)", file=out)
-        ns = argparse.Namespace(upstream_url=None)
-        async with _upstream(ns, out, sim) as client:
-            plan = [
-                (
-                    "cron tick 1, the old settings (concurrency 3, timeout 30)",
-                    RunConfig(limit=args.markets, concurrency=3, timeout=30.0, time_factor=f),
-                ),
-                (
-                    "cron tick 2, settings that fit a 60 s cron (concurrency 10, timeout 20)",
-                    RunConfig(limit=args.markets, time_factor=f, **CRON_FIT),  # type: ignore[arg-type]
-                ),
-            ]
-            for title, config in plan:
-                print(f"\n-- {title} ...", file=out, flush=True)
-                result = await run_job(sf, client, config, progress=sys.stderr.isatty())
-                results.append((title, result))
-                if not args.json:
-                    print(format_result(result, title), file=out)
+        print(f"database: {hide_password(url)} ({await count_markets(sf)} markets)", file=err)
+        async with serve_simulator(sim) as (base, app), _signals_stop(stop):
+            print(_describe_simulator(base, sim), file=err)
+            async with UpstreamClient(UpstreamURLs.single(base)) as client:
+                plan = [
+                    f"cron tick 1 (the upstream is down for {down})",
+                    "cron tick 2 (the outage is over)",
+                ]
+                for i, title in enumerate(plan):
+                    if i == 1:
+                        app.state.upstream.config = dataclasses.replace(sim, down=frozenset())
+                    print(f"\n-- {title} ...", file=human, flush=True)
+                    result = await run_job(
+                        sf,
+                        client,
+                        config,
+                        progress=err.isatty(),
+                        stop=stop,
+                        holder=default_holder("predictions demo"),
+                    )
+                    results.append((title, result))
+                    if not args.json:
+                        print(format_result(result, title), file=out)
+                    if result.interrupted:
+                        break
     finally:
         await engine.dispose()
     if args.json:
         print(json.dumps([r.to_dict() for _, r in results], indent=2), file=out)
-    else:
-        first, second = results[0][1], results[1][1]
-        carried = first.report.counts["skipped"] + first.report.counts["cancelled"]
-        print(
-            f"\nsummary: tick 1 predicted {first.report.counts['success']}/{len(first.report)} "
-            f"and ended on time; its {carried} unfinished market(s) went first in tick 2, "
-            f"which predicted {second.report.counts['success']}/{len(second.report)} in "
-            f"{second.report.wall_time / f:.1f}s (real-world seconds; measured "
-            f"{second.report.wall_time:.2f}s at time factor {f:g}).\n"
-            f"goal of the last run: {'MET' if second.goal_met else 'MISSED'}. "
-            f"See the runs: python -m predictions --database-url sqlite:///{db} report",
-            file=out,
-        )
-    return 0 if results[-1][1].goal_met else 1
+    elif len(results) == 2:
+        print(_demo_summary(results[0][1], results[1][1], url, f), file=out)
+    return _exit_code(results[-1][1])
 
 
-def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
-    """The CLI. Returns the exit code: 0 when the command (and a run's goal) succeeded."""
-    args = _parser().parse_args(argv)
-    stdout = out if out is not None else sys.stdout
-    url = database_url(args.database_url)
+def _demo_summary(first: RunResult, second: RunResult, url: str, f: float) -> str:
+    failed = {o.item.symbol for o in first.report.failures}
+    recovered = sorted(failed & {o.item.symbol for o in second.report.successes})
+    where = (
+        f"--database-url {url}"
+        if "predictions-demo.db" not in url
+        else (f"--database-url sqlite:///{DEMO_DATABASE}")
+    )
+    return (
+        f"\nsummary: tick 1 predicted {first.report.counts['success']}/{len(first.report)}; "
+        f"tick 2 predicted {second.report.counts['success']}/{len(second.report)} in "
+        f"{second.report.wall_time / f:.1f} s (real-world seconds; measured "
+        f"{second.report.wall_time:.2f} s at time factor {f:g}).\n"
+        f"failed in tick 1, predicted in tick 2: {', '.join(recovered) or 'none'}\n"
+        f"goal of the last run: {'MET' if second.goal_met else 'MISSED'}. "
+        f"See the runs: .venv/bin/predictions {where} report"
+    )
+
+
+def _dispatch(args: argparse.Namespace, url: str, out: TextIO, err: TextIO) -> int:
     command: str = args.command
     if command == "init-db":
-        return asyncio.run(_init_db(url, stdout))
+        return asyncio.run(_init_db(url, out))
     if command == "seed":
-        return asyncio.run(_seed(url, args.markets, stdout))
+        return asyncio.run(_seed(url, args.markets, out))
     if command == "run":
-        return asyncio.run(_run(url, args, stdout))
+        return asyncio.run(_run(url, args, out, err))
     if command == "report":
-        return asyncio.run(_report(url, args.last, stdout))
+        return asyncio.run(_report(url, args.last, out))
     if command == "serve":
-        return asyncio.run(_serve(url, args, stdout))
+        return asyncio.run(_serve(url, args, err))
+    if command == "simulator":
+        return asyncio.run(_simulate(args, err))
     assert command == "demo"
-    return asyncio.run(_demo(args, stdout))
+    return asyncio.run(_demo(args, out, err))
+
+
+def main(
+    argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """The CLI. Returns the exit code (see the module docstring)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    url = _check(parser, args)
+    insecure = args.command == "serve" and not _loopback(args.host)
+    if insecure and not os.environ.get(TOKEN_ENV) and not args.insecure_no_token:
+        parser.error(
+            f"--host {args.host}: serving beyond loopback needs ${TOKEN_ENV} "
+            "(or --insecure-no-token behind an authenticating proxy)"
+        )
+    stdout = out if out is not None else sys.stdout
+    stderr = err if err is not None else sys.stderr
+    try:
+        return _dispatch(args, url, stdout, stderr)
+    except RunInProgress as e:
+        print(f"predictions: {e}", file=stderr)
+        return EXIT["busy"]
+    except LeaseLost as e:
+        print(f"predictions: the run lost its lock: {e}", file=stderr)
+        return EXIT["busy"]
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, OSError) as e:
+        print(
+            f"predictions: database unavailable ({hide_password(url)}): {_one_line(e)}", file=stderr
+        )
+        return EXIT["unavailable"]
+    except KeyboardInterrupt:
+        with suppress(Exception):
+            print("predictions: aborted", file=stderr)
+        return 130
+
+
+def _one_line(error: BaseException) -> str:
+    orig = getattr(error, "orig", None) or error
+    text = f"{type(orig).__name__}: {orig}".splitlines()[0]
+    return text if len(text) <= 200 else text[:197] + "..."

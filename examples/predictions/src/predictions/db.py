@@ -14,7 +14,13 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-__all__ = ["DEFAULT_DATABASE_URL", "database_url", "make_engine", "make_session_factory"]
+__all__ = [
+    "DEFAULT_DATABASE_URL",
+    "database_url",
+    "hide_password",
+    "make_engine",
+    "make_session_factory",
+]
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///predictions.db"
 
@@ -32,6 +38,14 @@ def database_url(explicit: str | None = None) -> str:
     if url.startswith("sqlite:///"):
         return "sqlite+aiosqlite:///" + url[len("sqlite:///") :]
     return url
+
+
+def hide_password(url: str) -> str:
+    """``url`` with its password as ``***``, for logs and messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: show nothing that could be a secret
+        return "<unparseable database URL>"
 
 
 def make_engine(

@@ -33,6 +33,7 @@ __all__ = [
     "Market",
     "Prediction",
     "Run",
+    "RunLease",
     "create_schema",
     "seed_markets",
     "utcnow",
@@ -109,7 +110,9 @@ class Run(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     status: Mapped[str] = mapped_column(String(16), default="running")
-    """``running``, then ``ok`` (goal met), ``failed`` (goal missed) or ``crashed``."""
+    """``running``, then ``ok`` (goal met), ``failed`` (goal missed), ``empty`` (no active
+    market to predict), ``interrupted`` (SIGTERM/SIGINT: a partial record) or ``crashed``
+    (the run raised, or its process died: the next run marks it)."""
     total: Mapped[int] = mapped_column(Integer, default=0)
     success: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[int] = mapped_column(Integer, default=0)
@@ -130,6 +133,20 @@ class Run(Base):
             "cancelled": self.cancelled,
             "skipped": self.skipped,
         }
+
+
+class RunLease(Base):
+    """Who holds the run lock since when, and the fencing token (see ``predictions.lock``)."""
+
+    __tablename__ = "run_lease"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token: Mapped[int] = mapped_column(Integer, default=0)
+    """Incremented by every new holder; a write whose token is not the current one is refused."""
+    holder: Mapped[str | None] = mapped_column(String(200), default=None)
+    acquired_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    """NULL: released. SQLite: a holder that stops renewing loses the lease at this time."""
 
 
 async def create_schema(engine: AsyncEngine) -> None:

@@ -29,30 +29,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, final
+from typing import TYPE_CHECKING, Any, Literal, cast, final
 
 from sqlalchemy import delete, select, update
 
 import batchkit
-from batchkit import Backoff, BatchReport, Observer, Retry
+from batchkit import Backoff, BatchReport, Failure, Observer, Retry
 from batchkit.sqlalchemy import release, sessions
 
 from .forecast import Forecast, forecast
+from .lock import LEASE_SECONDS, Lease, fence, hold_run_lock
 from .models import Market, Prediction, Run, utcnow
-from .upstream import UpstreamClient, is_retryable
+from .upstream import SignalsUnavailable, Unavailable, UpstreamClient, is_retryable
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import Awaitable, Callable, Coroutine, Sequence
 
-    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+    from batchkit import Event, Outcome
 
 __all__ = [
     "MarketRef",
     "RunConfig",
+    "RunInterrupted",
     "RunResult",
+    "Stop",
+    "describe_error",
     "generate_predictions",
+    "run_job",
     "select_markets",
 ]
 
@@ -71,6 +79,10 @@ class MarketRef:
 class RunConfig:
     """One run's settings, in real-world seconds; recorded with the run.
 
+    The defaults fit 20 markets of 10-15 s into a 60 s cron (``concurrency=10, timeout=20,
+    deadline=55``; see docs/from-batches-to-batchkit.md). The old job's settings
+    (``concurrency=3, timeout=30``) cannot, and live on only in ``scripts/compare.py``.
+
     ``time_factor`` scales every duration (timeout, deadline, backoff) when the upstream is
     the simulator running at the same factor; it is 1 against real APIs.
     ``min_success_ratio`` is the run's goal: the share of selected markets that must end with
@@ -78,8 +90,8 @@ class RunConfig:
     """
 
     limit: int = 20
-    concurrency: int = 3
-    timeout: float = 30.0
+    concurrency: int = 10
+    timeout: float = 20.0
     deadline: float = 55.0
     attempts: int = 3
     backoff_initial: float = 1.0
@@ -99,10 +111,36 @@ class RunConfig:
         return asdict(self)
 
 
+Status = Literal["ok", "failed", "empty", "interrupted"]
+Reason = Literal[
+    "goal_met", "goal_missed", "upstream_unavailable", "no_active_markets", "interrupted"
+]
+
+
+class RunInterrupted(Exception):
+    """The process got SIGTERM/SIGINT: the market was cancelled in flight or never started."""
+
+
 @final
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunResult:
-    """A finished run: its database id, batchkit's report, and whether it met its goal."""
+    """A finished run: its database id, batchkit's report, and whether it met its goal.
+
+    ``status`` and ``reason`` are what an alert matches on:
+
+    ============  ========================  ==================================================
+    status        reason                    meaning
+    ============  ========================  ==================================================
+    ok            goal_met                  at least ``min_success_ratio`` of markets predicted
+    failed        goal_missed               too few predicted
+    failed        upstream_unavailable      too few predicted, and every failure was a refused
+                                            or dropped upstream connection or a 5xx
+    empty         no_active_markets         nothing to predict: no active market in the table
+    interrupted   interrupted               SIGTERM/SIGINT stopped the run; a partial record
+    ============  ========================  ==================================================
+
+    Only ``ok`` is success (exit code 0, HTTP 200).
+    """
 
     run_id: int
     config: RunConfig
@@ -110,17 +148,39 @@ class RunResult:
     goal_met: bool
     saved: int
     """Predictions in the database for this run (equal to the report's successes)."""
+    interrupted: str | None = None
+    """The signal that stopped the run (``SIGTERM``/``SIGINT``), or None."""
 
     @property
-    def status(self) -> str:
+    def status(self) -> Status:
+        if self.interrupted:
+            return "interrupted"
+        if not len(self.report):
+            return "empty"
         return "ok" if self.goal_met else "failed"
 
+    @property
+    def reason(self) -> Reason:
+        status = self.status
+        if status == "interrupted":
+            return "interrupted"
+        if status == "empty":
+            return "no_active_markets"
+        if status == "ok":
+            return "goal_met"
+        failures = self.report.failures
+        if failures and all(_upstream_down(f.error) for f in failures):
+            return "upstream_unavailable"
+        return "goal_missed"
+
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe. Every duration is in real-world seconds (measured / ``time_factor``)."""
         report = self.report
         f = self.config.time_factor
         return {
             "run_id": self.run_id,
             "status": self.status,
+            "reason": self.reason,
             "goal_met": self.goal_met,
             "goal": f"success ratio >= {self.config.min_success_ratio:g}",
             "total": len(report),
@@ -128,8 +188,10 @@ class RunResult:
             "saved": self.saved,
             "retries": report.retries,
             "deadline_hit": report.deadline_hit,
-            "wall_time": round(report.wall_time, 4),
-            "real_world_wall_time": round(report.wall_time / f, 2),
+            "interrupted_by": self.interrupted,
+            "units": "real-world seconds (measured seconds / time_factor)",
+            "wall_time": round(report.wall_time / f, 3),
+            "measured_wall_time": round(report.wall_time, 4),
             "peak_concurrency": report.peak_concurrency,
             "config": self.config.as_dict(),
             "markets": [
@@ -137,16 +199,31 @@ class RunResult:
                     "market": o.item.symbol,
                     "outcome": "success" if isinstance(o, batchkit.Success) else o.kind,
                     "attempts": o.attempts,
-                    "elapsed": round(o.elapsed, 4),
+                    "elapsed": round(o.elapsed / f, 3),
                     **(
                         {"probability": o.value.probability, "confidence": o.value.confidence}
                         if isinstance(o, batchkit.Success)
-                        else {"error": f"{type(o.error).__name__}: {o.error}"}
+                        else {"error": describe_error(o.error, self.config)}
                     ),
                 }
                 for o in report
             ],
         }
+
+
+def describe_error(error: BaseException, config: RunConfig) -> str:
+    """``Type: message``, with a timeout in the run's real-world seconds (batchkit's own
+    message gives the measured, scaled seconds)."""
+    if isinstance(error, batchkit.ItemTimeout):
+        return f"ItemTimeout: timed out after {config.timeout:g} s"
+    return f"{type(error).__name__}: {error}"
+
+
+def _upstream_down(error: BaseException) -> bool:
+    """A refused/dropped connection or a 5xx, alone or in every member of a group."""
+    if isinstance(error, SignalsUnavailable):
+        return all(_upstream_down(e) for e in error.exceptions)
+    return isinstance(error, Unavailable)
 
 
 async def select_markets(
@@ -173,7 +250,7 @@ async def select_markets(
 
 
 def _predict_one(
-    client: UpstreamClient, run_id: int, write_lock: asyncio.Lock | None = None
+    client: UpstreamClient, run_id: int, lease: Lease, write_lock: asyncio.Lock | None = None
 ) -> Callable[[MarketRef, AsyncSession], Awaitable[Forecast]]:
     async def predict(market: MarketRef, session: AsyncSession) -> Forecast:
         # 1. Database: what we need from it (the previous forecast, a prior for smoothing).
@@ -189,7 +266,9 @@ def _predict_one(
         result = forecast(signals, prior)
         # 3. Database again: write, and commit. Idempotent per (market, run): a retried
         #    attempt whose first try did commit updates that row instead of adding another.
+        #    The fence first: a run that lost the lock must not write over the next one's work.
         async with write_lock or contextlib.nullcontext():
+            await fence(session, lease)
             await _save(session, market, run_id, result)
             await release(session)  # commit inside the lock: it is the write
         return result
@@ -238,8 +317,8 @@ async def generate_predictions(
     client: UpstreamClient,
     *,
     limit: int = 20,
-    concurrency: int = 3,
-    timeout: float = 30.0,
+    concurrency: int = 10,
+    timeout: float = 20.0,
     deadline: float = 55.0,
     attempts: int = 3,
     min_success_ratio: float = 0.9,
@@ -267,22 +346,92 @@ async def run_job(
     *,
     observers: Sequence[Observer] = (),
     progress: bool = False,
+    stop: Stop | None = None,
+    holder: str | None = None,
+    lease_seconds: float = LEASE_SECONDS,
+) -> RunResult:
+    """Run the job once under the run lock and record it.
+
+    Raises :class:`~predictions.lock.RunInProgress` at once when another run (from any
+    process) holds the lock. When ``stop`` is set (a signal), the run stops starting markets,
+    cancels those in flight, records what it has (status ``interrupted``) and releases the lock.
+    """
+    if stop is not None:
+        stop.attach()
+    async with hold_run_lock(
+        _bind(session_factory), holder=holder, lease_seconds=lease_seconds
+    ) as lease:
+        return await _run_locked(session_factory, client, config, lease, observers, progress, stop)
+
+
+@final
+class Stop:
+    """Asks a run to stop (a signal handler calls :meth:`set`, from any thread); remembers why."""
+
+    __slots__ = ("_loop", "event", "reason")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.reason = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def attach(self) -> None:
+        """Called by the run, on its loop: later :meth:`set` calls are handed to that loop."""
+        self._loop = asyncio.get_running_loop()
+
+    def set(self, reason: str) -> None:
+        loop = self._loop
+        if loop is not None:
+            try:
+                here = asyncio.get_running_loop()
+            except RuntimeError:
+                here = None
+            if here is not loop:
+                loop.call_soon_threadsafe(self._set, reason)
+                return
+        self._set(reason)
+
+    def _set(self, reason: str) -> None:
+        if not self.event.is_set():
+            self.reason = reason
+            self.event.set()
+
+
+def _bind(session_factory: async_sessionmaker[AsyncSession]) -> AsyncEngine:
+    bind = session_factory.kw.get("bind")
+    if bind is None:
+        raise TypeError("the session factory must be bound to an AsyncEngine")
+    return cast("AsyncEngine", bind)
+
+
+async def _run_locked(
+    session_factory: async_sessionmaker[AsyncSession],
+    client: UpstreamClient,
+    config: RunConfig,
+    lease: Lease,
+    observers: Sequence[Observer],
+    progress: bool,
+    stop: Stop | None,
 ) -> RunResult:
     f = config.time_factor
     started = time.monotonic()
     async with session_factory() as session, session.begin():
+        await fence(session, lease)
+        # We hold the only lock: a run still marked running died with its process.
+        await session.execute(update(Run).where(Run.status == "running").values(status="crashed"))
         run = Run(config=config.as_dict(), status="running", started_at=utcnow())
         session.add(run)
         await session.flush()
         run_id = run.id
+    collector = _Collector()
     try:
         markets = await select_markets(session_factory, config.limit)
         # The deadline counts from the run's start, not from batch_process's: the queries
         # above took some of the cron's budget too.
         remaining = config.deadline * f - (time.monotonic() - started)
-        report = await batchkit.batch_process(
+        batch = batchkit.batch_process(
             markets,
-            _predict_one(client, run_id, _write_lock(session_factory)),
+            _predict_one(client, run_id, lease, _write_lock(session_factory)),
             context=sessions(session_factory),
             key=lambda m: m.symbol,
             concurrency=config.concurrency,
@@ -293,17 +442,87 @@ async def run_job(
                 backoff=Backoff(initial=config.backoff_initial * f, maximum=config.backoff_max * f),
                 retry_on=is_retryable,
             ),
-            observers=observers,
+            observers=[*observers, collector],
             progress=progress,
             name="predictions",
         )
+        report = await _until_stopped(batch, stop, lease)
     except Exception:
-        async with session_factory() as session, session.begin():
-            await session.execute(
-                update(Run).where(Run.id == run_id).values(status="crashed", finished_at=utcnow())
-            )
+        with contextlib.suppress(Exception):  # the database may be why we failed
+            async with session_factory() as session, session.begin():
+                await fence(session, lease)
+                await session.execute(
+                    update(Run)
+                    .where(Run.id == run_id)
+                    .values(status="crashed", finished_at=utcnow())
+                )
         raise
-    return await _record(session_factory, run_id, config, report)
+    interrupted = None
+    if report is None:  # stopped: what finished, and the rest as cancelled or skipped
+        report = collector.partial(markets, time.monotonic() - started, config.concurrency)
+        interrupted = (stop.reason if stop is not None else "") or "lease lost"
+    return await _record(session_factory, run_id, config, report, lease, interrupted)
+
+
+async def _until_stopped(
+    batch: Coroutine[Any, Any, BatchReport[MarketRef, Forecast]], stop: Stop | None, lease: Lease
+) -> BatchReport[MarketRef, Forecast] | None:
+    """The batch's report, or None when ``stop`` was set (or the lease lost) first: then the
+    batch is cancelled (every in-flight market's session rolled back) before this returns."""
+    task = asyncio.ensure_future(batch)
+    waiters = [asyncio.ensure_future(lease.lost.wait())]
+    if stop is not None:
+        waiters.append(asyncio.ensure_future(stop.event.wait()))
+    try:
+        await asyncio.wait([task, *waiters], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.wait([task, *waiters])
+    return None if task.cancelled() else task.result()
+
+
+@final
+class _Collector:
+    """Keeps what a run did so far, for a partial record when a signal cuts it short."""
+
+    __slots__ = ("finished", "peak", "started")
+
+    def __init__(self) -> None:
+        self.started: set[int] = set()
+        self.finished: dict[int, Outcome[MarketRef, Forecast]] = {}
+        self.peak = 0
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, batchkit.ItemStarted):
+            self.started.add(event.index)
+            self.peak = max(self.peak, event.in_flight)
+        elif isinstance(event, batchkit.ItemFinished):
+            self.finished[event.outcome.index] = event.outcome
+
+    def partial(
+        self, markets: Sequence[MarketRef], wall_time: float, concurrency: int
+    ) -> BatchReport[MarketRef, Forecast]:
+        outcomes: list[Outcome[MarketRef, Forecast]] = []
+        for i, market in enumerate(markets):
+            done = self.finished.get(i)
+            if done is not None:
+                outcomes.append(done)
+            elif i in self.started:
+                error = RunInterrupted("cancelled in flight by a signal")
+                outcomes.append(Failure(market, error, "cancelled", i, errors=(error,)))
+            else:
+                error = RunInterrupted("not started: a signal stopped the run")
+                outcomes.append(Failure(market, error, "skipped", i, attempts=0, errors=(error,)))
+        return BatchReport(
+            outcomes=outcomes,
+            wall_time=wall_time,
+            concurrency=concurrency,
+            peak_concurrency=self.peak,
+            name="predictions",
+        )
 
 
 async def _record(
@@ -311,14 +530,26 @@ async def _record(
     run_id: int,
     config: RunConfig,
     report: BatchReport[MarketRef, Forecast],
+    lease: Lease,
+    interrupted: str | None = None,
 ) -> RunResult:
     """Make the database agree with the report, in one transaction, and close the run record."""
     counts = report.counts
     total = len(report)
-    goal_met = total == 0 or counts["success"] / total >= config.min_success_ratio
+    # Nothing to do is not success: an empty market table must not look like a good run.
+    goal_met = total > 0 and counts["success"] / total >= config.min_success_ratio
     not_saved = [o.item.id for o in report.failures]
     casualties = [o.item.id for o in report.failures if o.kind in ("skipped", "cancelled")]
+    result = RunResult(
+        run_id=run_id,
+        config=config,
+        report=report,
+        goal_met=goal_met,
+        saved=0,
+        interrupted=interrupted,
+    )
     async with session_factory() as session, session.begin():
+        await fence(session, lease)
         if not_saved:
             # A market cancelled by the deadline right after its commit has a row but no
             # success; the report is the truth, so such a row goes (and the market is redone).
@@ -338,7 +569,7 @@ async def _record(
             update(Run)
             .where(Run.id == run_id)
             .values(
-                status="ok" if goal_met else "failed",
+                status=result.status,
                 finished_at=utcnow(),
                 total=total,
                 success=counts["success"],
@@ -351,4 +582,4 @@ async def _record(
                 wall_time=report.wall_time,
             )
         )
-    return RunResult(run_id=run_id, config=config, report=report, goal_met=goal_met, saved=saved)
+    return dataclasses.replace(result, saved=saved)

@@ -50,7 +50,11 @@ class SimulatorConfig:
     - ``script``: forced fates for a symbol's first calls, per endpoint, e.g.
       ``{"BTC-100K-DEC": ("429", "ok")}``: the first call of each endpoint for that symbol is
       rate-limited, the second succeeds; later calls draw at random again.
+    - ``down``: symbols whose every call answers 503 (an outage for those markets; the demo
+      uses it to show a market that failed in one run predicted by the next).
     - ``time_factor``: multiplies every duration served (latency, hang, Retry-After).
+    - ``seed``: the random generator's seed. The CLI draws a new one per process unless
+      ``--seed`` is given, so the markets that fail differ from run to run.
     """
 
     latency: tuple[float, float] = (10.0, 15.0)
@@ -62,6 +66,7 @@ class SimulatorConfig:
     time_factor: float = 1.0
     seed: int = 0
     script: Mapping[str, Sequence[Fate]] = field(default_factory=dict)
+    down: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         lo, hi = self.latency
@@ -86,7 +91,9 @@ class SimulatorConfig:
         roll = rng.random()
         scripted = self.script.get(symbol, ())
         fate: Fate
-        if n < len(scripted):
+        if symbol in self.down:
+            fate = "error"
+        elif n < len(scripted):
             fate = scripted[n]
         elif roll < self.error_rate:
             fate = "error"
