@@ -4,12 +4,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint typecheck pytest bench bench-quick clean
+.PHONY: venv demo test lint typecheck pytest docs docs-serve pythons bench bench-quick clean
 
 $(STAMP): pyproject.toml examples/predictions/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,bench]' -e examples/predictions
+	# A venv made before the rename to aio-batchkit holds a stale `batchkit` install: drop it.
+	$(PY) -m pip uninstall --quiet --yes batchkit 2>/dev/null || true
+	$(PY) -m pip install --quiet -e '.[dev,bench,docs]' -e examples/predictions
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -18,8 +20,8 @@ demo: $(STAMP)
 	$(PY) -m predictions demo
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests examples benchmarks
-	$(PY) -m ruff format --check src tests examples benchmarks
+	$(PY) -m ruff check src tests examples benchmarks noxfile.py mkdocs_hooks.py docs_griffe.py
+	$(PY) -m ruff format --check src tests examples benchmarks noxfile.py mkdocs_hooks.py docs_griffe.py
 
 typecheck: $(STAMP)
 	$(PY) -m mypy
@@ -27,7 +29,18 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(PY) -m pytest --cov --cov-report=term -p no:cacheprovider
 
-test: lint typecheck pytest
+# The site: MkDocs + Material, API reference from docstrings; --strict fails on any broken link.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet --site-dir site
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
+
+# The pytest suite on every other Python the package claims (noxfile.py; 3.11 is `pytest`).
+pythons: $(STAMP)
+	$(PY) -m nox --no-error-on-missing-interpreters
+
+test: lint typecheck pytest docs
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
@@ -36,4 +49,4 @@ bench-quick: $(STAMP)
 	$(PY) -m benchmarks --quick
 
 clean:
-	rm -rf $(VENV) .coverage .mypy_cache .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .coverage .mypy_cache .pytest_cache .ruff_cache .hypothesis .nox site

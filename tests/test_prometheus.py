@@ -169,5 +169,5 @@ def test_default_registry() -> None:
 
 def test_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "prometheus_client", None)
-    with pytest.raises(MissingExtra, match=r"pip install 'batchkit\[prometheus\]'"):
+    with pytest.raises(MissingExtra, match=r"pip install 'aio-batchkit\[prometheus\]'"):
         PrometheusObserver()

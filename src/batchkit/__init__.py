@@ -3,7 +3,7 @@
 The whole public API is re-exported here; everything else is private.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 from ._api import ContextFactory as ContextFactory
 from ._api import batch_process as batch_process
@@ -50,10 +50,25 @@ from ._progress import ProgressObserver as ProgressObserver
 from ._stream import Stream as Stream
 from ._transient import transient as transient
 
-try:
-    __version__ = version("batchkit")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0"
+if TYPE_CHECKING:
+    __version__: str
+    """The installed version of the ``aio-batchkit`` distribution (e.g. ``"0.1.0"``)."""
+else:
+
+    def __getattr__(name: str) -> str:
+        # `__version__` is looked up on first use, not at import: importlib.metadata and its
+        # scan of sys.path would add tens of milliseconds to `import batchkit`.
+        if name == "__version__":
+            global __version__
+            from importlib.metadata import PackageNotFoundError, version
+
+            try:
+                __version__ = version("aio-batchkit")  # the distribution, not the import name
+            except PackageNotFoundError:  # pragma: no cover - a source tree, not installed
+                __version__ = "0.0.0"
+            return __version__
+        raise AttributeError(f"module 'batchkit' has no attribute {name!r}")
+
 
 __all__ = [
     "Adaptive",

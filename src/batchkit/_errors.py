@@ -72,7 +72,7 @@ class MissingExtra(BatchkitError, ImportError):
     def __init__(self, feature: str, extra: str, package: str) -> None:
         super().__init__(
             f"{feature} needs the optional package {package!r}.\n"
-            f"HINT: pip install 'batchkit[{extra}]'"
+            f"HINT: pip install 'aio-batchkit[{extra}]'"
         )
         self.extra = extra
 

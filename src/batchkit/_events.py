@@ -34,6 +34,8 @@ __all__ = [
 @final
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunStarted:
+    """A run began (``time`` is loop time, as in every event)."""
+
     name: str | None
     concurrency: int
     """The starting concurrency limit."""
@@ -45,6 +47,8 @@ class RunStarted:
 @final
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ItemStarted:
+    """An attempt of an item started (one event per attempt, retries included)."""
+
     name: str | None
     index: int
     key: str
@@ -58,6 +62,8 @@ class ItemStarted:
 @final
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AttemptFailed:
+    """An attempt failed; ``retry_in`` says whether and when the item is retried."""
+
     name: str | None
     index: int
     key: str
@@ -73,6 +79,8 @@ class AttemptFailed:
 @final
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ItemFinished:
+    """An item ended, in its one ``Success`` or ``Failure`` envelope (``outcome``)."""
+
     name: str | None
     key: str
     outcome: Outcome[Any, Any]
@@ -97,6 +105,8 @@ class ItemsSkipped:
 @final
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LimitChanged:
+    """An adaptive concurrency limit moved from ``old`` to ``new`` (see ``Adaptive``)."""
+
     name: str | None
     old: int
     new: int
@@ -118,6 +128,8 @@ class RunStopping:
 @final
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DeadlineHit:
+    """The run's deadline came: items in flight are cancelled, the rest skipped."""
+
     name: str | None
     in_flight: int
     """Items in flight when the deadline came; they are being cancelled."""
@@ -127,6 +139,8 @@ class DeadlineHit:
 @final
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunFinished:
+    """The run ended; ``report`` is its ``BatchReport`` (the last event of a run)."""
+
     name: str | None
     report: BatchReport[Any, Any]
     time: float

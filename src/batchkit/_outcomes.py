@@ -66,6 +66,7 @@ class Success(Generic[T_co, R_co]):
 
     @property
     def ok(self) -> Literal[True]:
+        """Always ``True``: tells a ``Success`` from a ``Failure`` without ``isinstance``."""
         return True
 
     @property
@@ -95,6 +96,7 @@ class Failure(Generic[T_co]):
 
     @property
     def ok(self) -> Literal[False]:
+        """Always ``False``: tells a ``Failure`` from a ``Success`` without ``isinstance``."""
         return False
 
 
@@ -194,10 +196,12 @@ class BatchReport(Generic[T, R]):
     # -- views ----------------------------------------------------------------------------
     @property
     def successes(self) -> list[Success[T, R]]:
+        """The ``Success`` envelopes, in input order."""
         return [o for o in self.outcomes if type(o) is Success]
 
     @property
     def failures(self) -> list[Failure[T]]:
+        """The ``Failure`` envelopes (every kind), in input order."""
         return [o for o in self.outcomes if type(o) is Failure]
 
     def values(self) -> list[R]:
@@ -230,6 +234,7 @@ class BatchReport(Generic[T, R]):
 
     @property
     def deadline_hit(self) -> bool:
+        """True when the run was stopped by its deadline."""
         return self.stop_reason == "deadline"
 
     @property

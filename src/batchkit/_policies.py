@@ -130,6 +130,7 @@ class Retry:
             )
 
     def should_retry(self, error: Exception) -> bool:
+        """Whether ``retry_on`` selects ``error`` for another attempt."""
         return matches(self.retry_on, error)
 
 
@@ -253,5 +254,6 @@ class Adaptive:
         _check_number("Adaptive.latency_factor", self.latency_factor, minimum=1.0)
 
     def is_overload(self, error: Exception) -> bool:
+        """Whether ``overload_on`` counts ``error`` as an overload signal."""
         on = self.overload_on
         return on is not None and matches(on, error)

@@ -1,4 +1,4 @@
-"""Prometheus metrics for batch runs (extra ``batchkit[prometheus]``).
+"""Prometheus metrics for batch runs (extra ``aio-batchkit[prometheus]``).
 
 ::
 
@@ -174,7 +174,7 @@ class PrometheusObserver:
     - ``name_label``: the label holding the run's ``name=``.
     - ``buckets``: the item latency histogram's buckets, in seconds.
 
-    Needs ``prometheus-client`` (``pip install 'batchkit[prometheus]'``).
+    Needs ``prometheus-client`` (``pip install 'aio-batchkit[prometheus]'``).
     """
 
     __slots__ = ("_children", "_metrics")

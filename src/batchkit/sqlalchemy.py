@@ -1,5 +1,5 @@
 """SQLAlchemy integration: a session per item, pool awareness, and holding a connection only
-for the database work. Needs the ``sqlalchemy`` extra (``pip install 'batchkit[sqlalchemy]'``).
+for the database work. Needs the ``sqlalchemy`` extra (``pip install 'aio-batchkit[sqlalchemy]'``).
 
 * :func:`sessions` — ``context=sessions(async_sessionmaker(engine))`` gives every attempt a
   fresh :class:`~sqlalchemy.ext.asyncio.AsyncSession`, committed when ``fn`` returns, rolled

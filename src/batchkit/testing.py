@@ -10,7 +10,7 @@
   batch of hour-long items finishes in milliseconds and times are exact.
 - :func:`instant` removes backoff waits, restoring the previous state afterwards.
 
-Hypothesis and looptime are imported only when used (``pip install 'batchkit[testing]'``).
+Hypothesis and looptime are imported only when used (``pip install 'aio-batchkit[testing]'``).
 """
 
 from __future__ import annotations
@@ -375,10 +375,12 @@ class ContextProbe(Generic[C]):
 
     @property
     def entered(self) -> int:
+        """How many contexts were entered."""
         return sum(1 for c in self.contexts if c.entered_at is not None)
 
     @property
     def exited(self) -> int:
+        """How many contexts were exited (at least once)."""
         return sum(1 for c in self.contexts if c.exits)
 
     def __call__(self) -> AbstractAsyncContextManager[C]:
@@ -561,7 +563,7 @@ class strategies:
     """Hypothesis strategies for item plans, latencies and policies.
 
     Durations are whole multiples of :data:`TICK` (1/64 s) so virtual times add up exactly.
-    Needs Hypothesis (``pip install 'batchkit[testing]'``).
+    Needs Hypothesis (``pip install 'aio-batchkit[testing]'``).
     """
 
     def __init__(self) -> None:  # pragma: no cover - not meant to be instantiated

@@ -129,6 +129,6 @@ def test_missing_sqlalchemy_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> 
         importlib.import_module("batchkit.sqlalchemy")
     assert isinstance(info.value, ImportError)
     assert info.value.extra == "sqlalchemy"
-    assert "HINT: pip install 'batchkit[sqlalchemy]'" in str(info.value)
+    assert "HINT: pip install 'aio-batchkit[sqlalchemy]'" in str(info.value)
     assert "batchkit.sqlalchemy" in str(info.value)
     assert isinstance(info.value.__cause__, ImportError)
