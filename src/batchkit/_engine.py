@@ -17,7 +17,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sized
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar, cast
 
@@ -35,6 +35,7 @@ from ._events import (
     DeadlineHit,
     Event,
     ItemFinished,
+    ItemsSkipped,
     ItemStarted,
     LimitChanged,
     Observer,
@@ -44,6 +45,7 @@ from ._events import (
 )
 from ._outcomes import BatchReport, Failure, LimitChange, Outcome, make_success
 from ._ratelimit import TokenBucket
+from ._store import OutcomeStore
 
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
@@ -217,8 +219,8 @@ class Engine(Generic[T, R]):
         self._pull_lock: asyncio.Lock | None = None
         self._exhausted = False
         self._input_error: BaseException | None = None
-        # Outcomes of a batch are stored in input order; a stream passes its own sink.
-        self._outcomes: list[Outcome[T, R] | None] = []
+        # Outcomes of a batch are stored column-wise (see _store); a stream passes its own sink.
+        self._store: OutcomeStore[T, R] = OutcomeStore(keep_keys=plan.key is not None)
         self._sink = sink
         self._next_index = 0
         self._buffer: list[tuple[float, int, T]] = []  # cost-ordered read-ahead
@@ -320,11 +322,9 @@ class Engine(Generic[T, R]):
 
     def _report(self, *, partial: bool = False) -> BatchReport[T, R]:
         assert self._loop is not None
-        # When not partial, every placeholder has been filled by _finish_unstarted.
-        done = cast("list[Outcome[T, R]]", self._outcomes)
-        outcomes = [o for o in self._outcomes if o is not None] if partial else done
+        # A partial store's view leaves out the items still in flight.
         return BatchReport(
-            outcomes=outcomes,
+            outcomes=self._store.view(),
             wall_time=self._loop.time() - self._start,
             concurrency=self._p.adaptive.initial if self._p.adaptive else self._p.slots,
             peak_concurrency=self._peak,
@@ -343,8 +343,6 @@ class Engine(Generic[T, R]):
     def _take_index(self) -> int:
         index = self._next_index
         self._next_index = index + 1
-        if self._sink is None:
-            self._outcomes.append(None)
         return index
 
     def _pull_now(self) -> tuple[int, T] | None:
@@ -724,8 +722,9 @@ class Engine(Generic[T, R]):
     # ------------------------------------------------------------------ outcomes
     def _record(self, outcome: Outcome[T, R]) -> None:
         self._finished += 1
+        key = None if self._p.key is None else self._key(outcome.index, outcome.item)
         if self._sink is None:
-            self._outcomes[outcome.index] = outcome
+            self._store.append(outcome, key)
         else:
             self._sink.put(outcome)
         if self._emit_events:
@@ -733,7 +732,7 @@ class Engine(Generic[T, R]):
             self._event(
                 ItemFinished(
                     name=self._p.name,
-                    key=self._key(outcome.index, outcome.item),
+                    key=f"#{outcome.index}" if key is None else key,
                     outcome=outcome,
                     in_flight=self._in_flight,
                     time=self._loop.time(),
@@ -791,9 +790,33 @@ class Engine(Generic[T, R]):
         # Unsized ones may be endless or slow; they are left unread (input_exhausted=False).
         # A stream drains lazily, as its consumer asks (see drain_one), to keep memory bounded.
         if self._sized and self._it is not None and self._sink is None:
-            for item in self._it:
-                self._skip(self._take_index(), item)
-            self._exhausted = True
+            self._skip_rest()
+
+    def _skip_rest(self) -> None:
+        """The unread rest of a sized input, as one skipped range: O(1) for a range or a
+        tuple (items are read from it when an envelope is built), a C-speed copy otherwise."""
+        assert self._stop_reason is not None
+        assert self._loop is not None
+        start = self._next_index
+        items = self._items
+        rest: Sequence[T]
+        if isinstance(items, range | tuple):
+            rest, first = cast("Sequence[T]", items), start
+        else:
+            rest, first = (items[start:] if isinstance(items, list) else list(self._it or ())), 0
+        stop = start + len(rest) - first
+        self._store.skip_range(start, stop, self._stop_reason, rest, first)
+        self._next_index = stop
+        self._exhausted = True
+        if self._emit_events and stop > start:
+            self._event(
+                ItemsSkipped(
+                    name=self._p.name,
+                    reason=self._stop_reason,
+                    indices=range(start, stop),
+                    time=self._loop.time(),
+                )
+            )
 
     def drain_one(self) -> Outcome[T, R] | None:
         """After a stopped stream's run: the next unread item of a sized input, as skipped."""

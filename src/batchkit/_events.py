@@ -22,6 +22,7 @@ __all__ = [
     "Event",
     "ItemFinished",
     "ItemStarted",
+    "ItemsSkipped",
     "LimitChanged",
     "Observer",
     "RunFinished",
@@ -82,6 +83,19 @@ class ItemFinished:
 
 @final
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ItemsSkipped:
+    """Items that never started, told in one event when skipped in bulk (the unread rest of
+    a sized input after the run stopped). Observers count ``len(event.indices)``; their
+    envelopes are in the report (built when read), and they get no ``ItemFinished``."""
+
+    name: str | None
+    reason: StopReason
+    indices: range
+    time: float
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LimitChanged:
     name: str | None
     old: int
@@ -123,6 +137,7 @@ Event: TypeAlias = (
     | ItemStarted
     | AttemptFailed
     | ItemFinished
+    | ItemsSkipped
     | LimitChanged
     | RunStopping
     | DeadlineHit

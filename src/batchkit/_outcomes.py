@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypeVar, final, overload
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypeVar, cast, final, overload
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
     from ._errors import StopReason
+    from ._store import OutcomeStore, OutcomeView
 
 __all__ = [
     "BatchReport",
@@ -29,7 +30,8 @@ FailureKind: TypeAlias = Literal["error", "timeout", "cancelled", "skipped"]
 """``error``: ``fn`` (or the context) raised; ``timeout``: the last attempt ran past ``timeout``;
 ``cancelled``: the run stopped while the item was in flight; ``skipped``: it never started."""
 
-_KINDS: tuple[str, ...] = ("success", "error", "timeout", "cancelled", "skipped")
+KINDS: tuple[str, ...] = ("success", "error", "timeout", "cancelled", "skipped")
+"""Every outcome kind, in the order counts list them (the report's store numbers them so)."""
 
 
 @final
@@ -102,6 +104,35 @@ def make_success(item: T, value: R, index: int, attempts: int, elapsed: float) -
     return s
 
 
+_fslots = vars(Failure)
+_set_f = tuple(
+    _fslots[name].__set__
+    for name in ("item", "error", "kind", "index", "attempts", "elapsed", "errors")
+)
+
+
+def make_failure(
+    item: T,
+    error: BaseException,
+    kind: FailureKind,
+    index: int,
+    attempts: int,
+    elapsed: float,
+    errors: tuple[BaseException, ...],
+) -> Failure[T]:
+    """Build a :class:`Failure` the same way (the report builds envelopes as they are read)."""
+    f: Failure[T] = _new(Failure)
+    si, se, sk, sx, sa, sl, ss = _set_f
+    si(f, item)
+    se(f, error)
+    sk(f, kind)
+    sx(f, index)
+    sa(f, attempts)
+    sl(f, elapsed)
+    ss(f, errors)
+    return f
+
+
 @final
 @dataclass(frozen=True, slots=True)
 class LimitChange:
@@ -127,9 +158,15 @@ class BatchReport(Generic[T, R]):
     """Everything that happened in one run: one outcome per item, in input order.
 
     Iterate it, index it or take ``len()`` of it like the sequence of outcomes.
+
+    The outcomes are stored column-wise and each envelope is built when it is read (see
+    ``docs/performance.md``): ``report[i] == report[i]`` but ``report[i] is not report[i]``;
+    the item, value and error objects inside are the ones the run produced. Counts, values,
+    latencies and times are computed from the columns without building envelopes.
     """
 
     outcomes: Sequence[Outcome[T, R]]
+    """A read-only sequence view (any sequence given is stored column-wise)."""
     wall_time: float
     """Seconds from the call's start to its end (loop time)."""
     concurrency: int
@@ -145,6 +182,17 @@ class BatchReport(Generic[T, R]):
     """How an adaptive concurrency limit moved, in order."""
     name: str | None = None
     key: Callable[[T], object] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        from ._store import OutcomeStore, OutcomeView
+
+        if not isinstance(self.outcomes, OutcomeView):
+            view = OutcomeStore[T, R].from_outcomes(self.outcomes).view()
+            object.__setattr__(self, "outcomes", view)
+
+    @property
+    def _store(self) -> OutcomeStore[T, R]:
+        return cast("OutcomeView[T, R]", self.outcomes).store
 
     # -- sequence behaviour ---------------------------------------------------------------
     def __len__(self) -> int:
@@ -163,28 +211,27 @@ class BatchReport(Generic[T, R]):
     # -- views ----------------------------------------------------------------------------
     @property
     def successes(self) -> list[Success[T, R]]:
-        return [o for o in self.outcomes if type(o) is Success]
+        build = self._store.outcome
+        return [cast("Success[T, R]", build(i)) for i in self._store.successes()]
 
     @property
     def failures(self) -> list[Failure[T]]:
-        return [o for o in self.outcomes if type(o) is Failure]
+        build = self._store.outcome
+        return [cast("Failure[T]", build(i)) for i in self._store.failures()]
 
     def values(self) -> list[R]:
         """The values of the successes, in input order."""
-        return [o.value for o in self.outcomes if type(o) is Success]
+        return self._store.values()
 
     @property
     def counts(self) -> dict[str, int]:
         """Outcomes by kind: ``success``, ``error``, ``timeout``, ``cancelled``, ``skipped``."""
-        counts = dict.fromkeys(_KINDS, 0)
-        for o in self.outcomes:
-            counts["success" if type(o) is Success else o.kind] += 1
-        return counts
+        return self._store.counts()
 
     @property
     def ok(self) -> bool:
         """True when every item succeeded and the whole input was read."""
-        return self.input_exhausted and all(type(o) is Success for o in self.outcomes)
+        return self.input_exhausted and self._store.counts()["success"] == len(self.outcomes)
 
     @property
     def deadline_hit(self) -> bool:
@@ -193,29 +240,28 @@ class BatchReport(Generic[T, R]):
     @property
     def item_time(self) -> float:
         """The sum of every item's ``elapsed``: the work a sequential run would have waited for."""
-        return math.fsum(o.elapsed for o in self.outcomes)
+        return self._store.item_time()
 
     @property
     def retries(self) -> int:
         """Attempts beyond the first, over all items."""
-        return sum(o.attempts - 1 for o in self.outcomes if o.attempts > 1)
+        return self._store.retries()
 
     @property
     def ideal_time(self) -> float:
         """``max(item_time / concurrency, longest item)``: no schedule can finish sooner."""
-        longest = max((o.elapsed for o in self.outcomes), default=0.0)
-        return max(self.item_time / max(self.concurrency, 1), longest)
+        return max(self.item_time / max(self.concurrency, 1), self._store.longest())
 
     def latency(self, q: float) -> float:
         """The ``q`` quantile (0..1, nearest rank) of item ``elapsed`` over started items."""
-        started = sorted(
-            o.elapsed for o in self.outcomes if type(o) is Success or o.kind != "skipped"
-        )
-        return _percentile(started, q)
+        return _percentile(self._store.started_elapsed(), q)
 
     def item_key(self, outcome: Outcome[T, R]) -> str:
         """How logs and tables name an item: ``key(item)`` if given, else ``#index``."""
         if self.key is not None:
+            kept = self._store.key(outcome.index)
+            if kept is not None:
+                return kept
             return str(self.key(outcome.item))
         return f"#{outcome.index}"
 
@@ -310,7 +356,7 @@ class BatchReport(Generic[T, R]):
             f"wall {self.wall_time:.3f}s  ideal {self.ideal_time:.3f}s "
             f"(sum of item time {self.item_time:.3f}s / concurrency {self.concurrency})"
         )
-        worst = sorted(self.outcomes, key=lambda o: o.elapsed, reverse=True)[:slowest]
+        worst = [self._store.outcome(i) for i in self._store.slowest(slowest)]
         if worst:
             lines.append("")
             lines.append("slowest items:")

@@ -35,6 +35,7 @@ from ._events import (
     AttemptFailed,
     Event,
     ItemFinished,
+    ItemsSkipped,
     ItemStarted,
     LimitChanged,
     RunFinished,
@@ -221,6 +222,8 @@ class PrometheusObserver:
             if kind != "skipped":
                 c.duration[kind].observe(outcome.elapsed)
             c.in_flight.set(event.in_flight)
+        elif type(event) is ItemsSkipped:
+            self._for(event.name).items["skipped"].inc(len(event.indices))
         elif type(event) is AttemptFailed:
             if event.retry_in is not None:
                 self._for(event.name).retries.inc()

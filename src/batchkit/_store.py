@@ -1,0 +1,312 @@
+"""Column-wise storage of a run's outcomes, and the read-only sequence view over it.
+
+A report of 1M items kept as 1M envelope objects costs ~185 MB and, worse, makes every full
+pass of the cyclic garbage collector walk them all: tens to hundreds of milliseconds during
+which the event loop stands still. The :class:`OutcomeStore` keeps what an envelope holds in
+columns instead: kinds, attempts and elapsed times in typed arrays (plain memory the
+collector never looks into), items and values in two flat lists, and the errors of the
+(usually few) failures in a dict. Items that never started because the run stopped are one
+``(start, stop, reason)`` range, however many there are.
+
+Envelopes (:class:`Success`, :class:`Failure`) are built **one at a time, when read**, by
+:class:`OutcomeView`. Reading the same index twice gives two equal envelopes, not the same
+object; the item, value and error objects inside them are the stored ones (a skipped item of
+a bulk skip gets a fresh :class:`ItemSkipped` error on each read).
+
+The engine's batch sink calls :meth:`OutcomeStore.append` once per outcome (any order) and
+:meth:`OutcomeStore.skip_range` once for the unstarted tail of a stopped sized input; the
+report reads through :meth:`OutcomeStore.view`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+from array import array
+from collections.abc import Sequence
+from itertools import compress
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, final, overload
+
+from ._errors import ItemSkipped
+from ._outcomes import KINDS, Failure, Success, make_failure, make_success
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+
+    from ._errors import StopReason
+    from ._outcomes import FailureKind, Outcome
+
+__all__ = ["OutcomeStore", "OutcomeView"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_HOLE = -1  # an index taken from the input whose outcome is not in yet
+_SUCCESS = 0
+_SKIPPED = KINDS.index("skipped")
+_CODE: dict[str, int] = {k: i for i, k in enumerate(KINDS)}
+_FAILURE_KINDS: tuple[FailureKind, ...] = KINDS[1:]  # type: ignore[assignment]
+
+_CHUNK = 4096  # columns grow by at least this many rows at a time
+_HOLES = array("b", [_HOLE]) * _CHUNK
+_ZERO_I = array("i", [0]) * _CHUNK
+_ZERO_D = array("d", [0.0]) * _CHUNK
+_NONES: list[None] = [None] * _CHUNK
+# kinds.tobytes().translate(...) -> a 0/1 mask per row, computed in C.
+_IS_SUCCESS = bytes(1 if b == _SUCCESS else 0 for b in range(256))
+_IS_STARTED = bytes(1 if b != _SKIPPED and b != (_HOLE & 0xFF) else 0 for b in range(256))
+
+
+@final
+class OutcomeStore(Generic[T, R]):
+    """The outcomes of one run, by input index. See the module docstring."""
+
+    __slots__ = (
+        "_attempts",
+        "_cap",
+        "_counts",
+        "_elapsed",
+        "_errors",
+        "_items",
+        "_keys",
+        "_kinds",
+        "_len",
+        "_ranges",
+        "_values",
+    )
+
+    def __init__(self, *, keep_keys: bool = False) -> None:
+        self._kinds = array("b")
+        self._attempts = array("i")
+        self._elapsed = array("d")
+        self._items: list[Any] = []
+        self._values: list[Any] = []
+        self._errors: dict[int, tuple[BaseException, tuple[BaseException, ...]]] = {}
+        self._keys: list[str | None] | None = [] if keep_keys else None
+        self._cap = 0
+        self._len = 0  # 1 + the highest index appended
+        self._counts = [0] * len(KINDS)
+        # Bulk skips: (start, stop, reason, items, first); the item of index i is
+        # items[first + i - start].
+        self._ranges: list[tuple[int, int, StopReason, Sequence[Any], int]] = []
+
+    @classmethod
+    def from_outcomes(cls, outcomes: Iterable[Outcome[T, R]]) -> OutcomeStore[T, R]:
+        """A store holding ``outcomes`` (for a report built by hand)."""
+        store: OutcomeStore[T, R] = cls()
+        for o in outcomes:
+            store.append(o)
+        return store
+
+    # ------------------------------------------------------------------ writing
+    def _grow(self, index: int) -> None:
+        add = max(_CHUNK, index + 1 - self._cap)
+        if add == _CHUNK:
+            self._kinds += _HOLES
+            self._attempts += _ZERO_I
+            self._elapsed += _ZERO_D
+            self._items += _NONES
+            self._values += _NONES
+            if self._keys is not None:
+                self._keys += _NONES
+        else:
+            self._kinds += array("b", [_HOLE]) * add
+            self._attempts += array("i", [0]) * add
+            self._elapsed += array("d", [0.0]) * add
+            self._items += [None] * add
+            self._values += [None] * add
+            if self._keys is not None:
+                self._keys += [None] * add
+        self._cap += add
+
+    def append(self, outcome: Outcome[T, R], key: str | None = None) -> None:
+        """Store one outcome (in any order; each index once). ``key`` is kept if the store
+        keeps keys."""
+        i = outcome.index
+        if i >= self._cap:
+            self._grow(i)
+        if i >= self._len:
+            self._len = i + 1
+        self._items[i] = outcome.item
+        self._attempts[i] = outcome.attempts
+        self._elapsed[i] = outcome.elapsed
+        if type(outcome) is Success:
+            self._kinds[i] = _SUCCESS
+            self._values[i] = outcome.value
+            self._counts[_SUCCESS] += 1
+        else:
+            assert isinstance(outcome, Failure)
+            code = _CODE[outcome.kind]
+            self._kinds[i] = code
+            self._errors[i] = (outcome.error, outcome.errors)
+            self._counts[code] += 1
+        if self._keys is not None:
+            self._keys[i] = key
+
+    def skip_range(
+        self, start: int, stop: int, reason: StopReason, items: Sequence[T], first: int = 0
+    ) -> None:
+        """Items ``start..stop-1`` never started because the run stopped for ``reason``.
+
+        O(1): nothing per item is stored. The item of index ``i`` is
+        ``items[first + i - start]``, read when its envelope is built (so ``items`` must not
+        change afterwards: pass an immutable sequence or a copy).
+        """
+        if stop <= start:
+            return
+        assert start >= self._len, "a skipped range comes after every appended index"
+        assert not self._ranges or start >= self._ranges[-1][1]
+        self._ranges.append((start, stop, reason, items, first))
+        self._counts[_SKIPPED] += stop - start
+
+    # ------------------------------------------------------------------ reading
+    def __len__(self) -> int:
+        return self._ranges[-1][1] if self._ranges else self._len
+
+    @property
+    def complete(self) -> bool:
+        """Every index below ``len(self)`` has its outcome."""
+        return sum(self._counts) == len(self)
+
+    def outcome(self, index: int) -> Outcome[T, R]:
+        """Build the envelope of input index ``index`` (a new object on every call)."""
+        if index < self._len:
+            k = self._kinds[index]
+            if k == _SUCCESS:
+                return make_success(
+                    self._items[index],
+                    self._values[index],
+                    index,
+                    self._attempts[index],
+                    self._elapsed[index],
+                )
+            if k != _HOLE:
+                error, errors = self._errors[index]
+                return make_failure(
+                    self._items[index],
+                    error,
+                    _FAILURE_KINDS[k - 1],
+                    index,
+                    self._attempts[index],
+                    self._elapsed[index],
+                    errors,
+                )
+        else:
+            ranges = self._ranges
+            r = bisect.bisect_right(ranges, index, key=_range_start) - 1
+            if r >= 0:
+                start, stop, reason, items, first = ranges[r]
+                if index < stop:
+                    err = ItemSkipped(reason)
+                    item = items[first + index - start]
+                    return make_failure(item, err, "skipped", index, 0, 0.0, (err,))
+        raise IndexError(f"no outcome for index {index}")
+
+    def key(self, index: int) -> str | None:
+        """The key kept for ``index``, or None (keys not kept, or none given)."""
+        keys = self._keys
+        if keys is None or index >= self._len:
+            return None
+        return keys[index]
+
+    def view(self) -> OutcomeView[T, R]:
+        """Every outcome in input order; a partial store's missing ones are left out."""
+        if self.complete:
+            return OutcomeView(self, None)
+        filled = array("q", (i for i in range(self._len) if self._kinds[i] != _HOLE))
+        for start, stop, *_ in self._ranges:
+            filled.extend(range(start, stop))
+        return OutcomeView(self, filled)
+
+    # -------------------------------------------------------------- aggregates
+    # Computed over the columns in C where possible; no envelope is built.
+    def counts(self) -> dict[str, int]:
+        return dict(zip(KINDS, self._counts, strict=True))
+
+    def _mask(self, table: bytes) -> bytes:
+        return self._kinds[: self._len].tobytes().translate(table)
+
+    def values(self) -> list[R]:
+        return list(compress(self._values, self._mask(_IS_SUCCESS)))
+
+    def successes(self) -> Iterator[int]:
+        return compress(range(self._len), self._mask(_IS_SUCCESS))
+
+    def failures(self) -> Iterator[int]:
+        n = self._len
+        yield from (i for i in range(n) if self._kinds[i] > _SUCCESS)
+        for start, stop, *_ in self._ranges:
+            yield from range(start, stop)
+
+    def item_time(self) -> float:
+        return math.fsum(self._elapsed)
+
+    def retries(self) -> int:
+        att = self._attempts
+        return sum(att) - (len(att) - att.count(0))
+
+    def longest(self) -> float:
+        return max(self._elapsed, default=0.0)
+
+    def started_elapsed(self) -> list[float]:
+        """Sorted ``elapsed`` of every item that started."""
+        return sorted(compress(self._elapsed, self._mask(_IS_STARTED)))
+
+    def slowest(self, n: int) -> list[int]:
+        """Indices of the ``n`` longest items (ties: lower index first)."""
+        elapsed = self._elapsed
+        top = heapq.nlargest(n, range(self._len), key=elapsed.__getitem__)
+        if len(top) < n:  # bulk-skipped items all took 0.0 s
+            for start, stop, *_ in self._ranges:
+                top.extend(range(start, min(stop, start + n - len(top))))
+        return top[:n]
+
+
+def _range_start(r: tuple[int, int, StopReason, Sequence[Any], int]) -> int:
+    return r[0]
+
+
+@final
+class OutcomeView(Sequence["Outcome[T, R]"], Generic[T, R]):
+    """A read-only sequence of a store's outcomes in input order, each envelope built when
+    read. ``rows`` (when not ``None``) lists the input indices shown, for a partial report."""
+
+    __slots__ = ("_rows", "_store")
+
+    def __init__(self, store: OutcomeStore[T, R], rows: Sequence[int] | None) -> None:
+        self._store = store
+        self._rows = rows
+
+    @property
+    def store(self) -> OutcomeStore[T, R]:
+        return self._store
+
+    def __len__(self) -> int:
+        return len(self._store) if self._rows is None else len(self._rows)
+
+    @overload
+    def __getitem__(self, index: int) -> Outcome[T, R]: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Outcome[T, R]]: ...
+    def __getitem__(self, index: int | slice) -> Outcome[T, R] | list[Outcome[T, R]]:
+        rows = range(len(self._store)) if self._rows is None else self._rows
+        if isinstance(index, slice):
+            return [self._store.outcome(i) for i in rows[index]]
+        return self._store.outcome(rows[index])
+
+    def __iter__(self) -> Iterator[Outcome[T, R]]:
+        build = self._store.outcome
+        rows = range(len(self._store)) if self._rows is None else self._rows
+        for i in rows:
+            yield build(i)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, OutcomeView | list | tuple):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} outcomes>"
