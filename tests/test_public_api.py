@@ -26,6 +26,7 @@ PUBLIC = [
     "ItemSkipped",
     "ItemStarted",
     "ItemTimeout",
+    "ItemsSkipped",
     "LimitChange",
     "LimitChanged",
     "LoggingObserver",

@@ -1,9 +1,13 @@
 """batchkit: run many small async jobs against slow, flaky systems, and get a truthful report.
 
 The whole public API is re-exported here; everything else is private.
+
+Start-up is kept short (a cron job pays it on every run): ``__version__`` (package metadata),
+``LoggingObserver`` and ``ProgressObserver`` are loaded on first access, through the module
+``__getattr__`` below.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 from ._api import ContextFactory as ContextFactory
 from ._api import batch_process as batch_process
@@ -21,13 +25,13 @@ from ._events import AttemptFailed as AttemptFailed
 from ._events import DeadlineHit as DeadlineHit
 from ._events import Event as Event
 from ._events import ItemFinished as ItemFinished
+from ._events import ItemsSkipped as ItemsSkipped
 from ._events import ItemStarted as ItemStarted
 from ._events import LimitChanged as LimitChanged
 from ._events import Observer as Observer
 from ._events import RunFinished as RunFinished
 from ._events import RunStarted as RunStarted
 from ._events import RunStopping as RunStopping
-from ._logging import LoggingObserver as LoggingObserver
 from ._outcomes import BatchReport as BatchReport
 from ._outcomes import Failure as Failure
 from ._outcomes import FailureKind as FailureKind
@@ -42,13 +46,33 @@ from ._policies import FailureRatio as FailureRatio
 from ._policies import RateLimit as RateLimit
 from ._policies import Retry as Retry
 from ._policies import RetryOn as RetryOn
-from ._progress import ProgressObserver as ProgressObserver
 from ._stream import Stream as Stream
 
-try:
-    __version__ = version("batchkit")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0"
+if TYPE_CHECKING:
+    from ._logging import LoggingObserver as LoggingObserver
+    from ._progress import ProgressObserver as ProgressObserver
+
+    __version__: str
+
+
+def __getattr__(name: str) -> Any:
+    """The public names that are loaded lazily (see the module docstring)."""
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            value: Any = version("batchkit")
+        except PackageNotFoundError:  # pragma: no cover - running from a source tree
+            value = "0.0.0"
+    elif name == "LoggingObserver":
+        from ._logging import LoggingObserver as value
+    elif name == "ProgressObserver":
+        from ._progress import ProgressObserver as value
+    else:
+        raise AttributeError(f"module 'batchkit' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Adaptive",
@@ -72,6 +96,7 @@ __all__ = [
     "ItemSkipped",
     "ItemStarted",
     "ItemTimeout",
+    "ItemsSkipped",
     "LimitChange",
     "LimitChanged",
     "LoggingObserver",

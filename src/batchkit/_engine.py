@@ -14,11 +14,9 @@ import contextvars
 import functools
 import heapq
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence, Sized
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar, cast
 
 from . import _backoff
@@ -48,6 +46,8 @@ from ._ratelimit import TokenBucket
 from ._store import OutcomeStore
 
 if TYPE_CHECKING:
+    import random
+    from concurrent.futures import ThreadPoolExecutor
     from contextlib import AbstractAsyncContextManager
 
     from ._policies import Adaptive, AsyncLimiter, FailureRatio, Retry
@@ -241,7 +241,7 @@ class Engine(Generic[T, R]):
         self._reset_pending = False
         self._observers: list[Observer] = list(plan.observers)
         self._emit_events = bool(self._observers)
-        self._rng = random.Random()
+        self._rng: random.Random | None = None  # made on first use (start-up time)
         self._executor: ThreadPoolExecutor | None = None
         self._bucket: TokenBucket | None = None
         self._aimd: AimdState | None = None
@@ -269,6 +269,8 @@ class Engine(Generic[T, R]):
             self._aimd = AimdState(limit=float(p.adaptive.initial))
             self._limit = p.adaptive.initial
         if not p.fn_is_async:
+            from concurrent.futures import ThreadPoolExecutor  # lazy: start-up time
+
             self._executor = ThreadPoolExecutor(
                 max_workers=p.slots, thread_name_prefix=f"batchkit-{p.name or 'run'}"
             )
@@ -926,6 +928,10 @@ class Engine(Generic[T, R]):
                 return None
         elif not (isinstance(error, Exception) and retry.should_retry(error)):
             return None
+        if self._rng is None:
+            import random  # lazy: start-up time
+
+            self._rng = random.Random()
         delay = _backoff.retry_delay(retry.backoff, attempt, self._rng.random(), error)
         dl = self._deadline_at
         if dl is not None:
