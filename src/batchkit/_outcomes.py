@@ -160,9 +160,11 @@ class BatchReport(Generic[T, R]):
     Iterate it, index it or take ``len()`` of it like the sequence of outcomes.
 
     The outcomes are stored column-wise and each envelope is built when it is read (see
-    ``docs/performance.md``): ``report[i] == report[i]`` but ``report[i] is not report[i]``;
-    the item, value and error objects inside are the ones the run produced. Counts, values,
-    latencies and times are computed from the columns without building envelopes.
+    ``docs/performance.md``): ``report[i] is not report[i]``, and the item, value and error
+    objects inside are the ones the run produced (so the two envelopes are equal), except for
+    items skipped in bulk when a run stopped early, which get a new ``ItemSkipped`` error on
+    each read. Counts, values, latencies and times come from the columns without building
+    envelopes.
     """
 
     outcomes: Sequence[Outcome[T, R]]
