@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=ROOT / "benchmarks" / "results", help="results folder"
     )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG (matplotlib is slow)")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="results.json of a run over older code: its targets become a 'before' column",
+    )
     args = parser.parse_args(argv)
 
     mode: Mode = "smoke" if args.smoke else "quick" if args.quick else "full"
@@ -69,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         "targets": [dataclasses.asdict(t) for t in evaluate(summary)],
         "runs": runs,
     }
+    if args.before is not None:
+        old = json.loads(args.before.read_text())
+        result["before"] = {k: old[k] for k in ("date", "machine", "settings", "targets")}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     table = markdown(result)
