@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from ._report import evaluate, markdown, plot
+from ._report import evaluate, markdown, plot, write_docs
 from ._runner import ROOT, Settings, machine, run_all, summarise
 from ._scenarios import SCENARIOS, Mode
 
@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=ROOT / "benchmarks" / "results", help="results folder"
     )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG (matplotlib is slow)")
+    parser.add_argument(
+        "--docs",
+        action="store_true",
+        help="write the results into docs/performance.md (and the plot into docs/img/)",
+    )
     parser.add_argument(
         "--before",
         type=Path,
@@ -85,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if why_not:
         _log(why_not)
+    if args.docs:
+        _log(write_docs(table, args.out / "results.png", ROOT / "docs"))
     _log(f"done in {result['elapsed_s']:.0f} s; results in {args.out}")
     return 0
 

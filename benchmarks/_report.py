@@ -11,7 +11,10 @@ from ._contenders import DEADLINE
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = ["Target", "evaluate", "markdown", "plot"]
+__all__ = ["Target", "evaluate", "markdown", "plot", "write_docs"]
+
+START = "<!-- results:start (written by python -m benchmarks --docs) -->"
+END = "<!-- results:end -->"
 
 BATCHKIT = ("batch_process", "stream", "stream_ordered", "bp_cost", "bp_retry", "bp_rate_limit",
             "bp_observer", "bp_context", "bp_key", "bp_deadline", "batch_process_uvloop",
@@ -384,6 +387,22 @@ def markdown(result: dict[str, Any]) -> str:
                     f"{_stall(r)} | {_valid(r)} |"
                 )
     return "\n".join(lines) + "\n"
+
+
+def write_docs(table: str, png: Path, docs: Path) -> str:
+    """Put ``table`` (headings one level down) between the markers of performance.md, and
+    the plot into docs/img/; returns what was done."""
+    page = docs / "performance.md"
+    text = page.read_text()
+    if START not in text or END not in text:
+        return f"{page} has no results markers: not written"
+    body = "\n".join("#" + line if line.startswith("#") else line for line in table.splitlines())
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    page.write_text(f"{head}{START}\n{body}\n{END}{tail}")
+    if png.exists():
+        (docs / "img" / "performance.png").write_bytes(png.read_bytes())
+    return f"results written into {page}"
 
 
 def _before_after(result: dict[str, Any]) -> list[str]:
