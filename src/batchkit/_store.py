@@ -54,8 +54,12 @@ _ZERO_I = array("i", [0]) * _CHUNK
 _ZERO_D = array("d", [0.0]) * _CHUNK
 _NONES: list[None] = [None] * _CHUNK
 # kinds.tobytes().translate(...) -> a 0/1 mask per row, computed in C.
+_HOLE_BYTE = bytes([_HOLE & 0xFF])
+_CODE_BYTES = tuple(bytes([code]) for code in range(len(KINDS)))
 _IS_SUCCESS = bytes(1 if b == _SUCCESS else 0 for b in range(256))
-_IS_STARTED = bytes(1 if b != _SKIPPED and b != (_HOLE & 0xFF) else 0 for b in range(256))
+_IS_FAILURE = bytes(1 if _SUCCESS < b < len(KINDS) else 0 for b in range(256))
+_IS_FILLED = bytes(1 if b < len(KINDS) else 0 for b in range(256))
+_IS_STARTED = bytes(1 if b < len(KINDS) and b != _SKIPPED else 0 for b in range(256))
 
 
 @final
@@ -65,13 +69,11 @@ class OutcomeStore(Generic[T, R]):
     __slots__ = (
         "_attempts",
         "_cap",
-        "_counts",
         "_elapsed",
         "_errors",
         "_items",
         "_keys",
         "_kinds",
-        "_len",
         "_ranges",
         "_values",
     )
@@ -85,8 +87,6 @@ class OutcomeStore(Generic[T, R]):
         self._errors: dict[int, tuple[BaseException, tuple[BaseException, ...]]] = {}
         self._keys: list[str | None] | None = [] if keep_keys else None
         self._cap = 0
-        self._len = 0  # 1 + the highest index appended
-        self._counts = [0] * len(KINDS)
         # Bulk skips: (start, stop, reason, items, first); the item of index i is
         # items[first + i - start].
         self._ranges: list[tuple[int, int, StopReason, Sequence[Any], int]] = []
@@ -122,25 +122,21 @@ class OutcomeStore(Generic[T, R]):
 
     def append(self, outcome: Outcome[T, R], key: str | None = None) -> None:
         """Store one outcome (in any order; each index once). ``key`` is kept if the store
-        keeps keys."""
+        keeps keys. The hot path: per item, only column writes (lengths and counts are
+        computed from the kinds column when read)."""
         i = outcome.index
         if i >= self._cap:
             self._grow(i)
-        if i >= self._len:
-            self._len = i + 1
-        self._items[i] = outcome.item
-        self._attempts[i] = outcome.attempts
-        self._elapsed[i] = outcome.elapsed
         if type(outcome) is Success:
             self._kinds[i] = _SUCCESS
             self._values[i] = outcome.value
-            self._counts[_SUCCESS] += 1
         else:
             assert isinstance(outcome, Failure)
-            code = _CODE[outcome.kind]
-            self._kinds[i] = code
+            self._kinds[i] = _CODE[outcome.kind]
             self._errors[i] = (outcome.error, outcome.errors)
-            self._counts[code] += 1
+        self._items[i] = outcome.item
+        self._attempts[i] = outcome.attempts
+        self._elapsed[i] = outcome.elapsed
         if self._keys is not None:
             self._keys[i] = key
 
@@ -155,66 +151,75 @@ class OutcomeStore(Generic[T, R]):
         """
         if stop <= start:
             return
-        assert start >= self._len, "a skipped range comes after every appended index"
+        assert start >= self._appended(), "a skipped range comes after every appended index"
         assert not self._ranges or start >= self._ranges[-1][1]
         self._ranges.append((start, stop, reason, items, first))
-        self._counts[_SKIPPED] += stop - start
 
     # ------------------------------------------------------------------ reading
+    def _kind_bytes(self) -> bytes:
+        """The kinds column up to the highest index appended, as bytes (holes are 0xff)."""
+        return self._kinds.tobytes().rstrip(_HOLE_BYTE)
+
+    def _appended(self) -> int:
+        """1 + the highest index appended."""
+        return len(self._kind_bytes())
+
     def __len__(self) -> int:
-        return self._ranges[-1][1] if self._ranges else self._len
+        return self._ranges[-1][1] if self._ranges else self._appended()
 
     @property
     def complete(self) -> bool:
         """Every index below ``len(self)`` has its outcome."""
-        return sum(self._counts) == len(self)
+        return _HOLE_BYTE not in self._kind_bytes() and (
+            not self._ranges or self._ranges[0][0] == self._appended()
+        )
 
     def outcome(self, index: int) -> Outcome[T, R]:
         """Build the envelope of input index ``index`` (a new object on every call)."""
-        if index < self._len:
-            k = self._kinds[index]
-            if k == _SUCCESS:
-                return make_success(
-                    self._items[index],
-                    self._values[index],
-                    index,
-                    self._attempts[index],
-                    self._elapsed[index],
-                )
-            if k != _HOLE:
-                error, errors = self._errors[index]
-                return make_failure(
-                    self._items[index],
-                    error,
-                    _FAILURE_KINDS[k - 1],
-                    index,
-                    self._attempts[index],
-                    self._elapsed[index],
-                    errors,
-                )
-        else:
-            ranges = self._ranges
-            r = bisect.bisect_right(ranges, index, key=_range_start) - 1
-            if r >= 0:
-                start, stop, reason, items, first = ranges[r]
-                if index < stop:
-                    err = ItemSkipped(reason)
-                    item = items[first + index - start]
-                    return make_failure(item, err, "skipped", index, 0, 0.0, (err,))
+        k = self._kinds[index] if 0 <= index < self._cap else _HOLE
+        if k == _SUCCESS:
+            return make_success(
+                self._items[index],
+                self._values[index],
+                index,
+                self._attempts[index],
+                self._elapsed[index],
+            )
+        if k != _HOLE:
+            error, errors = self._errors[index]
+            return make_failure(
+                self._items[index],
+                error,
+                _FAILURE_KINDS[k - 1],
+                index,
+                self._attempts[index],
+                self._elapsed[index],
+                errors,
+            )
+        ranges = self._ranges
+        r = bisect.bisect_right(ranges, index, key=_range_start) - 1
+        if r >= 0:
+            start, stop, reason, items, first = ranges[r]
+            if index < stop:
+                err = ItemSkipped(reason)
+                item = items[first + index - start]
+                return make_failure(item, err, "skipped", index, 0, 0.0, (err,))
         raise IndexError(f"no outcome for index {index}")
 
     def key(self, index: int) -> str | None:
         """The key kept for ``index``, or None (keys not kept, or none given)."""
         keys = self._keys
-        if keys is None or index >= self._len:
+        if keys is None or index >= self._cap:
             return None
         return keys[index]
 
     def view(self) -> OutcomeView[T, R]:
-        """Every outcome in input order; a partial store's missing ones are left out."""
+        """Every outcome in input order, as of now; a partial store's missing ones are left
+        out."""
         if self.complete:
-            return OutcomeView(self, None)
-        filled = array("q", (i for i in range(self._len) if self._kinds[i] != _HOLE))
+            return OutcomeView(self, range(len(self)))
+        kinds = self._kind_bytes()
+        filled = array("q", compress(range(len(kinds)), kinds.translate(_IS_FILLED)))
         for start, stop, *_ in self._ranges:
             filled.extend(range(start, stop))
         return OutcomeView(self, filled)
@@ -222,20 +227,25 @@ class OutcomeStore(Generic[T, R]):
     # -------------------------------------------------------------- aggregates
     # Computed over the columns in C where possible; no envelope is built.
     def counts(self) -> dict[str, int]:
-        return dict(zip(KINDS, self._counts, strict=True))
+        kinds = self._kind_bytes()
+        counts = {k: kinds.count(code) for k, code in zip(KINDS, _CODE_BYTES, strict=True)}
+        for start, stop, *_ in self._ranges:
+            counts["skipped"] += stop - start
+        return counts
 
     def _mask(self, table: bytes) -> bytes:
-        return self._kinds[: self._len].tobytes().translate(table)
+        return self._kind_bytes().translate(table)
 
     def values(self) -> list[R]:
         return list(compress(self._values, self._mask(_IS_SUCCESS)))
 
     def successes(self) -> Iterator[int]:
-        return compress(range(self._len), self._mask(_IS_SUCCESS))
+        mask = self._mask(_IS_SUCCESS)
+        return compress(range(len(mask)), mask)
 
     def failures(self) -> Iterator[int]:
-        n = self._len
-        yield from (i for i in range(n) if self._kinds[i] > _SUCCESS)
+        mask = self._mask(_IS_FAILURE)
+        yield from compress(range(len(mask)), mask)
         for start, stop, *_ in self._ranges:
             yield from range(start, stop)
 
@@ -256,7 +266,7 @@ class OutcomeStore(Generic[T, R]):
     def slowest(self, n: int) -> list[int]:
         """Indices of the ``n`` longest items (ties: lower index first)."""
         elapsed = self._elapsed
-        top = heapq.nlargest(n, range(self._len), key=elapsed.__getitem__)
+        top = heapq.nlargest(n, range(self._appended()), key=elapsed.__getitem__)
         if len(top) < n:  # bulk-skipped items all took 0.0 s
             for start, stop, *_ in self._ranges:
                 top.extend(range(start, min(stop, start + n - len(top))))
@@ -270,11 +280,12 @@ def _range_start(r: tuple[int, int, StopReason, Sequence[Any], int]) -> int:
 @final
 class OutcomeView(Sequence["Outcome[T, R]"], Generic[T, R]):
     """A read-only sequence of a store's outcomes in input order, each envelope built when
-    read. ``rows`` (when not ``None``) lists the input indices shown, for a partial report."""
+    read. ``rows`` lists the input indices shown: ``range(n)``, or the filled ones of a
+    partial report."""
 
     __slots__ = ("_rows", "_store")
 
-    def __init__(self, store: OutcomeStore[T, R], rows: Sequence[int] | None) -> None:
+    def __init__(self, store: OutcomeStore[T, R], rows: Sequence[int]) -> None:
         self._store = store
         self._rows = rows
 
@@ -283,22 +294,20 @@ class OutcomeView(Sequence["Outcome[T, R]"], Generic[T, R]):
         return self._store
 
     def __len__(self) -> int:
-        return len(self._store) if self._rows is None else len(self._rows)
+        return len(self._rows)
 
     @overload
     def __getitem__(self, index: int) -> Outcome[T, R]: ...
     @overload
     def __getitem__(self, index: slice) -> list[Outcome[T, R]]: ...
     def __getitem__(self, index: int | slice) -> Outcome[T, R] | list[Outcome[T, R]]:
-        rows = range(len(self._store)) if self._rows is None else self._rows
         if isinstance(index, slice):
-            return [self._store.outcome(i) for i in rows[index]]
-        return self._store.outcome(rows[index])
+            return [self._store.outcome(i) for i in self._rows[index]]
+        return self._store.outcome(self._rows[index])
 
     def __iter__(self) -> Iterator[Outcome[T, R]]:
         build = self._store.outcome
-        rows = range(len(self._store)) if self._rows is None else self._rows
-        for i in rows:
+        for i in self._rows:
             yield build(i)
 
     def __eq__(self, other: object) -> bool:
