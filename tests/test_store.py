@@ -252,6 +252,14 @@ def test_a_report_built_by_hand_from_a_list() -> None:
         report.raise_for_failures()
 
 
+def test_a_report_built_by_hand_keeps_the_given_order_and_indices() -> None:
+    outcomes: list[Outcome[str, int]] = [Success("x", 1, 7, 1, 0.0), Success("y", 2, 3, 1, 0.0)]
+    report = BatchReport(outcomes=outcomes, wall_time=0.0, concurrency=1, peak_concurrency=1)
+    assert list(report) == outcomes
+    assert report.values() == [1, 2]
+    assert [o.index for o in report.successes] == [7, 3]
+
+
 def test_store_grows_past_its_chunk_out_of_order_and_pickles() -> None:
     store: OutcomeStore[int, int] = OutcomeStore()
     store.append(Success(9000, 1, 9000, 1, 0.25))

@@ -71,6 +71,7 @@ class OutcomeStore(Generic[T, R]):
         "_cap",
         "_elapsed",
         "_errors",
+        "_index",
         "_items",
         "_keys",
         "_kinds",
@@ -87,6 +88,9 @@ class OutcomeStore(Generic[T, R]):
         self._errors: dict[int, tuple[BaseException, tuple[BaseException, ...]]] = {}
         self._keys: list[str | None] | None = [] if keep_keys else None
         self._cap = 0
+        # Only for a report built by hand whose envelopes' indices are not their positions:
+        # rows are positions, and this maps each to the envelope's own index.
+        self._index: list[int] | None = None
         # Bulk skips: (start, stop, reason, items, first); the item of index i is
         # items[first + i - start].
         self._ranges: list[tuple[int, int, StopReason, Sequence[Any], int]] = []
@@ -95,7 +99,11 @@ class OutcomeStore(Generic[T, R]):
     def from_outcomes(cls, outcomes: Iterable[Outcome[T, R]]) -> OutcomeStore[T, R]:
         """A store holding ``outcomes`` (for a report built by hand)."""
         store: OutcomeStore[T, R] = cls()
-        for o in outcomes:
+        given = list(outcomes)
+        if any(o.index != pos for pos, o in enumerate(given)):
+            store._index = [o.index for o in given]
+            given = [_at(o, pos) for pos, o in enumerate(given)]
+        for o in given:
             store.append(o)
         return store
 
@@ -177,6 +185,11 @@ class OutcomeStore(Generic[T, R]):
     def outcome(self, index: int) -> Outcome[T, R]:
         """Build the envelope of input index ``index`` (a new object on every call)."""
         k = self._kinds[index] if 0 <= index < self._cap else _HOLE
+        if self._index is not None and k != _HOLE:
+            return _at(self._build(index, k), self._index[index])
+        return self._build(index, k)
+
+    def _build(self, index: int, k: int) -> Outcome[T, R]:
         if k == _SUCCESS:
             return make_success(
                 self._items[index],
@@ -275,6 +288,14 @@ class OutcomeStore(Generic[T, R]):
 
 def _range_start(r: tuple[int, int, StopReason, Sequence[Any], int]) -> int:
     return r[0]
+
+
+def _at(o: Outcome[T, R], index: int) -> Outcome[T, R]:
+    """``o`` with another index."""
+    if type(o) is Success:
+        return make_success(o.item, o.value, index, o.attempts, o.elapsed)
+    assert isinstance(o, Failure)
+    return make_failure(o.item, o.error, o.kind, index, o.attempts, o.elapsed, o.errors)
 
 
 @final
