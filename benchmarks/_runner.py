@@ -166,6 +166,7 @@ def summarise(settings: Settings, runs: list[dict[str, Any]]) -> dict[str, Any]:
             if sc.kind == "startup":
                 row["import_ms"] = _median([r["import_ms"] for r in good])
                 row["asyncio_import_ms"] = _median([r["asyncio_import_ms"] for r in good])
+                row["import_cpu_ms"] = _median([r.get("import_cpu_ms", math.nan) for r in good])
             if sc.kind == "makespan":
                 row["efficiency"] = sc.lower_bound() / row["wall_s"]
                 row["vs_greedy"] = sc.greedy() / row["wall_s"]
