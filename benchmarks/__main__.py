@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--before",
         type=Path,
-        help="results.json of a run over older code: its targets become a 'before' column",
+        action="append",
+        help="results.json of a run over older code: its targets become a 'before' column "
+        "(repeatable: runs of different scenarios are merged)",
     )
     args = parser.parse_args(argv)
 
@@ -79,9 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         "targets": [dataclasses.asdict(t) for t in evaluate(summary)],
         "runs": runs,
     }
-    if args.before is not None:
-        old = json.loads(args.before.read_text())
-        result["before"] = {k: old[k] for k in ("date", "machine", "settings", "targets")}
+    if args.before:
+        olds = [json.loads(path.read_text()) for path in args.before]
+        result["before"] = {k: olds[0][k] for k in ("date", "machine", "settings")}
+        result["before"]["targets"] = [t for old in olds for t in old["targets"]]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     table = markdown(result)
