@@ -724,7 +724,9 @@ class Engine(Generic[T, R]):
     # ------------------------------------------------------------------ outcomes
     def _record(self, outcome: Outcome[T, R]) -> None:
         self._finished += 1
-        key = None if self._p.key is None else self._key(outcome.index, outcome.item)
+        key = None  # computed once, for the report's store and the event
+        if self._p.key is not None and (self._sink is None or self._emit_events):
+            key = self._key(outcome.index, outcome.item)
         if self._sink is None:
             self._store.append(outcome, key)
         else:
