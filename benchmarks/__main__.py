@@ -9,6 +9,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from ._report import evaluate, markdown, plot, write_docs
 from ._runner import ROOT, Settings, machine, run_all, summarise
@@ -50,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         help="results.json of a run over older code: its targets become a 'before' column "
         "(repeatable: runs of different scenarios are merged)",
     )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        action="append",
+        help="run nothing: merge these results.json files (runs of different scenarios, e.g. "
+        "made side by side) and write the tables from them",
+    )
     args = parser.parse_args(argv)
 
     mode: Mode = "smoke" if args.smoke else "quick" if args.quick else "full"
@@ -66,21 +74,24 @@ def main(argv: list[str] | None = None) -> int:
         parallel_latency=1 if full else 3,
         stream_reps=2 if full and not args.reps else None,
     )
-    started = time.perf_counter()
-    machine_before = machine()
-    _log(f"batchkit benchmarks, {mode} mode, {settings.reps} repetition(s)")
-    runs = run_all(settings, _log)
-    summary = summarise(settings, runs)
-    result = {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine_before,
-        "load_average_after": machine()["load_average"],
-        "settings": {**dataclasses.asdict(settings), "only": sorted(settings.only or ())},
-        "elapsed_s": time.perf_counter() - started,
-        "scenarios": summary,
-        "targets": [dataclasses.asdict(t) for t in evaluate(summary)],
-        "runs": runs,
-    }
+    if args.merge:
+        result = _merge([json.loads(path.read_text()) for path in args.merge])
+    else:
+        started = time.perf_counter()
+        machine_before = machine()
+        _log(f"batchkit benchmarks, {mode} mode, {settings.reps} repetition(s)")
+        runs = run_all(settings, _log)
+        summary = summarise(settings, runs)
+        result = {
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine_before,
+            "load_average_after": machine()["load_average"],
+            "settings": {**dataclasses.asdict(settings), "only": sorted(settings.only or ())},
+            "elapsed_s": time.perf_counter() - started,
+            "scenarios": summary,
+            "targets": [dataclasses.asdict(t) for t in evaluate(summary)],
+            "runs": runs,
+        }
     if args.before:
         olds = [json.loads(path.read_text()) for path in args.before]
         result["before"] = {k: olds[0][k] for k in ("date", "machine", "settings")}
@@ -97,6 +108,28 @@ def main(argv: list[str] | None = None) -> int:
         _log(write_docs(table, args.out / "results.png", ROOT / "docs"))
     _log(f"done in {result['elapsed_s']:.0f} s; results in {args.out}")
     return 0
+
+
+def _merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from runs of different scenarios: scenarios in the usual order, the
+    targets evaluated again over all of them, the highest load average of any."""
+    scenarios: dict[str, Any] = {}
+    for r in results:
+        scenarios.update(r["scenarios"])
+    ordered = {name: scenarios[name] for name in SCENARIOS if name in scenarios}
+    first = results[0]
+    loads = [r["machine"]["load_average"] for r in results]
+    return {
+        **first,
+        "machine": {**first["machine"], "load_average": max(loads)},
+        "load_average_after": max(r["load_average_after"] for r in results),
+        "settings": {**first["settings"], "scenarios": list(ordered)},
+        "elapsed_s": max(r["elapsed_s"] for r in results),
+        "scenarios": ordered,
+        "targets": [dataclasses.asdict(t) for t in evaluate(ordered)],
+        "runs": [run for r in results for run in r["runs"]],
+        "merged_from": len(results),
+    }
 
 
 if __name__ == "__main__":
