@@ -292,7 +292,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Run of {result['date']} — mode `{s['mode']}`, median of {s['reps']} repetition(s)"
         + (f" ({s['stream_reps']} for the streaming scenario)" if s.get("stream_reps") else "")
-        + f", each in a fresh subprocess"
+        + ", each in a fresh subprocess"
         + (
             f" ({result['merged_from']} runs of different scenarios made side by side, merged)"
             if result.get("merged_from")
