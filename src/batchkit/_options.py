@@ -41,6 +41,8 @@ T = TypeVar("T")
 DEFAULT_CONCURRENCY: Final = 10
 DEFAULT_COST_READ_AHEAD: Final = 1024
 DEFAULT_GRACE: Final = 1.0
+# The default reorder buffer of an ordered stream, per slot (docs/performance.md, item 3).
+ORDERED_BUFFER_PER_SLOT: Final = 8
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -400,7 +402,8 @@ def make_plan(items: object, fn: object, options: Options) -> Plan:
     rate_limit = v["rate_limit"]
     read_ahead = v["batch_size"] or DEFAULT_COST_READ_AHEAD
     extra = v["buffer"]
-    window = slots + (extra if extra is not None else slots)
+    default = ORDERED_BUFFER_PER_SLOT * slots if v["ordered"] else slots
+    window = slots + (extra if extra is not None else default)
     if v["cost"] is not None:
         window += read_ahead  # cost ordering needs its read-ahead inside the window
     return Plan(
