@@ -234,6 +234,7 @@ def test_a_deadline_cancels_what_runs_and_skips_the_rest(
             "timeout": 0,
             "cancelled": 3,
             "skipped": 997,
+            "lost": 0,
         }
         first, last = report[0], report[-1]
         assert isinstance(first, Failure)

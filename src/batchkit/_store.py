@@ -226,7 +226,9 @@ class OutcomeStore(Generic[T, R]):
     # Computed over the columns in C where possible; no envelope is built.
     def counts(self) -> dict[str, int]:
         kinds = self._kind_bytes()
-        counts = {k: kinds.count(code) for k, code in zip(KINDS, _CODE_BYTES, strict=True)}
+        counts: dict[str, int] = {
+            k: kinds.count(code) for k, code in zip(KINDS, _CODE_BYTES, strict=True)
+        }
         for start, stop, *_ in self._ranges:
             counts["skipped"] += stop - start
         return counts
