@@ -15,8 +15,8 @@ import asyncio
 import contextvars
 import heapq
 import logging
+import os
 import time
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence, Sized
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, cast
@@ -137,7 +137,8 @@ class Engine(Generic[T, R]):
         self._slice_start = self._slice_clock()
         deadline_at = start + p.deadline_seconds if p.deadline_seconds is not None else None
         deadline_at = p.deadline_at if p.deadline_at is not None else deadline_at
-        self._run = RunInfo(uuid.uuid4().hex[:12], p.timeout, deadline_at, loop.time)
+        # A random run id, as uuid4().hex[:12] would give, without importing uuid (start-up).
+        self._run = RunInfo(os.urandom(6).hex(), p.timeout, deadline_at, loop.time)
         meters: list[Meter] = []
         # In this order: a place under the adaptive limit, then a rate-limit turn (waited
         # for with the place held, so turns are not spent by attempts still queued), then

@@ -13,9 +13,7 @@ import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
-
-from typing_extensions import TypedDict
+from typing import TYPE_CHECKING, Any, Final, Generic, TypedDict, TypeVar
 
 from ._errors import InvalidArgument
 from ._policies import Adaptive, AsyncLimiter, Deadline, FailureRatio, RateLimit, Retry
