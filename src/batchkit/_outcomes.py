@@ -74,6 +74,7 @@ class Success(Generic[T_co, R_co]):
 
     @property
     def kind(self) -> Literal["success"]:
+        """Always ``"success"`` (a ``Failure``'s ``kind`` says how it failed)."""
         return "success"
 
 
