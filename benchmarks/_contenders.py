@@ -16,22 +16,29 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
-__all__ = ["CONTENDERS", "LABELS", "Collector", "Contender", "Job", "get"]
+if TYPE_CHECKING:
+    from batchkit import BatchReport
+
+__all__ = ["CONTENDERS", "DEADLINE", "LABELS", "UVLOOP", "Collector", "Contender", "Job", "get"]
 
 Fn: TypeAlias = Callable[[int], Awaitable[object]]
 
 
 class Collector:
     """Where a contender puts outcomes. ``keep=True`` stores them all (a batch's result);
-    ``keep=False`` only counts them (a stream's consumer), so memory stays flat."""
+    ``keep=False`` only counts them and their failures (a stream's consumer), so memory stays
+    flat and a stall measured is the contender's, not the collector's list. batchkit's
+    ``batch_process`` hands over its report instead (``keep_report``): it is its result."""
 
-    __slots__ = ("add", "extend", "kept", "n")
+    __slots__ = ("add", "extend", "failed", "kept", "n", "report")
 
     def __init__(self, *, keep: bool) -> None:
         self.kept: list[object] = []
         self.n = 0
+        self.failed = 0
+        self.report: BatchReport[Any, Any] | None = None
         self.add: Callable[[object], None]
         self.extend: Callable[[Iterable[object]], None]
         if keep:
@@ -43,13 +50,34 @@ class Collector:
 
     def _count(self, outcome: object) -> None:
         self.n += 1
+        if _is_failure(outcome):
+            self.failed += 1
 
     def _count_all(self, outcomes: Iterable[object]) -> None:
-        for _ in outcomes:
-            self.n += 1
+        for outcome in outcomes:
+            self._count(outcome)
+
+    def keep_report(self, report: BatchReport[Any, Any]) -> None:
+        self.report = report
 
     def consumed(self) -> int:
         return self.n + len(self.kept)
+
+    def outcomes(self) -> tuple[int, int]:
+        """How many outcomes arrived, and how many of them are failures."""
+        if self.report is not None:
+            counts = self.report.counts
+            return sum(counts.values()), sum(counts.values()) - counts["success"]
+        if self.kept:
+            return len(self.kept), sum(1 for o in self.kept if _is_failure(o))
+        return self.n, self.failed
+
+
+def _is_failure(outcome: object) -> bool:
+    if isinstance(outcome, BaseException):
+        return True
+    ok = getattr(outcome, "ok", True)  # a batchkit envelope
+    return ok is False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -94,15 +122,9 @@ async def pool(job: Job, out: Collector) -> None:
 async def batch_process(job: Job, out: Collector) -> None:
     from batchkit import batch_process
 
-    report = await batch_process(
-        job.items,
-        job.fn,
-        concurrency=job.concurrency,
-        timeout=job.timeout,
-        cost=job.cost,
-        **job.extra,
-    )
-    out.extend(report.outcomes)
+    options: dict[str, Any] = {"timeout": job.timeout, "cost": job.cost, **job.extra}
+    report = await batch_process(job.items, job.fn, concurrency=job.concurrency, **options)
+    out.keep_report(report)  # the report is the result: reading it is the user's business
 
 
 def _stream(ordered: bool) -> Contender:
@@ -261,7 +283,7 @@ async def _with_context(job: Job, out: Collector) -> None:
         timeout=job.timeout,
         context=_trivial_context,
     )
-    out.extend(report.outcomes)
+    out.keep_report(report)
 
 
 def get(name: str) -> Contender:
@@ -276,7 +298,17 @@ def get(name: str) -> Contender:
         return _with(observers=[lambda event: None])
     if name == "bp_context":
         return _with_context
-    return CONTENDERS[name]
+    if name == "bp_key":
+        return _with(key=str)
+    if name == "bp_deadline":
+        return _with(deadline=DEADLINE, timeout=None)  # the issue's call: no timeout
+    return CONTENDERS[name.removesuffix(UVLOOP)]
+
+
+UVLOOP = "_uvloop"
+"""A contender name ending so runs the same code on a uvloop event loop."""
+DEADLINE = 0.2
+"""The deadline of the ``deadline_*`` scenarios (seconds)."""
 
 
 CONTENDERS: dict[str, Contender] = {
@@ -311,4 +343,9 @@ LABELS: dict[str, str] = {
     "bp_rate_limit": "batch_process + rate_limit=RateLimit(1e9/s, burst 1e6)",
     "bp_observer": "batch_process + observers=[lambda e: None]",
     "bp_context": "batch_process + context= trivial async context manager",
+    "bp_key": "batch_process + key=str (keys kept in the report)",
+    "bp_deadline": f"batch_process + deadline={DEADLINE}",
+    "import": "import batchkit (after import asyncio)",
 }
+for _name in ("pool", "batch_process", "stream", "stream_ordered"):
+    LABELS[_name + UVLOOP] = LABELS[_name] + ", on uvloop"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._contenders import LABELS
+from ._contenders import LABELS, UVLOOP
 from ._scenarios import Mode, Scenario, scenario
 
 if TYPE_CHECKING:
@@ -155,16 +155,26 @@ def summarise(settings: Settings, runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "stall_ms": max((r["stall_ms"] for r in good), default=float("nan")),
                 "stall_cpu_ms": max((r["stall_cpu_ms"] for r in good), default=float("nan")),
             }
-            if sc.kind == "stream":
+            if sc.kind in ("stream", "report", "deadline"):
                 row["rss_delta_mb"] = _median([r["rss_delta_mb"] for r in good])
-                row["read_ahead"] = max((r["read_ahead"] for r in good), default=0)
+                row["rss_kept_mb"] = _median([r.get("rss_kept_mb", math.nan) for r in good])
                 row["rss_method"] = good[0]["rss_method"] if good else ""
+            if sc.kind == "stream":
+                row["read_ahead"] = max((r["read_ahead"] for r in good), default=0)
+            if sc.kind == "deadline":
+                row["wall_max_s"] = max(walls, default=math.nan)
+            if sc.kind == "startup":
+                row["import_ms"] = _median([r["import_ms"] for r in good])
+                row["asyncio_import_ms"] = _median([r["asyncio_import_ms"] for r in good])
+                row["import_cpu_ms"] = _median([r.get("import_cpu_ms", math.nan) for r in good])
             if sc.kind == "makespan":
                 row["efficiency"] = sc.lower_bound() / row["wall_s"]
                 row["vs_greedy"] = sc.greedy() / row["wall_s"]
             rows.append(row)
-        ref = next((r for r in rows if r["contender"] == REFERENCE), None)
         for row in rows:
+            # uvloop rows are compared with the pool on uvloop, measured in the same run.
+            ref_name = REFERENCE + UVLOOP if row["contender"].endswith(UVLOOP) else REFERENCE
+            ref = next((r for r in rows if r["contender"] == ref_name), None)
             key = "wall_s" if sc.kind == "makespan" else "us_per_item"
             row["ratio"] = _ratio(row[key], ref[key]) if ref is not None else None
         out[name] = {"title": sc.title, "kind": sc.kind, "note": sc.note, **_bounds(sc, rows)}

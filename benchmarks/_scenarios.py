@@ -28,8 +28,8 @@ __all__ = [
 Mode: TypeAlias = Literal["full", "quick", "smoke"]
 MODES: tuple[Mode, ...] = ("full", "quick", "smoke")
 
-Kind: TypeAlias = Literal["overhead", "makespan", "stream"]
-FnKind: TypeAlias = Literal["immediate", "sleep0", "latency"]
+Kind: TypeAlias = Literal["overhead", "makespan", "stream", "report", "deadline", "startup"]
+FnKind: TypeAlias = Literal["immediate", "sleep0", "latency", "slow", "none"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -46,7 +46,8 @@ class Scenario:
     timeout: float
     contenders: tuple[str, ...]
     latencies: tuple[float, ...] | None = None
-    expected_failures: int = 0
+    expected_failures: int | None = 0
+    """``None``: not checked (a deadline decides how many items fail)."""
     note: str = ""
     # Contenders too slow to run at full size in the time budget run on fewer items; every
     # figure of theirs is per item, and the table says how many items they ran.
@@ -118,6 +119,8 @@ _STREAMING = (
     "aiostream",
     "aiostream_unordered",
 )
+# The same code on a uvloop event loop (issue 15, item 6).
+_UVLOOP = ("pool_uvloop", "batch_process_uvloop", "stream_uvloop")
 # Over 10x slower than the pool per item: measured on a tenth of the overhead items.
 _SLOW = ("aiometer", "aiostream", "aiostream_unordered", "anyio")
 _POLICIES = (
@@ -137,10 +140,22 @@ SCENARIOS: tuple[str, ...] = (
     "hung",
     "stream_memory",
     "policy_costs",
+    "report_1m",
+    "deadline_1m",
+    "deadline_5m",
+    "startup",
 )
 
 _OVERHEAD_N: dict[Mode, int] = {"full": 100_000, "quick": 10_000, "smoke": 300}
 _STREAM_N: dict[Mode, int] = {"full": 1_000_000, "quick": 50_000, "smoke": 2_000}
+_REPORT_N: dict[Mode, int] = {"full": 1_000_000, "quick": 200_000, "smoke": 2_000}
+_DEADLINE_N: dict[str, dict[Mode, int]] = {
+    "deadline_1m": {"full": 1_000_000, "quick": 1_000_000, "smoke": 10_000},
+    "deadline_5m": {"full": 5_000_000, "quick": 2_000_000, "smoke": 20_000},
+}
+_IMPORT_RUNS: dict[Mode, int] = {"full": 15, "quick": 7, "smoke": 3}
+SLOW_FN_S = 0.05
+"""How long the deadline scenarios' ``fn`` sleeps per item."""
 
 
 def scenario(name: str, mode: Mode) -> Scenario:
@@ -162,7 +177,7 @@ def scenario(name: str, mode: Mode) -> Scenario:
             n=n,
             concurrency=100,
             timeout=60.0,
-            contenders=(_POLICIES if name == "policy_costs" else (*_EVERYONE, "floor")),
+            contenders=(_POLICIES if name == "policy_costs" else (*_EVERYONE, "floor", *_UVLOOP)),
             note="" if mode == "full" else f"{mode} mode: {n:,} items instead of 100,000",
             reduced=tuple((c, n // 10) for c in _SLOW),
         )
@@ -182,7 +197,7 @@ def scenario(name: str, mode: Mode) -> Scenario:
             concurrency=10,
             timeout=30.0,
             latencies=lat,
-            contenders=(*_EVERYONE, "bp_cost"),
+            contenders=(*_EVERYONE, "stream_ordered", "bp_cost"),
         )
     if name == "seed_x100":
         return Scenario(
@@ -209,7 +224,7 @@ def scenario(name: str, mode: Mode) -> Scenario:
             timeout=0.2,
             latencies=lat,
             expected_failures=sum(1 for x in lat if math.isinf(x)),
-            contenders=_EVERYONE,
+            contenders=(*_EVERYONE, "stream_ordered", *_UVLOOP),
         )
     if name == "stream_memory":
         n = _STREAM_N[mode]
@@ -228,5 +243,51 @@ def scenario(name: str, mode: Mode) -> Scenario:
                 ("aiostream", n // 40),
                 ("aiostream_unordered", n // 40),
             ),
+        )
+    if name == "report_1m":
+        n = _REPORT_N[mode]
+        return Scenario(
+            name=name,
+            title=f"a big report ({n:,} items, fn returns at once, C=100)",
+            kind="report",
+            fn="immediate",
+            n=n,
+            concurrency=100,
+            timeout=60.0,
+            contenders=("pool", "batch_process", "bp_key", "stream"),
+            note=(
+                "batch_process keeps its report, the pool its list of results, stream's "
+                "consumer only counts"
+                + ("" if mode == "full" else f"; {mode} mode: {n:,} items instead of 1,000,000")
+            ),
+        )
+    if name in _DEADLINE_N:
+        n = _DEADLINE_N[name][mode]
+        return Scenario(
+            name=name,
+            title=(
+                f"a deadline over a big sized input (range({n:,}), fn sleeps "
+                f"{SLOW_FN_S * 1e3:g} ms, C=4, deadline=0.2)"
+            ),
+            kind="deadline",
+            fn="slow",
+            n=n,
+            concurrency=4,
+            timeout=60.0,
+            contenders=("bp_deadline",),
+            expected_failures=None,
+        )
+    if name == "startup":
+        runs = _IMPORT_RUNS[mode]
+        return Scenario(
+            name=name,
+            title=f"start-up: import batchkit after import asyncio (median of {runs} runs)",
+            kind="startup",
+            fn="none",
+            n=runs,
+            concurrency=1,
+            timeout=60.0,
+            contenders=("import",),
+            note="python -X importtime -c 'import asyncio; import batchkit', bytecode compiled",
         )
     raise ValueError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")

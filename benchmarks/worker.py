@@ -2,7 +2,10 @@
 
 Prints one JSON object on stdout: wall time, outcome counts, the longest event-loop stall seen
 by a 5 ms heartbeat task, and for the streaming scenario the peak RSS growth and the largest
-read-ahead (items pulled from the input but not yet handed to the consumer).
+read-ahead (items pulled from the input but not yet handed to the consumer). The report and
+deadline scenarios add the peak RSS growth and what stays in memory with the result kept;
+the start-up scenario times imports in subprocesses. A contender whose name ends in
+``_uvloop`` runs on a uvloop event loop.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ import gc
 import json
 import math
 import resource
+import statistics
+import subprocess
 import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from ._contenders import Collector, Job, get
-from ._scenarios import MODES, Mode, Scenario, scenario
+from ._contenders import UVLOOP, Collector, Job, get
+from ._scenarios import MODES, SLOW_FN_S, Mode, Scenario, scenario
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -94,6 +99,13 @@ def _fn(sc: Scenario) -> Any:
             return item
 
         return sleep0
+    if sc.fn == "slow":
+
+        async def slow(item: int) -> int:
+            await asyncio.sleep(SLOW_FN_S)
+            return item
+
+        return slow
     assert sc.latencies is not None
     latencies = sc.latencies
 
@@ -132,19 +144,16 @@ def _mode(mode: str) -> Mode:
     raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
 
 
-def _is_failure(outcome: object) -> bool:
-    from batchkit import Failure
-
-    return isinstance(outcome, BaseException | Failure)
-
-
 async def measure(scenario_name: str, contender: str, mode: str) -> dict[str, Any]:
     """Run one contender on one scenario in this process and return the measurements."""
     sc = scenario(scenario_name, _mode(mode))
     run = get(contender)
     streaming = sc.kind == "stream"
+    peak_rss = sc.kind in ("stream", "report", "deadline")
     n = sc.n_for(contender)
-    out = Collector(keep=not streaming)
+    # A stream's consumer only counts: a benchmark that kept every envelope would measure
+    # its own list (issue 15, item 1). Everyone else keeps what it returns.
+    out = Collector(keep=not streaming and not contender.startswith("stream"))
     reader = _ReadAhead(n, out) if streaming else None
     cost = None
     if contender == "bp_cost":
@@ -159,8 +168,8 @@ async def measure(scenario_name: str, contender: str, mode: str) -> dict[str, An
     )
     gc.collect()
     rss_before = _status_kb("VmRSS")
-    peak_reset = streaming and _reset_peak_rss()
-    heartbeat = _Heartbeat(sample_rss=streaming)
+    peak_reset = peak_rss and _reset_peak_rss()
+    heartbeat = _Heartbeat(sample_rss=peak_rss)
     beat = asyncio.create_task(heartbeat.run())
     await asyncio.sleep(0)  # let the heartbeat start its first tick
     start = time.perf_counter()
@@ -178,29 +187,99 @@ async def measure(scenario_name: str, contender: str, mode: str) -> dict[str, An
         "stall_ms": max(0.0, heartbeat.max_gap - HEARTBEAT) * 1e3,
         "stall_cpu_ms": max(0.0, heartbeat.max_cpu_gap - HEARTBEAT) * 1e3,
     }
-    if streaming:
-        failed = 0
-        done = out.n
+    if peak_rss:
         peak_kb = _status_kb("VmHWM") if peak_reset else None
         if peak_kb is None:
             peak_kb = heartbeat.max_rss_kb or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         result["rss_delta_mb"] = max(0, peak_kb - (rss_before or 0)) / 1024
         result["rss_method"] = "VmHWM reset" if peak_reset else "VmRSS sampled"
+        # What the kept result costs once the run's own garbage is gone.
+        gc.collect()
+        result["rss_kept_mb"] = max(0, (_status_kb("VmRSS") or 0) - (rss_before or 0)) / 1024
+    if streaming:
         assert reader is not None
         result["read_ahead"] = reader.max
-    else:
-        failed = sum(1 for o in out.kept if _is_failure(o))
-        done = len(out.kept)
+    done, failed = out.outcomes()
     result["outcomes"] = done
     result["failed"] = failed
     problems = []
     if done != n:
         problems.append(f"{done} outcomes for {n} items")
-    if failed != sc.expected_failures:
+    if sc.expected_failures is not None and failed != sc.expected_failures:
         problems.append(f"{failed} failures, expected {sc.expected_failures}")
+    if out.report is not None:
+        # The report is complete: every item has exactly one envelope, readable at both ends.
+        report = out.report
+        if len(report) != n or (n and report[n - 1].index != n - 1):
+            problems.append(f"report of {len(report)} outcomes for {n} items")
     result["valid"] = not problems
     result["problems"] = problems
     return result
+
+
+def _import_us(module: str, lines: list[str]) -> int:
+    for line in lines:
+        parts = line.split("|")
+        if len(parts) == 3 and parts[2].strip() == module and not parts[2].startswith("  "):
+            return int(parts[1])
+    raise ValueError(f"{module} not in the -X importtime output")
+
+
+def _child_cpu(cmd: list[str]) -> float:
+    """CPU seconds (user + system) that running ``cmd`` to its end cost."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(cmd, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def measure_startup(scenario_name: str, mode: str) -> dict[str, Any]:
+    """``import batchkit`` after ``import asyncio``, each in a fresh interpreter (``-X
+    importtime``): the median of batchkit's cumulative import time over the scenario's runs.
+    The package's bytecode is compiled first, as an installed wheel's is."""
+    import compileall
+    import importlib.util
+
+    sc = scenario(scenario_name, _mode(mode))
+    spec = importlib.util.find_spec("batchkit")
+    assert spec is not None
+    assert spec.submodule_search_locations
+    compileall.compile_dir(spec.submodule_search_locations[0], quiet=1)
+    batchkit_us: list[int] = []
+    asyncio_us: list[int] = []
+    # The same in CPU time (the child's user + system), which a busy machine disturbs less:
+    # an interpreter importing asyncio and batchkit minus one importing asyncio alone.
+    cpu: dict[bool, list[float]] = {True: [], False: []}
+    start = time.perf_counter()
+    for _ in range(sc.n):
+        proc = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", "import asyncio; import batchkit"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        lines = proc.stderr.splitlines()
+        batchkit_us.append(_import_us("batchkit", lines))
+        asyncio_us.append(_import_us("asyncio", lines))
+        for with_batchkit in (True, False):
+            code = "import asyncio" + ("; import batchkit" if with_batchkit else "")
+            cpu[with_batchkit].append(_child_cpu([sys.executable, "-c", code]))
+    return {
+        "scenario": scenario_name,
+        "contender": "import",
+        "mode": mode,
+        "n": sc.n,
+        "wall_s": time.perf_counter() - start,
+        "stall_ms": 0.0,
+        "stall_cpu_ms": 0.0,
+        "import_ms": statistics.median(batchkit_us) / 1e3,
+        "asyncio_import_ms": statistics.median(asyncio_us) / 1e3,
+        "import_cpu_ms": (statistics.median(cpu[True]) - statistics.median(cpu[False])) * 1e3,
+        "outcomes": sc.n,
+        "failed": 0,
+        "valid": True,
+        "problems": [],
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -209,7 +288,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("contender")
     parser.add_argument("mode", choices=MODES)
     args = parser.parse_args(argv)
-    result = asyncio.run(measure(args.scenario, args.contender, args.mode))
+    if scenario(args.scenario, _mode(args.mode)).kind == "startup":
+        result = measure_startup(args.scenario, args.mode)
+    elif args.contender.endswith(UVLOOP):
+        import uvloop
+
+        result = uvloop.run(measure(args.scenario, args.contender, args.mode))
+    else:
+        result = asyncio.run(measure(args.scenario, args.contender, args.mode))
     sys.stdout.write(json.dumps(result) + "\n")
 
 

@@ -33,15 +33,15 @@ def _shown(default: Any) -> str:
 
 
 def _signature_defaults() -> dict[str, str]:
-    """The positional parameters of both entry points, then every keyword of ``Options``
-    (the one declaration the ``**options: Unpack[...]`` signatures are typed from)."""
+    """The positional parameters, then every keyword in the order ``Options`` declares them
+    (the entry points take them as ``**options: Unpack[...]``, declared once there)."""
     params: dict[str, str] = {}
     for entry_point in (batchkit.batch_process, batchkit.stream):
         for name, p in inspect.signature(entry_point).parameters.items():
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
                 params.setdefault(name, _shown(p.default))
-    for field in dataclasses.fields(Options):
-        params.setdefault(field.name, _shown(field.default))
+    for f in dataclasses.fields(Options):
+        params.setdefault(f.name, _shown(f.default))
     return params
 
 
@@ -60,12 +60,11 @@ def test_options_table_follows_the_signature_order() -> None:
 
 
 def test_stream_takes_every_keyword_of_batch_process() -> None:
-    from batchkit._options import RunOptions, StreamOptions
-
-    assert RunOptions.__annotations__.keys() <= StreamOptions.__annotations__.keys()
     batch = inspect.signature(batchkit.batch_process).parameters
     streamed = inspect.signature(batchkit.stream).parameters
     assert batch.keys() <= streamed.keys()
+    for name, p in batch.items():
+        assert streamed[name].default == p.default, name
 
 
 def _public_objects() -> list[tuple[str, Any]]:
@@ -121,14 +120,18 @@ def _rows(text: str) -> dict[str, list[str]]:
 
 
 def test_comparison_figures_match_the_performance_page() -> None:
-    """docs/comparison.md copies measured figures; they must be the latest run's."""
+    """docs/comparison.md copies measured figures; they must be those of the full comparison
+    (every contender) on docs/performance.md."""
     comparison = (ROOT / "docs" / "comparison.md").read_text(encoding="utf-8")
     measured = comparison[comparison.index("## Measured cost per item") :]
     performance = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
-    heading = "### overhead, fn returns at once"
-    assert heading in performance, f"docs/performance.md has no section {heading!r}"
+    full = "## The full comparison"
+    assert full in performance, f"docs/performance.md has no section {full!r}"
+    performance = performance[performance.index(full) :]
+    heading = "#### overhead, fn returns at once"
+    assert heading in performance, f"docs/performance.md's full comparison has no {heading!r}"
     section = performance[performance.index(heading) :]
-    section = section[: section.find("\n### ", 1)]
+    section = section[: section.find("\n#### ", 1)]
     source = _rows(section)  # contender -> items, µs/item, x pool, ...
     for contender, (per_item, ratio) in (
         (k, v[:2]) for k, v in _rows(measured).items() if k not in ("contender", "---")

@@ -1,9 +1,13 @@
 """batchkit: run many small async jobs against slow, flaky systems, and get a truthful report.
 
 The whole public API is re-exported here; everything else is private.
+
+Start-up is kept short (a cron job pays it on every run): ``__version__`` (package metadata),
+``LoggingObserver`` and ``ProgressObserver`` are loaded on first access, through the module
+``__getattr__`` below.
 """
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._api import ContextFactory as ContextFactory
 from ._api import batch_process as batch_process
@@ -30,7 +34,6 @@ from ._events import Observer as Observer
 from ._events import RunFinished as RunFinished
 from ._events import RunStarted as RunStarted
 from ._events import RunStopping as RunStopping
-from ._logging import LoggingObserver as LoggingObserver
 from ._outcomes import BatchReport as BatchReport
 from ._outcomes import Failure as Failure
 from ._outcomes import FailureKind as FailureKind
@@ -46,28 +49,37 @@ from ._policies import FailureRatio as FailureRatio
 from ._policies import RateLimit as RateLimit
 from ._policies import Retry as Retry
 from ._policies import RetryOn as RetryOn
-from ._progress import ProgressObserver as ProgressObserver
 from ._stream import Stream as Stream
 from ._transient import transient as transient
 
 if TYPE_CHECKING:
+    from ._logging import LoggingObserver as LoggingObserver
+    from ._progress import ProgressObserver as ProgressObserver
+
     __version__: str
     """The installed version of the ``aio-batchkit`` distribution (e.g. ``"0.1.0"``)."""
 else:
+    # Hidden from type checkers: a visible module __getattr__ would type any misspelt
+    # `batchkit.X` as Any.
 
-    def __getattr__(name: str) -> str:
-        # `__version__` is looked up on first use, not at import: importlib.metadata and its
-        # scan of sys.path would add tens of milliseconds to `import batchkit`.
+    def __getattr__(name: str) -> Any:
+        """The public names that are loaded lazily (see the module docstring)."""
         if name == "__version__":
-            global __version__
+            # importlib.metadata and its scan of sys.path would add tens of milliseconds.
             from importlib.metadata import PackageNotFoundError, version
 
             try:
-                __version__ = version("aio-batchkit")  # the distribution, not the import name
+                value: Any = version("aio-batchkit")  # the distribution, not the import name
             except PackageNotFoundError:  # pragma: no cover - a source tree, not installed
-                __version__ = "0.0.0"
-            return __version__
-        raise AttributeError(f"module 'batchkit' has no attribute {name!r}")
+                value = "0.0.0"
+        elif name == "LoggingObserver":
+            from ._logging import LoggingObserver as value
+        elif name == "ProgressObserver":
+            from ._progress import ProgressObserver as value
+        else:
+            raise AttributeError(f"module 'batchkit' has no attribute {name!r}")
+        globals()[name] = value
+        return value
 
 
 __all__ = [

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, overload
-
-from typing_extensions import Unpack
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, Unpack, overload
 
 from ._engine import Engine
 from ._options import Options, RunOptions, StreamOptions, make_plan
@@ -139,9 +137,12 @@ def stream(
                 ...
 
     ``ordered=True`` yields in input order through a reorder buffer. At most
-    ``concurrency + buffer`` items (default ``buffer``: ``concurrency``) are ever pulled from
-    the input and not yet consumed, whatever the input's length: a slow head item or a slow
-    consumer pauses new starts rather than growing memory.
+    ``concurrency + buffer`` items are ever pulled from the input and not yet consumed,
+    whatever the input's length: a slow head item or a slow consumer pauses new starts rather
+    than growing memory. The default ``buffer`` is ``concurrency``, and ``8 * concurrency``
+    when ordered: room for the other slots to keep working while one slow item holds the head
+    (with less, an ordered stream falls to ~0.6-0.7 of the unordered throughput on
+    heavy-tailed latencies).
     """
     opts = _options(context, options)
     if opts.backend is not None:

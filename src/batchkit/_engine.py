@@ -15,12 +15,10 @@ import asyncio
 import contextvars
 import heapq
 import logging
-import random
+import os
 import time
-import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sized
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence, Sized
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, cast
 
 from ._attempt import _SLOT, Job, RunInfo, Slot
@@ -49,6 +47,9 @@ from ._sinks import BatchSink, Sink
 from ._watchdog import SLACK, STOP, Watchdog, cancel_attempt
 
 if TYPE_CHECKING:
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
     from ._meters import Meter
     from ._options import Plan
 
@@ -84,7 +85,6 @@ class Engine(Generic[T, R]):
         self._sink: Sink[T, R] = sink if sink is not None else BatchSink()
         self._sink.wake_producers = self._room_made
         self._room_waiters: deque[asyncio.Future[None]] = deque()
-        self._reserve = self._sink.reserve
         self._put = self._sink.put
         self._keys: list[str] | None = [] if plan.key is not None and self._sink.keeps else None
         self._key_failed = False
@@ -114,8 +114,7 @@ class Engine(Generic[T, R]):
         self._reset_pending = False
         self._observers: list[Observer] = list(plan.observers)
         self._emit_events = bool(self._observers)
-        retry = plan.retry
-        self._rng = retry.rng if retry is not None and retry.rng is not None else random.Random()
+        self._rng: random.Random | None = plan.retry.rng if plan.retry is not None else None
         self._executor: ThreadPoolExecutor | None = None
         self._limit_changes: list[LimitChange] = []
         self._deadline: DeadlineMeter | None = None
@@ -138,7 +137,8 @@ class Engine(Generic[T, R]):
         self._slice_start = self._slice_clock()
         deadline_at = start + p.deadline_seconds if p.deadline_seconds is not None else None
         deadline_at = p.deadline_at if p.deadline_at is not None else deadline_at
-        self._run = RunInfo(uuid.uuid4().hex[:12], p.timeout, deadline_at, loop.time)
+        # A random run id, as uuid4().hex[:12] would give, without importing uuid (start-up).
+        self._run = RunInfo(os.urandom(6).hex(), p.timeout, deadline_at, loop.time)
         meters: list[Meter] = []
         # In this order: a place under the adaptive limit, then a rate-limit turn (waited
         # for with the place held, so turns are not spent by attempts still queued), then
@@ -156,6 +156,8 @@ class Engine(Generic[T, R]):
         if p.limiter is not None:
             meters.append(LimiterMeter(p.limiter))
         if not p.fn_is_async:
+            from concurrent.futures import ThreadPoolExecutor  # lazy: start-up time
+
             self._executor = ThreadPoolExecutor(
                 max_workers=p.slots, thread_name_prefix=f"batchkit-{p.name or 'run'}"
             )
@@ -283,7 +285,6 @@ class Engine(Generic[T, R]):
     def _take(self, item: T) -> Job:
         index = self._next_index
         self._next_index = index + 1
-        self._reserve(index)
         if self._p.key is None:
             return Job(index, item)
         key = self._key_of(index, item)
@@ -633,7 +634,7 @@ class Engine(Generic[T, R]):
         if not self._stopping:
             delay = retry_in(
                 self._p.retry, attempt=job.attempt, kind=kind, error=error,
-                draw=self._rng.random(), now=result.ended,
+                draw=self._draw(), now=result.ended,
                 deadline_at=self._deadline.deadline_at if self._deadline else None,
                 expected=self._deadline.expected(job) if self._deadline else 0.0,
             )  # fmt: skip
@@ -648,6 +649,14 @@ class Engine(Generic[T, R]):
         if delay is None:
             self._record(self._last_error(job, result.ended), job)
         return delay
+
+    def _draw(self) -> float:
+        """The backoff's random draw; the source is made on first use (start-up time)."""
+        if self._rng is None:
+            import random
+
+            self._rng = random.Random()
+        return self._rng.random()
 
     def _last_error(self, job: Job, now: float) -> Failure[T]:
         assert job.errors
@@ -727,7 +736,11 @@ class Engine(Generic[T, R]):
         # the rest in one ItemsSkipped event; a stream builds the envelopes as they are read.
         if not (self._sized and self._it is not None and self._total is not None):
             return
-        rest = range(self._next_index, self._total)
+        if not self._sink.keeps:
+            rest = range(self._next_index, self._total)
+            self._sink.count_skipped(len(rest))  # built as the consumer reads them
+        else:
+            rest = self._skip_rest(self._stop_reason)
         if self._emit_events and rest:
             assert self._loop is not None
             self._event(
@@ -738,15 +751,24 @@ class Engine(Generic[T, R]):
                     time=self._loop.time(),
                 )
             )
-        if not self._sink.keeps:
-            self._sink.count_skipped(len(rest))  # built as the consumer reads them
-            return
-        for item in self._it:
-            job = self._take(item)
-            err = ItemSkipped(self._stop_reason)
-            self._sink.put(Failure(item, err, "skipped", job.index, 0, 0.0, (err,)))
-            self._finished += 1
+
+    def _skip_rest(self, reason: StopReason) -> range:
+        """A batch's unread rest of a sized input, as one skipped range in its sink: O(1) for
+        a range or a tuple (items are read from it when an envelope is built), a C-speed copy
+        otherwise. Nothing is built per item."""
+        start = self._next_index
+        items = self._items
+        rest: Sequence[T]
+        if isinstance(items, range | tuple):
+            rest, first = cast("Sequence[T]", items), start
+        else:
+            rest, first = (items[start:] if isinstance(items, list) else list(self._it or ())), 0
+        skipped = range(start, start + len(rest) - first)
+        self._sink.skip_range(skipped, reason, rest, first)
+        self._next_index = skipped.stop
+        self._finished += len(skipped)
         self._exhausted = True
+        return skipped
 
     def drain_one(self) -> Outcome[T, R] | None:
         """After a stopped stream's run: the next unread item of a sized input, as skipped

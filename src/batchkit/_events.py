@@ -92,9 +92,10 @@ class ItemFinished:
 @final
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ItemsSkipped:
-    """Items the run skipped in bulk when it stopped (the unread rest of a sized input): one
-    event for all of them, so skipping a million items stays cheap. Count ``len(indices)``.
-    Every item reaches observers exactly once: in its own ``ItemFinished`` or in one of these."""
+    """Items that never started, skipped in bulk when the run stopped (the unread rest of a
+    sized input): one event for all of them, so skipping a million items stays cheap. Count
+    ``len(indices)``. Every item reaches observers exactly once: in its own ``ItemFinished``
+    or in one of these. Their envelopes are in the report, built when read."""
 
     name: str | None
     reason: StopReason

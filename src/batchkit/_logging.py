@@ -19,6 +19,7 @@ from ._events import (
     DeadlineHit,
     Event,
     ItemFinished,
+    ItemsSkipped,
     ItemStarted,
     LimitChanged,
     RunFinished,
@@ -122,6 +123,22 @@ class LoggingObserver:
         else:
             fields["error"] = _error(outcome.error)
             self._log(level, "item failed", fields)
+
+    def _items_skipped(self, event: ItemsSkipped) -> None:
+        run = self._runs.get(event.name)
+        if run is not None:
+            run.counts["skipped"] += len(event.indices)
+        if self._logger.isEnabledFor(self._level_items):
+            indices = event.indices
+            fields: dict[str, Any] = {
+                "event": "items_skipped",
+                "name": event.name,
+                "reason": event.reason,
+                "count": len(indices),
+                "first": indices.start,
+                "last": indices.stop - 1,
+            }
+            self._log(self._level_items, "items skipped", fields)
 
     def _item_started(self, event: ItemStarted) -> None:
         if self._logger.isEnabledFor(self._level_items):
@@ -235,6 +252,7 @@ class LoggingObserver:
 
 _HANDLERS: Final[dict[type[Any], Callable[[LoggingObserver, Any], None]]] = {
     ItemFinished: LoggingObserver._item_finished,
+    ItemsSkipped: LoggingObserver._items_skipped,
     ItemStarted: LoggingObserver._item_started,
     AttemptFailed: LoggingObserver._attempt_failed,
     RunStarted: LoggingObserver._run_started,

@@ -13,9 +13,7 @@ import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
-
-from typing_extensions import TypedDict
+from typing import TYPE_CHECKING, Any, Final, Generic, TypedDict, TypeVar
 
 from ._errors import InvalidArgument
 from ._policies import Adaptive, AsyncLimiter, Deadline, FailureRatio, RateLimit, Retry
@@ -41,6 +39,8 @@ T = TypeVar("T")
 DEFAULT_CONCURRENCY: Final = 10
 DEFAULT_COST_READ_AHEAD: Final = 1024
 DEFAULT_GRACE: Final = 1.0
+# The default reorder buffer of an ordered stream, per slot (docs/performance.md, item 3).
+ORDERED_BUFFER_PER_SLOT: Final = 8
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -400,7 +400,8 @@ def make_plan(items: object, fn: object, options: Options) -> Plan:
     rate_limit = v["rate_limit"]
     read_ahead = v["batch_size"] or DEFAULT_COST_READ_AHEAD
     extra = v["buffer"]
-    window = slots + (extra if extra is not None else slots)
+    default = ORDERED_BUFFER_PER_SLOT * slots if v["ordered"] else slots
+    window = slots + (extra if extra is not None else default)
     if v["cost"] is not None:
         window += read_ahead  # cost ordering needs its read-ahead inside the window
     return Plan(

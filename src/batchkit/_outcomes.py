@@ -11,6 +11,7 @@ from typing import (
     Literal,
     TypeAlias,
     TypeVar,
+    cast,
     final,
     get_args,
     overload,
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping, Sequence
 
     from ._errors import StopReason
+    from ._store import OutcomeStore, OutcomeView
 
 __all__ = [
     "BatchReport",
@@ -47,6 +49,7 @@ OutcomeKind: TypeAlias = Literal["success", FailureKind]
 """The ``kind`` of any outcome: ``"success"`` or a :data:`FailureKind`."""
 
 KINDS: tuple[OutcomeKind, ...] = ("success", *get_args(FailureKind))
+"""Every outcome kind, in the order counts list them (the report's store numbers them so)."""
 
 
 @final
@@ -71,7 +74,7 @@ class Success(Generic[T_co, R_co]):
 
     @property
     def kind(self) -> Literal["success"]:
-        """Always ``"success"``: every outcome has a ``kind`` (see :data:`OutcomeKind`)."""
+        """Always ``"success"`` (a ``Failure``'s ``kind`` says how it failed)."""
         return "success"
 
 
@@ -126,6 +129,35 @@ def make_success(item: T, value: R, index: int, attempts: int, elapsed: float) -
     return s
 
 
+_fslots = vars(Failure)
+_set_f = tuple(
+    _fslots[name].__set__
+    for name in ("item", "error", "kind", "index", "attempts", "elapsed", "errors")
+)
+
+
+def make_failure(
+    item: T,
+    error: BaseException,
+    kind: FailureKind,
+    index: int,
+    attempts: int,
+    elapsed: float,
+    errors: tuple[BaseException, ...],
+) -> Failure[T]:
+    """Build a :class:`Failure` the same way (the report builds envelopes as they are read)."""
+    f: Failure[T] = _new(Failure)
+    si, se, sk, sx, sa, sl, ss = _set_f
+    si(f, item)
+    se(f, error)
+    sk(f, kind)
+    sx(f, index)
+    sa(f, attempts)
+    sl(f, elapsed)
+    ss(f, errors)
+    return f
+
+
 @final
 @dataclass(frozen=True, slots=True)
 class LimitChange:
@@ -151,9 +183,17 @@ class BatchReport(Generic[T, R]):
     """Everything that happened in one run: one outcome per item, in input order.
 
     Iterate it, index it or take ``len()`` of it like the sequence of outcomes.
+
+    The outcomes are stored column-wise and each envelope is built when it is read (see
+    ``docs/performance.md``): ``report[i] is not report[i]``, and the item, value and error
+    objects inside are the ones the run produced (so the two envelopes are equal), except for
+    items skipped in bulk when a run stopped early, which get a new ``ItemSkipped`` error on
+    each read. Counts, values, latencies and times come from the columns without building
+    envelopes.
     """
 
     outcomes: Sequence[Outcome[T, R]]
+    """A read-only sequence view (any sequence given is stored column-wise)."""
     wall_time: float
     """Seconds from the call's start to its end (loop time)."""
     concurrency: int
@@ -180,6 +220,17 @@ class BatchReport(Generic[T, R]):
     tally: Mapping[str, int] | None = field(default=None, repr=False, compare=False)
     """Outcomes by kind when the outcomes themselves are not kept (a stream's report)."""
 
+    def __post_init__(self) -> None:
+        from ._store import OutcomeStore, OutcomeView
+
+        if not isinstance(self.outcomes, OutcomeView):
+            view = OutcomeStore[T, R].from_outcomes(self.outcomes).view()
+            object.__setattr__(self, "outcomes", view)
+
+    @property
+    def _store(self) -> OutcomeStore[T, R]:
+        return cast("OutcomeView[T, R]", self.outcomes).store
+
     # -- sequence behaviour ---------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.outcomes)
@@ -198,28 +249,28 @@ class BatchReport(Generic[T, R]):
     @property
     def successes(self) -> list[Success[T, R]]:
         """The ``Success`` envelopes, in input order."""
-        return [o for o in self.outcomes if type(o) is Success]
+        build = self._store.outcome
+        return [cast("Success[T, R]", build(i)) for i in self._store.successes()]
 
     @property
     def failures(self) -> list[Failure[T]]:
         """The ``Failure`` envelopes (every kind), in input order."""
-        return [o for o in self.outcomes if type(o) is Failure]
+        build = self._store.outcome
+        return [cast("Failure[T]", build(i)) for i in self._store.failures()]
 
     def values(self) -> list[R]:
         """The values of the successes, in input order."""
-        return [o.value for o in self.outcomes if type(o) is Success]
+        return self._store.values()
 
     @property
     def counts(self) -> dict[str, int]:
         """Outcomes by kind, every kind of :data:`OutcomeKind` (``lost`` only ever counts with a
         cluster backend)."""
-        counts: dict[str, int] = dict.fromkeys(KINDS, 0)
         if self.tally is not None:
+            counts: dict[str, int] = dict.fromkeys(KINDS, 0)
             counts.update(self.tally)
-        else:
-            for o in self.outcomes:
-                counts[o.kind] += 1
-        return counts
+            return counts
+        return self._store.counts()
 
     @property
     def total(self) -> int:
@@ -231,7 +282,7 @@ class BatchReport(Generic[T, R]):
         """True when every item succeeded and the whole input was read."""
         if self.tally is not None:
             return self.input_exhausted and self.tally.get("success", 0) == self.total
-        return self.input_exhausted and all(type(o) is Success for o in self.outcomes)
+        return self.input_exhausted and self._store.counts()["success"] == len(self.outcomes)
 
     @property
     def deadline_hit(self) -> bool:
@@ -241,25 +292,21 @@ class BatchReport(Generic[T, R]):
     @property
     def item_time(self) -> float:
         """The sum of every item's ``elapsed``: the work a sequential run would have waited for."""
-        return math.fsum(o.elapsed for o in self.outcomes)
+        return self._store.item_time()
 
     @property
     def retries(self) -> int:
         """Attempts beyond the first, over all items."""
-        return sum(o.attempts - 1 for o in self.outcomes if o.attempts > 1)
+        return self._store.retries()
 
     @property
     def ideal_time(self) -> float:
         """``max(item_time / concurrency, longest item)``: no schedule can finish sooner."""
-        longest = max((o.elapsed for o in self.outcomes), default=0.0)
-        return max(self.item_time / max(self.concurrency, 1), longest)
+        return max(self.item_time / max(self.concurrency, 1), self._store.longest())
 
     def latency(self, q: float) -> float:
         """The ``q`` quantile (0..1, nearest rank) of item ``elapsed`` over started items."""
-        started = sorted(
-            o.elapsed for o in self.outcomes if type(o) is Success or o.kind != "skipped"
-        )
-        return _percentile(started, q)
+        return _percentile(self._store.started_elapsed(), q)
 
     def item_key(self, outcome: Outcome[T, R]) -> str:
         """How logs and tables name an item: ``key(item)`` if given, else ``#index``."""
@@ -364,7 +411,7 @@ class BatchReport(Generic[T, R]):
             f"wall {self.wall_time:.3f}s  ideal {self.ideal_time:.3f}s "
             f"(sum of item time {self.item_time:.3f}s / concurrency {self.concurrency})"
         )
-        worst = sorted(self.outcomes, key=lambda o: o.elapsed, reverse=True)[:slowest]
+        worst = [self._store.outcome(i) for i in self._store.slowest(slowest)]
         if worst:
             lines.append("")
             lines.append("slowest items:")

@@ -20,7 +20,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Literal, TextIO, TypeAlias, final
 
 from ._errors import InvalidArgument, MissingExtra
-from ._events import Event, ItemFinished, ItemStarted, RunFinished, RunStarted
+from ._events import Event, ItemFinished, ItemsSkipped, ItemStarted, RunFinished, RunStarted
 from ._outcomes import Success
 
 if TYPE_CHECKING:
@@ -405,6 +405,9 @@ class ProgressObserver:
             if type(event.outcome) is not Success:
                 state.failed += 1
             state.in_flight = event.in_flight
+        elif type(event) is ItemsSkipped:
+            state.done += len(event.indices)
+            state.failed += len(event.indices)
         elif type(event) is ItemStarted:
             state.in_flight = event.in_flight
         elif type(event) is RunFinished:

@@ -7,10 +7,12 @@ from collections import deque
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from ._outcomes import Failure
+from ._store import OutcomeStore
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
+    from ._errors import StopReason
     from ._outcomes import Outcome
 
 __all__ = ["BatchSink", "Sink", "StreamSink"]
@@ -32,12 +34,9 @@ class Sink(Generic[T, R]):
 
     def __init__(self) -> None:
         self.wake_producers: Callable[[], None] = _nothing
+        """Set by the engine: called when there is room again."""
         self.producers_waiting = False
         """Set when ``room()`` said no; the engine clears it when no one waits any more."""
-        """Set by the engine: called when there is room again."""
-
-    def reserve(self, index: int) -> None:
-        """Item ``index`` was pulled from the input."""
 
     def put(self, outcome: Outcome[T, R]) -> None:
         raise NotImplementedError
@@ -57,27 +56,36 @@ class Sink(Generic[T, R]):
     def count_skipped(self, n: int) -> None:
         """``n`` more items were skipped in bulk; their envelopes are built when read."""
 
+    def skip_range(
+        self, indices: range, reason: StopReason, items: Sequence[T], first: int
+    ) -> None:
+        """Items ``indices`` never started (``items[first + i - indices.start]`` is the item of
+        index ``i``); only a sink that keeps outcomes stores them."""
+
 
 class BatchSink(Sink[T, R]):
-    """Every outcome, stored by input index (a slot is reserved when the item is pulled).
-    The report reads them with ``outcomes()``; a column store can replace the list here."""
+    """Every outcome, by input index, in a column-wise :class:`~batchkit._store.OutcomeStore`
+    (no envelope object is kept: the report's view builds each one when it is read)."""
 
-    __slots__ = ("_outcomes",)
+    __slots__ = ("_store",)
 
     keeps = True
 
     def __init__(self) -> None:
         super().__init__()
-        self._outcomes: list[Outcome[T, R] | None] = []
-
-    def reserve(self, index: int) -> None:
-        self._outcomes.append(None)
+        self._store: OutcomeStore[T, R] = OutcomeStore()
 
     def put(self, outcome: Outcome[T, R]) -> None:
-        self._outcomes[outcome.index] = outcome
+        self._store.append(outcome)
+
+    def skip_range(
+        self, indices: range, reason: StopReason, items: Sequence[T], first: int
+    ) -> None:
+        self._store.skip_range(indices.start, indices.stop, reason, items, first)
 
     def outcomes(self) -> Sequence[Outcome[T, R]]:
-        return [o for o in self._outcomes if o is not None]
+        # A partial store's view (a stream's report while running) leaves out the holes.
+        return self._store.view()
 
 
 class StreamSink(Sink[T, R]):
