@@ -8,12 +8,14 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Sequen
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, overload
 
+from ._dask_seam import BackendOptions
 from ._engine import Engine, Plan
 from ._errors import InvalidArgument
 from ._policies import Adaptive, AsyncLimiter, Deadline, FailureRatio, RateLimit, Retry
 from ._stream import Stream
 
 if TYPE_CHECKING:
+    from ._dask_seam import Backend
     from ._events import Observer
     from ._outcomes import BatchReport
 
@@ -237,6 +239,16 @@ def _plan(
     )
 
 
+def _backend_options(*, backend: object, **options: Any) -> BackendOptions:
+    """The validated keywords for a backend (CORE's ``Options`` replaces this at the merge)."""
+    if not (hasattr(backend, "run_batch") and hasattr(backend, "open_stream")):
+        raise InvalidArgument(
+            f"backend must be a batchkit backend such as batchkit.dask.DaskBackend(...), "
+            f"got {backend!r}"
+        )
+    return BackendOptions(**options)
+
+
 # Overloads: without ``context`` fn takes the item; with it, the item and the context value.
 # Async functions are listed first so ``R`` is what they return, not the awaitable.
 @overload
@@ -259,6 +271,7 @@ async def batch_process(
     observers: Sequence[Observer] = ...,
     progress: bool = ...,
     name: str | None = ...,
+    backend: Backend | None = ...,
 ) -> BatchReport[T, R]: ...
 @overload
 async def batch_process(
@@ -280,6 +293,7 @@ async def batch_process(
     observers: Sequence[Observer] = ...,
     progress: bool = ...,
     name: str | None = ...,
+    backend: Backend | None = ...,
 ) -> BatchReport[T, R]: ...
 @overload
 async def batch_process(
@@ -301,6 +315,7 @@ async def batch_process(
     observers: Sequence[Observer] = ...,
     progress: bool = ...,
     name: str | None = ...,
+    backend: Backend | None = ...,
 ) -> BatchReport[T, R]: ...
 @overload
 async def batch_process(
@@ -322,6 +337,7 @@ async def batch_process(
     observers: Sequence[Observer] = ...,
     progress: bool = ...,
     name: str | None = ...,
+    backend: Backend | None = ...,
 ) -> BatchReport[T, R]: ...
 async def batch_process(
     items: Items[Any],
@@ -342,6 +358,7 @@ async def batch_process(
     observers: Sequence[Observer] = (),
     progress: bool = False,
     name: str | None = None,
+    backend: Backend | None = None,
 ) -> BatchReport[Any, Any]:
     """Apply ``fn`` to every item, at most ``concurrency`` at once, and report every outcome.
 
@@ -355,6 +372,14 @@ async def batch_process(
         deadline=deadline, max_failures=max_failures, max_failure_ratio=max_failure_ratio,
         cost=cost, observers=observers, progress=progress, name=name,
     )  # fmt: skip
+    if backend is not None:
+        options = _backend_options(
+            concurrency=concurrency, timeout=timeout, context=context, key=key,
+            batch_size=batch_size, fail_fast=fail_fast, retry=retry, rate_limit=rate_limit,
+            deadline=deadline, max_failures=max_failures, max_failure_ratio=max_failure_ratio,
+            cost=cost, observers=observers, progress=progress, name=name, backend=backend,
+        )  # fmt: skip
+        return await backend.run_batch(items, fn, options)
     engine: Engine[Any, Any] = Engine(plan, items)
     return await engine.run()
 
@@ -379,6 +404,7 @@ def stream(
     observers: Sequence[Observer] = ...,
     progress: bool = ...,
     name: str | None = ...,
+    backend: Backend | None = ...,
     ordered: bool = ...,
     buffer: int | None = ...,
 ) -> Stream[T, R]: ...
@@ -402,6 +428,7 @@ def stream(
     observers: Sequence[Observer] = ...,
     progress: bool = ...,
     name: str | None = ...,
+    backend: Backend | None = ...,
     ordered: bool = ...,
     buffer: int | None = ...,
 ) -> Stream[T, R]: ...
@@ -425,6 +452,7 @@ def stream(
     observers: Sequence[Observer] = ...,
     progress: bool = ...,
     name: str | None = ...,
+    backend: Backend | None = ...,
     ordered: bool = ...,
     buffer: int | None = ...,
 ) -> Stream[T, R]: ...
@@ -448,6 +476,7 @@ def stream(
     observers: Sequence[Observer] = ...,
     progress: bool = ...,
     name: str | None = ...,
+    backend: Backend | None = ...,
     ordered: bool = ...,
     buffer: int | None = ...,
 ) -> Stream[T, R]: ...
@@ -470,6 +499,7 @@ def stream(
     observers: Sequence[Observer] = (),
     progress: bool = False,
     name: str | None = None,
+    backend: Backend | None = None,
     ordered: bool = False,
     buffer: int | None = None,
 ) -> Stream[Any, Any]:
@@ -493,6 +523,15 @@ def stream(
     if not isinstance(ordered, bool):
         raise InvalidArgument(f"ordered must be a bool, got {ordered!r}")
     extra = _positive_int_or_none("buffer", buffer)
+    if backend is not None:
+        options = _backend_options(
+            concurrency=concurrency, timeout=timeout, context=context, key=key,
+            batch_size=batch_size, fail_fast=fail_fast, retry=retry, rate_limit=rate_limit,
+            deadline=deadline, max_failures=max_failures, max_failure_ratio=max_failure_ratio,
+            cost=cost, observers=observers, progress=progress, name=name, backend=backend,
+            ordered=ordered, buffer=buffer,
+        )  # fmt: skip
+        return backend.open_stream(items, fn, options)
     window = plan.slots + (extra if extra is not None else plan.slots)
     if plan.cost is not None:
         # Cost ordering needs its read-ahead inside the window.

@@ -10,8 +10,11 @@ exception raised before any item runs. Everything batchkit itself creates fits o
     └── ItemError                  recorded on a Failure envelope, never raised by batchkit itself
         ├── ItemTimeout            (also a TimeoutError) an attempt ran past its ``timeout``
         ├── ItemCancelled          the run stopped (deadline, threshold) with the item in flight
-        └── ItemSkipped            the run stopped before the item started
+        ├── ItemSkipped            the run stopped before the item started
+        └── RemoteError            a worker's exception that could not be pickled back as itself
 
+Every error here pickles and unpickles with its message, attributes, notes and ``__cause__``
+(so envelopes cross process boundaries intact, e.g. from a Dask worker).
 ``raise_for_failures()`` raises a plain :class:`ExceptionGroup` of the recorded errors.
 ``asyncio.CancelledError``, ``KeyboardInterrupt`` and ``SystemExit`` are never caught.
 """
@@ -32,6 +35,7 @@ __all__ = [
     "ItemSkipped",
     "ItemTimeout",
     "MissingExtra",
+    "RemoteError",
     "StopReason",
 ]
 
@@ -41,6 +45,31 @@ StopReason = Literal["deadline", "fail_fast", "max_failures", "max_failure_ratio
 
 class BatchkitError(Exception):
     """Base class of every error batchkit creates."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default pickles ``args`` and calls ``cls(*args)``: wrong for subclasses whose
+        # ``__init__`` takes something other than the message, and it drops ``__cause__``.
+        state = dict(self.__dict__)
+        return (
+            _rebuild,
+            (type(self), self.args, state, self.__cause__, self.__suppress_context__),
+        )
+
+
+def _rebuild(
+    cls: type[BatchkitError],
+    args: tuple[Any, ...],
+    state: dict[str, Any],
+    cause: BaseException | None,
+    suppress_context: bool,
+) -> BatchkitError:
+    """Unpickle a :class:`BatchkitError` without calling its ``__init__`` again."""
+    err = cls.__new__(cls, *args)
+    err.args = args
+    err.__dict__.update(state)
+    err.__cause__ = cause
+    err.__suppress_context__ = suppress_context
+    return err
 
 
 class InvalidArgument(BatchkitError, TypeError, ValueError):
@@ -93,3 +122,17 @@ class ItemSkipped(ItemError):
     def __init__(self, reason: StopReason) -> None:
         super().__init__(f"skipped: the run stopped ({reason}) before this item started")
         self.reason: StopReason = reason
+
+
+class RemoteError(ItemError):
+    """An exception raised on a remote worker that could not be pickled back as itself.
+
+    ``type_name`` is its qualified type name, ``message`` its ``str()``, ``traceback`` the
+    formatted traceback text from the worker.
+    """
+
+    def __init__(self, type_name: str, message: str, traceback: str) -> None:
+        super().__init__(f"{type_name}: {message}" if message else type_name)
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
