@@ -25,9 +25,10 @@ R = TypeVar("R")
 T_co = TypeVar("T_co", covariant=True)
 R_co = TypeVar("R_co", covariant=True)
 
-FailureKind: TypeAlias = Literal["error", "timeout", "cancelled", "skipped"]
+FailureKind: TypeAlias = Literal["error", "timeout", "cancelled", "skipped", "lost"]
 """``error``: ``fn`` (or the context) raised; ``timeout``: the last attempt ran past ``timeout``;
-``cancelled``: the run stopped while the item was in flight; ``skipped``: it never started."""
+``cancelled``: the run stopped while the item was in flight; ``skipped``: it never started;
+``lost``: the worker running it died (Dask backend) and it could not be re-run."""
 
 _KINDS: tuple[str, ...] = ("success", "error", "timeout", "cancelled", "skipped")
 
@@ -178,7 +179,8 @@ class BatchReport(Generic[T, R]):
         """Outcomes by kind: ``success``, ``error``, ``timeout``, ``cancelled``, ``skipped``."""
         counts = dict.fromkeys(_KINDS, 0)
         for o in self.outcomes:
-            counts["success" if type(o) is Success else o.kind] += 1
+            kind = "success" if type(o) is Success else o.kind
+            counts[kind] = counts.get(kind, 0) + 1  # "lost" only appears when it happened
         return counts
 
     @property

@@ -1,0 +1,138 @@
+"""Functions the Dask tests ship to worker processes (importable there, module-level state).
+
+``STATE`` lives in each worker process; tests read it with ``client.run(get_state)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+STATE: dict[str, int] = {}
+_lock = threading.Lock()
+
+
+def _add(name: str, n: int = 1) -> None:
+    with _lock:
+        STATE[name] = STATE.get(name, 0) + n
+
+
+def reset_state() -> None:
+    STATE.clear()
+
+
+def get_state() -> dict[str, int]:
+    return dict(STATE)
+
+
+async def timed(x: int, delay: float = 0.02) -> tuple[int, float, float]:
+    """(worker pid, start, end) in wall-clock time, comparable across local processes."""
+    start = time.time()
+    await asyncio.sleep(delay)
+    return os.getpid(), start, time.time()
+
+
+async def quick(x: int) -> int:
+    return x
+
+
+async def hang(x: int) -> int:
+    """Never ends by itself; counts how many run now and how many were cancelled."""
+    _add("running")
+    try:
+        await asyncio.sleep(3600)
+    except asyncio.CancelledError:
+        _add("cancelled")
+        raise
+    finally:
+        _add("running", -1)
+    return x
+
+
+async def first_fails_rest_hang(x: int) -> int:
+    if x == 0:
+        raise ValueError("boom")
+    return await hang(x)
+
+
+class Counting:
+    """A context that counts its enters and exits in the worker."""
+
+    async def __aenter__(self) -> str:
+        _add("entered")
+        return "ctx"
+
+    async def __aexit__(self, *exc: object) -> None:
+        _add("exited")
+
+
+def counting() -> Counting:
+    return Counting()
+
+
+async def hang_in_context(x: int, ctx: str) -> int:
+    return await hang(x)
+
+
+async def timed_in_context(x: int, ctx: str) -> tuple[int, float, float]:
+    return await timed(x)
+
+
+async def kill_worker_once(x: int, marker: str) -> int:
+    """The first item 7 to run anywhere kills its worker process; the re-run succeeds."""
+    if x == 7:
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pass
+        else:
+            os.close(fd)
+            os._exit(1)
+    await asyncio.sleep(0.01)
+    return x
+
+
+async def kill_worker_always(x: int) -> int:
+    if x == 7:
+        await asyncio.sleep(0.05)  # let the chunk's other items start first
+        os._exit(1)
+    await asyncio.sleep(0.01)
+    return x
+
+
+_tries: dict[int, int] = {}
+
+
+async def flaky(x: int) -> int:
+    """Fails the first attempt of every item on the worker that runs it."""
+    n = _tries[x] = _tries.get(x, 0) + 1
+    if n == 1:
+        raise ConnectionError(f"flaky {x}")
+    return x
+
+
+async def warns(x: int) -> int:
+    logging.getLogger("tests.dask.app").warning("item %d on the worker", x)
+    return x
+
+
+def in_thread(x: int) -> tuple[int, bool]:
+    return x, threading.current_thread() is not threading.main_thread()
+
+
+class Unpicklable(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(f"code {code}")
+        self.code = code
+
+
+async def raises_unpicklable(x: int) -> int:
+    raise Unpicklable(x)
+
+
+async def returns_lock(x: int) -> Any:
+    return threading.Lock() if x == 1 else x

@@ -1,0 +1,324 @@
+"""The Dask backend on a LocalCluster of two worker processes, in real time.
+
+Assertions use what was recorded (timestamps taken inside ``fn`` on the workers, worker-side
+counters read back with ``client.run``), never a sleep with a margin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+import batchkit
+from batchkit import Failure, InvalidArgument, RateLimit, Retry, Success
+from batchkit._errors import RemoteError
+from batchkit.dask import DaskBackend
+
+from . import _work
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+    from pathlib import Path
+
+pytestmark = pytest.mark.timeout(90)
+
+
+async def _states(client: Any) -> dict[str, dict[str, int]]:
+    states: dict[str, dict[str, int]] = await client.run(_work.get_state)
+    return states
+
+
+async def _total(client: Any, name: str) -> int:
+    return sum(s.get(name, 0) for s in (await _states(client)).values())
+
+
+async def _running_chunks(client: Any) -> int:
+    from batchkit._dask_worker import running_chunks
+
+    counts: dict[str, int] = await client.run(running_chunks)
+    return sum(counts.values())
+
+
+async def _wait_for(check: Callable[[], Awaitable[bool]], what: str, within: float = 30) -> None:
+    """Poll the thing itself (a worker-side counter) until it holds; fail with a message."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + within
+    while not await check():
+        if loop.time() > end:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture(autouse=True)
+async def _fresh_state(client: Any) -> None:
+    await client.run(_work.reset_state)
+
+
+def _peak(spans: list[tuple[float, float]]) -> int:
+    marks = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    peak = cur = 0
+    for _, d in marks:
+        cur += d
+        peak = max(peak, cur)
+    return peak
+
+
+@pytest.mark.parametrize(
+    ("concurrency", "per_worker"), [(64, 4), (6, 16)], ids=["per-worker-bound", "global-bound"]
+)
+async def test_limits_held_and_contexts_closed(
+    client: Any, concurrency: int, per_worker: int
+) -> None:
+    report = await batchkit.batch_process(
+        range(300),
+        _work.timed_in_context,
+        concurrency=concurrency,
+        context=_work.counting,
+        backend=DaskBackend(client, per_worker=per_worker, chunk_size=25),
+    )
+    assert report.ok
+    assert [o.index for o in report] == list(range(300))
+    spans = [(v[1], v[2]) for v in report.values()]
+    by_worker: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    for pid, start, end in report.values():
+        by_worker[pid].append((start, end))
+    assert len(by_worker) == 2  # both workers took part
+    assert max(_peak(s) for s in by_worker.values()) <= per_worker
+    assert _peak(spans) <= concurrency
+    assert report.peak_concurrency <= concurrency
+    assert await _total(client, "entered") == 300
+    assert await _total(client, "exited") == 300
+
+
+async def test_ten_thousand_items(client: Any) -> None:
+    report = await batchkit.batch_process(
+        range(10_000), _work.quick, concurrency=64, backend=DaskBackend(client)
+    )
+    assert len(report) == 10_000
+    assert report.values() == list(range(10_000))
+    assert [o.index for o in report] == list(range(10_000))
+
+
+async def test_ordered_stream_holds_chunks_in_flight_not_the_input(client: Any) -> None:
+    pulled = 0
+
+    def items() -> Any:
+        nonlocal pulled
+        for i in range(3000):
+            pulled += 1
+            yield i
+
+    seen: list[int] = []
+    most_held = 0
+    async with batchkit.stream(
+        items(),
+        _work.quick,
+        concurrency=64,
+        ordered=True,
+        backend=DaskBackend(client, per_worker=16, chunk_size=50),
+    ) as outcomes:
+        async for outcome in outcomes:
+            seen.append(outcome.index)
+            most_held = max(most_held, pulled - len(seen))
+    assert seen == list(range(3000))
+    # 4 chunks in flight + 4 buffered by the driver's window, one being cut: 9 chunks of 50.
+    assert most_held <= 9 * 50
+
+
+async def test_cancelling_the_call_stops_the_coroutines_on_the_workers(client: Any) -> None:
+    task = asyncio.ensure_future(
+        batchkit.batch_process(
+            range(100),
+            _work.hang_in_context,
+            concurrency=8,
+            context=_work.counting,
+            backend=DaskBackend(client, per_worker=4, chunk_size=10),
+        )
+    )
+
+    async def all_running() -> bool:
+        return await _total(client, "running") == 8
+
+    await _wait_for(all_running, "8 items running on the workers")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The call has returned: nothing of it runs on any worker, every context was exited.
+    assert await _total(client, "running") == 0
+    assert await _total(client, "cancelled") == 8
+    assert await _running_chunks(client) == 0
+    assert await _total(client, "exited") == await _total(client, "entered") == 8
+
+
+async def test_the_deadline_is_one_instant_on_every_worker(client: Any) -> None:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    report = await batchkit.batch_process(
+        range(200),
+        _work.hang,
+        concurrency=8,
+        deadline=2.0,
+        backend=DaskBackend(client, per_worker=4, chunk_size=10),
+    )
+    returned = loop.time() - start
+    assert report.deadline_hit
+    assert report.counts["cancelled"] == 8
+    assert report.counts["skipped"] == 192
+    assert len(report) == 200
+    for o in report:
+        assert isinstance(o, Failure)
+        assert isinstance(o.error, batchkit.ItemCancelled | batchkit.ItemSkipped)
+        assert o.error.reason == "deadline"
+    # Returns within deadline + grace (1 s by default).
+    assert returned <= 2.0 + 1.0
+    assert await _total(client, "running") == 0
+    assert await _running_chunks(client) == 0
+
+
+async def test_fail_fast_cancels_what_runs_on_the_other_worker(client: Any) -> None:
+    report = await batchkit.batch_process(
+        range(40),
+        _work.first_fails_rest_hang,
+        concurrency=8,
+        fail_fast=True,
+        backend=DaskBackend(client, per_worker=4, chunk_size=4),
+    )
+    assert report.stop_reason == "fail_fast"
+    assert report.counts["error"] == 1
+    assert report.counts["success"] == 0
+    assert report.counts["cancelled"] + report.counts["skipped"] == 39
+    assert await _total(client, "running") == 0
+    assert await _running_chunks(client) == 0
+
+
+async def test_a_killed_worker_s_chunk_is_rerun_elsewhere(client: Any, tmp_path: Path) -> None:
+    fn = functools.partial(_work.kill_worker_once, marker=str(tmp_path / "killed"))
+    report = await batchkit.batch_process(
+        range(40), fn, concurrency=8, backend=DaskBackend(client, per_worker=4, chunk_size=5)
+    )
+    assert (tmp_path / "killed").exists()  # a worker did die mid-batch
+    assert report.ok
+    assert [o.index for o in report] == list(range(40))
+    await client.wait_for_workers(2)
+
+
+async def test_a_chunk_that_keeps_killing_workers_ends_as_lost(client: Any, cluster: Any) -> None:
+    scheduler = cluster.scheduler
+    allowed = scheduler.allowed_failures
+    scheduler.allowed_failures = 0
+    try:
+        report = await batchkit.batch_process(
+            range(20),
+            _work.kill_worker_always,
+            concurrency=8,
+            backend=DaskBackend(client, per_worker=4, chunk_size=5),
+        )
+    finally:
+        scheduler.allowed_failures = allowed
+    assert len(report) == 20
+    lost = [o for o in report if isinstance(o, Failure) and o.kind == "lost"]
+    assert [o.index for o in lost] == [5, 6, 7, 8, 9]
+    assert report.counts["success"] == 15
+    assert report.counts["lost"] == 5
+    await client.wait_for_workers(2)
+
+
+async def test_a_rate_limit_holds_across_the_cluster(client: Any) -> None:
+    rate = 20.0
+    report = await batchkit.batch_process(
+        range(50),
+        _work.timed,
+        concurrency=16,
+        rate_limit=RateLimit(per_second=rate),
+        backend=DaskBackend(client, per_worker=8, chunk_size=5),
+    )
+    assert report.ok
+    starts = sorted(v[1] for v in report.values())
+    # No 1 s window holds more than the limit plus one token per worker.
+    for i, t in enumerate(starts):
+        in_window = sum(1 for u in starts[i:] if u < t + 1.0)
+        assert in_window <= rate + 2
+
+
+async def test_retries_happen_on_the_worker_with_their_history(client: Any) -> None:
+    report = await batchkit.batch_process(
+        range(20),
+        _work.flaky,
+        concurrency=8,
+        retry=Retry(attempts=3, backoff=batchkit.Backoff(initial=0.0, maximum=0.0)),
+        backend=DaskBackend(client, per_worker=4),
+    )
+    assert report.ok
+    assert all(o.attempts == 2 for o in report)
+    assert report.retries == 20
+
+
+async def test_observers_and_worker_logs_reach_the_driver(
+    client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    events: list[batchkit.Event] = []
+    with caplog.at_level(logging.WARNING, logger="tests.dask.app"):
+        report = await batchkit.batch_process(
+            range(10),
+            _work.warns,
+            concurrency=4,
+            observers=[events.append],
+            key=lambda x: f"item-{x}",
+            backend=DaskBackend(client, per_worker=2),
+        )
+    assert report.ok
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[0] == "RunStarted"
+    assert kinds[-1] == "RunFinished"
+    finished = [e for e in events if isinstance(e, batchkit.ItemFinished)]
+    assert sorted(e.key for e in finished) == sorted(f"item-{i}" for i in range(10))
+    assert kinds.count("ItemStarted") == 10
+    messages = sorted(r.getMessage() for r in caplog.records if r.name == "tests.dask.app")
+    assert messages == sorted(f"item {i} on the worker" for i in range(10))
+    assert report.item_key(report[3]) == "item-3"
+
+
+async def test_pickling_problems_are_named_or_become_envelopes(client: Any) -> None:
+    import threading
+
+    lock = threading.Lock()
+
+    async def closes_over_a_lock(x: int) -> int:
+        with lock:
+            return x
+
+    backend = DaskBackend(client)
+    with pytest.raises(InvalidArgument, match="fn 'test_pickling_problems"):
+        await batchkit.batch_process([1], closes_over_a_lock, backend=backend)
+
+    def bad_context() -> Any:
+        with lock:
+            return _work.counting()
+
+    with pytest.raises(InvalidArgument, match="the context factory"):
+        await batchkit.batch_process(
+            [1], _work.hang_in_context, context=bad_context, backend=backend
+        )
+    report = await batchkit.batch_process(range(3), _work.returns_lock, backend=backend)
+    assert [o.ok for o in report] == [True, False, True]
+    assert isinstance(report[1], Failure)
+    assert isinstance(report[1].error, RemoteError)
+    report = await batchkit.batch_process([5], _work.raises_unpicklable, backend=backend)
+    err = report[0]
+    assert isinstance(err, Failure)
+    assert isinstance(err.error, RemoteError)
+    assert err.error.type_name == "tests.dask._work.Unpicklable"
+    assert err.error.message == "code 5"
+
+
+async def test_a_sync_fn_runs_in_the_worker_s_thread_pool(client: Any) -> None:
+    report = await batchkit.batch_process(
+        range(20), _work.in_thread, concurrency=4, backend=DaskBackend(client, per_worker=2)
+    )
+    assert report.values() == [(i, True) for i in range(20)]
+    assert all(isinstance(o, Success) for o in report)
