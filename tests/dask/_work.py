@@ -136,3 +136,53 @@ async def raises_unpicklable(x: int) -> int:
 
 async def returns_lock(x: int) -> Any:
     return threading.Lock() if x == 1 else x
+
+
+# --------------------------------------------------------------- per-worker SQLAlchemy
+def make_engine(url: str) -> Any:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    _add("engines")
+    return create_async_engine(url, connect_args={"timeout": 30})
+
+
+async def dispose_engine(engine: Any) -> None:
+    await engine.dispose()
+    _add("disposed")
+
+
+class CountingSession:
+    """The context factory's product: a fresh session per item on the worker's engine."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+        self._session: Any = None
+
+    async def __aenter__(self) -> Any:
+        from sqlalchemy.ext.asyncio import AsyncSession
+
+        self._session = AsyncSession(self._engine.get())
+        _add("sessions")
+        return self._session
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._session.close()  # rolls back what was not committed
+        _add("closed")
+
+
+async def insert(x: int, session: Any) -> int:
+    from sqlalchemy import text
+
+    await session.execute(text("INSERT INTO t (x) VALUES (:x)"), {"x": x})
+    await session.commit()
+    return x
+
+
+async def insert_then_hang(x: int, session: Any) -> int:
+    from sqlalchemy import text
+
+    await session.execute(text("INSERT INTO t (x) VALUES (:x)"), {"x": x})
+    _add("inserted")
+    await asyncio.sleep(3600)
+    await session.commit()
+    return x
