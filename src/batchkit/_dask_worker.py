@@ -235,11 +235,12 @@ class _Collector:
     """The local run's observer: which items started (for envelopes of a stopped chunk) and,
     when the driver has observers, the events to forward."""
 
-    __slots__ = ("events", "keep_events", "loop_to_wall", "started", "stop_reason")
+    __slots__ = ("events", "finished", "keep_events", "loop_to_wall", "started", "stop_reason")
 
     def __init__(self, keep_events: bool, loop_to_wall: float) -> None:
         self.stop_reason: StopReason | None = None
         self.started: dict[int, tuple[float, int]] = {}
+        self.finished: dict[int, float] = {}
         self.events: list[tuple[Any, ...]] = []
         self.keep_events = keep_events
         self.loop_to_wall = loop_to_wall
@@ -268,7 +269,7 @@ class _Collector:
                 )
             )
         elif type(event) is ItemFinished:
-            pass
+            self.finished[event.outcome.index] = event.time + self.loop_to_wall
 
 
 def _record(outcome: Any, finished_wall: float) -> Record:
@@ -326,10 +327,13 @@ async def _consume(
         max_failures=spec.max_failures,
         observers=[collector],
         name=spec.name,
+        buffer=max(len(items), 1),  # the chunk is in memory already: never wait for room
         **kwargs,
     ) as outcomes:
+        finished = collector.finished
         async for outcome in outcomes:
-            records.append(_record(outcome, time.time()))
+            at = finished.pop(outcome.index, None)
+            records.append(_record(outcome, time.time() if at is None else at))
         collector.stop_reason = outcomes.report.stop_reason
 
 

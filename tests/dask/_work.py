@@ -186,3 +186,15 @@ async def insert_then_hang(x: int, session: Any) -> int:
     await asyncio.sleep(3600)
     await session.commit()
     return x
+
+
+async def fail_odd(x: int) -> int:
+    if x % 2:
+        raise ValueError(f"odd {x}")
+    return x
+
+
+async def hang_unless_small(x: int) -> int:
+    if x < 5:
+        return x
+    return await hang(x)

@@ -1,8 +1,8 @@
 """A Dask ``LocalCluster`` of two worker processes for the Dask backend's tests.
 
-One cluster per test module (starting one takes seconds), on loopback, dashboard off; every
-test opens its own asynchronous client on it. Tests that kill a worker wait for the nanny to
-bring it back before the next test runs.
+One cluster for the whole tests/dask package (starting one takes seconds), on loopback,
+dashboard off; every test opens its own asynchronous client on it. Tests that kill a worker
+wait for the nanny to bring it back before the next test runs.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ distributed = pytest.importorskip("distributed")
 N_WORKERS = 2
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def cluster() -> Iterator[Any]:
     with warnings.catch_warnings():
         # distributed's own start-up noise (ports, deprecations in its dependencies).

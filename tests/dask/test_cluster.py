@@ -322,3 +322,78 @@ async def test_a_sync_fn_runs_in_the_worker_s_thread_pool(client: Any) -> None:
     )
     assert report.values() == [(i, True) for i in range(20)]
     assert all(isinstance(o, Success) for o in report)
+
+
+async def test_failures_are_envelopes(client: Any) -> None:
+    report = await batchkit.batch_process(
+        range(20), _work.fail_odd, concurrency=8, backend=DaskBackend(client, per_worker=4)
+    )
+    assert report.counts["error"] == 10
+    f = report[3]
+    assert isinstance(f, Failure)
+    assert isinstance(f.error, ValueError)
+    assert str(f.error) == "odd 3"
+
+
+async def test_max_failures_stops_the_whole_cluster(client: Any) -> None:
+    report = await batchkit.batch_process(
+        range(400),
+        _work.fail_odd,
+        concurrency=8,
+        max_failures=3,
+        backend=DaskBackend(client, per_worker=4, chunk_size=4),
+    )
+    assert report.stop_reason == "max_failures"
+    assert len(report) == 400
+    # Each chunk of 4 holds 2 failures; the driver sees them a chunk at a time.
+    assert 3 <= report.counts["error"] <= 3 + 2 * 4
+    assert report.counts["skipped"] > 300
+
+
+async def test_an_unordered_stream_left_early_stops_the_workers(client: Any) -> None:
+    got = 0
+    # Outcomes come back a chunk at a time: the first chunk (items 0-4) ends, the others hang.
+    async with batchkit.stream(
+        range(1000),
+        _work.hang_unless_small,
+        concurrency=8,
+        backend=DaskBackend(client, per_worker=4, chunk_size=5),
+    ) as outcomes:
+        async for outcome in outcomes:
+            assert outcome.ok
+            got += 1
+            if got == 5:
+                break
+        assert outcomes.report.outcomes == []
+    assert await _total(client, "running") == 0
+    assert await _running_chunks(client) == 0
+
+
+async def test_input_that_raises_is_input_failed_with_the_partial_report(client: Any) -> None:
+    def items() -> Any:
+        yield from range(30)
+        raise RuntimeError("input broke")
+
+    with pytest.raises(batchkit.InputFailed) as info:
+        await batchkit.batch_process(
+            items(), _work.quick, concurrency=8, backend=DaskBackend(client, chunk_size=7)
+        )
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert info.value.report.values() == list(range(30))
+
+
+async def test_progress_and_the_logging_observer_work_unchanged(
+    client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="batchkit"):
+        report = await batchkit.batch_process(
+            range(30),
+            _work.fail_odd,
+            concurrency=8,
+            progress=True,
+            observers=[batchkit.LoggingObserver()],
+            backend=DaskBackend(client, per_worker=4),
+        )
+    assert report.counts["error"] == 15
+    finished = [r.getMessage() for r in caplog.records if "finished" in r.getMessage()]
+    assert finished, [r.getMessage() for r in caplog.records]
