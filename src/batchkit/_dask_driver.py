@@ -58,6 +58,7 @@ _log = logging.getLogger("batchkit.dask")
 # A chunk should keep a worker busy about this long: long enough that the round trip per
 # chunk is noise, short enough that the last chunks even out across workers.
 _TARGET_CHUNK_SECONDS = 0.5
+_MIN_CHUNK_SECONDS = 0.1
 _MAX_CHUNK = 5000
 _SHARE_POLL_SECONDS = 0.2
 
@@ -73,7 +74,13 @@ def plan_chunks(concurrency: int, per_worker: int, n_workers: int, threads: int)
 
 
 class _Sizer:
-    """Chunk sizes from observed throughput, unless ``chunk_size`` is fixed."""
+    """Chunk sizes from the observed worker time per item, unless ``chunk_size`` is fixed.
+
+    A chunk aims at ``_TARGET_CHUNK_SECONDS`` of work on its worker, and never less than
+    ``_MIN_CHUNK_SECONDS`` (below that the round trip per chunk dominates). For sized inputs,
+    guided self-scheduling (``remaining / (2 * worker threads)``) shrinks the last chunks so
+    the workers finish together. The first chunks, before any observation, are small.
+    """
 
     def __init__(self, fixed: int | None, per_chunk: int, threads: int, total: int | None) -> None:
         self.fixed = fixed
@@ -83,6 +90,7 @@ class _Sizer:
         self.seconds_per_item: float | None = None
 
     def observe(self, n: int, seconds: float) -> None:
+        """A chunk of ``n`` items kept its worker busy ``seconds``."""
         if n <= 0 or seconds <= 0:
             return
         spi = seconds / n
@@ -92,15 +100,16 @@ class _Sizer:
     def next_size(self, taken: int) -> int:
         if self.fixed is not None:
             return self.fixed
-        if self.seconds_per_item is None:
-            size = 2 * self.per_chunk  # a quick first measurement
+        spi = self.seconds_per_item
+        if spi is None:
+            size, floor = 4 * self.per_chunk, self.per_chunk
         else:
-            size = int(_TARGET_CHUNK_SECONDS / self.seconds_per_item)
+            size = int(_TARGET_CHUNK_SECONDS / spi)
+            floor = max(self.per_chunk, int(_MIN_CHUNK_SECONDS / spi))
         if self.total is not None:
-            # Guided self-scheduling: smaller chunks toward the end even out the workers.
             remaining = self.total - taken
-            size = min(size, max(self.per_chunk, math.ceil(remaining / (2 * self.threads))))
-        return max(self.per_chunk, min(size, _MAX_CHUNK))
+            size = min(size, math.ceil(remaining / (2 * self.threads)))
+        return max(1, min(max(size, floor), _MAX_CHUNK))
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -334,7 +343,7 @@ class DaskRun(Generic[T, R]):
             self._in_flight_items -= len(chunk.items)
         result = worker_side.decode(blob)
         if self._sizer is not None and result.records:
-            self._sizer.observe(len(result.records), loop.time() - chunk.submitted)
+            self._sizer.observe(len(result.records), result.seconds)
         return result
 
     def _closed_chunk(self, chunk: _Chunk, how: str) -> ChunkResult:

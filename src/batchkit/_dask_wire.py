@@ -102,6 +102,8 @@ class ChunkResult:
     logs: list[logging.LogRecord] = field(default_factory=list)
     worker: str = ""
     stop_reason: StopReason | None = None
+    seconds: float = 0.0
+    """How long the chunk ran on its worker."""
 
 
 def safe_error(error: BaseException) -> BaseException:

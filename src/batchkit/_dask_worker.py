@@ -361,6 +361,7 @@ async def run_chunk(blob: bytes, run_id: str, offset: int, items: list[Any]) -> 
     from distributed import get_worker
 
     loop = asyncio.get_running_loop()
+    began = loop.time()
     collector = _Collector(False, time.time() - loop.time())
     records: list[Record] = []
     logs: list[logging.LogRecord] = []
@@ -399,7 +400,7 @@ async def run_chunk(blob: bytes, run_id: str, offset: int, items: list[Any]) -> 
     stopped = _stop_reason_of(run) or collector.stop_reason
     if len(records) < len(items):
         _close_records(records, len(items), collector, stopped or "fail_fast", loop.time())
-    return _encode(offset, records, collector, logs, worker, stopped)
+    return _encode(offset, records, collector, logs, worker, stopped, loop.time() - began)
 
 
 def _stop_reason_of(run: _WorkerRun) -> StopReason | None:
@@ -427,6 +428,7 @@ def _encode(
     logs: list[logging.LogRecord],
     worker: str,
     reason: StopReason | None,
+    seconds: float = 0.0,
 ) -> bytes:
     body = to_wire_records(records)
     result = ChunkResult(
@@ -436,6 +438,7 @@ def _encode(
         logs=logs,
         worker=worker,
         stop_reason=reason,
+        seconds=seconds,
     )
     return dumps((body, result))
 

@@ -31,6 +31,7 @@ def get_state() -> dict[str, int]:
 
 async def timed(x: int, delay: float = 0.02) -> tuple[int, float, float]:
     """(worker pid, start, end) in wall-clock time, comparable across local processes."""
+    _add("timed")
     start = time.time()
     await asyncio.sleep(delay)
     return os.getpid(), start, time.time()

@@ -397,3 +397,40 @@ async def test_progress_and_the_logging_observer_work_unchanged(
     assert report.counts["error"] == 15
     finished = [r.getMessage() for r in caplog.records if "finished" in r.getMessage()]
     assert finished, [r.getMessage() for r in caplog.records]
+
+
+async def test_the_rate_is_re_split_when_a_worker_joins(client: Any, cluster: Any) -> None:
+    rate = 40.0
+    task = asyncio.ensure_future(
+        batchkit.batch_process(
+            range(400),
+            _work.timed,
+            concurrency=48,
+            rate_limit=RateLimit(per_second=rate),
+            backend=DaskBackend(client, per_worker=8, chunk_size=5),
+        )
+    )
+    try:
+        await _wait_for(lambda: _started_at_least(client, 20), "the run to get going")
+        cluster.scale(3)
+        report = await task
+    finally:
+        cluster.scale(2)
+    assert report.ok
+    pids = {v[0] for v in report.values()}
+    starts = sorted(v[1] for v in report.values())
+    for i, t in enumerate(starts):
+        in_window = sum(1 for u in starts[i:] if u < t + 1.0)
+        assert in_window <= rate + len(pids)
+    await _wait_for(lambda: _workers_are(client, 2), "the cluster to be back to 2 workers")
+    if len(pids) < 3:
+        pytest.skip("the third worker did not start before the run ended (machine too slow)")
+
+
+async def _started_at_least(client: Any, n: int) -> bool:
+    return await _total(client, "timed") >= n
+
+
+async def _workers_are(client: Any, n: int) -> bool:
+    info = await client.scheduler.identity()
+    return len(info["workers"]) == n
