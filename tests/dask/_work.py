@@ -199,3 +199,16 @@ async def hang_unless_small(x: int) -> int:
     if x < 5:
         return x
     return await hang(x)
+
+
+def new_session(engine: Any) -> Any:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    return AsyncSession(engine.get(), expire_on_commit=False)
+
+
+async def insert_no_commit(x: int, session: Any) -> int:
+    from sqlalchemy import text
+
+    await session.execute(text("INSERT INTO t (x) VALUES (:x)"), {"x": x})
+    return x

@@ -26,11 +26,23 @@ async def _fresh_state(client: Any) -> None:
     await client.run(_work.reset_state)
 
 
-async def _db(tmp_path: Path) -> str:
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite", id="sqlite"),
+        pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+    ]
+)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+async def _db(url: str) -> str:
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    url = f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}"
     engine = create_async_engine(url)
     async with engine.begin() as conn:
         await conn.execute(text("CREATE TABLE t (x INTEGER)"))
@@ -54,8 +66,8 @@ async def _state(client: Any) -> dict[str, dict[str, int]]:
     return states
 
 
-async def test_one_engine_per_worker_a_session_per_item(client: Any, tmp_path: Path) -> None:
-    url = await _db(tmp_path)
+async def test_one_engine_per_worker_a_session_per_item(client: Any, db_url: str) -> None:
+    url = await _db(db_url)
     engine = per_worker(functools.partial(_work.make_engine, url), dispose=_work.dispose_engine)
     report = await batchkit.batch_process(
         range(60),
@@ -75,10 +87,8 @@ async def test_one_engine_per_worker_a_session_per_item(client: Any, tmp_path: P
         assert s.get("disposed", 0) == s.get("engines", 0)
 
 
-async def test_cancelled_items_roll_back_and_close_their_sessions(
-    client: Any, tmp_path: Path
-) -> None:
-    url = await _db(tmp_path)
+async def test_cancelled_items_roll_back_and_close_their_sessions(client: Any, db_url: str) -> None:
+    url = await _db(db_url)
     engine = per_worker(functools.partial(_work.make_engine, url), dispose=_work.dispose_engine)
     task = asyncio.ensure_future(
         batchkit.batch_process(
@@ -102,3 +112,20 @@ async def test_cancelled_items_roll_back_and_close_their_sessions(
     assert sum(s.get("closed", 0) for s in states) == 1
     assert sum(s.get("disposed", 0) for s in states) == sum(s.get("engines", 0) for s in states)
     assert await _rows(url) == []  # rolled back
+
+
+async def test_with_batchkit_sqlalchemy_sessions(client: Any, tmp_path: Path) -> None:
+    """``batchkit.sqlalchemy.sessions()`` over the per-worker engine: commit on success."""
+    from batchkit.sqlalchemy import sessions
+
+    url = await _db(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}")
+    engine = per_worker(functools.partial(_work.make_engine, url), dispose=_work.dispose_engine)
+    report = await batchkit.batch_process(
+        range(30),
+        _work.insert_no_commit,
+        concurrency=8,
+        context=sessions(functools.partial(_work.new_session, engine)),
+        backend=DaskBackend(client, per_worker=4, chunk_size=10),
+    )
+    assert report.ok
+    assert await _rows(url) == list(range(30))
