@@ -61,6 +61,7 @@ _TARGET_CHUNK_SECONDS = 0.5
 _MIN_CHUNK_SECONDS = 0.1
 _MAX_CHUNK = 5000
 _SHARE_POLL_SECONDS = 0.2
+_BROADCAST_SLACK = 5.0
 
 
 def plan_chunks(concurrency: int, per_worker: int, n_workers: int, threads: int) -> tuple[int, int]:
@@ -600,7 +601,9 @@ class DaskRun(Generic[T, R]):
             )
         self._spawn(self._broadcast(worker_side.stop_run, self._run_id, reason))
         if self._force_handle is None:
-            self._force_handle = loop.call_later(2 * self._grace, self._force.set)
+            # Chunks whose results have not come back within the grace are given up as
+            # cancelled (a worker that does not answer cannot hold the call past it).
+            self._force_handle = loop.call_later(self._grace, self._force.set)
 
     def _on_deadline(self) -> None:
         if self._stop_reason is not None:
@@ -613,7 +616,9 @@ class DaskRun(Generic[T, R]):
 
     async def _broadcast(self, fn: Callable[..., Any], *args: Any) -> Any:
         try:
-            return await self._client.run(fn, *args)
+            # A worker whose loop is blocked would never answer: bound the wait.
+            async with asyncio.timeout(self._grace + _BROADCAST_SLACK):
+                return await self._client.run(fn, *args)
         except Exception:  # a worker that is going away cannot be told; its chunks are lost
             _log.debug("batchkit: broadcast %s failed", fn.__name__, exc_info=True)
             return None
