@@ -58,7 +58,7 @@ _log = logging.getLogger("batchkit.dask")
 # A chunk should keep a worker busy about this long: long enough that the round trip per
 # chunk is noise, short enough that the last chunks even out across workers.
 _TARGET_CHUNK_SECONDS = 0.5
-_MIN_CHUNK_SECONDS = 0.1
+_MIN_CHUNK_SECONDS = 0.2
 _MAX_CHUNK = 5000
 _SHARE_POLL_SECONDS = 0.2
 _BROADCAST_SLACK = 5.0
@@ -78,7 +78,7 @@ class _Sizer:
     """Chunk sizes from the observed worker time per item, unless ``chunk_size`` is fixed.
 
     A chunk aims at ``_TARGET_CHUNK_SECONDS`` of work on its worker, and never less than
-    ``_MIN_CHUNK_SECONDS`` (below that the round trip per chunk dominates). For sized inputs,
+    ``_MIN_CHUNK_SECONDS`` (below that the round trip per chunk shows). For sized inputs,
     guided self-scheduling (``remaining / (2 * worker threads)``) shrinks the last chunks so
     the workers finish together. The first chunks, before any observation, are small.
     """
