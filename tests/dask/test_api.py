@@ -10,7 +10,7 @@ import pytest
 import batchkit
 from batchkit import InvalidArgument, MissingExtra
 from batchkit._dask_driver import _Sizer, plan_chunks
-from batchkit.dask import DaskBackend, per_worker
+from batchkit.dask import DaskBackend, WorkerResource, per_worker
 
 
 async def quick(x: int) -> int:
@@ -52,7 +52,7 @@ def test_a_synchronous_client_is_refused_with_a_hint() -> None:
 
 async def test_a_backend_must_be_a_backend() -> None:
     with pytest.raises(InvalidArgument, match="backend must be a batchkit backend"):
-        await batchkit.batch_process([1], quick, backend=object())  # type: ignore[arg-type]
+        await batchkit.batch_process([1], quick, backend=object())  # type: ignore[call-overload]
 
 
 async def test_options_that_cannot_hold_across_a_cluster_are_refused() -> None:
@@ -69,7 +69,7 @@ async def test_options_that_cannot_hold_across_a_cluster_are_refused() -> None:
 
 
 def test_worker_resources_are_only_for_code_running_in_a_dask_run() -> None:
-    res = per_worker(dict)
+    res: WorkerResource[dict[str, int]] = per_worker(dict)
     with pytest.raises(RuntimeError, match="inside a batchkit Dask run"):
         res.get()
 
