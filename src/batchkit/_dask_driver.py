@@ -181,6 +181,8 @@ class DaskRun(Generic[T, R]):
         self._shares: dict[str, float] = {}
         self._intervals: list[tuple[float, float]] = []
         self._watch: asyncio.Future[None] | None = None
+        # Input indices given up on after a stop (for BatchReport.abandoned once it exists).
+        self._abandoned: list[int] = []
 
     # ------------------------------------------------------------------ entering
     def _check_options(self) -> None:
@@ -521,7 +523,15 @@ class DaskRun(Generic[T, R]):
             # Grace ran out after a stop: give up on the chunks still out.
             await self._close_outer()
             for chunk in sorted(self._pending.values(), key=lambda c: c.offset):
+                self._abandoned.extend(range(chunk.offset, chunk.offset + len(chunk.items)))
                 self._emit_chunk(chunk, self._closed_chunk(chunk, "cancelled"))
+            if self._abandoned:
+                _log.warning(
+                    "batchkit: %d item(s) did not report back within %.3g s of the run "
+                    "stopping; recorded as cancelled and abandoned",
+                    len(self._abandoned),
+                    self._grace,
+                )
             self._pending.clear()
             return
         try:

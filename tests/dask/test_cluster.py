@@ -434,3 +434,22 @@ async def _started_at_least(client: Any, n: int) -> bool:
 async def _workers_are(client: Any, n: int) -> bool:
     info = await client.scheduler.identity()
     return len(info["workers"]) == n
+
+
+async def test_timeouts_are_per_attempt_on_the_worker_with_their_history(client: Any) -> None:
+    report = await batchkit.batch_process(
+        range(6),
+        _work.hang,
+        concurrency=8,
+        timeout=0.2,
+        retry=Retry(attempts=2, backoff=batchkit.Backoff(initial=0.0, maximum=0.0)),
+        backend=DaskBackend(client, per_worker=4),
+    )
+    assert report.counts["timeout"] == 6
+    for o in report:
+        assert isinstance(o, Failure)
+        assert o.attempts == 2
+        assert [type(e) for e in o.errors] == [batchkit.ItemTimeout, batchkit.ItemTimeout]
+        assert isinstance(o.error, batchkit.ItemTimeout)
+        assert o.error.timeout == 0.2
+    assert await _total(client, "running") == 0
