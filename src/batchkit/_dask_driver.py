@@ -224,52 +224,12 @@ class DaskRun(Generic[T, R]):
                 "the Dask cluster has no workers\nHINT: start some (`dask worker ADDRESS`) or "
                 "await client.wait_for_workers(n) before the call"
             )
-        per_worker = self._backend.per_worker
-        cap = o.concurrency.max if isinstance(o.concurrency, Adaptive) else o.concurrency
-        per_chunk, in_flight = plan_chunks(cap, per_worker, n_workers, threads)
-        self._effective = min(cap, per_chunk * threads)
-        self._sizer = _Sizer(self._backend.chunk_size, per_chunk, threads, self._total)
-        chunk_concurrency: int | Adaptive = per_chunk
-        if isinstance(o.concurrency, Adaptive):
-            a = o.concurrency
-            chunk_concurrency = dataclasses.replace(
-                a, max=per_chunk, initial=min(a.initial, per_chunk), min=min(a.min, per_chunk)
-            )
         self._start = loop.time()
         self._wall_offset = time.time() - self._start
-        deadline = o.deadline
-        fit_timeout = True
-        if isinstance(deadline, Deadline):
-            fit_timeout = deadline.fit_timeout
-            self._grace = float(getattr(deadline, "grace", 1.0))
-            if deadline.seconds is not None:
-                self._deadline_at = self._start + deadline.seconds
-            else:
-                self._deadline_at = deadline.at
-        elif deadline is not None:
-            self._deadline_at = self._start + float(deadline)
-        rate = o.rate_limit if isinstance(o.rate_limit, RateLimit) else None
-        spec = RunSpec(
-            run_id=self._run_id,
-            name=o.name,
-            fn=self._fn,
-            context=o.context,
-            concurrency=chunk_concurrency,
-            per_worker=per_worker,
-            timeout=o.timeout,
-            retry=o.retry,
-            rate=rate.per_second if rate else None,
-            burst=rate.burst if rate else 1,
-            deadline_wall=(
-                self._deadline_at + self._wall_offset if self._deadline_at is not None else None
-            ),
-            fit_timeout=fit_timeout,
-            fail_fast=o.fail_fast,
-            max_failures=o.max_failures,
-            events=bool(self._observers),
-            logs=self._backend.forward_logs,
-        )
+        fit_timeout = self._read_deadline()
+        in_flight, spec = self._plan(n_workers, threads, fit_timeout)
         self._spec_blob = dumps(spec)
+        rate = o.rate_limit if isinstance(o.rate_limit, RateLimit) else None
         if rate is not None:
             await self._share_rate(rate, addresses)
             self._watch = asyncio.ensure_future(self._watch_workers(rate))
@@ -291,6 +251,57 @@ class DaskRun(Generic[T, R]):
         )
         await self._outer.__aenter__()
         return self
+
+    def _read_deadline(self) -> bool:
+        """The deadline as this loop's time (``_deadline_at``) and the grace; returns
+        ``fit_timeout``."""
+        deadline = self._o.deadline
+        if isinstance(deadline, Deadline):
+            self._grace = float(getattr(deadline, "grace", 1.0))
+            if deadline.seconds is not None:
+                self._deadline_at = self._start + deadline.seconds
+            else:
+                self._deadline_at = deadline.at
+            return deadline.fit_timeout
+        if deadline is not None:
+            self._deadline_at = self._start + float(deadline)
+        return True
+
+    def _plan(self, n_workers: int, threads: int, fit_timeout: bool) -> tuple[int, RunSpec]:
+        """Chunks in flight, and what every worker gets to run its chunks."""
+        o = self._o
+        per_worker = self._backend.per_worker
+        cap = o.concurrency.max if isinstance(o.concurrency, Adaptive) else o.concurrency
+        per_chunk, in_flight = plan_chunks(cap, per_worker, n_workers, threads)
+        self._effective = min(cap, per_chunk * threads)
+        self._sizer = _Sizer(self._backend.chunk_size, per_chunk, threads, self._total)
+        chunk_concurrency: int | Adaptive = per_chunk
+        if isinstance(o.concurrency, Adaptive):
+            a = o.concurrency
+            chunk_concurrency = dataclasses.replace(
+                a, max=per_chunk, initial=min(a.initial, per_chunk), min=min(a.min, per_chunk)
+            )
+        rate = o.rate_limit if isinstance(o.rate_limit, RateLimit) else None
+        dl = self._deadline_at
+        spec = RunSpec(
+            run_id=self._run_id,
+            name=o.name,
+            fn=self._fn,
+            context=o.context,
+            concurrency=chunk_concurrency,
+            per_worker=per_worker,
+            timeout=o.timeout,
+            retry=o.retry,
+            rate=rate.per_second if rate else None,
+            burst=rate.burst if rate else 1,
+            deadline_wall=dl + self._wall_offset if dl is not None else None,
+            fit_timeout=fit_timeout,
+            fail_fast=o.fail_fast,
+            max_failures=o.max_failures,
+            events=bool(self._observers),
+            logs=self._backend.forward_logs,
+        )
+        return in_flight, spec
 
     def _is_async_input(self) -> bool:
         return hasattr(self._items, "__aiter__")
@@ -391,64 +402,65 @@ class DaskRun(Generic[T, R]):
         self._emit_chunk(chunk, ChunkResult(offset=chunk.offset, records=records))
 
     def _emit_chunk(self, chunk: _Chunk, result: ChunkResult) -> None:
-        loop = self._loop
-        assert loop is not None
-        offset, items = chunk.offset, chunk.items
+        """A chunk's records -> envelopes in ``_ready`` (exactly one per item) and events."""
         for record in result.logs:
             record.worker = result.worker
             logging.getLogger(record.name).handle(record)
         records = sorted(result.records, key=lambda r: r[0]) if self._o.ordered else result.records
         seen: set[int] = set()
-        events: list[tuple[float, int, Event]] = []
-        emit = bool(self._observers)
+        finished: list[tuple[float, int, Event]] = []
         for rec in records:
-            i, kind, payload, attempts, elapsed, errors, at = rec
-            if i in seen:  # pragma: no cover - a worker sends one record per item
+            if rec[0] in seen:  # pragma: no cover - a worker sends one record per item
                 continue
-            seen.add(i)
-            index, item = offset + i, items[i]
-            out: Outcome[T, R]
-            if kind == "success":
-                out = make_success(item, payload, index, attempts, elapsed)
-            else:
-                out = Failure(item, payload, kind, index, attempts, elapsed, errors)  # type: ignore[arg-type]
-                if kind in ("error", "timeout"):
-                    self._failed += 1
-            self._finished += 1
-            self._counts[kind] = self._counts.get(kind, 0) + 1
-            if at:
-                self._intervals.append((at - elapsed, at))
-            self._ready.append(out)
-            if emit:
-                when = at - self._wall_offset if at else loop.time()
-                ev = ItemFinished(
-                    name=self._o.name,
-                    key=self._key(index, item),
-                    outcome=out,
-                    in_flight=self._in_flight_items,
-                    time=when,
-                )
-                events.append((when, 2, ev))
-        for i in range(len(items)):  # exactly one envelope per item, whatever arrived
+            seen.add(rec[0])
+            out = self._envelope(chunk, rec)
+            if self._observers:
+                finished.append(self._finished_event(out, chunk.items[rec[0]], rec[6]))
+        for i in range(len(chunk.items)):  # exactly one envelope per item, whatever arrived
             if i not in seen:
                 err = ItemCancelled(self._stop_reason or "fail_fast")
-                out = Failure(items[i], err, "cancelled", offset + i, 1, 0.0, (err,))
-                self._finished += 1
-                self._counts["cancelled"] = self._counts.get("cancelled", 0) + 1
-                self._ready.append(out)
-        if emit:
-            for ev_rec in result.events:
-                events.append(self._worker_event(ev_rec, offset, items))
+                out = self._envelope(chunk, (i, "cancelled", err, 1, 0.0, (err,), 0.0))
+                if self._observers:
+                    finished.append(self._finished_event(out, chunk.items[i], 0.0))
+        if self._observers:
+            events = finished + [self._worker_event(r, chunk) for r in result.events]
             events.sort(key=lambda e: (e[0], e[1]))
             for _, _, event in events:
                 self._event(event)
 
-    def _worker_event(
-        self, rec: tuple[Any, ...], offset: int, items: list[Any]
-    ) -> tuple[float, int, Event]:
+    def _envelope(self, chunk: _Chunk, rec: Record) -> Outcome[T, R]:
+        i, kind, payload, attempts, elapsed, errors, at = rec
+        index, item = chunk.offset + i, chunk.items[i]
+        out: Outcome[T, R]
+        if kind == "success":
+            out = make_success(item, payload, index, attempts, elapsed)
+        else:
+            out = Failure(item, payload, kind, index, attempts, elapsed, errors)  # type: ignore[arg-type]
+            if kind in ("error", "timeout"):
+                self._failed += 1
+        self._finished += 1
+        self._counts[kind] = self._counts.get(kind, 0) + 1
+        if at:
+            self._intervals.append((at - elapsed, at))
+        self._ready.append(out)
+        return out
+
+    def _finished_event(self, out: Outcome[T, R], item: Any, at: float) -> tuple[float, int, Event]:
+        assert self._loop is not None
+        when = at - self._wall_offset if at else self._loop.time()
+        event = ItemFinished(
+            name=self._o.name,
+            key=self._key(out.index, item),
+            outcome=out,
+            in_flight=self._in_flight_items,
+            time=when,
+        )
+        return when, 2, event
+
+    def _worker_event(self, rec: tuple[Any, ...], chunk: _Chunk) -> tuple[float, int, Event]:
         when = rec[1] - self._wall_offset
-        index = offset + rec[2]
-        item = items[rec[2]]
+        index = chunk.offset + rec[2]
+        item = chunk.items[rec[2]]
         key = self._key(index, item)
         if rec[0] == "started":
             ev: Event = ItemStarted(
