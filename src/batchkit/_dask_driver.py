@@ -62,6 +62,7 @@ _MIN_CHUNK_SECONDS = 0.2
 _MAX_CHUNK = 5000
 _SHARE_POLL_SECONDS = 0.2
 _BROADCAST_SLACK = 5.0
+_FAILED = ("error", "timeout")  # what thresholds count
 
 
 def plan_chunks(concurrency: int, per_worker: int, n_workers: int, threads: int) -> tuple[int, int]:
@@ -154,8 +155,13 @@ class DaskRun(Generic[T, R]):
         self._ready: deque[Outcome[T, R]] = deque()
         self._stop_reason: StopReason | None = None
         self._stopping = False
+        # Threshold counts: settled chunks' true counts plus in-flight chunks' alerts.
         self._finished = 0
         self._failed = 0
+        self._alerted: dict[int, tuple[int, int]] = {}
+        self._settled: set[int] = set()
+        self._topic = f"batchkit-{self._run_id}"
+        self._subscribed = False
         self._consumed = 0
         self._counts: dict[str, int] = {}
         self._pending: dict[int, _Chunk] = {}
@@ -229,6 +235,9 @@ class DaskRun(Generic[T, R]):
         fit_timeout = self._read_deadline()
         in_flight, spec = self._plan(n_workers, threads, fit_timeout)
         self._spec_blob = dumps(spec)
+        if spec.alerts:
+            self._client.subscribe_topic(self._topic, self._on_alert)
+            self._subscribed = True
         rate = o.rate_limit if isinstance(o.rate_limit, RateLimit) else None
         if rate is not None:
             await self._share_rate(rate, addresses)
@@ -300,6 +309,8 @@ class DaskRun(Generic[T, R]):
             max_failures=o.max_failures,
             events=bool(self._observers),
             logs=self._backend.forward_logs,
+            alerts=o.max_failures is not None or o.max_failure_ratio is not None,
+            topic=self._topic,
         )
         return in_flight, spec
 
@@ -416,6 +427,7 @@ class DaskRun(Generic[T, R]):
             out = self._envelope(chunk, rec)
             if self._observers:
                 finished.append(self._finished_event(out, chunk.items[rec[0]], rec[6]))
+        self._settle(chunk.offset, len(chunk.items), sum(r[1] in _FAILED for r in records))
         for i in range(len(chunk.items)):  # exactly one envelope per item, whatever arrived
             if i not in seen:
                 err = ItemCancelled(self._stop_reason or "fail_fast")
@@ -436,9 +448,6 @@ class DaskRun(Generic[T, R]):
             out = make_success(item, payload, index, attempts, elapsed)
         else:
             out = Failure(item, payload, kind, index, attempts, elapsed, errors)  # type: ignore[arg-type]
-            if kind in ("error", "timeout"):
-                self._failed += 1
-        self._finished += 1
         self._counts[kind] = self._counts.get(kind, 0) + 1
         if at:
             self._intervals.append((at - elapsed, at))
@@ -585,6 +594,26 @@ class DaskRun(Generic[T, R]):
         return None
 
     # -------------------------------------------------------------------- stopping
+    def _settle(self, offset: int, finished: int, failed: int) -> None:
+        """A chunk's true counts replace what its alerts had said so far."""
+        alerted = self._alerted.pop(offset, (0, 0))
+        self._settled.add(offset)
+        self._finished += finished - alerted[0]
+        self._failed += failed - alerted[1]
+
+    def _on_alert(self, event: tuple[float, dict[str, int]]) -> None:
+        """A worker's failure alert (``max_failures`` and ``max_failure_ratio`` need them:
+        a chunk with a hanging item would otherwise never report its failures)."""
+        msg = event[1]
+        offset = msg["o"]
+        if self._closed or offset in self._settled:
+            return
+        fin, fail = self._alerted.get(offset, (0, 0))
+        self._alerted[offset] = (fin + msg["f"], fail + msg["x"])
+        self._finished += msg["f"]
+        self._failed += msg["x"]
+        self._check_thresholds()
+
     def _check_thresholds(self) -> None:
         o = self._o
         if self._stopping:
@@ -704,6 +733,8 @@ class DaskRun(Generic[T, R]):
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         if self._client is not None:
+            if self._subscribed:
+                self._client.unsubscribe_topic(self._topic)
             await self._broadcast(worker_side.end_run, self._run_id, self._grace)
         if self._ait is not None and hasattr(self._ait, "aclose"):
             try:

@@ -84,6 +84,9 @@ class RunSpec:
     """Whether to record events for the driver's observers."""
     logs: bool
     """Whether to forward log records emitted while the chunk runs."""
+    alerts: bool = False
+    """Whether to tell the driver of every failure at once (``log_event`` on ``topic``)."""
+    topic: str = ""
 
 
 # One outcome: (local index, kind, value or error, attempts, elapsed, errors, finished at).

@@ -325,8 +325,30 @@ def _record(outcome: Any, finished_wall: float) -> Record:
     )
 
 
+class _Alerts:
+    """Tells the driver of each failure at once, with the outcomes finished since the last
+    alert, through Dask's event log (the driver subscribes to ``topic``)."""
+
+    __slots__ = ("finished", "offset", "topic", "worker")
+
+    def __init__(self, topic: str, offset: int) -> None:
+        from distributed import get_worker
+
+        self.worker = get_worker()
+        self.topic = topic
+        self.offset = offset
+        self.finished = 0
+
+    def add(self, failed: bool) -> None:
+        self.finished += 1
+        if failed:
+            self.worker.log_event(self.topic, {"o": self.offset, "f": self.finished, "x": 1})
+            self.finished = 0
+
+
 async def _consume(
     run: _WorkerRun,
+    offset: int,
     items: list[Any],
     collector: _Collector,
     records: list[Record],
@@ -362,9 +384,12 @@ async def _consume(
         **kwargs,
     ) as outcomes:
         finished = collector.finished
+        alert = _Alerts(spec.topic, offset) if spec.alerts else None
         async for outcome in outcomes:
             at = finished.pop(outcome.index, None)
             records.append(_record(outcome, time.time() if at is None else at))
+            if alert is not None:
+                alert.add(type(outcome) is not Success and outcome.kind in ("error", "timeout"))
         collector.stop_reason = outcomes.report.stop_reason
 
 
@@ -422,7 +447,7 @@ async def run_chunk(blob: bytes, run_id: str, offset: int, items: list[Any]) -> 
         # The gate holds per_worker across chunks running at once here and this worker's
         # rate share; with one chunk at a time and no rate limit it has nothing to do.
         gate = spec.rate is not None or threads > 1
-        task = loop.create_task(_consume(run, items, collector, records, gate))
+        task = loop.create_task(_consume(run, offset, items, collector, records, gate))
     finally:
         _CURRENT.reset(token)
         _LOGS.reset(logs_token)

@@ -212,3 +212,9 @@ async def insert_no_commit(x: int, session: Any) -> int:
 
     await session.execute(text("INSERT INTO t (x) VALUES (:x)"), {"x": x})
     return x
+
+
+async def fail_0_and_4_rest_hang(x: int) -> int:
+    if x in (0, 4):
+        raise ValueError(f"boom {x}")
+    return await hang(x)

@@ -466,3 +466,20 @@ async def test_timeouts_are_per_attempt_on_the_worker_with_their_history(client:
         assert isinstance(o.error, batchkit.ItemTimeout)
         assert o.error.timeout == 0.2
     assert await _total(client, "running") == 0
+
+
+async def test_max_failures_counts_failures_of_chunks_still_running(client: Any) -> None:
+    """Items 0 and 4 fail in two chunks whose other items hang: neither chunk ever ends on its
+    own, yet the driver hears of both failures and stops the run."""
+    report = await batchkit.batch_process(
+        range(40),
+        _work.fail_0_and_4_rest_hang,
+        concurrency=8,
+        max_failures=2,
+        backend=DaskBackend(client, per_worker=4, chunk_size=4),
+    )
+    assert report.stop_reason == "max_failures"
+    assert report.counts["error"] == 2
+    assert report.counts["cancelled"] == 6
+    assert report.counts["skipped"] == 32
+    assert await _total(client, "running") == 0
