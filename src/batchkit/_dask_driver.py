@@ -63,6 +63,7 @@ _MAX_CHUNK = 5000
 _SHARE_POLL_SECONDS = 0.2
 _BROADCAST_SLACK = 5.0
 _FAILED = ("error", "timeout")  # what thresholds count
+_MAX_INTERVALS = 100_000  # item spans kept for peak_concurrency before folding
 
 
 def plan_chunks(concurrency: int, per_worker: int, n_workers: int, threads: int) -> tuple[int, int]:
@@ -162,11 +163,12 @@ class DaskRun(Generic[T, R]):
         self._settled: set[int] = set()
         self._topic = f"batchkit-{self._run_id}"
         self._subscribed = False
+        self._announced = False  # RunStarted was sent: RunFinished will be
         self._consumed = 0
         self._counts: dict[str, int] = {}
         self._pending: dict[int, _Chunk] = {}
         self._in_flight_items = 0
-        self._peak = 0
+        self._peak = 0  # from spans folded away (long streams)
         self._background: set[asyncio.Task[Any]] = set()
         self._force = asyncio.Event()
         self._outer: Any = None
@@ -221,8 +223,18 @@ class DaskRun(Generic[T, R]):
             raise RuntimeError("a stream can be entered only once")
         self._entered = True
         self._check_options()
+        self._loop = asyncio.get_running_loop()
+        try:
+            await self._enter()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def _enter(self) -> None:
         o = self._o
-        loop = self._loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None
         self._client = await self._backend._connect()
         n_workers, threads, addresses = await self._workers()
         if n_workers == 0:
@@ -253,13 +265,12 @@ class DaskRun(Generic[T, R]):
                 name=o.name, concurrency=self._effective, total=self._total, time=self._start
             )
         )
+        self._announced = True
         from ._api import stream
 
-        self._outer = stream(
-            self._chunks(), self._run_chunk, concurrency=in_flight, ordered=o.ordered
-        )
-        await self._outer.__aenter__()
-        return self
+        outer = stream(self._chunks(), self._run_chunk, concurrency=in_flight, ordered=o.ordered)
+        await outer.__aenter__()
+        self._outer = outer
 
     def _read_deadline(self) -> bool:
         """The deadline as this loop's time (``_deadline_at``) and the grace; returns
@@ -451,6 +462,8 @@ class DaskRun(Generic[T, R]):
         self._counts[kind] = self._counts.get(kind, 0) + 1
         if at:
             self._intervals.append((at - elapsed, at))
+            if len(self._intervals) > _MAX_INTERVALS:
+                self._fold_intervals()
         self._ready.append(out)
         return out
 
@@ -741,8 +754,10 @@ class DaskRun(Generic[T, R]):
                 await self._ait.aclose()
             except Exception:  # pragma: no cover
                 _log.exception("batchkit: closing the async input failed")
-        assert self._loop is not None
-        self._event(RunFinished(name=self._o.name, report=self.report, time=self._loop.time()))
+        if self._announced:
+            assert self._loop is not None
+            report = self.report
+            self._event(RunFinished(name=self._o.name, report=report, time=self._loop.time()))
 
     # ---------------------------------------------------------------------- report
     @property
@@ -770,15 +785,14 @@ class DaskRun(Generic[T, R]):
 
     def _peak_from_intervals(self) -> int:
         """The most items whose (first start, end) spans overlapped, from worker timestamps."""
-        marks = sorted(
-            itertools.chain.from_iterable(((s, 1), (e, -1)) for s, e in self._intervals),
-            key=lambda m: (m[0], m[1]),
-        )
-        peak = cur = 0
-        for _, d in marks:
-            cur += d
-            peak = max(peak, cur)
-        return peak
+        return max(self._peak, _peak(self._intervals))
+
+    def _fold_intervals(self) -> None:
+        """Keep memory bounded on long streams: fold the spans seen so far into ``_peak`` and
+        keep the latest-ending tenth, which later spans may still overlap."""
+        self._peak = max(self._peak, _peak(self._intervals))
+        self._intervals.sort(key=lambda span: span[1])
+        del self._intervals[: len(self._intervals) - _MAX_INTERVALS // 10]
 
     def _event(self, event: Event) -> None:
         for observer in tuple(self._observers):
@@ -789,6 +803,18 @@ class DaskRun(Generic[T, R]):
                     "batchkit: observer %r raised; it is disabled for this run", observer
                 )
                 self._observers.remove(observer)
+
+
+def _peak(spans: list[tuple[float, float]]) -> int:
+    marks = sorted(
+        itertools.chain.from_iterable(((s, 1), (e, -1)) for s, e in spans),
+        key=lambda m: (m[0], m[1]),
+    )
+    peak = cur = 0
+    for _, d in marks:
+        cur += d
+        peak = max(peak, cur)
+    return peak
 
 
 async def run_batch(

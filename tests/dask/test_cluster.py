@@ -167,9 +167,12 @@ async def test_the_deadline_is_one_instant_on_every_worker(client: Any) -> None:
     )
     returned = loop.time() - start
     assert report.deadline_hit
-    assert report.counts["cancelled"] == 8
-    assert report.counts["skipped"] == 192
     assert len(report) == 200
+    # What had started (on one or both workers, as the machine allowed) was cancelled there.
+    cancelled = report.counts["cancelled"]
+    assert 1 <= cancelled <= 8
+    assert cancelled == await _total(client, "cancelled")
+    assert report.counts["skipped"] == 200 - cancelled
     for o in report:
         assert isinstance(o, Failure)
         assert isinstance(o.error, batchkit.ItemCancelled | batchkit.ItemSkipped)
