@@ -37,16 +37,17 @@ from ._events import (
     RunStarted,
     RunStopping,
 )
+from ._options import make_plan
 from ._outcomes import BatchReport, Failure, Outcome, make_success
-from ._policies import Adaptive, Deadline, FailureRatio, RateLimit
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
     from types import TracebackType
 
-    from ._dask_seam import BackendOptions
     from ._errors import StopReason
     from ._events import Observer
+    from ._options import Options, Plan
+    from ._policies import Adaptive, RateLimit
 
 __all__ = ["DaskRun", "plan_chunks"]
 
@@ -130,22 +131,19 @@ class DaskRun(Generic[T, R]):
         backend: Any,
         items: Any,
         fn: Callable[..., Any],
-        options: BackendOptions,
+        options: Options,
         *,
         keep: bool,
     ) -> None:
+        # CORE's validators, the same as a local run: bad arguments raise here, at the call.
+        self._o: Plan = make_plan(items, fn, options)
         self._backend = backend
         self._items = items
         self._fn = fn
-        self._o = options
         self._keep = keep
         self._outcomes: list[Outcome[T, R]] = []
         self._run_id = uuid.uuid4().hex
-        self._observers: list[Observer] = list(options.observers)
-        if options.progress:
-            from ._progress import ProgressObserver
-
-            self._observers.append(ProgressObserver())
+        self._observers: list[Observer] = list(self._o.observers)  # progress=True included
         self._sized = isinstance(items, Sized)
         self._total = len(items) if isinstance(items, Sized) else None
         self._it: Iterator[Any] | None = None
@@ -189,16 +187,16 @@ class DaskRun(Generic[T, R]):
         self._shares: dict[str, float] = {}
         self._intervals: list[tuple[float, float]] = []
         self._watch: asyncio.Future[None] | None = None
-        # Input indices given up on after a stop (for BatchReport.abandoned once it exists).
+        # Input indices given up on after a stop (BatchReport.abandoned).
         self._abandoned: list[int] = []
 
     # ------------------------------------------------------------------ entering
     def _check_options(self) -> None:
         o = self._o
-        if o.rate_limit is not None and not isinstance(o.rate_limit, RateLimit):
+        if o.limiter is not None:
             raise InvalidArgument(
                 "rate_limit on a Dask cluster must be batchkit.RateLimit(...): a limiter "
-                f"object ({o.rate_limit!r}) would be copied to every worker and limit each "
+                f"object ({o.limiter!r}) would be copied to every worker and limit each "
                 "alone\nHINT: pass RateLimit(per_second=...); batchkit splits it among workers"
             )
         if o.cost is not None:
@@ -211,6 +209,8 @@ class DaskRun(Generic[T, R]):
             check_picklable("the context factory", o.context)
         if o.retry is not None:
             check_picklable("retry", o.retry)
+        if o.key is not None:
+            check_picklable("key", o.key)
 
     async def _workers(self) -> tuple[int, int, list[str]]:
         info = await self._client.scheduler.identity()
@@ -250,7 +250,7 @@ class DaskRun(Generic[T, R]):
         if spec.alerts:
             self._client.subscribe_topic(self._topic, self._on_alert)
             self._subscribed = True
-        rate = o.rate_limit if isinstance(o.rate_limit, RateLimit) else None
+        rate = o.rate_limit
         if rate is not None:
             await self._share_rate(rate, addresses)
             self._watch = asyncio.ensure_future(self._watch_workers(rate))
@@ -275,33 +275,29 @@ class DaskRun(Generic[T, R]):
     def _read_deadline(self) -> bool:
         """The deadline as this loop's time (``_deadline_at``) and the grace; returns
         ``fit_timeout``."""
-        deadline = self._o.deadline
-        if isinstance(deadline, Deadline):
-            self._grace = float(getattr(deadline, "grace", 1.0))
-            if deadline.seconds is not None:
-                self._deadline_at = self._start + deadline.seconds
-            else:
-                self._deadline_at = deadline.at
-            return deadline.fit_timeout
-        if deadline is not None:
-            self._deadline_at = self._start + float(deadline)
-        return True
+        p = self._o
+        self._grace = p.grace
+        if p.deadline_seconds is not None:
+            self._deadline_at = self._start + p.deadline_seconds
+        else:
+            self._deadline_at = p.deadline_at
+        return p.fit_timeout
 
     def _plan(self, n_workers: int, threads: int, fit_timeout: bool) -> tuple[int, RunSpec]:
         """Chunks in flight, and what every worker gets to run its chunks."""
         o = self._o
         per_worker = self._backend.per_worker
-        cap = o.concurrency.max if isinstance(o.concurrency, Adaptive) else o.concurrency
+        cap = o.slots
         per_chunk, in_flight = plan_chunks(cap, per_worker, n_workers, threads)
         self._effective = min(cap, per_chunk * threads)
         self._sizer = _Sizer(self._backend.chunk_size, per_chunk, threads, self._total)
         chunk_concurrency: int | Adaptive = per_chunk
-        if isinstance(o.concurrency, Adaptive):
-            a = o.concurrency
+        if o.adaptive is not None:
+            a = o.adaptive
             chunk_concurrency = dataclasses.replace(
                 a, max=per_chunk, initial=min(a.initial, per_chunk), min=min(a.min, per_chunk)
             )
-        rate = o.rate_limit if isinstance(o.rate_limit, RateLimit) else None
+        rate = o.rate_limit
         dl = self._deadline_at
         spec = RunSpec(
             run_id=self._run_id,
@@ -315,7 +311,9 @@ class DaskRun(Generic[T, R]):
             rate=rate.per_second if rate else None,
             burst=rate.burst if rate else 1,
             deadline_wall=dl + self._wall_offset if dl is not None else None,
+            key=o.key,
             fit_timeout=fit_timeout,
+            grace=self._grace,
             fail_fast=o.fail_fast,
             max_failures=o.max_failures,
             events=bool(self._observers),
@@ -438,6 +436,9 @@ class DaskRun(Generic[T, R]):
             out = self._envelope(chunk, rec)
             if self._observers:
                 finished.append(self._finished_event(out, chunk.items[rec[0]], rec[6]))
+        self._intervals.extend(result.spans)
+        if len(self._intervals) > _MAX_INTERVALS:
+            self._fold_intervals()
         self._settle(chunk.offset, len(chunk.items), sum(r[1] in _FAILED for r in records))
         for i in range(len(chunk.items)):  # exactly one envelope per item, whatever arrived
             if i not in seen:
@@ -452,7 +453,7 @@ class DaskRun(Generic[T, R]):
                 self._event(event)
 
     def _envelope(self, chunk: _Chunk, rec: Record) -> Outcome[T, R]:
-        i, kind, payload, attempts, elapsed, errors, at = rec
+        i, kind, payload, attempts, elapsed, errors, _ = rec
         index, item = chunk.offset + i, chunk.items[i]
         out: Outcome[T, R]
         if kind == "success":
@@ -460,10 +461,6 @@ class DaskRun(Generic[T, R]):
         else:
             out = Failure(item, payload, kind, index, attempts, elapsed, errors)  # type: ignore[arg-type]
         self._counts[kind] = self._counts.get(kind, 0) + 1
-        if at:
-            self._intervals.append((at - elapsed, at))
-            if len(self._intervals) > _MAX_INTERVALS:
-                self._fold_intervals()
         self._ready.append(out)
         return out
 
@@ -632,8 +629,6 @@ class DaskRun(Generic[T, R]):
         if self._stopping:
             return
         ratio = o.max_failure_ratio
-        if isinstance(ratio, float | int):
-            ratio = FailureRatio(ratio=float(ratio))
         if o.max_failures is not None and self._failed >= o.max_failures:
             self._stop("max_failures")
         elif o.fail_fast and self._failed:
@@ -781,6 +776,8 @@ class DaskRun(Generic[T, R]):
             input_exhausted=self._exhausted,
             name=self._o.name,
             key=self._o.key,
+            abandoned=tuple(sorted(self._abandoned)),
+            tally=None if self._keep else dict(self._counts),
         )
 
     def _peak_from_intervals(self) -> int:
@@ -818,7 +815,7 @@ def _peak(spans: list[tuple[float, float]]) -> int:
 
 
 async def run_batch(
-    backend: Any, items: Any, fn: Callable[..., Any], options: BackendOptions
+    backend: Any, items: Any, fn: Callable[..., Any], options: Options
 ) -> BatchReport[Any, Any]:
     run: DaskRun[Any, Any] = DaskRun(backend, items, fn, options, keep=True)
     async with run:

@@ -77,7 +77,13 @@ class RunSpec:
     burst: int
     deadline_wall: float | None
     """The whole run's deadline as one wall-clock instant (``time.time()``)."""
+    key: Callable[[Any], object] | None = None
+    """The run's ``key=``: with it, ``current_attempt().idempotency_key`` is the item's key on
+    the worker too; without it, ``"<driver's run id>:<input index>"`` (stable when a lost
+    chunk re-runs elsewhere)."""
     fit_timeout: bool
+    grace: float
+    """``Deadline.grace``: how long cancelled work gets to clean up on the worker."""
     fail_fast: bool
     max_failures: int | None
     events: bool
@@ -107,6 +113,9 @@ class ChunkResult:
     stop_reason: StopReason | None = None
     seconds: float = 0.0
     """How long the chunk ran on its worker."""
+    spans: list[tuple[float, float]] = field(default_factory=list)
+    """Each item's (first start of ``fn``, last end) in wall-clock time, taken around ``fn``
+    itself on the worker: what ``report.peak_concurrency`` counts."""
 
 
 def safe_error(error: BaseException) -> BaseException:

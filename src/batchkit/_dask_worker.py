@@ -238,13 +238,22 @@ class _Collector:
     the driver has observers, the local run's events to forward (events cost the local engine
     about 20 us per item, so they are not asked for otherwise)."""
 
-    __slots__ = ("events", "finished", "keep_events", "loop_to_wall", "started", "stop_reason")
+    __slots__ = (
+        "events",
+        "finished",
+        "keep_events",
+        "loop_to_wall",
+        "spans",
+        "started",
+        "stop_reason",
+    )
 
     def __init__(self, keep_events: bool, loop_to_wall: float) -> None:
         self.stop_reason: StopReason | None = None
         self.started: dict[int, tuple[float, int]] = {}
         self.finished: dict[int, float] = {}
         self.events: list[tuple[Any, ...]] = []
+        self.spans: list[tuple[float, float]] = []
         self.keep_events = keep_events
         self.loop_to_wall = loop_to_wall
 
@@ -271,7 +280,7 @@ def _tracked(fn: Callable[..., Any], collector: _Collector) -> Callable[..., Any
     """``fn`` over ``(index, item)`` pairs, noting each attempt's start and end. Sync stays
     sync (the local engine runs it in its thread pool), async stays async. ``time.monotonic``
     is the loop's clock."""
-    from ._api import _is_async_callable
+    from ._options import is_async_callable
 
     started, finished = collector.started, collector.finished
     to_wall = collector.loop_to_wall
@@ -281,7 +290,7 @@ def _tracked(fn: Callable[..., Any], collector: _Collector) -> Callable[..., Any
         s = started.get(i)
         started[i] = (clock(), 1) if s is None else (s[0], s[1] + 1)
 
-    if _is_async_callable(fn):
+    if is_async_callable(fn):
 
         async def call_async(pair: tuple[int, Any], *ctx: Any) -> Any:
             begin(pair[0])
@@ -300,6 +309,25 @@ def _tracked(fn: Callable[..., Any], collector: _Collector) -> Callable[..., Any
             finished[pair[0]] = clock() + to_wall
 
     return call
+
+
+class _ChunkKey:
+    """``key=`` of a chunk's local run over ``(local index, item)`` pairs: the item's own key
+    when the run has one, else ``"<driver's run id>:<input index>"``, so that
+    ``current_attempt().idempotency_key`` is the same on every worker (a lost chunk re-run
+    elsewhere keeps its items' keys)."""
+
+    __slots__ = ("key", "offset", "run_id")
+
+    def __init__(self, run_id: str, offset: int, key: Callable[[Any], object] | None) -> None:
+        self.run_id = run_id
+        self.offset = offset
+        self.key = key
+
+    def __call__(self, pair: tuple[int, Any]) -> object:
+        if self.key is not None:
+            return self.key(pair[1])
+        return f"{self.run_id}:{self.offset + pair[0]}"
 
 
 def _record(outcome: Any, finished_wall: float) -> Record:
@@ -363,7 +391,9 @@ async def _consume(
     deadline: Deadline | None = None
     if spec.deadline_wall is not None:
         deadline = Deadline(
-            at=loop.time() + (spec.deadline_wall - time.time()), fit_timeout=spec.fit_timeout
+            at=loop.time() + (spec.deadline_wall - time.time()),
+            fit_timeout=spec.fit_timeout,
+            grace=spec.grace,
         )
     kwargs: dict[str, Any] = {}
     if spec.context is not None:
@@ -381,13 +411,18 @@ async def _consume(
         observers=[collector] if collector.keep_events else [],
         name=spec.name,
         buffer=max(len(items), 1),  # the chunk is in memory already: never wait for room
+        key=_ChunkKey(spec.run_id, offset, spec.key),
         **kwargs,
     ) as outcomes:
-        finished = collector.finished
+        finished, started = collector.finished, collector.started
+        spans, to_wall = collector.spans, collector.loop_to_wall
         alert = _Alerts(spec.topic, offset) if spec.alerts else None
         async for outcome in outcomes:
             at = finished.pop(outcome.index, None)
             records.append(_record(outcome, time.time() if at is None else at))
+            first = started.get(outcome.index)
+            if first is not None and at is not None:
+                spans.append((first[0] + to_wall, at))
             if alert is not None:
                 alert.add(type(outcome) is not Success and outcome.kind in ("error", "timeout"))
         collector.stop_reason = outcomes.report.stop_reason
@@ -410,6 +445,7 @@ def _close_records(
             err = ItemCancelled(reason)
             first, attempt = started
             records.append((i, "cancelled", err, attempt, loop_now - first, (err,), now_wall))
+            collector.spans.append((first + collector.loop_to_wall, now_wall))
 
 
 async def run_chunk(blob: bytes, run_id: str, offset: int, items: list[Any]) -> bytes:
@@ -499,6 +535,7 @@ def _encode(
         worker=worker,
         stop_reason=reason,
         seconds=seconds,
+        spans=collector.spans,
     )
     return dumps((body, result))
 

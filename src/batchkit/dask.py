@@ -1,6 +1,6 @@
 """Run ``batch_process`` and ``stream`` on a Dask cluster: ``backend=DaskBackend(client)``.
 
-Needs the ``dask`` extra (``pip install 'batchkit[dask]'``); ``distributed`` is imported only
+Needs the ``dask`` extra (``pip install 'aio-batchkit[dask]'``); ``distributed`` is imported only
 when a backend is used. The same call, the same envelopes, one :class:`~batchkit.BatchReport`::
 
     from batchkit.dask import DaskBackend
@@ -24,7 +24,7 @@ from ._errors import RemoteError as RemoteError
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from ._dask_seam import BackendOptions
+    from ._options import Options
     from ._outcomes import BatchReport
     from ._stream import Stream
 
@@ -111,21 +111,21 @@ class DaskBackend:
             await client.close()
 
     async def run_batch(
-        self, items: Any, fn: Callable[..., Any], options: BackendOptions
+        self, items: Any, fn: Callable[..., Any], options: Options
     ) -> BatchReport[Any, Any]:
         from ._dask_driver import run_batch
+        from ._options import make_plan
 
         if self._client is not None:
             return await run_batch(self, items, fn, options)
+        make_plan(items, fn, options)  # bad arguments raise before a client is opened
         client = await self._connect()
         try:
             return await run_batch(_Bound(self, client), items, fn, options)
         finally:
             await client.close()
 
-    def open_stream(
-        self, items: Any, fn: Callable[..., Any], options: BackendOptions
-    ) -> Stream[Any, Any]:
+    def open_stream(self, items: Any, fn: Callable[..., Any], options: Options) -> Stream[Any, Any]:
 
         # A DaskRun has the whole interface of Stream (async with, async for, report,
         # consumed); Stream is @final, so the type is asserted here.
@@ -150,7 +150,7 @@ class _AddressStream:
     backend was given an address."""
 
     def __init__(
-        self, backend: DaskBackend, items: Any, fn: Callable[..., Any], options: BackendOptions
+        self, backend: DaskBackend, items: Any, fn: Callable[..., Any], options: Options
     ) -> None:
         from ._dask_driver import DaskRun
 

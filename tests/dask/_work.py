@@ -12,6 +12,8 @@ import threading
 import time
 from typing import Any
 
+import batchkit
+
 STATE: dict[str, int] = {}
 _lock = threading.Lock()
 
@@ -218,3 +220,8 @@ async def fail_0_and_4_rest_hang(x: int) -> int:
     if x in (0, 4):
         raise ValueError(f"boom {x}")
     return await hang(x)
+
+
+async def attempt_key(x: int) -> str:
+    """The idempotency key batchkit gives this attempt on the worker."""
+    return batchkit.current_attempt().idempotency_key

@@ -23,7 +23,7 @@ class _AsyncClientStandIn:
 
 def test_missing_distributed_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "distributed", None)
-    with pytest.raises(MissingExtra, match=r"pip install 'batchkit\[dask\]'") as info:
+    with pytest.raises(MissingExtra, match=r"pip install 'aio-batchkit\[dask\]'") as info:
         DaskBackend("tcp://127.0.0.1:8786")
     assert info.value.extra == "dask"
     assert isinstance(info.value, ImportError)
@@ -51,7 +51,7 @@ def test_a_synchronous_client_is_refused_with_a_hint() -> None:
 
 
 async def test_a_backend_must_be_a_backend() -> None:
-    with pytest.raises(InvalidArgument, match="backend must be a batchkit backend"):
+    with pytest.raises(InvalidArgument, match="backend must be None"):
         await batchkit.batch_process([1], quick, backend=object())  # type: ignore[call-overload]
 
 

@@ -486,3 +486,17 @@ async def test_max_failures_counts_failures_of_chunks_still_running(client: Any)
     assert report.counts["cancelled"] == 6
     assert report.counts["skipped"] == 32
     assert await _total(client, "running") == 0
+
+
+async def test_idempotency_keys_are_input_indices_or_the_items_key(client: Any) -> None:
+    backend = DaskBackend(client, per_worker=4, chunk_size=3)
+    report = await batchkit.batch_process(
+        range(10), _work.attempt_key, concurrency=8, backend=backend
+    )
+    run_ids = {v.rpartition(":")[0] for v in report.values()}
+    assert len(run_ids) == 1  # one run id across chunks and workers
+    assert [v.rpartition(":")[2] for v in report.values()] == [str(i) for i in range(10)]
+    keyed = await batchkit.batch_process(
+        range(10), _work.attempt_key, concurrency=8, key=lambda x: f"m{x}", backend=backend
+    )
+    assert keyed.values() == [f"m{i}" for i in range(10)]

@@ -21,6 +21,7 @@ from batchkit import (
     ItemTimeout,
     MissingExtra,
     Success,
+    _errors,
 )
 from batchkit._dask_wire import safe_error, to_wire_records
 from batchkit._errors import RemoteError
@@ -43,6 +44,15 @@ ERRORS: list[BaseException] = [
     ItemSkipped("max_failures"),
     RemoteError("mod.Thing", "it broke", "Traceback ...\n"),
 ]
+
+
+def test_the_list_covers_every_error_batchkit_defines() -> None:
+    defined = {
+        getattr(_errors, name)
+        for name in _errors.__all__
+        if isinstance(getattr(_errors, name), type)
+    }
+    assert {type(e) for e in ERRORS} == defined
 
 
 def _roundtrip(obj: object) -> object:
