@@ -1,8 +1,8 @@
 """What an attempt knows about itself: :func:`current_attempt`.
 
-The runner keeps one :class:`Slot` per worker; each attempt runs in a copy of the caller's
-context in which ``_SLOT`` names that worker's slot, so :func:`current_attempt` reads the
-attempt's facts without the runner building anything per attempt.
+The engine keeps one :class:`Slot` per worker; each worker runs in a copy of the caller's
+context in which ``_SLOT`` names its slot, so :func:`current_attempt` reads the attempt's
+facts without the runner building anything per attempt.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import asyncio
     from collections.abc import Callable
     from concurrent.futures import Future
+    from contextvars import Context
 
 __all__ = ["Attempt", "Job", "RunInfo", "Slot", "current_attempt"]
 
@@ -52,8 +53,9 @@ class Job:
         """The number of the attempt that runs next (or is running), from 1."""
         self.first_start: float | None = None
         self.errors: list[BaseException] | None = None
-        self.last_kind: str = "error"
-        self.ready = 0.0
+        # Set when an attempt fails (with ``errors``) and when it enters the retry heap:
+        self.last_kind: str
+        self.ready: float
 
     def __lt__(self, other: Job) -> bool:
         return (self.ready, self.index) < (other.ready, other.index)
@@ -67,12 +69,14 @@ class Slot:
 
     __slots__ = (
         "abandoned",
+        "baseline",
         "cancel_gen",
         "cancel_kind",
         "cancellable",
         "cancels",
         "gen",
         "job",
+        "polluted",
         "run",
         "started",
         "task",
@@ -87,6 +91,9 @@ class Slot:
         self.cancels = 0
         self.cancellable = False
         self.abandoned = False
+        self.baseline: Context | None = None
+        """The worker's context as it started; an attempt that changes it pollutes the slot."""
+        self.polluted = False
         self.job: Job | None = None
         self.started = 0.0
         self.task: asyncio.Task[None] | None = None

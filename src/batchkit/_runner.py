@@ -2,9 +2,11 @@
 typed :class:`AttemptResult`. Scheduling (which item, when, what next) is not its business:
 the local engine's workers call it, and so can any backend's.
 
-An attempt runs in a fresh copy of the caller's context (as a task would), so a
-``ContextVar`` an item sets (structlog's ``bind_contextvars``, a tracing span) never leaks
-into the next item on the same worker.
+Each attempt sees the caller's context variables, as a task would: it runs in its worker's
+context (a fresh copy of the caller's), and an attempt that changes it — sets a ``ContextVar``
+(structlog's ``bind_contextvars``, a tracing span) — marks its slot ``polluted``, so the
+scheduler replaces that worker by a fresh one. Nothing leaks into the next item, and the common
+case (nothing set) costs one context comparison, not a task or a context switch per step.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import types
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, final
 
@@ -21,7 +22,7 @@ from ._errors import ItemTimeout
 from ._watchdog import TIMEOUT
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine, Generator
+    from collections.abc import Callable
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from ._attempt import Job, Slot
@@ -49,34 +50,7 @@ class AttemptResult(NamedTuple):
     reason: StopReason | None = None
 
 
-@types.coroutine
-def _in_context(
-    coro: Coroutine[Any, Any, Any], ctx: contextvars.Context, signal: Any = _FIRST
-) -> Generator[Any, Any, Any]:
-    """Await ``coro`` with every step run inside ``ctx`` (what a Task does with its context),
-    without a task per attempt. ``signal``: what its first step yielded, if it was taken."""
-    run, send, throw = ctx.run, coro.send, coro.throw
-    if signal is _FIRST:
-        try:
-            signal = run(send, None)
-        except StopIteration as stop:
-            return stop.value
-    while True:
-        try:
-            value = yield signal
-        except GeneratorExit:
-            run(coro.close)
-            raise
-        except BaseException as error:
-            try:
-                signal = run(throw, error)
-            except StopIteration as stop:
-                return stop.value
-        else:
-            try:
-                signal = run(send, value)
-            except StopIteration as stop:
-                return stop.value
+_new_tuple = tuple.__new__
 
 
 @final
@@ -86,9 +60,7 @@ class Runner:
 
     __slots__ = (
         "_call",
-        "_direct",
         "_executor",
-        "_fn",
         "_loop",
         "_meters",
         "_on_start",
@@ -122,9 +94,6 @@ class Runner:
         """Attempts running now."""
         self.peak = 0
         """The most attempts that ever ran at once."""
-        self._fn = plan.fn
-        # An async fn without a context is called inline in ``attempt`` (the common case).
-        self._direct = plan.fn_is_async and plan.context is None
         self.run: Callable[[Slot, Job], Awaitable[AttemptResult]] = (
             self._run_metered if meters else self.attempt
         )
@@ -132,9 +101,9 @@ class Runner:
         self.threads: set[Future[Any]] = set()
         """Threads of a sync ``fn`` still running (one that timed out runs to its end)."""
         if plan.context is not None:
-            self._call: Callable[[Any], Awaitable[Any]] = self._with_context
+            self._call: Callable[[Any], Awaitable[Any]] = self._attempt_in_context
         elif plan.fn_is_async:
-            self._call = self._async_call
+            self._call = plan.fn
         else:
             self._call = self._sync_call
 
@@ -201,20 +170,11 @@ class Runner:
         watchdog = self._watchdog
         if watchdog is not None and timeout is not None:
             watchdog.timers.append((now + timeout, slot, gen))  # Watchdog.arm, inline
+            if len(watchdog.timers) > 2 * self._slots + 64:
+                watchdog.compact(self._slots)
         slot.cancellable = True
         try:
-            if self._direct:
-                # The first step inline: an fn that returns without suspending (a cache
-                # hit) costs no generator; one that suspends goes on in _in_context.
-                coro, ctx = self._fn(job.item), contextvars.copy_context()
-                try:
-                    signal = ctx.run(coro.send, None)
-                except StopIteration as stop:
-                    value = stop.value
-                else:
-                    value = await _in_context(coro, ctx, signal)
-            else:
-                value = await self._call(job.item)
+            value = await self._call(job.item)
         except asyncio.CancelledError as e:
             return self._cancelled(slot, gen, base, e, now)
         except Exception as e:
@@ -224,11 +184,17 @@ class Runner:
             slot.gen = gen + 1
             self.in_flight -= 1
             if watchdog is not None:
-                watchdog.compact(self._slots)
+                timers = watchdog.timers  # Watchdog.compact's common case, inline
+                while timers and timers[0][1].gen != timers[0][2]:
+                    timers.popleft()
+            if slot.baseline is not None and contextvars.copy_context() != slot.baseline:
+                slot.polluted = True  # it set a context variable: see the module docstring
         if slot.cancel_gen == gen:
             # fn swallowed our cancellation and returned: keep its result, undo ours.
             self._uncancel(slot, task)
-        return AttemptResult("success", value, None, now, loop.time())
+        # tuple.__new__ directly: a NamedTuple's own __new__ is a Python function (inline for
+        # speed: this is once per item).
+        return _new_tuple(AttemptResult, ("success", value, None, now, loop.time(), None))
 
     def _uncancel(self, slot: Slot, task: asyncio.Task[Any]) -> None:
         for _ in range(slot.cancels):
@@ -255,12 +221,6 @@ class Runner:
         return AttemptResult("cancelled", None, None, started, ended)
 
     # -- the three ways to call fn -------------------------------------------------------
-    def _async_call(self, item: Any) -> Awaitable[Any]:
-        return _in_context(self._plan.fn(item), contextvars.copy_context())
-
-    def _with_context(self, item: Any) -> Awaitable[Any]:
-        return _in_context(self._attempt_in_context(item), contextvars.copy_context())
-
     async def _attempt_in_context(self, item: Any) -> Any:
         """Enter a fresh context, call ``fn(item, ctx)``, exit the context on every path.
         An error while exiting is the item's error if ``fn`` succeeded, else added to it."""

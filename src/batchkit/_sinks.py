@@ -26,12 +26,14 @@ def _nothing() -> None:
 class Sink(Generic[T, R]):
     """The interface the engine writes to."""
 
-    __slots__ = ("wake_producers",)
+    __slots__ = ("producers_waiting", "wake_producers")
 
     keeps: bool = False
 
     def __init__(self) -> None:
         self.wake_producers: Callable[[], None] = _nothing
+        self.producers_waiting = False
+        """Set when ``room()`` said no; the engine clears it when no one waits any more."""
         """Set by the engine: called when there is room again."""
 
     def reserve(self, index: int) -> None:
@@ -90,7 +92,6 @@ class StreamSink(Sink[T, R]):
         "ordered",
         "pending",
         "produced",
-        "producers_waiting",
         "ready",
         "window",
     )
@@ -106,7 +107,6 @@ class StreamSink(Sink[T, R]):
         self.counts: dict[str, int] = {}
         """Failures by kind (successes are ``produced`` minus the failures)."""
         self.produced = 0
-        self.producers_waiting = False
         self.consumer: Callable[[], None] = _nothing
 
     def put(self, outcome: Outcome[T, R]) -> None:
@@ -131,7 +131,6 @@ class StreamSink(Sink[T, R]):
         outcome = self.ready.popleft()
         self.consumed += 1
         if self.producers_waiting:
-            self.producers_waiting = False
             self.wake_producers()
         return outcome
 
