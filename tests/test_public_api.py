@@ -37,6 +37,7 @@ PUBLIC = [
     "OutcomeKind",
     "ProgressObserver",
     "RateLimit",
+    "RemoteError",
     "Retry",
     "RetryOn",
     "RunFinished",

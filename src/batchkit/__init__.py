@@ -22,6 +22,7 @@ from ._errors import ItemError as ItemError
 from ._errors import ItemSkipped as ItemSkipped
 from ._errors import ItemTimeout as ItemTimeout
 from ._errors import MissingExtra as MissingExtra
+from ._errors import RemoteError as RemoteError
 from ._errors import StopReason as StopReason
 from ._events import AttemptFailed as AttemptFailed
 from ._events import DeadlineHit as DeadlineHit
@@ -115,6 +116,7 @@ __all__ = [
     "OutcomeKind",
     "ProgressObserver",
     "RateLimit",
+    "RemoteError",
     "Retry",
     "RetryOn",
     "RunFinished",

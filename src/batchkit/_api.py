@@ -11,7 +11,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, Unpack, overload
 
 from ._engine import Engine
-from ._options import Options, RunOptions, StreamOptions, make_plan
+from ._options import Options, RunOptions, StreamOptions, check_backend, make_plan
 from ._stream import Stream
 
 if TYPE_CHECKING:
@@ -86,9 +86,11 @@ def _options(context: object, options: Any) -> Options:
     from ._errors import InvalidArgument
 
     try:
-        return Options(context=context, **options)  # type: ignore[arg-type]
+        opts = Options(context=context, **options)  # type: ignore[arg-type]
     except TypeError as e:
         raise InvalidArgument(f"{e}\nHINT: see the keyword arguments in the reference") from None
+    check_backend(opts.backend)  # before dispatching to it; the backend validates the rest
+    return opts
 
 
 @overload

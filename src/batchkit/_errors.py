@@ -10,8 +10,11 @@ exception raised before any item runs. Everything batchkit itself creates fits o
     └── ItemError                  recorded on a Failure envelope, never raised by batchkit itself
         ├── ItemTimeout            (also a TimeoutError) an attempt ran past its ``timeout``
         ├── ItemCancelled          the run stopped (deadline, threshold) with the item in flight
-        └── ItemSkipped            the run stopped before the item started
+        ├── ItemSkipped            the run stopped before the item started
+        └── RemoteError            a worker's exception that could not be pickled back as itself
 
+Every error here pickles and unpickles with its message, attributes, notes and ``__cause__``
+(so envelopes cross process boundaries intact, e.g. from a Dask worker).
 ``raise_for_failures()`` raises a plain :class:`ExceptionGroup` of the recorded errors.
 ``asyncio.CancelledError``, ``KeyboardInterrupt`` and ``SystemExit`` are never caught.
 """
@@ -32,6 +35,7 @@ __all__ = [
     "ItemSkipped",
     "ItemTimeout",
     "MissingExtra",
+    "RemoteError",
     "StopReason",
 ]
 
@@ -45,11 +49,14 @@ def _rebuild(
     args: tuple[Any, ...],
     state: dict[str, Any],
     cause: BaseException | None,
+    suppress_context: bool = False,
 ) -> BatchkitError:
+    """Unpickle a :class:`BatchkitError` without calling its ``__init__`` again."""
     error = cls.__new__(cls)
     Exception.__init__(error, *args)
     error.__dict__.update(state)
     error.__cause__ = cause
+    error.__suppress_context__ = suppress_context
     return error
 
 
@@ -59,7 +66,10 @@ class BatchkitError(Exception):
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickle the message, the attributes (notes included) and the cause as they are:
         # the default passes the formatted message back to __init__, and drops __cause__.
-        return (_rebuild, (type(self), self.args, dict(self.__dict__), self.__cause__))
+        return (
+            _rebuild,
+            (type(self), self.args, dict(self.__dict__), self.__cause__, self.__suppress_context__),
+        )
 
 
 class InvalidArgument(BatchkitError, TypeError, ValueError):
@@ -113,3 +123,17 @@ class ItemSkipped(ItemError):
     def __init__(self, reason: StopReason) -> None:
         super().__init__(f"skipped: the run stopped ({reason}) before this item started")
         self.reason: StopReason = reason
+
+
+class RemoteError(ItemError):
+    """An exception raised on a remote worker that could not be pickled back as itself.
+
+    ``type_name`` is its qualified type name, ``message`` its ``str()``, ``traceback`` the
+    formatted traceback text from the worker.
+    """
+
+    def __init__(self, type_name: str, message: str, traceback: str) -> None:
+        super().__init__(f"{type_name}: {message}" if message else type_name)
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback

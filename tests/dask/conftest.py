@@ -1,0 +1,48 @@
+"""A Dask ``LocalCluster`` of two worker processes for the Dask backend's tests.
+
+One cluster for the whole tests/dask package (starting one takes seconds), on loopback,
+dashboard off; every test opens its own asynchronous client on it. Tests that kill a worker
+wait for the nanny to bring it back before the next test runs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+
+distributed = pytest.importorskip("distributed")
+
+N_WORKERS = 2
+
+
+@pytest.fixture(scope="package")
+def cluster() -> Iterator[Any]:
+    with warnings.catch_warnings():
+        # distributed's own start-up noise (ports, deprecations in its dependencies).
+        warnings.simplefilter("ignore")
+        cluster = distributed.LocalCluster(
+            n_workers=N_WORKERS,
+            processes=True,
+            threads_per_worker=1,
+            dashboard_address=None,
+            host="127.0.0.1",
+            silence_logs=40,
+        )
+    try:
+        yield cluster
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cluster.close()
+
+
+@pytest.fixture
+async def client(cluster: Any) -> AsyncIterator[Any]:
+    async with distributed.Client(cluster.scheduler_address, asynchronous=True) as c:
+        await c.wait_for_workers(N_WORKERS)
+        yield c

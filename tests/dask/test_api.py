@@ -1,0 +1,103 @@
+"""The front door of the Dask backend: arguments, the extra, the seam (no cluster needed)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import pytest
+
+import batchkit
+from batchkit import InvalidArgument, MissingExtra
+from batchkit._dask_driver import _Sizer, plan_chunks
+from batchkit.dask import DaskBackend, WorkerResource, per_worker
+
+
+async def quick(x: int) -> int:
+    return x
+
+
+class _AsyncClientStandIn:
+    asynchronous = True
+
+
+def test_missing_distributed_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    with pytest.raises(MissingExtra, match=r"pip install 'aio-batchkit\[dask\]'") as info:
+        DaskBackend("tcp://127.0.0.1:8786")
+    assert info.value.extra == "dask"
+    assert isinstance(info.value, ImportError)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"per_worker": 0}, "per_worker must be an int >= 1"),
+        ({"per_worker": True}, "per_worker must be an int >= 1"),
+        ({"chunk_size": 0}, "chunk_size must be an int >= 1 or None"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(InvalidArgument, match=match):
+        DaskBackend("tcp://127.0.0.1:8786", **kwargs)
+
+
+def test_a_synchronous_client_is_refused_with_a_hint() -> None:
+    class SyncClient:
+        asynchronous = False
+
+    with pytest.raises(InvalidArgument, match="asynchronous=True"):
+        DaskBackend(SyncClient())
+
+
+async def test_a_backend_must_be_a_backend() -> None:
+    with pytest.raises(InvalidArgument, match="backend must be None"):
+        await batchkit.batch_process([1], quick, backend=object())  # type: ignore[call-overload]
+
+
+async def test_options_that_cannot_hold_across_a_cluster_are_refused() -> None:
+    backend = DaskBackend(_AsyncClientStandIn())
+
+    class Limiter:
+        async def __aenter__(self) -> None: ...
+        async def __aexit__(self, *exc: object) -> None: ...
+
+    with pytest.raises(InvalidArgument, match=r"must be batchkit\.RateLimit"):
+        await batchkit.batch_process([1], quick, rate_limit=Limiter(), backend=backend)
+    with pytest.raises(InvalidArgument, match="cost= is not supported"):
+        await batchkit.batch_process([1], quick, cost=float, backend=backend)
+
+
+def test_worker_resources_are_only_for_code_running_in_a_dask_run() -> None:
+    res: WorkerResource[dict[str, int]] = per_worker(dict)
+    with pytest.raises(RuntimeError, match="inside a batchkit Dask run"):
+        res.get()
+
+
+@pytest.mark.parametrize(
+    ("concurrency", "per_worker", "workers", "threads", "expected"),
+    [
+        (64, 16, 2, 2, (16, 4)),  # a chunk queued behind each running one
+        (32, 16, 2, 2, (16, 2)),  # the global limit leaves no room to queue
+        (6, 16, 2, 2, (3, 2)),  # the global limit splits among the threads
+        (1, 16, 2, 2, (1, 1)),
+        (100, 4, 3, 6, (4, 9)),
+    ],
+)
+def test_chunk_plan_never_exceeds_the_global_limit(
+    concurrency: int, per_worker: int, workers: int, threads: int, expected: tuple[int, int]
+) -> None:
+    per_chunk, in_flight = plan_chunks(concurrency, per_worker, workers, threads)
+    assert (per_chunk, in_flight) == expected
+    assert per_chunk * in_flight <= concurrency
+    assert per_chunk <= per_worker
+
+
+def test_chunk_sizes_follow_worker_time_and_shrink_toward_the_end() -> None:
+    sizer = _Sizer(None, per_chunk=16, threads=2, total=10_000)
+    assert sizer.next_size(0) == 64  # nothing observed yet
+    sizer.observe(64, 0.08)  # 1.25 ms per item: 0.5 s is 400 items
+    assert sizer.next_size(64) == 400
+    assert sizer.next_size(9_800) == 160  # 0.2 s of work at least
+    assert sizer.next_size(9_990) == 160
+    assert _Sizer(250, per_chunk=16, threads=2, total=None).next_size(0) == 250
