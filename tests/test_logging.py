@@ -317,3 +317,16 @@ def test_json_formatter_gets_the_fields() -> None:
         "total": None,
         "concurrency": 2,
     }
+
+
+def test_a_lost_item_is_counted_not_an_observer_error(caplog: pytest.LogCaptureFixture) -> None:
+    """The Dask backend's ``"lost"`` kind reaches the observer like any other failure."""
+    from batchkit import Failure, ItemError, ItemFinished, LoggingObserver, RunStarted
+
+    caplog.set_level(logging.INFO, logger="batchkit")
+    observer = LoggingObserver()
+    observer(RunStarted(name="n", concurrency=1, total=1, time=0.0))
+    err = ItemError("the worker running it died")
+    lost = Failure("a", err, "lost", 0, 1, 0.5, (err,))
+    observer(ItemFinished(name="n", key="#0", outcome=lost, in_flight=0, time=0.5))
+    assert any("lost" in r.getMessage() for r in caplog.records)

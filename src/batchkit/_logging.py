@@ -105,7 +105,8 @@ class LoggingObserver:
             level = self._level_items if kind == "skipped" else logging.WARNING
         run = self._runs.get(event.name)
         if run is not None:
-            run.counts[kind] += 1
+            # A kind only another backend produces ("lost") is counted when it happens.
+            run.counts[kind] = run.counts.get(kind, 0) + 1
         if not self._logger.isEnabledFor(level):
             return
         fields: dict[str, Any] = {
