@@ -36,6 +36,7 @@ from ._events import (
     RunFinished,
     RunStarted,
     RunStopping,
+    notify,
 )
 from ._options import make_plan
 from ._outcomes import BatchReport, Failure, Outcome, make_success
@@ -792,14 +793,7 @@ class DaskRun(Generic[T, R]):
         del self._intervals[: len(self._intervals) - _MAX_INTERVALS // 10]
 
     def _event(self, event: Event) -> None:
-        for observer in tuple(self._observers):
-            try:
-                observer(event)
-            except Exception:
-                _log.exception(
-                    "batchkit: observer %r raised; it is disabled for this run", observer
-                )
-                self._observers.remove(observer)
+        notify(self._observers, event, _log)
 
 
 def _peak(spans: list[tuple[float, float]]) -> int:

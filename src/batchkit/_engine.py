@@ -36,6 +36,7 @@ from ._events import (
     RunFinished,
     RunStarted,
     RunStopping,
+    notify,
 )
 from ._meter_adaptive import AdaptiveMeter
 from ._meter_deadline import DeadlineMeter
@@ -912,15 +913,7 @@ class Engine(Generic[T, R]):
 
     # ------------------------------------------------------------------- events
     def _event(self, event: Event) -> None:
-        for observer in tuple(self._observers):
-            try:
-                observer(event)
-            except Exception:
-                # Reported once, then dropped: an observer never breaks the run.
-                _log.exception(
-                    "batchkit: observer %r raised; it is disabled for this run", observer
-                )
-                self._observers.remove(observer)
+        notify(self._observers, event, _log)
         self._emit_events = bool(self._observers)
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, final
 
 if TYPE_CHECKING:
+    import logging
+
     from ._errors import StopReason
     from ._outcomes import BatchReport, Outcome
 
@@ -173,3 +175,14 @@ class Observer(Protocol):
 
 
 Observers: TypeAlias = Sequence[Observer]
+
+
+def notify(observers: list[Observer], event: Event, log: logging.Logger) -> None:
+    """Give ``event`` to every observer. One that raises is logged once on ``log`` and removed
+    from ``observers`` for the rest of the run: an observer never breaks the run."""
+    for observer in tuple(observers):
+        try:
+            observer(event)
+        except Exception:
+            log.exception("batchkit: observer %r raised; it is disabled for this run", observer)
+            observers.remove(observer)
