@@ -16,7 +16,7 @@ from batchkit import (
     Retry,
     RunFinished,
     RunStarted,
-    _engine,
+    _events,
     batch_process,
     stream,
 )
@@ -122,7 +122,8 @@ def constructions(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         "DeadlineHit",
         "RunFinished",
     ):
-        monkeypatch.setattr(_engine, name, counting(getattr(_engine, name)))
+        # The engine imports event classes from _events at each emit site.
+        monkeypatch.setattr(_events, name, counting(getattr(_events, name)))
     return built
 
 

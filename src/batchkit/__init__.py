@@ -3,6 +3,7 @@
 The whole public API is re-exported here; everything else is private.
 
 Start-up is kept short (a cron job pays it on every run): ``__version__`` (package metadata),
+the events (``RunStarted``, ``Observer``...; only a run with observers builds them),
 ``LoggingObserver`` and ``ProgressObserver`` are loaded on first access, through the module
 ``__getattr__`` below.
 """
@@ -24,17 +25,6 @@ from ._errors import ItemTimeout as ItemTimeout
 from ._errors import MissingExtra as MissingExtra
 from ._errors import RemoteError as RemoteError
 from ._errors import StopReason as StopReason
-from ._events import AttemptFailed as AttemptFailed
-from ._events import DeadlineHit as DeadlineHit
-from ._events import Event as Event
-from ._events import ItemFinished as ItemFinished
-from ._events import ItemsSkipped as ItemsSkipped
-from ._events import ItemStarted as ItemStarted
-from ._events import LimitChanged as LimitChanged
-from ._events import Observer as Observer
-from ._events import RunFinished as RunFinished
-from ._events import RunStarted as RunStarted
-from ._events import RunStopping as RunStopping
 from ._outcomes import BatchReport as BatchReport
 from ._outcomes import Failure as Failure
 from ._outcomes import FailureKind as FailureKind
@@ -54,12 +44,39 @@ from ._stream import Stream as Stream
 from ._transient import transient as transient
 
 if TYPE_CHECKING:
+    from ._events import AttemptFailed as AttemptFailed
+    from ._events import DeadlineHit as DeadlineHit
+    from ._events import Event as Event
+    from ._events import ItemFinished as ItemFinished
+    from ._events import ItemsSkipped as ItemsSkipped
+    from ._events import ItemStarted as ItemStarted
+    from ._events import LimitChanged as LimitChanged
+    from ._events import Observer as Observer
+    from ._events import RunFinished as RunFinished
+    from ._events import RunStarted as RunStarted
+    from ._events import RunStopping as RunStopping
     from ._logging import LoggingObserver as LoggingObserver
     from ._progress import ProgressObserver as ProgressObserver
 
     __version__: str
     """The installed version of the ``aio-batchkit`` distribution (e.g. ``"0.1.0"``)."""
 else:
+    _EVENT_NAMES = frozenset(
+        {
+            "AttemptFailed",
+            "DeadlineHit",
+            "Event",
+            "ItemFinished",
+            "ItemsSkipped",
+            "ItemStarted",
+            "LimitChanged",
+            "Observer",
+            "RunFinished",
+            "RunStarted",
+            "RunStopping",
+        }
+    )
+
     # Hidden from type checkers: a visible module __getattr__ would type any misspelt
     # `batchkit.X` as Any.
 
@@ -73,6 +90,10 @@ else:
                 value: Any = version("aio-batchkit")  # the distribution, not the import name
             except PackageNotFoundError:  # pragma: no cover - a source tree, not installed
                 value = "0.0.0"
+        elif name in _EVENT_NAMES:
+            from . import _events
+
+            value = getattr(_events, name)
         elif name == "LoggingObserver":
             from ._logging import LoggingObserver as value
         elif name == "ProgressObserver":

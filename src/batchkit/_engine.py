@@ -24,20 +24,6 @@ from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, cast
 from ._attempt import _SLOT, Job, RunInfo, Slot
 from ._decide import retry_in
 from ._errors import InputFailed, ItemCancelled, ItemSkipped, ItemTimeout, StopReason
-from ._events import (
-    AttemptFailed,
-    DeadlineHit,
-    Event,
-    ItemFinished,
-    ItemsSkipped,
-    ItemStarted,
-    LimitChanged,
-    Observer,
-    RunFinished,
-    RunStarted,
-    RunStopping,
-    notify,
-)
 from ._meter_adaptive import AdaptiveMeter
 from ._meter_deadline import DeadlineMeter
 from ._meter_limiter import LimiterMeter
@@ -51,6 +37,7 @@ if TYPE_CHECKING:
     import random
     from concurrent.futures import ThreadPoolExecutor
 
+    from ._events import Event, Observer
     from ._meters import Meter
     from ._options import Plan
 
@@ -185,6 +172,8 @@ class Engine(Generic[T, R]):
         )  # fmt: skip
         if self._emit_events:
             limit = self._adaptive.limit if self._adaptive else p.slots
+            from ._events import RunStarted
+
             self._event(
                 RunStarted(name=p.name, concurrency=limit, total=self._total, time=self._start)
             )
@@ -245,6 +234,8 @@ class Engine(Generic[T, R]):
             # Cancelled (or a stream left early): observers still hear the end, with what
             # had finished by then.
             assert self._loop is not None
+            from ._events import RunFinished
+
             self._event(
                 RunFinished(name=self._p.name, report=self._report(), time=self._loop.time())
             )
@@ -254,6 +245,8 @@ class Engine(Generic[T, R]):
         report = self._report()
         if self._emit_events:
             assert self._loop is not None
+            from ._events import RunFinished
+
             self._event(RunFinished(name=self._p.name, report=report, time=self._loop.time()))
         if self._input_error is not None:
             raise InputFailed(report, self._next_index) from self._input_error
@@ -640,6 +633,8 @@ class Engine(Generic[T, R]):
                 expected=self._deadline.expected(job) if self._deadline else 0.0,
             )  # fmt: skip
         if self._emit_events:
+            from ._events import AttemptFailed
+
             self._event(
                 AttemptFailed(
                     name=self._p.name, index=job.index, key=self._event_key(job), item=job.item,
@@ -691,6 +686,8 @@ class Engine(Generic[T, R]):
     def _on_start(self, slot: Slot, job: Job, now: float) -> None:
         if self._emit_events:
             assert self._runner is not None
+            from ._events import ItemStarted
+
             self._event(
                 ItemStarted(
                     name=self._p.name, index=job.index, key=self._event_key(job), item=job.item,
@@ -707,6 +704,8 @@ class Engine(Generic[T, R]):
         if self._emit_events:
             assert self._loop is not None
             key = self._event_key(job) if job is not None else f"#{outcome.index}"
+            from ._events import ItemFinished
+
             self._event(
                 ItemFinished(
                     name=self._p.name, key=key, outcome=outcome, in_flight=self._in_flight_now(),
@@ -744,6 +743,8 @@ class Engine(Generic[T, R]):
             rest = self._skip_rest(self._stop_reason)
         if self._emit_events and rest:
             assert self._loop is not None
+            from ._events import ItemsSkipped
+
             self._event(
                 ItemsSkipped(
                     name=self._p.name,
@@ -816,6 +817,8 @@ class Engine(Generic[T, R]):
             self._stop_reason = reason
         if self._emit_events and reason != "deadline":
             assert self._loop is not None
+            from ._events import RunStopping
+
             self._event(
                 RunStopping(
                     name=self._p.name,
@@ -899,6 +902,8 @@ class Engine(Generic[T, R]):
             return  # the run ended in the loop turns since the deadline's timer
         if self._emit_events:
             assert self._loop is not None
+            from ._events import DeadlineHit
+
             self._event(
                 DeadlineHit(
                     name=self._p.name, in_flight=self._in_flight_now(), time=self._loop.time()
@@ -909,10 +914,16 @@ class Engine(Generic[T, R]):
     def _on_limit(self, old: int, new: int, reason: str, now: float) -> None:
         self._limit_changes.append(LimitChange(time=now, old=old, new=new, reason=reason))
         if self._emit_events:
+            from ._events import LimitChanged
+
             self._event(LimitChanged(name=self._p.name, old=old, new=new, reason=reason, time=now))
 
     # ------------------------------------------------------------------- events
     def _event(self, event: Event) -> None:
+        # Only runs with observers get here: _events (a third of `import batchkit`, in
+        # dataclasses) is imported on first use, by this and the emission sites.
+        from ._events import notify
+
         notify(self._observers, event, _log)
         self._emit_events = bool(self._observers)
 
