@@ -6,16 +6,19 @@ import json
 import re
 import shlex
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, cast
 
 import pytest
 
-from predictions.cli import EXIT, _parser
+from predictions.cli import EXIT, _demo_exit_code, _parser
 from predictions.db import database_url
 from predictions.testing import FAST, PREDICTIONS, QUIET_SIM, env, predictions, runs
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+    from predictions.pipeline import RunResult
 
 README = Path(__file__).parents[1] / "README.md"
 
@@ -90,6 +93,30 @@ def test_run_json_is_the_only_thing_on_stdout_and_a_missed_goal_exits_1(tmp_path
     assert all("ConnectError" in m["error"] for m in body["markets"])
     assert done.stderr.startswith("upstream: http://127.0.0.1:9")
     assert [r.status for r in runs(url)] == ["failed"]
+
+
+def test_the_upstream_url_from_the_environment_is_never_printed_whole(tmp_path: Path) -> None:
+    """``--help`` names ``$PREDICTIONS_UPSTREAM_URL`` but never shows its value; the run's
+    stderr line hides the URL's user and password."""
+    secret = env(PREDICTIONS_UPSTREAM_URL="http://user:s3cret@127.0.0.1:9")
+    helped = predictions("run", "--help", environ=secret)
+    assert "$PREDICTIONS_UPSTREAM_URL" in helped.stdout
+    assert "s3cret" not in helped.stdout
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    assert predictions("--database-url", url, "seed", "--markets", "1").returncode == 0
+    done = predictions("--database-url", url, "run", *FAST, "--attempts", "1", environ=secret)
+    assert done.returncode == EXIT["failed"], done.stderr  # nothing listens on port 9
+    assert done.stderr.startswith("upstream: http://***@127.0.0.1:9"), done.stderr
+    assert "s3cret" not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize(
+    ("status", "code"), [("ok", 0), ("failed", 0), ("interrupted", 1), ("empty", 3)]
+)
+def test_the_demo_exits_0_on_a_missed_goal_but_not_when_interrupted(status: str, code: int) -> None:
+    """A slow machine may miss the demo's goal: that is in its summary, not its exit code
+    (``run`` still exits 1 for it)."""
+    assert _demo_exit_code(cast("RunResult", SimpleNamespace(status=status))) == code
 
 
 def test_an_empty_market_table_is_not_success(db_url: str) -> None:
@@ -271,7 +298,7 @@ def test_demo_uses_the_given_database_and_shows_a_market_recover(
     recovered = re.search(r"failed in tick 1, predicted in tick 2: (.*)", done.stdout)
     assert recovered, done.stdout
     assert "BTC-100K-DEC" in recovered[1].split(", ")
-    assert done.returncode == (0 if second.status == "ok" else 1)
+    assert done.returncode == 0, done.stderr  # goal met or missed: the demo ran
     assert list(workdir.iterdir()) == []
 
 
