@@ -290,3 +290,27 @@ def test_store_grows_past_its_chunk_out_of_order_and_pickles() -> None:
     assert [(o.item, o.kind) for o in again[9001:]] == [(9001, "skipped"), (9002, "skipped")]
     with pytest.raises(IndexError):
         store.outcome(9003)
+
+
+async def test_a_report_pickles_with_computed_keys_not_the_key_function() -> None:
+    """A lambda ``key=`` does not pickle; the report carries each item's key instead, the
+    ones of items skipped in bulk included (computed lazily in process, at pickling here)."""
+    report = await batch_process(
+        range(6), asyncio.sleep, concurrency=1, deadline=2.5, key=lambda i: f"m{i}"
+    )
+    assert report.counts["skipped"] == 3
+    names = [report.item_key(o) for o in report]
+    assert names == ["m0", "m1", "m2", "m3", "m4", "m5"]
+    again = pickle.loads(pickle.dumps(report))
+    assert again.key is None
+    assert [again.item_key(o) for o in again] == names
+
+    def fields(r: BatchReport[int, None]) -> list[tuple[object, ...]]:
+        return [
+            (o.item, o.kind, o.index, o.attempts, o.elapsed, repr(getattr(o, "errors", ())))
+            for o in r
+        ]
+
+    assert fields(again) == fields(report)
+    assert again.counts == report.counts
+    assert (again.stop_reason, again.input_exhausted) == ("deadline", True)

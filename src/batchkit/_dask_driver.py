@@ -32,6 +32,7 @@ from ._events import (
     DeadlineHit,
     Event,
     ItemFinished,
+    ItemsSkipped,
     ItemStarted,
     RunFinished,
     RunStarted,
@@ -146,6 +147,7 @@ class DaskRun(Generic[T, R]):
         self._run_id = uuid.uuid4().hex
         self._observers: list[Observer] = list(self._o.observers)  # progress=True included
         self._sized = isinstance(items, Sized)
+        self._skip_announced = False
         self._total = len(items) if isinstance(items, Sized) else None
         self._it: Iterator[Any] | None = None
         self._ait: AsyncIterator[Any] | None = None
@@ -582,25 +584,27 @@ class DaskRun(Generic[T, R]):
         """After a stop: the next unread item of a sized input, as skipped."""
         if self._exhausted or self._stop_reason is None or not self._sized or self._it is None:
             return None
+        if not self._skip_announced:
+            # Observers hear of the whole rest in one ItemsSkipped, as on the local engine.
+            self._skip_announced = True
+            rest = range(self._taken, self._total or 0)
+            if self._observers and rest:
+                assert self._loop is not None
+                self._event(
+                    ItemsSkipped(
+                        name=self._o.name,
+                        reason=self._stop_reason,
+                        indices=rest,
+                        time=self._loop.time(),
+                    )
+                )
         for item in self._it:
             index = self._taken
             self._taken += 1
             err = ItemSkipped(self._stop_reason)
             self._finished += 1
             self._counts["skipped"] = self._counts.get("skipped", 0) + 1
-            out: Outcome[T, R] = Failure(item, err, "skipped", index, 0, 0.0, (err,))
-            if self._observers:
-                assert self._loop is not None
-                self._event(
-                    ItemFinished(
-                        name=self._o.name,
-                        key=self._key(index, item),
-                        outcome=out,
-                        in_flight=0,
-                        time=self._loop.time(),
-                    )
-                )
-            return out
+            return Failure(item, err, "skipped", index, 0, 0.0, (err,))
         self._exhausted = True
         return None
 

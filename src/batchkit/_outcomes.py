@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import (
@@ -169,6 +170,10 @@ class LimitChange:
     reason: str
 
 
+def _rebuild_report(fields: dict[str, Any]) -> BatchReport[Any, Any]:
+    return BatchReport(**fields)
+
+
 def _percentile(sorted_values: Sequence[float], q: float) -> float:
     if not sorted_values:
         return 0.0
@@ -209,6 +214,9 @@ class BatchReport(Generic[T, R]):
     """How an adaptive concurrency limit moved, in order."""
     name: str | None = None
     key: Callable[[T], object] | None = field(default=None, repr=False, compare=False)
+    """The run's ``key=`` function, for :meth:`item_key`. Not pickled: a pickled report
+    carries every item's computed key in ``keys`` instead (functions such as lambdas do not
+    cross a process boundary)."""
     abandoned: tuple[int, ...] = ()
     """Input indices whose work did not stop after being cancelled twice and was left running
     when the call returned (also logged at WARNING). Their envelopes are in ``outcomes``."""
@@ -319,6 +327,17 @@ class BatchReport(Generic[T, R]):
             except Exception:
                 return f"#{outcome.index}"
         return f"#{outcome.index}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The key function stays behind: keys are computed now (by input index), including
+        # those of items skipped in bulk, which item_key() otherwise names lazily.
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.key is not None:
+            keys = [f"#{i}" for i in range(max((o.index for o in self), default=-1) + 1)]
+            for outcome in self:
+                keys[outcome.index] = self.item_key(outcome)
+            fields.update(key=None, keys=keys)
+        return (_rebuild_report, (fields,))
 
     # -- raising, output ------------------------------------------------------------------
     def raise_for_failures(self) -> None:

@@ -95,6 +95,29 @@ async def test_limits_held_and_contexts_closed(
     assert await _total(client, "exited") == 300
 
 
+async def test_adaptive_runs_per_chunk_within_the_global_and_per_worker_limits(
+    client: Any,
+) -> None:
+    """What holds for ``Adaptive`` on a cluster (see the how-to): each chunk adapts on its own
+    worker, capped at its share, so ``max`` and ``per_worker`` hold; no global history."""
+    report = await batchkit.batch_process(
+        range(200),
+        _work.timed,
+        concurrency=batchkit.Adaptive(initial=2, min=1, max=6),
+        backend=DaskBackend(client, per_worker=2, chunk_size=10),
+    )
+    assert report.ok
+    assert [o.index for o in report] == list(range(200))
+    by_worker: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    for pid, start, end in report.values():
+        by_worker[pid].append((start, end))
+    assert max(_peak(s) for s in by_worker.values()) <= 2
+    assert _peak([(v[1], v[2]) for v in report.values()]) <= 6
+    # The effective limit: min(max, workers x per_worker), each chunk starting at min(2, 2).
+    assert report.concurrency == 4
+    assert report.limit_changes == ()
+
+
 async def test_ten_thousand_items(client: Any) -> None:
     report = await batchkit.batch_process(
         range(10_000), _work.quick, concurrency=64, backend=DaskBackend(client)
@@ -473,18 +496,26 @@ async def test_timeouts_are_per_attempt_on_the_worker_with_their_history(client:
 
 async def test_max_failures_counts_failures_of_chunks_still_running(client: Any) -> None:
     """Items 0 and 4 fail in two chunks whose other items hang: neither chunk ever ends on its
-    own, yet the driver hears of both failures and stops the run."""
+    own, yet the driver hears of both failures and stops the run. The 32 items never sent
+    reach observers as one ``ItemsSkipped``, as on the local engine."""
+    events: list[batchkit.Event] = []
     report = await batchkit.batch_process(
         range(40),
         _work.fail_0_and_4_rest_hang,
         concurrency=8,
         max_failures=2,
         backend=DaskBackend(client, per_worker=4, chunk_size=4),
+        observers=[events.append],
     )
     assert report.stop_reason == "max_failures"
     assert report.counts["error"] == 2
     assert report.counts["cancelled"] == 6
     assert report.counts["skipped"] == 32
+    [bulk] = [e for e in events if isinstance(e, batchkit.ItemsSkipped)]
+    assert (bulk.indices, bulk.reason) == (range(8, 40), "max_failures")
+    finished = [e.outcome.index for e in events if isinstance(e, batchkit.ItemFinished)]
+    assert sorted(finished) == list(range(8))  # every item heard of exactly once
+    assert isinstance(events[-1], batchkit.RunFinished)
     assert await _total(client, "running") == 0
 
 
