@@ -24,10 +24,6 @@ from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, cast
 from ._attempt import _SLOT, Job, RunInfo, Slot
 from ._decide import retry_in
 from ._errors import InputFailed, ItemCancelled, ItemSkipped, ItemTimeout, StopReason
-from ._meter_adaptive import AdaptiveMeter
-from ._meter_deadline import DeadlineMeter
-from ._meter_limiter import LimiterMeter
-from ._meter_rate import RateMeter
 from ._outcomes import BatchReport, Failure, LimitChange, Outcome, make_success
 from ._runner import AttemptResult, Runner
 from ._sinks import BatchSink, Sink
@@ -38,6 +34,8 @@ if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
 
     from ._events import Event, Observer
+    from ._meter_adaptive import AdaptiveMeter
+    from ._meter_deadline import DeadlineMeter
     from ._meters import Meter
     from ._options import Plan
 
@@ -131,17 +129,26 @@ class Engine(Generic[T, R]):
         # In this order: a place under the adaptive limit, then a rate-limit turn (waited
         # for with the place held, so turns are not spent by attempts still queued), then
         # the deadline check (after the waits), then the external limiter (it holds a resource).
+        # Each meter's module is imported when its policy is given (start-up time).
         if p.adaptive is not None:
+            from ._meter_adaptive import AdaptiveMeter
+
             self._adaptive = AdaptiveMeter(p.adaptive, loop, self._on_limit)
             meters.append(self._adaptive)
         if p.rate_limit is not None:
+            from ._meter_rate import RateMeter
+
             meters.append(RateMeter(p.rate_limit, loop))
         if deadline_at is not None:
+            from ._meter_deadline import DeadlineMeter
+
             self._deadline = DeadlineMeter(
                 deadline_at, loop, timeout=p.timeout, fit_timeout=p.fit_timeout, cost=p.cost
             )
             meters.append(self._deadline)
         if p.limiter is not None:
+            from ._meter_limiter import LimiterMeter
+
             meters.append(LimiterMeter(p.limiter))
         if not p.fn_is_async:
             from concurrent.futures import ThreadPoolExecutor  # lazy: start-up time

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, TypeAlias, final, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeAlias, final, runtime_checkable
 
 from ._errors import InvalidArgument
 from ._transient import matches, transient
+
+if TYPE_CHECKING:
+    import random  # imported when an rng is given (start-up time)
 
 __all__ = [
     "Adaptive",
@@ -108,7 +110,7 @@ class Retry:
     def __post_init__(self) -> None:
         _check_int("Retry.attempts", self.attempts, minimum=1)
         _check_number("Retry.max_retry_after", self.max_retry_after, strict=False)
-        if self.rng is not None and not isinstance(self.rng, random.Random):
+        if self.rng is not None and not _is_random(self.rng):
             raise InvalidArgument(
                 f"Retry.rng must be a random.Random or None, got {self.rng!r}\n"
                 "HINT: Retry(rng=random.Random(42)) makes the jitter reproducible"
@@ -257,3 +259,9 @@ class Adaptive:
         """Whether ``overload_on`` counts ``error`` as an overload signal."""
         on = self.overload_on
         return on is not None and matches(on, error)
+
+
+def _is_random(rng: object) -> bool:
+    import random  # lazy: start-up time; only a Retry given an rng gets here
+
+    return isinstance(rng, random.Random)
