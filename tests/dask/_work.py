@@ -15,6 +15,8 @@ from typing import Any
 import batchkit
 
 STATE: dict[str, int] = {}
+SPANS: list[tuple[int, int, float, float]] = []
+"""(pid, index, start, end) in wall-clock time of every attempt of ``planned`` here."""
 _lock = threading.Lock()
 
 
@@ -25,6 +27,7 @@ def _add(name: str, n: int = 1) -> None:
 
 def reset_state() -> None:
     STATE.clear()
+    SPANS.clear()
 
 
 def get_state() -> dict[str, int]:
@@ -225,3 +228,29 @@ async def fail_0_and_4_rest_hang(x: int) -> int:
 async def attempt_key(x: int) -> str:
     """The idempotency key batchkit gives this attempt on the worker."""
     return batchkit.current_attempt().idempotency_key
+
+
+class PlannedError(Exception):
+    """The error a ``planned`` item raises (picklable: one message argument)."""
+
+
+def get_spans() -> list[tuple[int, int, float, float]]:
+    return list(SPANS)
+
+
+async def planned(item: tuple[int, str, float], ctx: str) -> int:
+    """Item ``(index, behaviour, delay)``: ``ok`` sleeps ``delay`` and returns the index,
+    ``error`` sleeps then raises ``PlannedError``, ``hang`` never ends by itself. Each attempt's
+    span (also a cancelled one's) goes to ``SPANS``."""
+    index, behaviour, delay = item
+    start = time.time()
+    try:
+        if behaviour == "hang":
+            await asyncio.sleep(3600)
+        await asyncio.sleep(delay)
+        if behaviour == "error":
+            raise PlannedError(f"item {index}")
+        return index
+    finally:
+        with _lock:
+            SPANS.append((os.getpid(), index, start, time.time()))
