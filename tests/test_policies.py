@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -245,6 +246,36 @@ async def test_rate_limit_burst_then_steady_rate() -> None:
 
     await batch_process(range(6), fn, concurrency=6, rate_limit=RateLimit(per_second=1, burst=3))
     assert starts == [0, 0, 0, 1, 2, 3]
+
+
+async def test_rate_limit_holds_on_actual_starts_after_a_stalled_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A loop stalled from t=1.0 to t=1.5 (every sleep due then ends at 1.5) must not release
+    the turns reserved for that half second at once: starts stay spaced by the rate on the
+    times they really happen, never more than ``burst`` together."""
+    real_sleep = asyncio.sleep
+
+    async def stalled_sleep(delay: float, result: Any = None) -> Any:
+        due = now() + delay
+        if 1.0 <= due < 1.5:
+            delay = 1.5 - now()
+        return await real_sleep(delay, result)
+
+    monkeypatch.setattr(asyncio, "sleep", stalled_sleep)
+    starts: list[float] = []
+
+    async def fn(i: int) -> int:
+        starts.append(now())
+        return i
+
+    await batch_process(range(20), fn, concurrency=20, rate_limit=RateLimit(per_second=10))
+    assert max(Counter(starts).values()) == 1  # burst=1: never two starts at one instant
+    # burst=1: consecutive starts at least one interval apart, on their real times.
+    assert min(b - a for a, b in itertools.pairwise(starts)) >= 0.1 - 1e-9
+    assert not [t for t in starts if 1.0 + 1e-6 < t < 1.5]  # nothing ran during the stall
+    after = [t for t in starts if t >= 1.5]
+    assert after == pytest.approx([1.5 + 0.1 * k for k in range(len(after))])  # paced from 1.5
 
 
 async def test_rate_limit_and_concurrency_both_hold() -> None:

@@ -350,7 +350,8 @@ def test_the_strategies_reach_every_feature() -> None:
     """Guard against a strategy that quietly stops drawing something."""
     seen: Counter[str] = Counter()
 
-    @settings(max_examples=100, deadline=None, database=None)
+    # Derandomized: 100 random draws once missed the "async_stalls" source (a flaky test).
+    @settings(max_examples=100, deadline=None, database=None, derandomize=True)
     @given(runs(stream_retry=True, deadline_grace=True))
     def tally(run: Run) -> None:
         seen[run.entry] += 1

@@ -61,6 +61,7 @@ class _WorkerRun:
     tolerance: float = 0.0
     tat: float = 0.0
     share_set: asyncio.Event = field(default_factory=asyncio.Event)
+    rate_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     resources: dict[object, tuple[Any, Callable[[Any], object] | None]] = field(
         default_factory=dict
     )
@@ -102,12 +103,18 @@ class _Gate:
             assert spec is not None
             if spec.rate is not None:
                 await run.share_set.wait()
-                assert run.interval is not None
                 loop = asyncio.get_running_loop()
-                now = loop.time()
-                run.tat, wait = reserve(run.tat, now, run.interval, run.tolerance)
-                if wait > 0:
-                    await asyncio.sleep(wait)
+                # As the local RateMeter: one waiter at a time takes its turn at the time it
+                # really starts (a turn reserved ahead would be spent late and bunched by a
+                # busy loop), with the share in force then.
+                async with run.rate_lock:
+                    while True:
+                        assert run.interval is not None
+                        tat, wait = reserve(run.tat, loop.time(), run.interval, run.tolerance)
+                        if wait <= 0.0:
+                            run.tat = tat
+                            break
+                        await asyncio.sleep(wait)
         except BaseException:
             run.sem.release()
             raise

@@ -18,17 +18,27 @@ __all__ = ["RateMeter"]
 
 @final
 class RateMeter:
-    __slots__ = ("_bucket", "_loop")
+    """Attempts start in arrival order, each when the bucket allows it at the moment it really
+    starts. One waiter at a time (a FIFO lock) re-checks after every sleep, so a loop stalled
+    past several due turns releases one start and paces the rest, never a bunch."""
+
+    __slots__ = ("_bucket", "_lock", "_loop")
 
     def __init__(self, policy: RateLimit, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._bucket = TokenBucket(policy, loop.time())
+        self._lock = asyncio.Lock()
 
     async def wait_task_can_start(self, slot: Slot, job: Job) -> StopReason | None:
-        wait = self._bucket.reserve(self._loop.time())
-        if wait > 0:
-            await asyncio.sleep(wait)
-        return None
+        bucket, loop = self._bucket, self._loop
+        if not self._lock.locked() and bucket.take(loop.time()) <= 0.0:
+            return None  # nobody waiting and a token free: no lock on the fast path
+        async with self._lock:
+            while True:
+                wait = bucket.take(loop.time())
+                if wait <= 0.0:
+                    return None
+                await asyncio.sleep(wait)
 
     def notify_task_started(self, slot: Slot, job: Job, now: float) -> None:
         return None

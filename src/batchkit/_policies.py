@@ -142,7 +142,8 @@ class RateLimit:
     """At most ``per_second`` attempt starts per second on average, ``burst`` at once at most.
 
     A token bucket that starts with ``burst`` tokens (default 1: no start-up burst at all) and
-    refills continuously. Applies to every attempt, retries included.
+    refills continuously. Applies to every attempt, retries included, judged on the times
+    attempts really start (a busy event loop never releases a bunch of overdue turns at once).
     """
 
     per_second: float

@@ -28,7 +28,8 @@ def reserve(tat: float, now: float, interval: float, tolerance: float) -> tuple[
 
 
 class TokenBucket:
-    """The engine's limiter for a :class:`RateLimit`: reservations are FIFO and never lost."""
+    """The engine's limiter for a :class:`RateLimit`, judged on the times starts really happen
+    (see :meth:`take`)."""
 
     __slots__ = ("interval", "tat", "tolerance")
 
@@ -38,7 +39,12 @@ class TokenBucket:
         # Start as if the bucket had just filled: ``burst`` starts may go at once, no more.
         self.tat = now
 
-    def reserve(self, now: float) -> float:
-        """Take the next start; returns the seconds to wait before it."""
-        self.tat, wait = reserve(self.tat, now, self.interval, self.tolerance)
+    def take(self, now: float) -> float:
+        """Start now if the bucket allows it (returns 0.0, the start is counted); else the
+        seconds until it would, with nothing counted. A waiter takes again when it wakes, at
+        the time it really starts: a turn reserved in advance would be spent late by a loop
+        that was busy when it fell due, bunched with the next ones."""
+        tat, wait = reserve(self.tat, now, self.interval, self.tolerance)
+        if wait <= 0.0:
+            self.tat = tat
         return wait

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import sys
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 
 import batchkit
 from batchkit import InvalidArgument, MissingExtra
 from batchkit._dask_driver import _Sizer, plan_chunks
+from batchkit._dask_worker import _Gate, _WorkerRun
 from batchkit.dask import DaskBackend, WorkerResource, per_worker
+
+if TYPE_CHECKING:
+    from batchkit._dask_wire import RunSpec
 
 
 async def quick(x: int) -> int:
@@ -101,3 +108,38 @@ def test_chunk_sizes_follow_worker_time_and_shrink_toward_the_end() -> None:
     assert sizer.next_size(9_800) == 160  # 0.2 s of work at least
     assert sizer.next_size(9_990) == 160
     assert _Sizer(250, per_chunk=16, threads=2, total=None).next_size(0) == 250
+
+
+@pytest.mark.looptime
+async def test_the_worker_gate_paces_real_starts_after_a_stalled_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker's share of a cluster-wide rate, as the local RateMeter: a loop stalled from
+    t=1.0 to t=1.5 does not release the turns that fell due meanwhile all at once (a CI run
+    saw 44 starts in one second under a limit of 40 + 2 before this)."""
+    loop = asyncio.get_running_loop()
+    run = _WorkerRun("gate-test")
+    run.spec = cast("RunSpec", SimpleNamespace(rate=10.0))  # the gate reads .rate only
+    run.sem = asyncio.Semaphore(20)
+    run.interval, run.tolerance, run.tat = 0.1, 0.0, loop.time()
+    run.share_set.set()
+    real_sleep = asyncio.sleep
+
+    async def stalled_sleep(delay: float, result: Any = None) -> Any:
+        due = loop.time() + delay
+        if 1.0 <= due < 1.5:
+            delay = 1.5 - loop.time()
+        return await real_sleep(delay, result)
+
+    monkeypatch.setattr(asyncio, "sleep", stalled_sleep)
+    starts: list[float] = []
+
+    async def attempt() -> None:
+        async with _Gate(run):
+            starts.append(loop.time())
+
+    await asyncio.gather(*(attempt() for _ in range(20)))
+    assert min(b - a for a, b in itertools.pairwise(starts)) >= 0.1 - 1e-9
+    assert not [t for t in starts if 1.0 + 1e-6 < t < 1.5]
+    after = [t for t in starts if t >= 1.5]
+    assert after == pytest.approx([1.5 + 0.1 * k for k in range(len(after))])
