@@ -139,7 +139,15 @@ async def test_deadline_is_met_and_skipped_markets_go_first_next_run(
         assert not first.goal_met
         left = [o.item for o in first.report.failures]
         assert len(left) >= 10
-        assert {o.kind for o in first.report.failures} <= {"skipped", "cancelled"}
+        kinds = {o.kind for o in first.report.failures}
+        assert kinds & {"skipped", "cancelled"}  # cut by the deadline
+        # A market may also overrun its own 0.3 s timeout in real time on a loaded machine
+        # (a CI run on 3.13 saw one): then it must be a truthful timeout, nothing else.
+        assert kinds <= {"skipped", "cancelled", "timeout"}
+        for o in first.report.failures:
+            if o.kind == "timeout":
+                assert isinstance(o.error, batchkit.ItemTimeout)
+                assert o.elapsed >= 30 * F - 1e-9
 
         # The next run takes exactly those first.
         queue = await select_markets(session_factory, 20)
