@@ -27,7 +27,7 @@ from ._dask_wire import ChunkResult, Record, RunSpec, dumps, loads, safe_error, 
 from ._errors import ItemCancelled, ItemSkipped, StopReason
 from ._events import AttemptFailed, Event, ItemStarted
 from ._outcomes import Success
-from ._ratelimit import reserve
+from ._ratelimit import TokenBucket
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -56,12 +56,9 @@ class _WorkerRun:
     stop_reason: StopReason | None = None
     chunks: set[asyncio.Task[None]] = field(default_factory=set)
     sem: asyncio.Semaphore | None = None
-    # This worker's share of the cluster-wide rate: GCRA state (see _ratelimit).
-    interval: float | None = None
-    tolerance: float = 0.0
-    tat: float = 0.0
+    # This worker's share of the cluster-wide rate, once the driver has sent it.
+    bucket: TokenBucket | None = None
     share_set: asyncio.Event = field(default_factory=asyncio.Event)
-    rate_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     resources: dict[object, tuple[Any, Callable[[Any], object] | None]] = field(
         default_factory=dict
     )
@@ -103,18 +100,8 @@ class _Gate:
             assert spec is not None
             if spec.rate is not None:
                 await run.share_set.wait()
-                loop = asyncio.get_running_loop()
-                # As the local RateMeter: one waiter at a time takes its turn at the time it
-                # really starts (a turn reserved ahead would be spent late and bunched by a
-                # busy loop), with the share in force then.
-                async with run.rate_lock:
-                    while True:
-                        assert run.interval is not None
-                        tat, wait = reserve(run.tat, loop.time(), run.interval, run.tolerance)
-                        if wait <= 0.0:
-                            run.tat = tat
-                            break
-                        await asyncio.sleep(wait)
+                assert run.bucket is not None
+                await run.bucket.wait_turn(asyncio.get_running_loop())
         except BaseException:
             run.sem.release()
             raise
@@ -129,12 +116,11 @@ def set_share(run_id: str, per_second: float, burst: int) -> None:
     if run_id in _ENDED:
         return
     run = _run_state(run_id)
-    now = asyncio.get_running_loop().time() if _has_loop() else time.monotonic()
-    first = run.interval is None
-    run.interval = 1.0 / per_second
-    run.tolerance = (burst - 1) * run.interval
-    if first:
-        run.tat = now
+    if run.bucket is None:
+        now = asyncio.get_running_loop().time() if _has_loop() else time.monotonic()
+        run.bucket = TokenBucket(per_second, burst, now)
+    else:
+        run.bucket.set_rate(per_second, burst)
     run.share_set.set()
 
 

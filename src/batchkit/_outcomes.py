@@ -333,9 +333,8 @@ class BatchReport(Generic[T, R]):
         # those of items skipped in bulk, which item_key() otherwise names lazily.
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         if self.key is not None:
-            keys = [f"#{i}" for i in range(max((o.index for o in self), default=-1) + 1)]
-            for outcome in self:
-                keys[outcome.index] = self.item_key(outcome)
+            named = {o.index: self.item_key(o) for o in self}
+            keys = [named.get(i, f"#{i}") for i in range(max(named, default=-1) + 1)]
             fields.update(key=None, keys=keys)
         return (_rebuild_report, (fields,))
 

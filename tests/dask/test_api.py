@@ -13,7 +13,7 @@ import pytest
 import batchkit
 from batchkit import InvalidArgument, MissingExtra
 from batchkit._dask_driver import _Sizer, plan_chunks
-from batchkit._dask_worker import _Gate, _WorkerRun
+from batchkit._dask_worker import _RUNS, _Gate, _run_state, set_share
 from batchkit.dask import DaskBackend, WorkerResource, per_worker
 
 if TYPE_CHECKING:
@@ -118,11 +118,10 @@ async def test_the_worker_gate_paces_real_starts_after_a_stalled_loop(
     t=1.0 to t=1.5 does not release the turns that fell due meanwhile all at once (a CI run
     saw 44 starts in one second under a limit of 40 + 2 before this)."""
     loop = asyncio.get_running_loop()
-    run = _WorkerRun("gate-test")
+    run = _run_state("gate-test")
     run.spec = cast("RunSpec", SimpleNamespace(rate=10.0))  # the gate reads .rate only
     run.sem = asyncio.Semaphore(20)
-    run.interval, run.tolerance, run.tat = 0.1, 0.0, loop.time()
-    run.share_set.set()
+    set_share("gate-test", 10.0, 1)
     real_sleep = asyncio.sleep
 
     async def stalled_sleep(delay: float, result: Any = None) -> Any:
@@ -138,7 +137,10 @@ async def test_the_worker_gate_paces_real_starts_after_a_stalled_loop(
         async with _Gate(run):
             starts.append(loop.time())
 
-    await asyncio.gather(*(attempt() for _ in range(20)))
+    try:
+        await asyncio.gather(*(attempt() for _ in range(20)))
+    finally:
+        del _RUNS["gate-test"]
     assert min(b - a for a, b in itertools.pairwise(starts)) >= 0.1 - 1e-9
     assert not [t for t in starts if 1.0 + 1e-6 < t < 1.5]
     after = [t for t in starts if t >= 1.5]

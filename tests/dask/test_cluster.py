@@ -20,6 +20,7 @@ from batchkit._errors import RemoteError
 from batchkit.dask import DaskBackend
 
 from . import _work
+from ._spans import peak
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -59,15 +60,6 @@ async def _fresh_state(client: Any) -> None:
     await client.run(_work.reset_state)
 
 
-def _peak(spans: list[tuple[float, float]]) -> int:
-    marks = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    peak = cur = 0
-    for _, d in marks:
-        cur += d
-        peak = max(peak, cur)
-    return peak
-
-
 @pytest.mark.parametrize(
     ("concurrency", "per_worker"), [(64, 4), (6, 16)], ids=["per-worker-bound", "global-bound"]
 )
@@ -88,8 +80,8 @@ async def test_limits_held_and_contexts_closed(
     for pid, start, end in report.values():
         by_worker[pid].append((start, end))
     assert len(by_worker) == 2  # both workers took part
-    assert max(_peak(s) for s in by_worker.values()) <= per_worker
-    assert _peak(spans) <= concurrency
+    assert max(peak(s) for s in by_worker.values()) <= per_worker
+    assert peak(spans) <= concurrency
     assert report.peak_concurrency <= concurrency
     assert await _total(client, "entered") == 300
     assert await _total(client, "exited") == 300
@@ -111,8 +103,8 @@ async def test_adaptive_runs_per_chunk_within_the_global_and_per_worker_limits(
     by_worker: dict[int, list[tuple[float, float]]] = defaultdict(list)
     for pid, start, end in report.values():
         by_worker[pid].append((start, end))
-    assert max(_peak(s) for s in by_worker.values()) <= 2
-    assert _peak([(v[1], v[2]) for v in report.values()]) <= 6
+    assert max(peak(s) for s in by_worker.values()) <= 2
+    assert peak([(v[1], v[2]) for v in report.values()]) <= 6
     # The effective limit: min(max, workers x per_worker), each chunk starting at min(2, 2).
     assert report.concurrency == 4
     assert report.limit_changes == ()

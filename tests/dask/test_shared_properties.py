@@ -33,6 +33,7 @@ from batchkit._dask_worker import running_chunks
 from batchkit.dask import DaskBackend
 
 from . import _work
+from ._spans import peak
 
 if TYPE_CHECKING:
     from batchkit import Outcome
@@ -90,15 +91,6 @@ async def _execute(run: Run, backend: Any) -> list[Outcome[tuple[int, str, float
         return [o async for o in out]
 
 
-def _peak(spans: list[tuple[float, float]]) -> int:
-    marks = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    peak = cur = 0
-    for _, d in marks:
-        cur += d
-        peak = max(peak, cur)
-    return peak
-
-
 async def _on(
     backend: Backend, run: Run, address: str
 ) -> tuple[list[Any], list[Any], Counter[str]]:
@@ -147,12 +139,12 @@ def _check(
     # Contexts: every one entered was exited; one per attempt (no retries here).
     assert c["entered"] == c["exited"] == len(spans) == n
     # Limits, from the spans recorded where the attempts ran.
-    assert _peak([(s, e) for _, _, s, e in spans]) <= run.concurrency
+    assert peak([(s, e) for _, _, s, e in spans]) <= run.concurrency
     if backend == "dask":
         by_pid: dict[int, list[tuple[float, float]]] = defaultdict(list)
         for pid, _, s, e in spans:
             by_pid[pid].append((s, e))
-        assert all(_peak(p) <= run.per_worker for p in by_pid.values())
+        assert all(peak(p) <= run.per_worker for p in by_pid.values())
 
 
 def _run_fresh(main: Any) -> Any:
