@@ -158,13 +158,17 @@ async def _lose_the_lock(engine: AsyncEngine) -> None:
         async with engine.begin() as conn:
             await conn.execute(update(RunLease).values(expires_at=utcnow() - timedelta(seconds=1)))
     else:  # the lock's connection dropped: the server released the advisory lock
+        granted = "FROM pg_locks WHERE locktype = 'advisory' AND granted"
         async with engine.begin() as conn:
-            await conn.execute(
-                text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_locks "
-                    "WHERE locktype = 'advisory' AND granted"
-                )
-            )
+            await conn.execute(text(f"SELECT pg_terminate_backend(pid) {granted}"))
+        # pg_terminate_backend only signals the backend: it, and its lock, go a moment later
+        # (a CI run's next pg_try_advisory_lock still found it held). Wait for that itself.
+        async with asyncio.timeout(WAIT):
+            while True:
+                async with engine.connect() as conn:
+                    if not await conn.scalar(text(f"SELECT count(*) {granted}")):
+                        return
+                await asyncio.sleep(0.02)
 
 
 async def test_a_holder_that_lost_its_lock_cannot_write(engine: AsyncEngine) -> None:
