@@ -291,6 +291,56 @@ async def test_item03c_timeout_then_slow_cleanup_returns_within_the_deadline_gra
     probe.assert_balanced()
 
 
+@pytest.mark.parametrize("stop", ["max_failures", "deadline"])
+async def test_item03_a_stop_does_not_cut_the_cleanup_of_a_timed_out_attempt(stop: str) -> None:
+    """A stop while a timed-out attempt cleans up does not cancel it a second time at once
+    (only after its grace): the cleanup — a rollback, a connection's close — is allowed to
+    end. Cut, SQLAlchemy's aiosqlite adapter leaves a close task that never ends (found by
+    tests/sqlalchemy/test_sessions.py, which hung on an idle machine)."""
+    cleanup: list[tuple[float, int, str]] = []
+
+    @contextlib.asynccontextmanager
+    async def rolls_back(_: object = None) -> AsyncIterator[None]:
+        index = batchkit.current_attempt().index
+        try:
+            yield None
+        except asyncio.CancelledError:
+            try:
+                await asyncio.sleep(0.5)  # the rollback
+            except asyncio.CancelledError:
+                cleanup.append((now(), index, "cut"))
+                raise
+            cleanup.append((now(), index, "done"))
+            raise
+
+    async def fn(i: int, _ctx: None) -> int:
+        if i == 0:
+            await asyncio.Event().wait()  # timed out at 1.0, then rolls back until 1.5
+        if i == 1:
+            await asyncio.sleep(0.6)
+        if i == 2:  # starts at 0.6; stops the run at 1.2 (max_failures=1), or is cut at 1.3
+            await asyncio.sleep(0.6 if stop == "max_failures" else 0.9)
+            raise ValueError(i)
+        return i
+
+    limits: dict[str, Any] = {"max_failures": 1} if stop == "max_failures" else {"deadline": 1.3}
+    report = await within(
+        HANG,
+        batch_process(range(4), fn, context=rolls_back, concurrency=2, timeout=1.0, **limits),
+        f"batch_process stopped by {stop} during a rollback",
+    )
+    if stop == "max_failures":
+        assert cleanup == [(1.5, 0, "done")]  # before the fix: [(1.2, 0, "cut")]
+        assert now() == 1.5
+    else:  # item 2, cancelled at the deadline, rolls back within the grace
+        assert cleanup == [(1.5, 0, "done"), (1.8, 2, "done")]  # before: (1.3, 0, "cut") first
+        assert now() == 1.8
+    assert_one_envelope_each(report, 4)
+    expected = ["timeout", "success", "error" if stop == "max_failures" else "cancelled", "skipped"]
+    assert [kind_of(o) for o in report] == expected
+    assert not new_api(report, "abandoned")
+
+
 async def test_item03_work_that_ignores_cancellation_is_abandoned_visibly(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -844,7 +844,15 @@ class Engine(Generic[T, R]):
         self._sink.wake()
         current = asyncio.current_task()
         for slot in self._slots:
-            if slot.cancellable and not slot.abandoned and slot.task is not current:
+            # An attempt already cancelled (its timeout) is cleaning up: cutting its rollback
+            # or close helps no one (it can leave a driver's close hanging); the escalation
+            # cancels it once more if it is still running after ``grace``.
+            if (
+                slot.cancellable
+                and not slot.abandoned
+                and slot.task is not current
+                and slot.cancel_gen != slot.gen
+            ):
                 cancel_attempt(slot, STOP)
         if self._escalation is None:
             assert self._loop is not None

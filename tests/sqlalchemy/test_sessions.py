@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import pytest
 import sqlalchemy as sa
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -133,6 +133,13 @@ async def _truthfulness_run(
     ),
     max_failures=st.none() | st.integers(1, 3),
     concurrency=st.sampled_from([1, 3, 8]),
+)
+# The run stops (max_failures) while timed-out items roll back. It hung every time on SQLite
+# before the engine stopped cancelling a cleanup twice: cut, aiosqlite's close never ends.
+@example(
+    plan=["hang_written", "hang_written", "error_after_write"] * 2,
+    max_failures=3,
+    concurrency=3,
 )
 def test_envelopes_match_committed_rows(
     db_url: str, plan: list[Behaviour], max_failures: int | None, concurrency: int
