@@ -72,6 +72,7 @@ class Engine(Generic[T, R]):
         self._sink.wake_producers = self._room_made
         self._room_waiters: deque[asyncio.Future[None]] = deque()
         self._put = self._sink.put
+        self._put_success = self._sink.success_writer()
         self._keys: list[str] | None = [] if plan.key is not None and self._sink.keeps else None
         self._key_failed = False
         self._next_index = 0
@@ -316,6 +317,10 @@ class Engine(Generic[T, R]):
         except Exception as e:
             self._input_failed(e)
             return None
+        if self._p.key is None:  # _take, inline: once per item
+            index = self._next_index
+            self._next_index = index + 1
+            return Job(index, item)
         return self._take(item)
 
     async def _next_item(self) -> tuple[T] | None:
@@ -421,6 +426,7 @@ class Engine(Generic[T, R]):
         assert run is not None
         wake_after = self._p.retry is not None
         clock = self._slice_clock
+        put_success = self._put_success
         while not self._stopping and not slot.abandoned:
             job = self._ready_retry() if heap else None
             if job is None and (room is None or room(self._next_index)):
@@ -437,26 +443,37 @@ class Engine(Generic[T, R]):
             if result.kind == "success" and not slot.abandoned:
                 assert job.first_start is not None
                 elapsed = result.ended - job.first_start
-                self._record(
-                    make_success(job.item, result.value, job.index, job.attempt, elapsed), job
-                )
+                if self._emit_events or self._cancelled:
+                    self._record(
+                        make_success(job.item, result.value, job.index, job.attempt, elapsed),
+                        job,
+                    )
+                else:  # _record's common case, inline: no envelope is built for a batch
+                    self._finished += 1
+                    put_success(job.item, result.value, job.index, job.attempt, elapsed)
             elif not slot.abandoned:
                 await self._run_job(slot, job, result)
             self._active -= 1
             slot.job = None
             if wake_after:
                 self._wake()
-            if slot.polluted:
-                # An item set a context variable: a fresh worker takes over, so the next
-                # item sees the caller's context.
-                self._spawn()
+            if (slot.polluted or slot.thread is not None) and not await self._carry_on(slot):
                 return
-            if slot.thread is not None and not slot.thread.done():
-                await self._outlive(slot)
             # Starvation guard: see _YIELD_EVERY_*.
             self._budget -= 1
             if self._budget <= 0 or clock() - self._slice_start > _YIELD_EVERY_SECONDS:
                 await self._yield()
+
+    async def _carry_on(self, slot: Slot) -> bool:
+        """After an item that set a context variable or ran in a thread: False if a fresh
+        worker takes over (so the next item sees the caller's context); waits for a thread
+        that outlived its timeout."""
+        if slot.polluted:
+            self._spawn()
+            return False
+        if slot.thread is not None and not slot.thread.done():
+            await self._outlive(slot)
+        return True
 
     def _ready_retry(self) -> Job | None:
         heap = self._retry_heap

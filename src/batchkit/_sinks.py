@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from ._outcomes import Failure
+from ._outcomes import Failure, make_success
 from ._store import OutcomeStore
 
 if TYPE_CHECKING:
@@ -40,6 +40,16 @@ class Sink(Generic[T, R]):
 
     def put(self, outcome: Outcome[T, R]) -> None:
         raise NotImplementedError
+
+    def success_writer(self) -> Callable[[T, R, int, int, float], None]:
+        """``put`` for a success, from its fields: what nearly every item ends in, so a sink
+        may store it without building the envelope (``item, value, index, attempts,
+        elapsed``)."""
+
+        def put_success(item: T, value: R, index: int, attempts: int, elapsed: float) -> None:
+            self.put(make_success(item, value, index, attempts, elapsed))
+
+        return put_success
 
     def room(self, next_index: int) -> bool:
         return True
@@ -78,6 +88,9 @@ class BatchSink(Sink[T, R]):
     def put(self, outcome: Outcome[T, R]) -> None:
         self._store.append(outcome)
 
+    def success_writer(self) -> Callable[[T, R, int, int, float], None]:
+        return self._store.append_success  # columns only: no envelope is built
+
     def skip_range(
         self, indices: range, reason: StopReason, items: Sequence[T], first: int
     ) -> None:
@@ -95,6 +108,7 @@ class StreamSink(Sink[T, R]):
     __slots__ = (
         "consumed",
         "consumer",
+        "consumer_waiting",
         "counts",
         "next_emit",
         "ordered",
@@ -116,12 +130,25 @@ class StreamSink(Sink[T, R]):
         """Failures by kind (successes are ``produced`` minus the failures)."""
         self.produced = 0
         self.consumer: Callable[[], None] = _nothing
+        """Wakes the consumer; called only while ``consumer_waiting`` (or on ``wake``)."""
+        self.consumer_waiting = False
 
     def put(self, outcome: Outcome[T, R]) -> None:
-        self.produced += 1
         if type(outcome) is Failure:
             kind = outcome.kind
             self.counts[kind] = self.counts.get(kind, 0) + 1
+        self._hand_over(outcome)
+
+    def success_writer(self) -> Callable[[T, R, int, int, float], None]:
+        hand_over = self._hand_over
+
+        def put_success(item: T, value: R, index: int, attempts: int, elapsed: float) -> None:
+            hand_over(make_success(item, value, index, attempts, elapsed))
+
+        return put_success
+
+    def _hand_over(self, outcome: Outcome[T, R]) -> None:
+        self.produced += 1
         if self.ordered:
             self.pending[outcome.index] = outcome
             pending, n = self.pending, self.next_emit
@@ -133,14 +160,8 @@ class StreamSink(Sink[T, R]):
             self.next_emit = n
         else:
             self.ready.append(outcome)
-        self.consumer()
-
-    def take(self) -> Outcome[T, R]:
-        outcome = self.ready.popleft()
-        self.consumed += 1
-        if self.producers_waiting:
-            self.wake_producers()
-        return outcome
+        if self.consumer_waiting:
+            self.consumer()
 
     def room(self, next_index: int) -> bool:
         if next_index - self.consumed < self.window:

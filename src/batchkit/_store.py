@@ -140,6 +140,16 @@ class OutcomeStore(Generic[T, R]):
         self._attempts[i] = outcome.attempts
         self._elapsed[i] = outcome.elapsed
 
+    def append_success(self, item: T, value: R, index: int, attempts: int, elapsed: float) -> None:
+        """``append`` of a success, from its fields (no envelope is built)."""
+        if index >= self._cap:
+            self._grow(index)
+        self._kinds[index] = _SUCCESS
+        self._values[index] = value
+        self._items[index] = item
+        self._attempts[index] = attempts
+        self._elapsed[index] = elapsed
+
     def skip_range(
         self, start: int, stop: int, reason: StopReason, items: Sequence[T], first: int = 0
     ) -> None:

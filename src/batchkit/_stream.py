@@ -70,8 +70,12 @@ class Stream(Generic[T, R]):
         if task is None:
             raise RuntimeError("iterate a stream inside `async with stream(...) as outcomes:`")
         while True:
-            if sink.ready:
-                return sink.take()
+            if sink.ready:  # the sink's side of taking one, inline: once per item
+                outcome = sink.ready.popleft()
+                sink.consumed += 1
+                if sink.producers_waiting:
+                    sink.wake_producers()
+                return outcome
             if task.done():
                 # Re-raises what the run raised (InputFailed, KeyboardInterrupt, ...).
                 task.result()
@@ -81,9 +85,11 @@ class Stream(Generic[T, R]):
                     return drained
                 raise StopAsyncIteration
             fut = self._consumer = asyncio.get_running_loop().create_future()
+            sink.consumer_waiting = True  # only now do producers call _wake_consumer
             try:
                 await fut
             finally:
+                sink.consumer_waiting = False
                 self._consumer = None
 
     @property
