@@ -140,12 +140,23 @@ class StreamSink(Sink[T, R]):
         self._hand_over(outcome)
 
     def success_writer(self) -> Callable[[T, R, int, int, float], None]:
-        hand_over = self._hand_over
+        if self.ordered:
+            hand_over = self._hand_over
 
-        def put_success(item: T, value: R, index: int, attempts: int, elapsed: float) -> None:
-            hand_over(make_success(item, value, index, attempts, elapsed))
+            def put_success(item: T, value: R, index: int, attempts: int, elapsed: float) -> None:
+                hand_over(make_success(item, value, index, attempts, elapsed))
 
-        return put_success
+            return put_success
+        ready = self.ready
+
+        def put_unordered(item: T, value: R, index: int, attempts: int, elapsed: float) -> None:
+            # _hand_over's unordered case, inline: once per item.
+            ready.append(make_success(item, value, index, attempts, elapsed))
+            self.produced += 1
+            if self.consumer_waiting:
+                self.consumer()
+
+        return put_unordered
 
     def _hand_over(self, outcome: Outcome[T, R]) -> None:
         self.produced += 1

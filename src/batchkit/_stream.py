@@ -39,6 +39,8 @@ class Stream(Generic[T, R]):
         fut = self._consumer
         if fut is not None and not fut.done():
             fut.set_result(None)
+        # Woken once is enough: the outcomes put before it runs need no call each.
+        self._sink.consumer_waiting = False
 
     async def __aenter__(self) -> Stream[T, R]:
         if self._entered:
