@@ -25,9 +25,9 @@ from ._attempt import _SLOT, Job, RunInfo, Slot
 from ._decide import retry_in
 from ._errors import InputFailed, ItemCancelled, ItemSkipped, ItemTimeout, StopReason
 from ._outcomes import BatchReport, Failure, LimitChange, Outcome, make_success
-from ._runner import AttemptResult, Runner
+from ._runner import AttemptResult, Runner, loop_clock
 from ._sinks import BatchSink, Sink
-from ._watchdog import SLACK, STOP, Watchdog, cancel_attempt
+from ._watchdog import SLACK, STOP, Watchdog, cancel_attempt, cancel_once
 
 if TYPE_CHECKING:
     import random
@@ -97,7 +97,7 @@ class Engine(Generic[T, R]):
         self._budget_size = max(256, _YIELD_EVERY_ITEMS_PER_WORKER * plan.slots)
         self._budget = self._budget_size
         self._slice_start = 0.0
-        self._slice_clock: Callable[[], float] = time.perf_counter
+        self._slice_clock: Callable[[], float] = time.monotonic
         self._reset_pending = False
         self._observers: list[Observer] = list(plan.observers)
         self._emit_events = bool(self._observers)
@@ -117,10 +117,8 @@ class Engine(Generic[T, R]):
         p = self._p
         self._start = start = loop.time()
         # Time slices on the loop's clock: in virtual time it stands still while the CPU
-        # works, so only the item budget applies and a test's schedule is exact. asyncio's
-        # own loop reads time.monotonic() through a Python method: perf_counter is cheaper.
-        real = getattr(type(loop), "time", None) is asyncio.BaseEventLoop.time
-        self._slice_clock = time.perf_counter if real else loop.time
+        # works, so only the item budget applies and a test's schedule is exact.
+        self._slice_clock = loop_clock(loop)
         self._slice_start = self._slice_clock()
         deadline_at = start + p.deadline_seconds if p.deadline_seconds is not None else None
         deadline_at = p.deadline_at if p.deadline_at is not None else deadline_at
@@ -444,11 +442,8 @@ class Engine(Generic[T, R]):
                 assert job.first_start is not None
                 elapsed = result.ended - job.first_start
                 if self._emit_events or self._cancelled:
-                    self._record(
-                        make_success(job.item, result.value, job.index, job.attempt, elapsed),
-                        job,
-                    )
-                else:  # _record's common case, inline: no envelope is built for a batch
+                    self._succeeded(job, result)
+                else:  # _succeeded's common case, inline: no envelope is built for a batch
                     self._finished += 1
                     put_success(job.item, result.value, job.index, job.attempt, elapsed)
             elif not slot.abandoned:
@@ -595,11 +590,7 @@ class Engine(Generic[T, R]):
         assert runner is not None
         while True:
             if result.kind == "success":
-                assert job.first_start is not None
-                elapsed = result.ended - job.first_start
-                self._record(
-                    make_success(job.item, result.value, job.index, job.attempt, elapsed), job
-                )
+                self._succeeded(job, result)
                 return
             if not await self._retry_after(slot, job, result):
                 return
@@ -631,6 +622,17 @@ class Engine(Generic[T, R]):
             finally:
                 slot.cancellable = False
         return True
+
+    def _succeeded(self, job: Job, result: AttemptResult) -> None:
+        """Record a successful attempt: as columns when no one listens, else as an envelope
+        that observers hear of (none after the caller's cancel)."""
+        assert job.first_start is not None
+        elapsed = result.ended - job.first_start
+        if self._emit_events or self._cancelled:
+            self._record(make_success(job.item, result.value, job.index, job.attempt, elapsed), job)
+        else:
+            self._finished += 1
+            self._put_success(job.item, result.value, job.index, job.attempt, elapsed)
 
     def _failed_attempt(self, job: Job, result: AttemptResult) -> float | None:
         """Record what a failed attempt means; the seconds until a retry, or None."""
@@ -861,16 +863,8 @@ class Engine(Generic[T, R]):
         self._sink.wake()
         current = asyncio.current_task()
         for slot in self._slots:
-            # An attempt already cancelled (its timeout) is cleaning up: cutting its rollback
-            # or close helps no one (it can leave a driver's close hanging); the escalation
-            # cancels it once more if it is still running after ``grace``.
-            if (
-                slot.cancellable
-                and not slot.abandoned
-                and slot.task is not current
-                and slot.cancel_gen != slot.gen
-            ):
-                cancel_attempt(slot, STOP)
+            if slot.cancellable and not slot.abandoned and slot.task is not current:
+                cancel_once(slot, STOP)
         if self._escalation is None:
             assert self._loop is not None
             self._escalation = self._loop.call_at(self._loop.time() + self._p.grace, self._escalate)

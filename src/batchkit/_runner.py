@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ._options import Plan
     from ._watchdog import Watchdog
 
-__all__ = ["AttemptKind", "AttemptResult", "Runner"]
+__all__ = ["AttemptKind", "AttemptResult", "Runner", "loop_clock"]
 
 _FIRST: Any = object()
 
@@ -52,6 +52,14 @@ class AttemptResult(NamedTuple):
 
 
 _new_tuple = tuple.__new__
+
+
+def loop_clock(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
+    """``loop.time``, cheaper: asyncio's own loop reads ``time.monotonic()`` through a Python
+    method, so that is called directly. Any other loop (virtual time, uvloop) is asked itself:
+    in virtual time the clock stands still while the CPU works."""
+    stock = getattr(type(loop), "time", None) is asyncio.BaseEventLoop.time
+    return time.monotonic if stock else loop.time
 
 
 @final
@@ -92,10 +100,7 @@ class Runner:
         self._executor = executor
         self._on_start = on_start
         self._slots = plan.slots
-        # asyncio's own loop reads time.monotonic() through a Python method: call it directly
-        # (twice per attempt). Any other loop (virtual time, uvloop) is asked itself.
-        stock = getattr(type(loop), "time", None) is asyncio.BaseEventLoop.time
-        self._clock: Callable[[], float] = time.monotonic if stock else loop.time
+        self._clock = loop_clock(loop)  # twice per attempt
         self.in_flight = 0
         """Attempts running now."""
         self.peak = 0

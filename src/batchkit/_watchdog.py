@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from ._attempt import Slot
 
-__all__ = ["SLACK", "STOP", "TIMEOUT", "Watchdog", "cancel_attempt"]
+__all__ = ["SLACK", "STOP", "TIMEOUT", "Watchdog", "cancel_attempt", "cancel_once"]
 
 TIMEOUT: Final = 1
 STOP: Final = 2
@@ -42,6 +42,17 @@ def cancel_attempt(slot: Slot, kind: int) -> None:
         slot.cancel_kind = kind
     slot.cancels += 1
     task.cancel()
+
+
+def cancel_once(slot: Slot, kind: int) -> bool:
+    """The first cancellation of what runs in ``slot`` (a timeout or a stop); False if it
+    was cancelled already. Cancelled once, it is cleaning up (a rollback, a connection's
+    close): cutting that helps no one and can leave a driver's close hanging, so only the
+    escalation after ``grace`` cancels it again."""
+    if slot.cancel_gen == slot.gen:
+        return False
+    cancel_attempt(slot, kind)
+    return True
 
 
 class Watchdog:
@@ -83,8 +94,7 @@ class Watchdog:
                 timers.popleft()
             elif when <= now + SLACK:
                 timers.popleft()
-                if slot.cancel_gen != gen:
-                    cancel_attempt(slot, TIMEOUT)
+                if cancel_once(slot, TIMEOUT):
                     self._reap.append((now + self._grace, slot, gen))
             else:
                 break
