@@ -45,7 +45,7 @@ def hide_password(url: str) -> str:
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # not a URL at all: show nothing that could be a secret
-        return "<unparseable database URL>"
+        return "<unparsable database URL>"
 
 
 def make_engine(
