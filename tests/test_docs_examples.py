@@ -6,15 +6,26 @@ One test per Python block: ``test_example[docs/how-to/testing.md:31]``. A block 
 
 from __future__ import annotations
 
+import ast
+import builtins
 import logging
 import re
+import sys
 import warnings
 from typing import Any
 
 import pytest
 
 from tests import docs_stand_ins
-from tests.docs_examples import ROOT, Example, examples, pages, run_blocks, same_output
+from tests.docs_examples import (
+    ROOT,
+    Example,
+    blocks,
+    examples,
+    pages,
+    run_blocks,
+    same_output,
+)
 from tests.docs_examples import no_implicit_loop as no_implicit_loop
 
 EXAMPLES = list(examples())
@@ -96,3 +107,75 @@ def _no_broken_items(example: Example, namespace: dict[str, Any]) -> None:
                     f"{example.block.where}: {name} holds a failure from a broken example: "
                     f"{failure.error!r}"
                 )
+
+
+# -- every example imports what it uses ---------------------------------------------------
+_LIBRARIES = (
+    "batchkit",
+    "batchkit.testing",
+    "batchkit.sqlalchemy",
+    "batchkit.prometheus",
+    "batchkit.dask",
+    "sqlalchemy",
+    "sqlalchemy.ext.asyncio",
+)
+_MODULES = {"batchkit", "sqlalchemy", "distributed", "httpx", "aiolimiter", "pytest", "looptime"}
+
+
+def _library_names() -> set[str]:
+    """Names a reader gets only by importing them: the public names of batchkit and its
+    integrations, of SQLAlchemy's asyncio API, and module names."""
+    import importlib
+
+    names = set(_MODULES) | set(sys.stdlib_module_names)
+    for module in _LIBRARIES:
+        mod = importlib.import_module(module)
+        public = getattr(mod, "__all__", dir(mod))
+        names |= {n for n in public if not n.startswith("_") and not _is_module(mod, n)}
+    return names
+
+
+def _is_module(mod: Any, name: str) -> bool:
+    import inspect
+
+    return inspect.ismodule(getattr(mod, name, None))  # sqlalchemy.engine: not `engine`
+
+
+def _bound_and_used(code: str) -> tuple[set[str], set[str]]:
+    """The names a block binds (anywhere in it) and the names it reads."""
+    tree = ast.parse(code)
+    bound: set[str] = set()
+    used: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            (used if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            bound |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, ast.ExceptHandler | ast.MatchAs | ast.MatchStar) and node.name:
+            bound.add(node.name)
+    return bound, used
+
+
+def test_every_example_imports_what_it_uses() -> None:
+    """A block (partial ones too: readers copy them) uses a library name or a module only
+    after an import on its page brings it: no `Retry` that the page never imported."""
+    library = _library_names() - set(dir(builtins))
+    problems = []
+    for page in pages():
+        bound: set[str] = set()
+        for block in blocks(page):
+            if not block.language.startswith("python"):
+                continue
+            try:
+                here, used = _bound_and_used(block.code)
+            except SyntaxError:
+                continue  # a shape, not code (the reference's "item: T; value: R")
+            bound |= here
+            missing = sorted((used - bound) & library)
+            if missing:
+                problems.append(f"{block.where} uses {missing} without importing them")
+    assert not problems, "\n".join(problems)
