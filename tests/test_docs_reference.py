@@ -334,3 +334,39 @@ def test_every_extra_a_page_installs_exists() -> None:
         for m in _EXTRA_IN_INSTALL.finditer(page.read_text(encoding="utf-8")):
             for extra in m["extras"].split(","):
                 assert extra in EXTRAS, f"{page.relative_to(ROOT)}: no extra {extra!r}"
+
+
+# -- signatures in the API reference ------------------------------------------------------
+def _internal_types_shown(*, extension: bool) -> list[str]:
+    """What the API reference's signatures would show of batchkit's internal types, loaded
+    as mkdocstrings loads them (with docs_griffe.py's extension, or without it)."""
+    griffe = pytest.importorskip("griffe")
+    import docs_griffe
+
+    loader = griffe.GriffeLoader(search_paths=[str(ROOT / "src")])
+    pkg = loader.load("batchkit")
+    loader.resolve_aliases(external=False)
+    public = docs_griffe.public_paths(pkg)
+    if extension:
+        functions = docs_griffe.public_signatures(pkg)
+    else:
+        functions = docs_griffe._functions(pkg, public)
+    shown = []
+    for function in functions:
+        for signature in docs_griffe.signatures(function):
+            for p in signature.parameters:
+                for name in docs_griffe.internal_names(p.annotation, public):
+                    shown.append(f"{function.path}({p.name}: {name})")
+            for name in docs_griffe.internal_names(signature.returns, public):
+                shown.append(f"{function.path}() -> {name}")
+    return shown
+
+
+def test_no_public_signature_shows_an_internal_type() -> None:
+    """``Stream(plan: Plan, ...)`` and ``items: Items[T]`` named types a reader cannot look
+    up; the reference shows public types (or the alias's value) only."""
+    assert "batchkit._stream.Stream.__init__(plan: batchkit._options.Plan)" in (
+        _internal_types_shown(extension=False)
+    )  # what the check finds without the extension
+    shown = _internal_types_shown(extension=True)
+    assert not shown, "the API reference would show internal types:\n" + "\n".join(shown)
