@@ -155,12 +155,13 @@ def test_the_sigterm_log_line_agrees_with_the_table(tmp_path: Path) -> None:
         wait_until("the run's record", lambda: any(r.status == "running" for r in runs(url)))
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=WAIT)
-        assert process.stdout is not None
-        out = process.stdout.read()  # a small JSON document: the pipe's buffer holds it
     finally:
         if process.poll() is None:
             process.kill()
         process.wait(timeout=WAIT)
+        assert process.stdout is not None
+        with process.stdout:
+            out = process.stdout.read()  # a small JSON document: the pipe's buffer held it
     assert process.returncode == EXIT["interrupted"]
     table = json.loads(out)
     finished = lines.wait_for("batchkit: batch finished name=predictions")
