@@ -272,6 +272,16 @@ def test_the_readme_commands_work_as_written() -> None:
     assert predictions("--help").returncode == 0
 
 
+def test_the_readmes_agree_on_the_demo_s_duration() -> None:
+    """The repository's README and this app's say how long the demo takes: the same."""
+    said = {}
+    for readme in (README, README.parents[2] / "README.md"):
+        found = re.findall(r"the demo takes\s+about (\d+) s", readme.read_text(), re.IGNORECASE)
+        assert found, f"{readme} does not say how long the demo takes"
+        said[readme.parent.name or "."] = set(found)
+    assert len({frozenset(v) for v in said.values()}) == 1, said
+
+
 def test_database_url_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DATABASE_URL", raising=False)
     assert database_url() == "sqlite+aiosqlite:///predictions.db"
