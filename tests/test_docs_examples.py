@@ -179,3 +179,38 @@ def test_every_example_imports_what_it_uses() -> None:
             if missing:
                 problems.append(f"{block.where} uses {missing} without importing them")
     assert not problems, "\n".join(problems)
+
+
+# -- pages that say "paste into python -m asyncio" ----------------------------------------
+def _repl_errors(code: str) -> list[str]:
+    """Feed ``code`` line by line to a console as Python's asyncio REPL does (a blank line
+    ends a compound statement there), and return the syntax errors a reader would see."""
+    import codeop
+
+    compiler = codeop.CommandCompiler()
+    compiler.compiler.flags |= ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+    errors, buffer = [], []
+    for n, line in enumerate([*code.splitlines(), ""], 1):
+        buffer.append(line)
+        try:
+            complete = compiler("\n".join(buffer), "<console>", "single")
+        except SyntaxError as e:
+            errors.append(f"line {n}: {e.msg}: {line.strip()!r}")
+            complete = True
+        if complete is not None:
+            buffer = []
+    return errors
+
+
+def test_blocks_of_repl_pages_paste_into_the_repl() -> None:
+    """The tutorial says to paste its blocks into ``python -m asyncio``: a blank line inside
+    a function there ends the function, and the rest fails with IndentationError."""
+    assert _repl_errors("def f():\n    x = 1\n\n    return x\n")  # the check can fail
+    problems = []
+    for page in pages():
+        if "python -m asyncio" not in page.read_text(encoding="utf-8"):
+            continue
+        for block in blocks(page):
+            if block.language.startswith("python") and block.directive != "partial":
+                problems += [f"{block.where}: {e}" for e in _repl_errors(block.code)]
+    assert not problems, "\n".join(problems)
