@@ -189,16 +189,16 @@ def _repl_errors(code: str) -> list[str]:
 
     compiler = codeop.CommandCompiler()
     compiler.compiler.flags |= ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
-    errors, buffer = [], []
+    errors: list[str] = []
+    buffer: list[str] = []
     for n, line in enumerate([*code.splitlines(), ""], 1):
         buffer.append(line)
         try:
-            complete = compiler("\n".join(buffer), "<console>", "single")
+            if compiler("\n".join(buffer), "<console>", "single") is None:
+                continue  # the statement goes on
         except SyntaxError as e:
             errors.append(f"line {n}: {e.msg}: {line.strip()!r}")
-            complete = True
-        if complete is not None:
-            buffer = []
+        buffer = []
     return errors
 
 
