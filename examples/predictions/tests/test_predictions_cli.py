@@ -250,6 +250,11 @@ def test_log_shows_the_apps_and_batchkits_records_only(tmp_path: Path) -> None:
     assert done.returncode == 0
     assert "INFO batchkit: batch started name=predictions total=2" in done.stderr
     assert "HTTP Request" not in done.stderr
+    # batchkit's lines count measured seconds; the stderr says so beside the tables' unit.
+    assert (
+        "batchkit's log lines: measured seconds (time factor 0.02: 1 measured s = 50 "
+        "real-world s); the tables: real-world seconds"
+    ) in done.stderr
     everything = predictions("--database-url", url, "run", *FAST, *QUIET_SIM, "--log-all")
     assert "INFO httpx: HTTP Request: GET http://127.0.0.1:" in everything.stderr
 
