@@ -250,6 +250,11 @@ def test_log_shows_the_apps_and_batchkits_records_only(tmp_path: Path) -> None:
     assert done.returncode == 0
     assert "INFO batchkit: batch started name=predictions total=2" in done.stderr
     assert "HTTP Request" not in done.stderr
+    # batchkit's lines count measured seconds; the stderr says so beside the tables' unit.
+    assert (
+        "batchkit's log lines: measured seconds (time factor 0.02: 1 measured s = 50 "
+        "real-world s); the tables: real-world seconds"
+    ) in done.stderr
     everything = predictions("--database-url", url, "run", *FAST, *QUIET_SIM, "--log-all")
     assert "INFO httpx: HTTP Request: GET http://127.0.0.1:" in everything.stderr
 
@@ -270,6 +275,16 @@ def test_the_readme_commands_work_as_written() -> None:
         seen.add(args.command)
     assert {"init-db", "seed", "run", "report", "serve", "demo", "simulator"} <= seen
     assert predictions("--help").returncode == 0
+
+
+def test_the_readmes_agree_on_the_demo_s_duration() -> None:
+    """The repository's README and this app's say how long the demo takes: the same."""
+    said = {}
+    for readme in (README, README.parents[2] / "README.md"):
+        found = re.findall(r"the demo takes\s+about (\d+) s", readme.read_text(), re.IGNORECASE)
+        assert found, f"{readme} does not say how long the demo takes"
+        said[readme.parent.name or "."] = set(found)
+    assert len({frozenset(v) for v in said.values()}) == 1, said
 
 
 def test_database_url_resolution(monkeypatch: pytest.MonkeyPatch) -> None:

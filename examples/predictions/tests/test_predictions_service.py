@@ -157,6 +157,43 @@ async def test_overlapping_trigger_is_refused(
     )  # fmt: skip
 
 
+async def test_health_shows_live_counts_while_a_run_goes(
+    engine: AsyncEngine, session_factory: async_sessionmaker[AsyncSession], simulate: Simulate
+) -> None:
+    """The run record says "running" with zeros until the end; /health shows the counts so
+    far: one market whose upstream is down has failed while the others hang in flight."""
+    from predictions.pipeline import select_markets
+
+    [first] = await select_markets(session_factory, 1)  # the first market a run takes
+    sim = SimulatorConfig(
+        time_factor=F, hang_rate=1.0, hang_seconds=1e6, down=frozenset({first.symbol})
+    )
+    config = RunConfig(concurrency=20, timeout=1000, deadline=3000, attempts=1, time_factor=F)
+    async with simulate(sim) as (client, _):
+        app = create_app(
+            engine=engine, session_factory=session_factory, client=client, config=config
+        )
+        async with http(app) as svc:
+            run = asyncio.ensure_future(svc.post("/predictions/generate?limit=4"))
+            async with asyncio.timeout(WAIT):  # poll /health itself, with a deadline
+                while True:
+                    h = (await svc.get("/health")).json()
+                    if h.get("current_run", {}).get("counts", {}).get("error") == 1:
+                        break
+                    assert not run.done(), run.result().text
+                    await asyncio.sleep(0.01)
+            app.state.stop_runs("test")
+            response = await run
+    assert h["run_in_progress"] is True
+    assert h["current_run"]["total"] == 4
+    assert h["current_run"]["in_flight"] == 3
+    assert h["current_run"]["finished"] == 1
+    assert h["last_run"]["status"] == "running"
+    assert h["last_run"]["counts"]["error"] == 1  # not the record's 0
+    assert response.json()["counts"]["error"] == 1
+    assert app.state.interrupted is True
+
+
 @pytest.mark.parametrize(
     ("query", "reason"),
     [
@@ -310,9 +347,9 @@ async def test_health_does_not_wait_for_the_runs_pool(
 
 
 def test_serve_as_deployed_token_health_and_sigterm(db_url: str, tmp_path: Path) -> None:
-    """The real ``predictions serve`` and ``predictions simulator`` processes: a token run,
-    then SIGTERM during a run: the run records its partial result, the POST answers, the
-    lock is released, the server exits 0."""
+    """The real ``predictions serve --log`` and ``predictions simulator`` processes: a token
+    run, then SIGTERM during a run: the run records its partial result, the POST answers, the
+    lock is released, the log says so, and the server exits 1 (interrupted, as ``run``)."""
     assert predictions("--database-url", db_url, "seed", "--markets", "3").returncode == 0
     upstream = start(
         "simulator", "--port", "0", "--time-factor", "1",
@@ -324,7 +361,7 @@ def test_serve_as_deployed_token_health_and_sigterm(db_url: str, tmp_path: Path)
         sim_url = upstream_lines.wait_for("upstream: simulator on ").split()[3]
         server = start(
             "--database-url", db_url, "serve", "--port", "0", "--upstream-url", sim_url,
-            "--timeout", "600", "--deadline", "900", "--attempts", "1",
+            "--timeout", "600", "--deadline", "900", "--attempts", "1", "--log",
             environ=env(PREDICTIONS_TOKEN=TOKEN), stdout=False,
         )  # fmt: skip
         lines = StderrLines(server)
@@ -355,9 +392,10 @@ def test_serve_as_deployed_token_health_and_sigterm(db_url: str, tmp_path: Path)
                 return row is not None and row.expires_at is not None
 
             wait_until("the served run to hold the lock", server_holds_the_lock)
+            lines.wait_for("INFO batchkit: batch started name=predictions total=3")
             server.send_signal(signal.SIGTERM)
             poster.join(timeout=WAIT)
-            assert server.wait(timeout=WAIT) == 0
+            assert server.wait(timeout=WAIT) == 1
         finally:
             if server.poll() is None:
                 server.kill()
@@ -376,8 +414,53 @@ def test_serve_as_deployed_token_health_and_sigterm(db_url: str, tmp_path: Path)
     row = lease(db_url)
     assert row is not None
     assert row.expires_at is None
-    assert "Traceback" not in lines.text()
+    log = lines.text()
+    assert "Traceback" not in log
+    assert "WARNING predictions.service: SIGTERM: stopping the run in progress" in log
+    assert "run 1 finished: status interrupted, reason interrupted; 0 of 3 predicted" in log
+    assert all(m["elapsed"] > 0 for m in body["markets"] if m["outcome"] == "cancelled")
     json.dumps(body)  # stays JSON-safe
+
+
+def test_serve_log_names_failed_markets_and_an_idle_sigterm_exits_0(tmp_path: Path) -> None:
+    """``serve --log`` logs like ``run --log``: the run started and finished, every failed
+    market; SIGTERM with no run in progress is a clean shutdown (exit 0)."""
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    assert predictions("--database-url", url, "seed", "--markets", "2").returncode == 0
+    server = start(
+        "--database-url",
+        url,
+        "serve",
+        "--port",
+        "0",
+        "--upstream-url",
+        "http://127.0.0.1:9",
+        "--attempts",
+        "1",
+        "--log",
+        stdout=False,
+    )  # fmt: skip  (nothing listens on port 9: every call is refused)
+    lines = StderrLines(server)
+    try:
+        base = lines.wait_for("serving on ").split()[2]
+        response = httpx.post(f"{base}/predictions/generate", timeout=WAIT)
+        assert response.status_code == 503
+        lines.wait_for("run 1 finished: status failed")
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=WAIT) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait(timeout=WAIT)
+    log = lines.text()
+    assert "INFO batchkit: batch started name=predictions total=2" in log
+    assert log.count("WARNING batchkit: item failed name=predictions") == 2
+    assert "outcome=error" in log
+    assert "ConnectError" in log
+    assert "INFO batchkit: batch finished name=predictions total=2 success=0 error=2" in log
+    assert "WARNING predictions.service: run 1 finished: status failed" in log
+    assert "INFO predictions.service: SIGTERM: no run in progress; shutting down" in log
+    assert "Traceback" not in log
 
 
 async def test_runs_go_on_a_loop_of_their_own(monkeypatch: pytest.MonkeyPatch) -> None:

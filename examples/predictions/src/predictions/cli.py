@@ -410,6 +410,17 @@ def format_result(result: RunResult, title: str = "") -> str:
     return "\n".join(lines)
 
 
+def _units_note(f: float, what: str) -> str:
+    """batchkit's own progress bar and log lines count measured seconds; the app's tables
+    count real-world seconds. Say so once, on stderr, when they differ."""
+    if f == 1:
+        return f"batchkit's {what}: seconds"
+    return (
+        f"batchkit's {what}: measured seconds (time factor {f:g}: 1 measured s = "
+        f"{1 / f:g} real-world s); the tables: real-world seconds"
+    )
+
+
 def _exit_code(result: RunResult) -> int:
     return EXIT[result.status]
 
@@ -446,6 +457,10 @@ async def _run(url: str, args: argparse.Namespace, out: TextIO, err: TextIO) -> 
         sf = make_session_factory(engine)
         await create_schema(engine)
         async with _upstream(args, err) as client, _signals_stop(stop):
+            bar, logs = ("progress bar", err.isatty()), ("log lines", bool(observers))
+            shown = [what for what, on in (bar, logs) if on]
+            if shown and args.time_factor != 1:
+                print(_units_note(args.time_factor, " and ".join(shown)), file=err)
             result = await run_job(
                 sf,
                 client,
@@ -521,7 +536,7 @@ async def _serve(url: str, args: argparse.Namespace, err: TextIO) -> int:
     from .service import create_app, serve
     from .worker import RunThread
 
-    _configure_logging(args)
+    observers = _configure_logging(args)
     token = os.environ.get(TOKEN_ENV) or None
 
     @asynccontextmanager
@@ -548,6 +563,7 @@ async def _serve(url: str, args: argparse.Namespace, err: TextIO) -> int:
                 health_engine=health_engine,
                 lease_seconds=args.lease_seconds,
                 runs=runs,
+                observers=observers,
             )
 
             def started(base: str) -> None:
@@ -558,10 +574,13 @@ async def _serve(url: str, args: argparse.Namespace, err: TextIO) -> int:
                     flush=True,
                 )
 
+            if observers:
+                print(_units_note(args.time_factor, "log lines"), file=err, flush=True)
             await serve(app, host=args.host, port=args.port, on_started=started)
     finally:
         await health_engine.dispose()
-    return 0
+    # SIGTERM/SIGINT during a run: the run recorded its partial result; exit as `run` does.
+    return EXIT["interrupted"] if app.state.interrupted else 0
 
 
 async def _simulate(args: argparse.Namespace, err: TextIO) -> int:
@@ -610,6 +629,8 @@ async def _demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         print(f"database: {hide_password(url)} ({await count_markets(sf)} markets)", file=err)
         async with serve_simulator(sim) as (base, app), _signals_stop(stop):
             print(_describe_simulator(base, sim), file=err)
+            if err.isatty():
+                print(_units_note(f, "progress bar"), file=err)
             async with UpstreamClient(UpstreamURLs.single(base)) as client:
                 plan = [
                     f"cron tick 1 (the upstream is down for {down})",

@@ -32,7 +32,7 @@ import contextlib
 import dataclasses
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal, cast, final
+from typing import TYPE_CHECKING, Any, Literal, cast, final, get_args
 
 from sqlalchemy import delete, select, update
 
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from batchkit import Event, Outcome
 
 __all__ = [
+    "LiveCounts",
     "MarketRef",
     "RunConfig",
     "RunInterrupted",
@@ -485,19 +486,57 @@ async def _until_stopped(
 
 
 @final
+class LiveCounts:
+    """An observer: the run's counts by outcome kind while it goes (``/health`` shows them).
+
+    Written by the run's loop and read from another thread: every key exists from the start,
+    so a reader's copy never sees the dict change size.
+    """
+
+    __slots__ = ("counts", "in_flight", "total")
+
+    def __init__(self) -> None:
+        self.total: int | None = None
+        self.in_flight = 0
+        self.counts: dict[str, int] = dict.fromkeys(get_args(batchkit.OutcomeKind), 0)
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, batchkit.RunStarted):
+            self.total = event.total
+        elif isinstance(event, batchkit.ItemStarted):
+            self.in_flight = event.in_flight
+        elif isinstance(event, batchkit.ItemFinished):
+            self.in_flight = event.in_flight
+            self.counts[event.outcome.kind] += 1
+        elif isinstance(event, batchkit.ItemsSkipped):
+            self.counts["skipped"] += len(event.indices)
+
+    def to_dict(self) -> dict[str, Any]:
+        counts = dict(self.counts)
+        return {
+            "total": self.total,
+            "finished": sum(counts.values()),
+            "in_flight": self.in_flight,
+            "counts": counts,
+        }
+
+
+@final
 class _Collector:
     """Keeps what a run did so far, for a partial record when a signal cuts it short."""
 
-    __slots__ = ("finished", "peak", "started")
+    __slots__ = ("attempts", "finished", "peak", "started")
 
     def __init__(self) -> None:
-        self.started: set[int] = set()
+        self.started: dict[int, float] = {}  # index -> loop time of its first attempt
+        self.attempts: dict[int, int] = {}
         self.finished: dict[int, Outcome[MarketRef, Forecast]] = {}
         self.peak = 0
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, batchkit.ItemStarted):
-            self.started.add(event.index)
+            self.started.setdefault(event.index, event.time)
+            self.attempts[event.index] = event.attempt
             self.peak = max(self.peak, event.in_flight)
         elif isinstance(event, batchkit.ItemFinished):
             self.finished[event.outcome.index] = event.outcome
@@ -505,6 +544,9 @@ class _Collector:
     def partial(
         self, markets: Sequence[MarketRef], wall_time: float, concurrency: int
     ) -> BatchReport[MarketRef, Forecast]:
+        """What finished, and the rest: cancelled in flight (with the time they ran, from
+        their first attempt's start to now, as batchkit measures ``elapsed``) or skipped."""
+        now = asyncio.get_running_loop().time()
         outcomes: list[Outcome[MarketRef, Forecast]] = []
         for i, market in enumerate(markets):
             done = self.finished.get(i)
@@ -512,7 +554,18 @@ class _Collector:
                 outcomes.append(done)
             elif i in self.started:
                 error = RunInterrupted("cancelled in flight by a signal")
-                outcomes.append(Failure(market, error, "cancelled", i, errors=(error,)))
+                elapsed = max(0.0, now - self.started[i])
+                outcomes.append(
+                    Failure(
+                        market,
+                        error,
+                        "cancelled",
+                        i,
+                        attempts=self.attempts[i],
+                        elapsed=elapsed,
+                        errors=(error,),
+                    )
+                )
             else:
                 error = RunInterrupted("not started: a signal stopped the run")
                 outcomes.append(Failure(market, error, "skipped", i, attempts=0, errors=(error,)))

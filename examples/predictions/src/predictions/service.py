@@ -42,15 +42,17 @@ from batchkit.sqlalchemy import pool_stats
 from .db import hide_password
 from .lock import LEASE_SECONDS, LeaseLost, RunInProgress, default_holder
 from .models import Run, utcnow
-from .pipeline import RunConfig, Stop, run_job
+from .pipeline import LiveCounts, RunConfig, Stop, run_job
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Generator
+    from collections.abc import Callable, Generator, Sequence
     from datetime import datetime
 
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
     from starlette.requests import Request
     from starlette.responses import Response
+
+    from batchkit import Observer
 
     from .upstream import UpstreamClient
     from .worker import RunThread
@@ -135,6 +137,7 @@ def create_app(
     health_timeout: float = 2.0,
     lease_seconds: float = LEASE_SECONDS,
     runs: RunThread | None = None,
+    observers: Sequence[Observer] = (),
 ) -> Starlette:
     """The service over resources the caller owns (and closes): engines, sessions, client.
 
@@ -143,13 +146,17 @@ def create_app(
     ``runs``: run the job on the worker thread's loop and its resources (``serve`` does), so
     that a run's bursts of work never hold this loop; without it, runs go on this loop with
     ``session_factory`` and ``client``.
+    ``observers``: for every run, e.g. ``batchkit.LoggingObserver()`` (``serve --log``).
+
+    ``app.state.interrupted`` is true once SIGTERM/SIGINT (``app.state.stop_runs``) stopped
+    a run in progress: ``serve`` then exits 1, as the CLI does for an interrupted run.
     """
     if client is None and runs is None:
         raise TypeError("create_app() needs client= (or runs=, which brings its own)")
     config = config if config is not None else RunConfig()
     health_db = health_engine if health_engine is not None else engine
     url = engine.url.render_as_string(hide_password=False)
-    stops: set[Stop] = set()
+    stops: dict[Stop, LiveCounts] = {}  # the runs in progress, and their counts so far
     expected = token.encode() if token else None
 
     def authorized(request: Request) -> bool:
@@ -206,13 +213,18 @@ def create_app(
         if isinstance(limit, JSONResponse):
             return limit
         stop = Stop()
-        stops.add(stop)
+        live = stops[stop] = LiveCounts()
         run_config = dataclasses.replace(config, limit=limit)
         holder = default_holder("predictions serve")
+        run_observers = [*observers, live]
         try:
             if runs is not None:
                 result = await runs.run(
-                    run_config, stop=stop, holder=holder, lease_seconds=lease_seconds
+                    run_config,
+                    stop=stop,
+                    holder=holder,
+                    lease_seconds=lease_seconds,
+                    observers=run_observers,
                 )
             else:
                 assert client is not None
@@ -223,6 +235,7 @@ def create_app(
                     stop=stop,
                     holder=holder,
                     lease_seconds=lease_seconds,
+                    observers=run_observers,
                 )
         except RunInProgress as e:
             return _answer(409, "busy", "run_in_progress", error=str(e), lock=e.to_dict())
@@ -233,7 +246,16 @@ def create_app(
             log.error("POST /predictions/generate: database unavailable: %s", _one_line(e, url))
             return _answer(503, "unavailable", "database_unavailable")
         finally:
-            stops.discard(stop)
+            stops.pop(stop, None)
+        log.log(
+            logging.INFO if result.status == "ok" else logging.WARNING,
+            "run %d finished: status %s, reason %s; %d of %d predicted",
+            result.run_id,
+            result.status,
+            result.reason,
+            result.report.counts["success"],
+            len(result.report),
+        )
         return JSONResponse(result.to_dict(), status_code=200 if result.status == "ok" else 503)
 
     async def health(request: Request) -> JSONResponse:
@@ -259,6 +281,12 @@ def create_app(
             run_engine = runs.engine if runs is not None and runs.engine is not None else engine
             body["pool"] = pool_stats(run_engine).to_dict()
             body["run_in_progress"] = bool(stops)
+            current = [live.to_dict() for live in list(stops.values())]
+            if current:
+                # The record says "running" with zeros until the end: these are the live ones.
+                body["current_run"] = current[0]
+                if last is not None and last["status"] == "running":
+                    last["counts"] = {k: current[0]["counts"].get(k, 0) for k in last["counts"]}
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -291,10 +319,17 @@ def create_app(
     )
 
     def stop_runs(reason: str) -> None:
-        for stop in list(stops):
+        in_progress = list(stops)
+        if in_progress:
+            app.state.interrupted = True
+            log.warning("%s: stopping the run in progress; it records what it has", reason)
+        else:
+            log.info("%s: no run in progress; shutting down", reason)
+        for stop in in_progress:
             stop.set(reason)
 
     app.state.stop_runs = stop_runs
+    app.state.interrupted = False
     return app
 
 

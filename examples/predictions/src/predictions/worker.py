@@ -20,11 +20,13 @@ from typing import TYPE_CHECKING, Any, final
 from .pipeline import RunConfig, RunResult, Stop, run_job
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
     from contextlib import AbstractAsyncContextManager
     from types import TracebackType
 
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+    from batchkit import Observer
 
     from .upstream import UpstreamClient
 
@@ -84,9 +86,16 @@ class RunThread:
         self._loop.close()
 
     async def run(
-        self, config: RunConfig, *, stop: Stop, holder: str, lease_seconds: float
+        self,
+        config: RunConfig,
+        *,
+        stop: Stop,
+        holder: str,
+        lease_seconds: float,
+        observers: Sequence[Observer] = (),
     ) -> RunResult:
-        """``run_job`` on the worker loop; ``stop.set`` may be called from any thread."""
+        """``run_job`` on the worker loop; ``stop.set`` may be called from any thread.
+        ``observers`` are called on the worker loop (a logging handler or a counter is fine)."""
         assert self._session_factory is not None
         assert self._client is not None
         result: RunResult = await self._on_worker(
@@ -97,6 +106,7 @@ class RunThread:
                 stop=stop,
                 holder=holder,
                 lease_seconds=lease_seconds,
+                observers=observers,
             )
         )
         return result
