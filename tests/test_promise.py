@@ -475,12 +475,15 @@ async def test_item05_a_hint_past_the_deadline_ends_the_item_with_its_last_error
         batch_process([0], _throttled_once(math.inf), retry=retry, deadline=10),
         "batch_process",
     )
-    # The capped wait (60 s) cannot fit before the deadline: no sleep, the last error.
+    # The capped wait (60 s) cannot fit before the deadline: no sleep; the retry is dropped
+    # and says so (skipped, out_of_time), with the last error as its cause.
     assert now() == 0
     failure = report[0]
     assert isinstance(failure, Failure)
-    assert failure.kind == "error"
-    assert isinstance(failure.error, Throttled)
+    assert failure.kind == "skipped"
+    assert isinstance(failure.error, batchkit.ItemSkipped)
+    assert failure.error.reason == "out_of_time"
+    assert isinstance(failure.error.__cause__, Throttled)
     assert not report.deadline_hit
 
 

@@ -37,11 +37,44 @@ __all__ = [
     "MissingExtra",
     "RemoteError",
     "StopReason",
+    "add_note",
+    "describe",
+    "safe_repr",
 ]
 
-StopReason = Literal["deadline", "fail_fast", "max_failures", "max_failure_ratio", "out_of_time"]
+StopReason = Literal[
+    "deadline", "fail_fast", "max_failures", "max_failure_ratio", "out_of_time", "cancelled"
+]
 """Why a run stopped starting items before its input was done. ``out_of_time``: before the
-deadline, nothing more could finish in time (see :class:`~batchkit.Deadline`)."""
+deadline, nothing more could finish in time (see :class:`~batchkit.Deadline`); ``cancelled``:
+the caller cancelled the call (or left a ``stream`` block early)."""
+
+
+# -- user objects that misbehave: text about them never raises ------------------------------
+def safe_repr(obj: object) -> str:
+    """``repr(obj)``, or a stand-in naming its type when its ``__repr__`` raises."""
+    try:
+        return repr(obj)
+    except Exception:
+        return f"<{type(obj).__name__} object (repr() raised)>"
+
+
+def describe(error: BaseException) -> str:
+    """``"TypeName: message"`` for logs and reports; an error whose ``__str__`` raises is
+    described by its type alone, so one odd exception cannot break a log line or a report."""
+    try:
+        text = str(error)
+    except Exception:
+        text = "<str() raised>"
+    return f"{type(error).__name__}: {text}"
+
+
+def add_note(error: BaseException, note: str) -> None:
+    """``error.add_note(note)``, unless the error cannot take notes (a broken ``__notes__``)."""
+    try:
+        error.add_note(note)
+    except Exception:  # pragma: no cover - __notes__ replaced by something that is not a list
+        pass
 
 
 def _rebuild(
