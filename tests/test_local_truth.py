@@ -442,3 +442,332 @@ async def test_an_unseen_input_error_still_leaves_the_block() -> None:
         async with stream(_failing_input(), _ident) as s:
             await asyncio.sleep(5)  # the run ends with the input's error meanwhile
             del s
+
+
+# -- 7. a caller's cancel is told truthfully -------------------------------------------------
+async def _short_then_long(i: int) -> int:
+    await asyncio.sleep(0.5 if i < 3 else 10)
+    return i
+
+
+async def test_a_callers_cancel_is_told_in_run_finished_and_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    seen: list[Event] = []
+    caplog.set_level(logging.INFO, logger="batchkit")
+    task = asyncio.create_task(
+        batch_process(
+            range(10),
+            _short_then_long,
+            concurrency=5,
+            observers=[seen.append, LoggingObserver()],
+        )
+    )
+    await asyncio.sleep(1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await within(HANG, task, "the cancelled batch_process")
+    assert now() == 1
+    last = seen[-1]
+    assert isinstance(last, RunFinished)
+    report = last.report
+    assert report.stop_reason == "cancelled"
+    # 0-2 done at 0.5; 3-7 in flight at 1 s (cut); 8-9 never started.
+    assert [o.kind for o in report] == ["success"] * 3 + ["cancelled"] * 5 + ["skipped"] * 2
+    assert all(o.error.reason == "cancelled" for o in report.failures)  # type: ignore[attr-defined]
+    (line,) = [r for r in caplog.records if r.getMessage().startswith("batch finished")]
+    assert line.levelno == logging.WARNING
+    assert line.getMessage() == (
+        "batch finished name=None total=10 success=3 error=0 timeout=0 cancelled=5 skipped=2 lost=0 "
+        "retries=0 peak_concurrency=5 wall=1.000s stop_reason=cancelled unfinished=7"
+    )
+
+
+async def test_leaving_a_stream_early_counts_every_item_in_its_report() -> None:
+    async with stream(range(10), _short_then_long, concurrency=5) as s:
+        async for o in s:
+            if o.index == 2:
+                break
+        assert now() == 0.5
+    report = s.report
+    assert report.stop_reason == "cancelled"
+    assert report.total == 10
+    assert report.counts["success"] == 3
+    assert report.counts["cancelled"] == 5
+    assert report.counts["skipped"] == 2
+
+
+# -- 8. a retry dropped for the deadline leaves a trace --------------------------------------
+async def test_a_retry_dropped_for_the_deadline_says_so() -> None:
+    seen: list[Event] = []
+
+    async def fn(i: int) -> int:
+        await asyncio.sleep(0.75)
+        raise ConnectionError("upstream reset")
+
+    retry = Retry(attempts=3, backoff=Backoff(initial=0.25, maximum=0.25, jitter=False))
+    report = await within(
+        HANG,
+        batch_process([0], fn, retry=retry, deadline=1, observers=[seen.append]),
+        "batch_process",
+    )
+    # The attempt ends at 0.75; a retry at 1.0 expected to take 0.75 cannot end by 1.
+    assert now() == 0.75
+    (failed,) = [e for e in seen if type(e).__name__ == "AttemptFailed"]
+    assert failed.retry_in is None  # type: ignore[union-attr]  # no retry is announced
+    failure = report[0]
+    assert isinstance(failure, Failure)
+    assert failure.kind == "skipped"
+    assert isinstance(failure.error, ItemSkipped)
+    assert failure.error.reason == "out_of_time"
+    assert isinstance(failure.error.__cause__, ConnectionError)
+    assert failure.attempts == 1
+    assert [type(e) for e in failure.errors] == [ConnectionError, ItemSkipped]
+    # The cron-jobs page's redo recipe picks it up for the next run.
+    redo = {f.index for f in report.failures if f.kind in ("skipped", "cancelled")}
+    assert redo == {0}
+
+
+async def test_a_dropped_retry_is_logged_as_a_failure_not_a_retry(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def fn(i: int) -> int:
+        await asyncio.sleep(0.75)
+        raise ConnectionError("upstream reset")
+
+    caplog.set_level(logging.DEBUG, logger="batchkit")
+    retry = Retry(attempts=3, backoff=Backoff(initial=0.25, maximum=0.25, jitter=False))
+    await within(
+        HANG,
+        batch_process([0], fn, retry=retry, deadline=1, observers=[LoggingObserver()]),
+        "batch_process",
+    )
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert not [m for _, m in messages if m.startswith("item retry")]
+    (failed,) = [(lvl, m) for lvl, m in messages if m.startswith("item failed")]
+    assert failed[0] == "WARNING"
+    assert "outcome=skipped attempts=1" in failed[1]
+    assert "out_of_time" in failed[1]
+
+
+# -- 9. the end of a run that stopped early is a WARNING -------------------------------------
+@pytest.mark.parametrize(
+    ("options", "reason", "unfinished"),
+    [
+        ({"fail_fast": True}, "fail_fast", 3),
+        ({"max_failures": 1}, "max_failures", 3),
+        ({"deadline": 1.5}, "deadline", 3),
+    ],
+    ids=["fail_fast", "max_failures", "deadline"],
+)
+async def test_the_end_of_a_run_that_stopped_early_is_a_warning(
+    caplog: pytest.LogCaptureFixture, options: dict[str, Any], reason: str, unfinished: int
+) -> None:
+    async def fn(i: int) -> int:
+        await asyncio.sleep(1 + i)
+        if i == 0:
+            raise Boom("first")
+        return i
+
+    caplog.set_level(logging.INFO, logger="batchkit")
+    await within(
+        HANG,
+        batch_process(range(4), fn, concurrency=2, observers=[LoggingObserver()], **options),
+        "batch_process",
+    )
+    (line,) = [r for r in caplog.records if r.getMessage().startswith("batch finished")]
+    assert line.levelno == logging.WARNING
+    assert f"stop_reason={reason} unfinished={unfinished}" in line.getMessage()
+
+
+async def test_the_end_of_a_run_that_ran_through_is_info(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def fn(i: int) -> int:
+        if i == 0:
+            raise Boom("an ordinary failure")
+        return i
+
+    caplog.set_level(logging.INFO, logger="batchkit")
+    await batch_process(range(3), fn, observers=[LoggingObserver()])
+    (line,) = [r for r in caplog.records if r.getMessage().startswith("batch finished")]
+    assert line.levelno == logging.INFO
+    assert "unfinished" not in line.getMessage()
+
+
+# -- 10. the documented 429 recipe retries without a header ---------------------------------
+class _Headers(dict[str, str]):
+    pass
+
+
+class _Response:
+    """What httpx's and requests' responses have that batchkit looks at."""
+
+    def __init__(self, status_code: int, headers: dict[str, str] | None = None) -> None:
+        self.status_code = status_code
+        self.headers = _Headers(headers or {})
+        self.url = "https://api.example/items"
+
+
+class RateLimited(Exception):
+    """The retries how-to's recipe, as written there."""
+
+    def __init__(self, response: _Response) -> None:
+        super().__init__(f"429 from {response.url}")
+        self.retry_after = response.headers.get("Retry-After")  # parsed by batchkit
+
+
+@pytest.mark.parametrize(("headers", "waited"), [({}, 0.5), ({"Retry-After": "3"}, 3)])
+async def test_the_429_recipe_retries_with_or_without_a_retry_after_header(
+    headers: dict[str, str], waited: float
+) -> None:
+    calls: list[float] = []
+
+    async def fn(i: int) -> int:
+        calls.append(now())
+        if len(calls) == 1:
+            raise RateLimited(_Response(429, headers))
+        return i
+
+    retry = Retry(backoff=Backoff(initial=0.5, maximum=0.5, jitter=False))
+    report = await within(HANG, batch_process([7], fn, retry=retry), "batch_process")
+    assert report.values() == [7]
+    assert calls == [0, waited]
+
+
+class _HttpxStatusError(Exception):
+    """httpx.HTTPStatusError's shape: the status is on ``.response.status_code``."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"Client error '{status}'")
+        self.request = object()
+        self.response = _Response(status)
+
+
+class _RequestsHTTPError(OSError):
+    """requests.HTTPError's shape: an OSError (RequestException) with ``.response``."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"{status} Client Error")
+        self.response = _Response(status)
+
+
+class _AiohttpClientResponseError(Exception):
+    """aiohttp.ClientResponseError's shape: the status is on ``.status``; ``.headers``."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"{status}, message='Too Many Requests'")
+        self.status = status
+        self.headers = _Headers()
+
+
+@pytest.mark.parametrize(
+    "make", [_HttpxStatusError, _RequestsHTTPError, _AiohttpClientResponseError], ids=repr
+)
+@pytest.mark.parametrize(("status", "expected"), [(429, True), (503, True), (404, False)])
+def test_transient_reads_the_status_of_http_client_errors(
+    make: Any, status: int, expected: bool
+) -> None:
+    error = make(status)
+    # requests' errors are OSErrors: transient whatever the status.
+    assert transient(error) is (expected or isinstance(error, OSError))
+
+
+def test_transient_on_the_real_httpx_error() -> None:
+    httpx = pytest.importorskip("httpx")
+    request = httpx.Request("GET", "https://api.example/items")
+    for status, expected in ((429, True), (502, True), (404, False)):
+        response = httpx.Response(status, request=request)
+        error = httpx.HTTPStatusError("status", request=request, response=response)
+        assert transient(error) is expected
+
+
+# -- 11. a rollback cut by a timeout keeps fn's error -----------------------------------------
+async def test_a_rollback_cut_by_the_timeout_keeps_fns_error() -> None:
+    exits: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def session() -> AsyncIterator[None]:
+        try:
+            yield None
+        except Exception:
+            try:
+                await asyncio.sleep(5)  # a slow rollback, cut by the item's timeout
+            finally:
+                exits.append(f"rollback ended at {now():g}")
+            raise
+
+    async def fn(i: int, _s: None) -> int:
+        await asyncio.sleep(1)
+        raise Boom("the write failed")
+
+    report = await within(
+        HANG, batch_process([0], fn, context=session, timeout=2), "batch_process"
+    )
+    assert exits == ["rollback ended at 2"]
+    failure = report[0]
+    assert isinstance(failure, Failure)
+    assert failure.kind == "error"
+    assert isinstance(failure.error, Boom)
+    assert failure.errors == (failure.error,)
+    assert any("timeout interrupted" in n for n in failure.error.__notes__)
+
+
+async def test_a_timeout_in_fn_is_still_a_timeout_with_a_slow_rollback() -> None:
+    @contextlib.asynccontextmanager
+    async def session() -> AsyncIterator[None]:
+        try:
+            yield None
+        except BaseException:
+            await asyncio.sleep(0.5)  # the rollback finishes within grace
+            raise
+
+    async def fn(i: int, _s: None) -> int:
+        await asyncio.sleep(10)
+        return i
+
+    report = await within(
+        HANG, batch_process([0], fn, context=session, timeout=2), "batch_process"
+    )
+    assert report[0].kind == "timeout"
+    assert now() == 2.5
+
+
+# -- 12. a sync fn's thread that outlives its timeout does not outlive its context ------------
+@pytest.mark.looptime(False)
+async def test_a_sync_fns_context_is_not_exited_while_its_thread_runs() -> None:
+    release = threading.Event()
+    log: list[str] = []
+    exited = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def session() -> AsyncIterator[list[str]]:
+        try:
+            yield log
+        finally:
+            log.append("context exited")
+            exited.set()
+
+    def blocking(i: int, ctx: list[str]) -> int:
+        release.wait(30)  # a hang guard, not a margin: the test sets it
+        ctx.append("thread used the session")
+        return i
+
+    try:
+        report = await within(
+            30,
+            batch_process(
+                [0], blocking, context=session, timeout=0.05, deadline=Deadline(seconds=30, grace=0.05)
+            ),
+            "batch_process with a blocked sync fn",
+        )
+        # The call returned (timeout + grace) with the thread still blocked: its context
+        # is still open, and the item is reported abandoned.
+        assert log == []
+        assert report[0].kind == "timeout"
+        assert report.abandoned == (0,)
+        assert report.threads_running == 1
+    finally:
+        release.set()
+    await within(30, exited.wait(), "the context's exit after the thread returned")
+    assert log == ["thread used the session", "context exited"]

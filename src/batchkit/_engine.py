@@ -735,11 +735,12 @@ class Engine(Generic[T, R]):
         """``job``'s next attempt does not start (its cost, or its retry, does not fit before
         the deadline): ``skipped``, with the errors of the attempts it made."""
         assert self._loop is not None
-        err = ItemSkipped(reason)
         if not job.errors:
+            err = ItemSkipped(reason)
             self._record(Failure(job.item, err, "skipped", job.index, 0, 0.0, (err,)), job)
             return
         assert job.first_start is not None
+        err = ItemSkipped(reason, len(job.errors))
         err.__cause__ = job.errors[-1]
         elapsed = self._loop.time() - job.first_start
         failure = Failure(

@@ -142,20 +142,33 @@ class ItemTimeout(ItemError, TimeoutError):
         self.timeout = timeout
 
 
+def _why(reason: StopReason) -> str:
+    return "the caller cancelled the run" if reason == "cancelled" else f"the run stopped ({reason})"
+
+
 class ItemCancelled(ItemError):
     """The run stopped while this item was in flight (or waiting to retry)."""
 
     def __init__(self, reason: StopReason) -> None:
-        super().__init__(f"cancelled: the run stopped ({reason})")
+        super().__init__(f"cancelled: {_why(reason)}")
         self.reason: StopReason = reason
 
 
 class ItemSkipped(ItemError):
-    """The run stopped, or the deadline left no room, before this item started."""
+    """The run stopped, or the deadline left no room, before this item started — or before
+    its next attempt started (``attempts`` made before, their errors in the envelope's
+    ``errors``; ``__cause__`` is the last one): a retry dropped for the deadline is
+    ``ItemSkipped("out_of_time", attempts=n)``."""
 
-    def __init__(self, reason: StopReason) -> None:
-        super().__init__(f"skipped: the run stopped ({reason}) before this item started")
+    def __init__(self, reason: StopReason, attempts: int = 0) -> None:
+        if reason == "out_of_time":
+            why = "it could not finish before the deadline (out_of_time)"
+        else:
+            why = _why(reason)
+        what = f"attempt {attempts + 1} of this item" if attempts else "this item"
+        super().__init__(f"skipped: {what} did not start: {why}")
         self.reason: StopReason = reason
+        self.attempts = attempts
 
 
 class RemoteError(ItemError):
