@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import threading
 from collections import Counter
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -28,13 +27,10 @@ from batchkit import (
     FailureRatio,
     InputFailed,
     InvalidArgument,
-    ItemCancelled,
     ItemSkipped,
     LoggingObserver,
-    RateLimit,
     Retry,
     RunFinished,
-    Success,
     batch_process,
     stream,
     transient,
@@ -259,9 +255,7 @@ async def test_an_async_observer_is_refused_before_any_work() -> None:
     assert ran == []
 
 
-@pytest.mark.parametrize(
-    "option", [{"ordered": True}, {"buffer": 5}, {"ordered": False}], ids=str
-)
+@pytest.mark.parametrize("option", [{"ordered": True}, {"buffer": 5}, {"ordered": False}], ids=str)
 async def test_stream_only_options_are_refused_by_batch_process(option: dict[str, Any]) -> None:
     async def fn(i: int) -> int:
         return i
@@ -411,13 +405,17 @@ class MyError(Exception):
 
 
 async def test_an_error_the_block_converts_is_what_leaves_the_block() -> None:
-    with pytest.raises(MyError):
+    async def convert() -> None:
         async with stream(_failing_input(), _ident) as s:
             try:
                 async for _ in s:
                     pass
             except InputFailed as e:
                 raise MyError("converted") from e
+
+    with pytest.raises(MyError) as info:
+        await within(HANG, convert(), "the stream block")
+    assert isinstance(info.value.__cause__, InputFailed)
 
 
 async def test_a_caught_base_exception_from_fn_is_not_raised_again() -> None:
@@ -438,10 +436,12 @@ async def test_a_caught_base_exception_from_fn_is_not_raised_again() -> None:
 
 
 async def test_an_unseen_input_error_still_leaves_the_block() -> None:
-    with pytest.raises(InputFailed):
-        async with stream(_failing_input(), _ident) as s:
+    async def ignore_it() -> None:
+        async with stream(_failing_input(), _ident):
             await asyncio.sleep(5)  # the run ends with the input's error meanwhile
-            del s
+
+    with pytest.raises(InputFailed):
+        await within(HANG, ignore_it(), "the stream block")
 
 
 # -- 7. a caller's cancel is told truthfully -------------------------------------------------
@@ -478,8 +478,8 @@ async def test_a_callers_cancel_is_told_in_run_finished_and_the_log(
     (line,) = [r for r in caplog.records if r.getMessage().startswith("batch finished")]
     assert line.levelno == logging.WARNING
     assert line.getMessage() == (
-        "batch finished name=None total=10 success=3 error=0 timeout=0 cancelled=5 skipped=2 lost=0 "
-        "retries=0 peak_concurrency=5 wall=1.000s stop_reason=cancelled unfinished=7"
+        "batch finished name=None total=10 success=3 error=0 timeout=0 cancelled=5 skipped=2 "
+        "lost=0 retries=0 peak_concurrency=5 wall=1.000s stop_reason=cancelled unfinished=7"
     )
 
 
@@ -701,9 +701,7 @@ async def test_a_rollback_cut_by_the_timeout_keeps_fns_error() -> None:
         await asyncio.sleep(1)
         raise Boom("the write failed")
 
-    report = await within(
-        HANG, batch_process([0], fn, context=session, timeout=2), "batch_process"
-    )
+    report = await within(HANG, batch_process([0], fn, context=session, timeout=2), "batch_process")
     assert exits == ["rollback ended at 2"]
     failure = report[0]
     assert isinstance(failure, Failure)
@@ -726,9 +724,7 @@ async def test_a_timeout_in_fn_is_still_a_timeout_with_a_slow_rollback() -> None
         await asyncio.sleep(10)
         return i
 
-    report = await within(
-        HANG, batch_process([0], fn, context=session, timeout=2), "batch_process"
-    )
+    report = await within(HANG, batch_process([0], fn, context=session, timeout=2), "batch_process")
     assert report[0].kind == "timeout"
     assert now() == 2.5
 
@@ -757,7 +753,11 @@ async def test_a_sync_fns_context_is_not_exited_while_its_thread_runs() -> None:
         report = await within(
             30,
             batch_process(
-                [0], blocking, context=session, timeout=0.05, deadline=Deadline(seconds=30, grace=0.05)
+                [0],
+                blocking,
+                context=session,
+                timeout=0.05,
+                deadline=Deadline(seconds=30, grace=0.05),
             ),
             "batch_process with a blocked sync fn",
         )

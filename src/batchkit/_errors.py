@@ -21,6 +21,7 @@ Every error here pickles and unpickles with its message, attributes, notes and `
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -71,10 +72,8 @@ def describe(error: BaseException) -> str:
 
 def add_note(error: BaseException, note: str) -> None:
     """``error.add_note(note)``, unless the error cannot take notes (a broken ``__notes__``)."""
-    try:
+    with contextlib.suppress(Exception):  # __notes__ replaced by something that is not a list
         error.add_note(note)
-    except Exception:  # pragma: no cover - __notes__ replaced by something that is not a list
-        pass
 
 
 def _rebuild(
@@ -143,7 +142,9 @@ class ItemTimeout(ItemError, TimeoutError):
 
 
 def _why(reason: StopReason) -> str:
-    return "the caller cancelled the run" if reason == "cancelled" else f"the run stopped ({reason})"
+    return (
+        "the caller cancelled the run" if reason == "cancelled" else f"the run stopped ({reason})"
+    )
 
 
 class ItemCancelled(ItemError):

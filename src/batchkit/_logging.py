@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, final
 
+from ._errors import describe
 from ._events import (
     AttemptFailed,
     DeadlineHit,
@@ -26,7 +27,6 @@ from ._events import (
     RunStarted,
     RunStopping,
 )
-from ._errors import describe
 from ._outcomes import Success
 
 if TYPE_CHECKING:
