@@ -730,8 +730,20 @@ async def test_a_timeout_in_fn_is_still_a_timeout_with_a_slow_rollback() -> None
 
 
 # -- 12. a sync fn's thread that outlives its timeout does not outlive its context ------------
+# Real time (a thread cannot be paused by a virtual clock); the thread blocks on an event the
+# test sets after the call returned, never on a sleep; the timeouts below are hang guards.
 @pytest.mark.looptime(False)
-async def test_a_sync_fns_context_is_not_exited_while_its_thread_runs() -> None:
+@pytest.mark.parametrize(
+    ("options", "kind"),
+    [
+        ({"timeout": 0.05, "deadline": Deadline(seconds=30, grace=0.05)}, "timeout"),
+        ({"deadline": Deadline(seconds=0.05, grace=0.05)}, "cancelled"),
+    ],
+    ids=["timeout", "deadline"],
+)
+async def test_a_sync_fns_context_is_not_exited_while_its_thread_runs(
+    options: dict[str, Any], kind: str
+) -> None:
     release = threading.Event()
     log: list[str] = []
     exited = asyncio.Event()
@@ -752,19 +764,13 @@ async def test_a_sync_fns_context_is_not_exited_while_its_thread_runs() -> None:
     try:
         report = await within(
             30,
-            batch_process(
-                [0],
-                blocking,
-                context=session,
-                timeout=0.05,
-                deadline=Deadline(seconds=30, grace=0.05),
-            ),
+            batch_process([0], blocking, context=session, **options),
             "batch_process with a blocked sync fn",
         )
-        # The call returned (timeout + grace) with the thread still blocked: its context
-        # is still open, and the item is reported abandoned.
+        # The call returned (after grace) with the thread still blocked: its context is
+        # still open, and the item is reported and listed as abandoned.
         assert log == []
-        assert report[0].kind == "timeout"
+        assert report[0].kind == kind
         assert report.abandoned == (0,)
         assert report.threads_running == 1
     finally:
