@@ -550,6 +550,31 @@ async def test_a_dropped_retry_is_logged_as_a_failure_not_a_retry(
     assert "out_of_time" in failed[1]
 
 
+async def test_an_item_waiting_to_retry_when_the_run_stops_is_skipped_with_its_errors() -> None:
+    async def fn(i: int) -> int:
+        await asyncio.sleep(1 + i)
+        if i == 0:
+            raise ConnectionError("transient: retried in 2 s")
+        raise Boom("not retried: trips max_failures=1")
+
+    retry = Retry(retry_on=ConnectionError, backoff=Backoff(initial=2, maximum=2, jitter=False))
+    report = await within(
+        HANG,
+        batch_process(range(2), fn, concurrency=2, retry=retry, max_failures=1),
+        "batch_process",
+    )
+    assert now() == 2
+    assert report.stop_reason == "max_failures"
+    waiting = report[0]
+    assert isinstance(waiting, Failure)
+    assert waiting.kind == "skipped"
+    assert isinstance(waiting.error, ItemSkipped)
+    assert waiting.error.reason == "max_failures"
+    assert waiting.error.attempts == 1
+    assert isinstance(waiting.error.__cause__, ConnectionError)
+    assert [type(e) for e in waiting.errors] == [ConnectionError, ItemSkipped]
+
+
 # -- 9. the end of a run that stopped early is a WARNING -------------------------------------
 @pytest.mark.parametrize(
     ("options", "reason", "unfinished"),

@@ -701,7 +701,8 @@ async def test_item08_stream_observers_see_skipped_items(ordered: bool) -> None:
 
 
 # -- 9. a retry that cannot fit ends with its last error ----------------------------------
-async def test_item09_retry_that_cannot_fit_ends_with_its_last_error() -> None:
+# (Since issue 22: it ends "skipped" for out_of_time, its last error as the cause.)
+async def test_item09_retry_that_cannot_fit_is_skipped_with_its_last_error() -> None:
     boom = OSError("item 0 failed")
 
     async def fn(i: int) -> int:
@@ -727,9 +728,11 @@ async def test_item09_retry_that_cannot_fit_ends_with_its_last_error() -> None:
     assert now() == 6
     item0 = report[0]
     assert isinstance(item0, Failure)
-    assert item0.kind == "error"
-    assert item0.error is boom
-    assert item0.errors == (boom,)
+    assert item0.kind == "skipped"
+    assert isinstance(item0.error, batchkit.ItemSkipped)
+    assert item0.error.reason == "out_of_time"
+    assert item0.error.__cause__ is boom
+    assert item0.errors == (boom, item0.error)
     assert item0.attempts == 1
     assert isinstance(report[1], Success)
     # Nothing reached the deadline: it was not "hit", and the run did not stop "for" it.

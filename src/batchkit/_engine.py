@@ -766,8 +766,8 @@ class Engine(Generic[T, R]):
         )
 
     def _stopped(self, job: Job, *, running: bool) -> None:
-        """The run stopped around ``job``: ``cancelled`` if it was running, its last error if
-        it was waiting to retry, else ``skipped``."""
+        """The run stopped around ``job``: ``cancelled`` if it was running, else ``skipped``
+        (with its attempts' errors if it was waiting to retry)."""
         assert self._loop is not None
         now = self._loop.time()
         reason: StopReason = self._stop_reason or "fail_fast"
@@ -779,7 +779,9 @@ class Engine(Generic[T, R]):
                 job.item, err, "cancelled", job.index, job.attempt, now - job.first_start, history
             )
         elif job.errors:
-            failure = self._last_error(job, now)
+            # Waiting to retry: the retry is dropped for the stop, and says so.
+            self._skip(job, reason)
+            return
         else:
             err = ItemSkipped(reason)
             failure = Failure(job.item, err, "skipped", job.index, 0, 0.0, (err,))

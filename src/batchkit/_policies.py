@@ -110,7 +110,9 @@ class Retry:
       ``True`` keeps the pressure on a struggling upstream at ``concurrency`` at most.
     - ``rng``: the random source of the backoff's jitter (default: a fresh ``random.Random()``
       per run); pass ``random.Random(seed)`` for a reproducible run.
-    A backoff never sleeps past the run's deadline: such an item ends with its last error.
+    A backoff never sleeps past the run's deadline: a retry that could not finish before it is
+    not made, and the item ends ``"skipped"`` (``ItemSkipped("out_of_time")``, its last error
+    as the cause).
     """
 
     attempts: int = 3
