@@ -802,3 +802,45 @@ async def test_a_sync_fns_context_is_not_exited_while_its_thread_runs(
         release.set()
     await within(30, exited.wait(), "the context's exit after the thread returned")
     assert log == ["thread used the session", "context exited"]
+
+
+# -- the seams of the fixes ------------------------------------------------------------------
+class _ExitFailsLimiter:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        raise ConnectionError("limiter release failed")
+
+
+async def test_a_limiter_whose_exit_raises_fails_a_success_and_notes_a_failure() -> None:
+    async def fn(i: int) -> int:
+        if i == 1:
+            raise Boom("fn failed")
+        return i
+
+    report = await within(
+        HANG, batch_process(range(2), fn, rate_limit=_ExitFailsLimiter()), "batch_process"
+    )
+    assert isinstance(report[0], Failure)
+    assert isinstance(report[0].error, ConnectionError)
+    assert isinstance(report[1], Failure)
+    assert isinstance(report[1].error, Boom)
+    assert any("releasing the limiter" in n for n in report[1].error.__notes__)
+
+
+async def test_a_stream_cancelled_while_entering_leaves_no_task_behind() -> None:
+    before = asyncio.all_tasks()
+    entered = asyncio.Event()
+
+    async def enter() -> None:
+        entered.set()
+        async with stream(range(3), _ident):
+            raise AssertionError("the block must not run")
+
+    task = asyncio.create_task(enter())
+    await entered.wait()
+    task.cancel()  # lands in __aenter__'s yield to the run
+    with pytest.raises(asyncio.CancelledError):
+        await within(HANG, task, "the cancelled enter")
+    assert asyncio.all_tasks() == before

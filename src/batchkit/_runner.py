@@ -172,10 +172,11 @@ class Runner:
             released = await self._release(slot, job, admitted, result)
         if released is not None:
             # As for a context's exit: the item's error if fn succeeded, else noted on it.
-            if result.error is None:
+            if result.kind == "success":
                 return AttemptResult("error", None, released, result.started, result.ended)
-            add_note(result.error, f"batchkit: releasing the limiter also failed: "
-                                   f"{describe(released)}")  # fmt: skip
+            if result.error is not None:
+                add_note(result.error, f"batchkit: releasing the limiter also failed: "
+                                       f"{describe(released)}")  # fmt: skip
         return result
 
     # -- the attempt: context, fn, timeout (the hot path) --------------------------------

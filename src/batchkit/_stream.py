@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
 
 from ._engine import Engine
@@ -52,7 +53,14 @@ class Stream(Generic[T, R]):
         self._task = asyncio.get_running_loop().create_task(self._engine.run())
         self._task.add_done_callback(lambda _: self._wake_consumer())
         # Let the run start now: its report is then a run's (also after an empty block).
-        await asyncio.sleep(0)
+        try:
+            await asyncio.sleep(0)
+        except BaseException:
+            # Cancelled on the way in: __aexit__ will not run, so end the run here.
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await _wait_cancelled(self._task)
+            raise
         return self
 
     async def __aexit__(
