@@ -582,8 +582,10 @@ async def test_an_item_waiting_to_retry_when_the_run_stops_is_skipped_with_its_e
         ({"fail_fast": True}, "fail_fast", 3),
         ({"max_failures": 1}, "max_failures", 3),
         ({"deadline": 1.5}, "deadline", 3),
+        ({"deadline": 3.5, "concurrency": 1}, "out_of_time", 2),
+        ({"max_failure_ratio": FailureRatio(ratio=0.2, min_sample=1)}, "max_failure_ratio", 3),
     ],
-    ids=["fail_fast", "max_failures", "deadline"],
+    ids=["fail_fast", "max_failures", "deadline", "out_of_time", "max_failure_ratio"],
 )
 async def test_the_end_of_a_run_that_stopped_early_is_a_warning(
     caplog: pytest.LogCaptureFixture, options: dict[str, Any], reason: str, unfinished: int
@@ -595,9 +597,10 @@ async def test_the_end_of_a_run_that_stopped_early_is_a_warning(
         return i
 
     caplog.set_level(logging.INFO, logger="batchkit")
+    kw: dict[str, Any] = {"concurrency": 2, **options}
     await within(
         HANG,
-        batch_process(range(4), fn, concurrency=2, observers=[LoggingObserver()], **options),
+        batch_process(range(4), fn, observers=[LoggingObserver()], **kw),
         "batch_process",
     )
     (line,) = [r for r in caplog.records if r.getMessage().startswith("batch finished")]
