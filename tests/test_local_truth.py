@@ -710,6 +710,15 @@ def test_transient_on_the_real_httpx_error() -> None:
         assert transient(error) is expected
 
 
+def test_transient_on_the_real_requests_error() -> None:
+    requests = pytest.importorskip("requests")
+    for status in (429, 503, 404):
+        response = requests.Response()
+        response.status_code = status
+        # A RequestException is an OSError: transient whatever its status.
+        assert transient(requests.HTTPError(response=response)) is True
+
+
 # -- 11. a rollback cut by a timeout keeps fn's error -----------------------------------------
 async def test_a_rollback_cut_by_the_timeout_keeps_fns_error() -> None:
     exits: list[str] = []
@@ -759,52 +768,85 @@ async def test_a_timeout_in_fn_is_still_a_timeout_with_a_slow_rollback() -> None
 
 # -- 12. a sync fn's thread that outlives its timeout does not outlive its context ------------
 # Real time (a thread cannot be paused by a virtual clock); the thread blocks on an event the
-# test sets after the call returned, never on a sleep; the timeouts below are hang guards.
+# test sets after the call returned, never on a sleep; the 30 s waits are hang guards.
+class _SessionOfAThread:
+    """A context whose value a sync fn uses from its thread; it logs use and exit in order."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.log: list[str] = []
+        self.exited = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def __call__(self) -> AsyncIterator[list[str]]:
+        try:
+            yield self.log
+        finally:
+            self.log.append("context exited")
+            self.exited.set()
+
+    def fn(self, i: int, ctx: list[str]) -> int:
+        self.started.set()
+        self.release.wait(30)  # a hang guard, not a margin: the test sets it
+        ctx.append("thread used the session")
+        return i
+
+
 @pytest.mark.looptime(False)
 @pytest.mark.parametrize(
     ("options", "kind"),
     [
-        ({"timeout": 0.05, "deadline": Deadline(seconds=30, grace=0.05)}, "timeout"),
-        ({"deadline": Deadline(seconds=0.05, grace=0.05)}, "cancelled"),
+        ({"timeout": 0.2, "deadline": Deadline(seconds=30, grace=0.1)}, "timeout"),
+        ({"deadline": Deadline(seconds=0.2, grace=0.1)}, "cancelled"),
     ],
     ids=["timeout", "deadline"],
 )
 async def test_a_sync_fns_context_is_not_exited_while_its_thread_runs(
     options: dict[str, Any], kind: str
 ) -> None:
-    release = threading.Event()
-    log: list[str] = []
-    exited = asyncio.Event()
-
-    @contextlib.asynccontextmanager
-    async def session() -> AsyncIterator[list[str]]:
-        try:
-            yield log
-        finally:
-            log.append("context exited")
-            exited.set()
-
-    def blocking(i: int, ctx: list[str]) -> int:
-        release.wait(30)  # a hang guard, not a margin: the test sets it
-        ctx.append("thread used the session")
-        return i
-
+    s = _SessionOfAThread()
     try:
-        report = await within(
-            30,
-            batch_process([0], blocking, context=session, **options),
-            "batch_process with a blocked sync fn",
-        )
-        # The call returned (after grace) with the thread still blocked: its context is
-        # still open, and the item is reported and listed as abandoned.
-        assert log == []
+        report = await within(30, batch_process([0], s.fn, context=s, **options), "batch_process")
         assert report[0].kind == kind
-        assert report.abandoned == (0,)
-        assert report.threads_running == 1
+        if report.threads_running:
+            # The call returned (after grace) with the thread still blocked: its context is
+            # still open, and the item is listed as abandoned.
+            assert s.log == []
+            assert report.abandoned == (0,)
+        else:  # pragma: no cover - the thread had not started when it was cancelled
+            assert s.log == ["context exited"]
     finally:
-        release.set()
-    await within(30, exited.wait(), "the context's exit after the thread returned")
-    assert log == ["thread used the session", "context exited"]
+        s.release.set()
+    await within(30, s.exited.wait(), "the context's exit")
+    if s.started.is_set():
+        assert s.log == ["thread used the session", "context exited"]
+
+
+@pytest.mark.looptime(False)
+async def test_a_callers_cancel_waits_for_a_sync_fns_thread_then_abandons_it() -> None:
+    s = _SessionOfAThread()
+    seen: list[Event] = []
+    task = asyncio.create_task(
+        batch_process(
+            [0], s.fn, context=s, deadline=Deadline(seconds=30, grace=0.1), observers=[seen.append]
+        )
+    )
+    try:
+        assert await asyncio.to_thread(s.started.wait, 30), "hang: the thread never started"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await within(30, task, "the cancelled batch_process")
+        assert s.log == []  # the thread still runs: its context is still open
+        last = seen[-1]
+        assert isinstance(last, RunFinished)
+        assert last.report.abandoned == (0,)
+        assert last.report[0].kind == "cancelled"
+        assert last.report.stop_reason == "cancelled"
+    finally:
+        s.release.set()
+    await within(30, s.exited.wait(), "the context's exit after the thread returned")
+    assert s.log == ["thread used the session", "context exited"]
 
 
 # -- the seams of the fixes ------------------------------------------------------------------
