@@ -659,8 +659,8 @@ class Engine(Generic[T, R]):
         return True
 
     def _succeeded(self, job: Job, result: AttemptResult) -> None:
-        """Record a successful attempt: as columns when no one listens, else as an envelope
-        that observers hear of (none after the caller's cancel)."""
+        """Record a successful attempt: as columns when no one listens (and no failure ratio
+        waits for its sample), else as an envelope that observers hear of."""
         assert job.first_start is not None
         elapsed = result.ended - job.first_start
         if self._careful:
