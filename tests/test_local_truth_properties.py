@@ -17,6 +17,11 @@ time under a guard. Whatever was drawn:
   raised, else the hook's own exception (the context, the limiter, ``cost=``);
 - the ``LoggingObserver`` is never disabled, and ``report.to_dict()``, ``summary()`` and
   ``table()`` work (and ``to_dict()`` is JSON).
+
+It can fail: run over the engine before these fixes, it finds several distinct failures at
+once; with the engine's catch of a retry decision's error narrowed to ``ZeroDivisionError``
+(a hook's error let through), it fails on the first example that draws a raising
+``retry_on``.
 """
 
 from __future__ import annotations
