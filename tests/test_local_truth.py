@@ -423,6 +423,17 @@ async def test_an_error_the_block_converts_is_what_leaves_the_block() -> None:
     assert isinstance(info.value.__cause__, InputFailed)
 
 
+async def test_an_error_the_block_raises_wins_and_notes_an_unseen_run_error() -> None:
+    async def leave_with_my_error() -> None:
+        async with stream(_failing_input(), _ident):
+            await asyncio.sleep(5)  # the run ends with the input's error meanwhile, unseen
+            raise MyError("the block's own error")
+
+    with pytest.raises(MyError) as info:
+        await within(HANG, leave_with_my_error(), "the stream block")
+    assert any("InputFailed" in n for n in info.value.__notes__)
+
+
 async def test_a_caught_base_exception_from_fn_is_not_raised_again() -> None:
     class Fatal(BaseException):
         pass

@@ -7,6 +7,7 @@ import contextlib
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
 
 from ._engine import Engine
+from ._errors import add_note, describe
 from ._sinks import StreamSink
 
 if TYPE_CHECKING:
@@ -79,9 +80,11 @@ class Stream(Generic[T, R]):
         except BaseException as error:
             # What the block raised leaves it, and nothing it already handled: the run's
             # error is raised here only if the consumer never got it.
-            ours = isinstance(error, asyncio.CancelledError) and _being_cancelled()
-            if ours or (exc is None and error is not self._delivered):
+            cancelled = isinstance(error, asyncio.CancelledError)
+            if (cancelled and _being_cancelled()) or (exc is None and error is not self._delivered):
                 raise
+            if exc is not None and not cancelled and error is not self._delivered:
+                add_note(exc, f"batchkit: the stream's run also ended with {describe(error)}")
 
     def __aiter__(self) -> Stream[T, R]:
         return self
