@@ -358,6 +358,27 @@ async def test_one_items_cost_does_not_skip_the_others(entry: str) -> None:
     assert report.stop_reason is None
 
 
+async def test_when_no_item_read_ahead_fits_the_run_stops_out_of_time_at_once() -> None:
+    def endless() -> Iterator[float]:
+        while True:
+            yield 5.0
+
+    async def fn(s: float) -> float:
+        await asyncio.sleep(s)
+        return s
+
+    report = await within(
+        HANG,
+        batch_process(endless(), fn, cost=lambda s: s, deadline=1, batch_size=8),
+        "batch_process over an endless input",
+    )
+    # Nothing read ahead fits: the run does not read and skip the input until the deadline.
+    assert now() == 0
+    assert report.stop_reason == "out_of_time"
+    assert not report.input_exhausted
+    assert report.counts["skipped"] == len(report) > 0
+
+
 # -- 6. Stream misuse gets answers, not hangs ------------------------------------------------
 async def _ident(i: int) -> int:
     await asyncio.sleep(1)

@@ -674,7 +674,7 @@ class Engine(Generic[T, R]):
         kind, error = result.kind, result.error
         if kind == "refused":
             assert result.reason is not None
-            if result.reason == "out_of_time" and self._deadline and self._deadline.by_hint:
+            if result.reason == "out_of_time" and self._another_fits():
                 self._skip(job, "out_of_time")  # this item's own cost= does not fit: only it
                 return None
             self._no_more_starts(result.reason)
@@ -715,6 +715,18 @@ class Engine(Generic[T, R]):
         elif delay is None:
             self._record(self._last_error(job, result.ended), job)
         return delay
+
+    def _another_fits(self) -> bool:
+        """An item was refused for ``out_of_time`` by its own ``cost=`` hint: whether an item
+        read ahead (or waiting to retry) may still fit. Then only that item is skipped; else
+        nothing more fits, judged on what was read (``batch_size=`` items ahead)."""
+        deadline = self._deadline
+        if deadline is None or not deadline.by_hint:
+            return False  # by the run's observed durations: nothing fits
+        fits = deadline.fits
+        return any(fits(-cost) for cost, _, _ in self._buffer) or any(
+            fits(deadline.expected(job)) for job in self._retry_heap
+        )
 
     def _retry_delay(self, job: Job, kind: str, error: BaseException) -> float | None:
         """What the retry policy asks for. It runs user code (``retry_on``, the error's

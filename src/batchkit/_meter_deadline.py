@@ -77,10 +77,18 @@ class DeadlineMeter:
         if self._cost is None:
             return None
         try:
-            hint = float(self._cost(job.item))
+            return _usable(float(self._cost(job.item)))
         except Exception:  # a broken hint was reported when the item was read
             return None
-        return hint if math.isfinite(hint) and hint >= 0 else None
+
+    def fits(self, cost: float) -> bool:
+        """Whether an attempt with this ``cost=`` hint, started now, is expected to end in
+        time (by the same rule as :meth:`wait_task_can_start`)."""
+        hint = _usable(cost)
+        guess = self._quantile if hint is None else hint
+        if self._timeout is not None:
+            guess = self._timeout if self._fit_timeout else min(guess, self._timeout)
+        return self._loop.time() + guess <= self.deadline_at + SLACK
 
     async def wait_task_can_start(self, slot: Slot, job: Job) -> StopReason | None:
         now = self._loop.time()
@@ -107,3 +115,7 @@ class DeadlineMeter:
             self._since = 0
             ordered = sorted(self._durations)
             self._quantile = ordered[max(0, math.ceil(_QUANTILE * len(ordered)) - 1)]
+
+
+def _usable(hint: float) -> float | None:
+    return hint if math.isfinite(hint) and hint >= 0 else None
