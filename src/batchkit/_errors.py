@@ -10,7 +10,8 @@ exception raised before any item runs. Everything batchkit itself creates fits o
     └── ItemError                  recorded on a Failure envelope, never raised by batchkit itself
         ├── ItemTimeout            (also a TimeoutError) an attempt ran past its ``timeout``
         ├── ItemCancelled          the run stopped (deadline, threshold) with the item in flight
-        ├── ItemSkipped            the run stopped before the item started
+        ├── ItemSkipped            the run stopped (or the deadline left no room) before the
+        │                          item, or its next attempt, started
         └── RemoteError            a worker's exception that could not be pickled back as itself
 
 Every error here pickles and unpickles with its message, attributes, notes and ``__cause__``
