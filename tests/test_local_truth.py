@@ -534,6 +534,17 @@ async def test_leaving_a_stream_early_counts_every_item_in_its_report() -> None:
     assert report.counts["skipped"] == 2
 
 
+async def test_leaving_a_stream_after_every_item_ended_is_no_cancel() -> None:
+    async with stream(range(3), _ident, concurrency=3) as s:
+        got = []
+        async for o in s:
+            got.append(o)
+            if len(got) == 3:
+                break  # every item has ended; the run may not have returned yet
+    assert s.report.stop_reason is None
+    assert s.report.ok
+
+
 # -- 8. a retry dropped for the deadline leaves a trace --------------------------------------
 async def test_a_retry_dropped_for_the_deadline_says_so() -> None:
     seen: list[Event] = []

@@ -237,8 +237,8 @@ class Engine(Generic[T, R]):
             # The caller cancels: start nothing more, cancel what runs, and wait for it at
             # most ``grace`` (then it is abandoned) before the cancellation goes on. Every
             # item still gets its envelope, so RunFinished and a stream's report tell it all.
-            if self._stop_reason is None:
-                self._stop_reason = "cancelled"
+            if self._stop_reason is None and (self._active or self._work_left()):
+                self._stop_reason = "cancelled"  # (not when every item had already ended)
             self._halt()
             await asyncio.shield(self._quiet)
             raise
