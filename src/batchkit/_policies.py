@@ -267,7 +267,7 @@ class Adaptive:
             _check_error_matcher(
                 "Adaptive.overload_on",
                 self.overload_on,
-                "overload_on=(UpstreamBusy,) or a predicate, e.g. lambda e: http_status(e) == 429",
+                "overload_on=(RateLimited,) or a predicate, e.g. lambda e: isinstance(e, Busy)",
             )
 
     def is_overload(self, error: Exception) -> bool:
