@@ -194,9 +194,10 @@ async def test_deadline_warns_once_and_skipped_items_only_at_item_level(
             'in_flight=0 error="ItemCancelled: cancelled: the run stopped (deadline)"',
         ),
         (
-            "INFO",
+            "WARNING",
             "batch finished name=cron total=5 success=1 error=0 timeout=0 cancelled=2 "
-            "skipped=2 lost=0 retries=0 peak_concurrency=2 wall=5.000s stop_reason=deadline",
+            "skipped=2 lost=0 retries=0 peak_concurrency=2 wall=5.000s stop_reason=deadline "
+            "unfinished=4",
         ),
     ]
 

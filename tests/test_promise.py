@@ -475,12 +475,15 @@ async def test_item05_a_hint_past_the_deadline_ends_the_item_with_its_last_error
         batch_process([0], _throttled_once(math.inf), retry=retry, deadline=10),
         "batch_process",
     )
-    # The capped wait (60 s) cannot fit before the deadline: no sleep, the last error.
+    # The capped wait (60 s) cannot fit before the deadline: no sleep; the retry is dropped
+    # and says so (skipped, out_of_time), with the last error as its cause.
     assert now() == 0
     failure = report[0]
     assert isinstance(failure, Failure)
-    assert failure.kind == "error"
-    assert isinstance(failure.error, Throttled)
+    assert failure.kind == "skipped"
+    assert isinstance(failure.error, batchkit.ItemSkipped)
+    assert failure.error.reason == "out_of_time"
+    assert isinstance(failure.error.__cause__, Throttled)
     assert not report.deadline_hit
 
 
@@ -698,7 +701,8 @@ async def test_item08_stream_observers_see_skipped_items(ordered: bool) -> None:
 
 
 # -- 9. a retry that cannot fit ends with its last error ----------------------------------
-async def test_item09_retry_that_cannot_fit_ends_with_its_last_error() -> None:
+# (Since issue 22: it ends "skipped" for out_of_time, its last error as the cause.)
+async def test_item09_retry_that_cannot_fit_is_skipped_with_its_last_error() -> None:
     boom = OSError("item 0 failed")
 
     async def fn(i: int) -> int:
@@ -724,9 +728,11 @@ async def test_item09_retry_that_cannot_fit_ends_with_its_last_error() -> None:
     assert now() == 6
     item0 = report[0]
     assert isinstance(item0, Failure)
-    assert item0.kind == "error"
-    assert item0.error is boom
-    assert item0.errors == (boom,)
+    assert item0.kind == "skipped"
+    assert isinstance(item0.error, batchkit.ItemSkipped)
+    assert item0.error.reason == "out_of_time"
+    assert item0.error.__cause__ is boom
+    assert item0.errors == (boom, item0.error)
     assert item0.attempts == 1
     assert isinstance(report[1], Success)
     # Nothing reached the deadline: it was not "hit", and the run did not stop "for" it.

@@ -239,8 +239,10 @@ async def test_a_cancelled_run_reports_what_had_finished() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     (partial,) = reports
-    assert [o.index for o in partial] == [0, 1, 2]
+    # Every item is counted: 3-5 were in flight when the caller cancelled.
+    assert [o.index for o in partial] == [0, 1, 2, 3, 4, 5]
     assert partial.counts["success"] == 3
+    assert partial.counts["cancelled"] == 3
     assert partial.values() == [0, 1, 2]
 
 

@@ -75,11 +75,25 @@ async def batch_process(
     exactly one :class:`Success` or :class:`Failure`; the report lists them in input order.
     See the docs for every keyword; bad arguments raise :class:`InvalidArgument` at once.
     """
+    stream_only = sorted(set(options) & _STREAM_ONLY)
+    if stream_only:
+        from ._errors import InvalidArgument
+
+        raise InvalidArgument(
+            f"batch_process() does not take {', '.join(stream_only)}: they are options of "
+            "stream()\nHINT: batch_process() keeps every outcome in input order; use "
+            "stream(..., ordered=True) to consume outcomes as they complete"
+        )
     opts = _options(context, options)
     if opts.backend is not None:
         return await opts.backend.run_batch(items, fn, opts)
     engine: Engine[Any, Any] = Engine(make_plan(items, fn, opts), items)
     return await engine.run()
+
+
+_STREAM_ONLY: frozenset[str] = frozenset(StreamOptions.__annotations__) - frozenset(
+    RunOptions.__annotations__
+)
 
 
 def _options(context: object, options: Any) -> Options:

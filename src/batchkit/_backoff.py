@@ -58,9 +58,13 @@ def retry_after_hint(error: BaseException, *, now: float | None = None) -> float
         hint = _parse_hint(hint, now)
     if isinstance(hint, bool) or not isinstance(hint, int | float):
         return None
-    if math.isnan(hint):
+    try:
+        seconds = float(hint)
+    except OverflowError:  # an int beyond a float (10**400): "a very long time"
+        seconds = math.inf if hint > 0 else 0.0
+    if math.isnan(seconds):
         return None
-    return max(0.0, float(hint))
+    return max(0.0, seconds)
 
 
 def retry_delay(

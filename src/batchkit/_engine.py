@@ -22,8 +22,17 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence, Sized
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, cast
 
 from ._attempt import _SLOT, Job, RunInfo, Slot
-from ._decide import retry_in
-from ._errors import InputFailed, ItemCancelled, ItemSkipped, ItemTimeout, StopReason
+from ._decide import next_retry, too_late
+from ._errors import (
+    InputFailed,
+    ItemCancelled,
+    ItemSkipped,
+    ItemTimeout,
+    StopReason,
+    add_note,
+    describe,
+    safe_repr,
+)
 from ._outcomes import BatchReport, Failure, LimitChange, Outcome, make_success
 from ._runner import AttemptResult, Runner, loop_clock
 from ._sinks import BatchSink, Sink
@@ -61,13 +70,19 @@ class Engine(Generic[T, R]):
     def __init__(self, plan: Plan, items: Any, sink: Sink[T, R] | None = None) -> None:
         self._p = plan
         self._items = items
+        self._exhausted = False
+        self._input_error: BaseException | None = None
         self._sized = isinstance(items, Sized)
-        self._total = len(items) if self._sized else None
+        self._total: int | None = None
+        if self._sized:
+            try:
+                self._total = len(items)
+            except Exception as e:  # the input's own __len__ raised: an input error
+                self._sized = False
+                self._input_error = e
         self._it: Iterator[T] | None = None
         self._ait: AsyncIterator[T] | None = None
         self._pull_lock: asyncio.Lock | None = None
-        self._exhausted = False
-        self._input_error: BaseException | None = None
         self._sink: Sink[T, R] = sink if sink is not None else BatchSink()
         self._sink.wake_producers = self._room_made
         self._room_waiters: deque[asyncio.Future[None]] = deque()
@@ -92,7 +107,6 @@ class Engine(Generic[T, R]):
         self._escalation: asyncio.TimerHandle | None = None
         self._abandoned: list[int] = []
         self._fatal: list[BaseException] = []
-        self._cancelled = False  # by the caller
         self._ended = False
         self._budget_size = max(256, _YIELD_EVERY_ITEMS_PER_WORKER * plan.slots)
         self._budget = self._budget_size
@@ -101,6 +115,10 @@ class Engine(Generic[T, R]):
         self._reset_pending = False
         self._observers: list[Observer] = list(plan.observers)
         self._emit_events = bool(self._observers)
+        # A success takes the slow path (an envelope, _record) when observers listen, or while
+        # a failure ratio waits for its sample to fill: the one flag the hot path reads.
+        self._careful = self._emit_events
+        self._ratio_armed = False
         self._rng: random.Random | None = plan.retry.rng if plan.retry is not None else None
         self._executor: ThreadPoolExecutor | None = None
         self._limit_changes: list[LimitChange] = []
@@ -155,12 +173,23 @@ class Engine(Generic[T, R]):
             self._executor = ThreadPoolExecutor(
                 max_workers=p.slots, thread_name_prefix=f"batchkit-{p.name or 'run'}"
             )
-        if hasattr(self._items, "__aiter__"):
-            self._ait = aiter(self._items)
-            self._pull_lock = asyncio.Lock()
-        else:
-            self._it = iter(self._items)
+        self._open_input()
         return tuple(meters)
+
+    def _open_input(self) -> None:
+        """``iter()`` or ``aiter()`` of the input; one that raises is an input error."""
+        if self._input_error is None:
+            try:
+                if hasattr(self._items, "__aiter__"):
+                    self._ait = aiter(self._items)
+                    self._pull_lock = asyncio.Lock()
+                    return
+                self._it = iter(self._items)
+                return
+            except Exception as e:
+                self._input_error = e
+        self._stopping = True
+        self._it = iter(())
 
     # ------------------------------------------------------------------------- run
     async def run(self) -> BatchReport[T, R]:
@@ -206,9 +235,10 @@ class Engine(Generic[T, R]):
             await asyncio.shield(self._quiet)
         except asyncio.CancelledError:
             # The caller cancels: start nothing more, cancel what runs, and wait for it at
-            # most ``grace`` (then it is abandoned) before the cancellation goes on. What
-            # is cut now gets no envelope: the caller asked for none.
-            self._cancelled = True
+            # most ``grace`` (then it is abandoned) before the cancellation goes on. Every
+            # item still gets its envelope, so RunFinished and a stream's report tell it all.
+            if self._stop_reason is None and (self._active or self._work_left()):
+                self._stop_reason = "cancelled"  # (not when every item had already ended)
             self._halt()
             await asyncio.shield(self._quiet)
             raise
@@ -236,15 +266,17 @@ class Engine(Generic[T, R]):
             # A thread cannot be interrupted; do not wait for one that timed out.
             self._executor.shutdown(wait=False, cancel_futures=True)
         await self._close_input()
-        if not completed and self._emit_events:
-            # Cancelled (or a stream left early): observers still hear the end, with what
-            # had finished by then.
-            assert self._loop is not None
-            from ._events import RunFinished
+        if not completed:
+            # Cancelled (or a stream left early, or fn raised a BaseException): every item
+            # still gets its envelope, and observers hear the end with all of them.
+            self._finish_unstarted()
+            if self._emit_events:
+                assert self._loop is not None
+                from ._events import RunFinished
 
-            self._event(
-                RunFinished(name=self._p.name, report=self._report(), time=self._loop.time())
-            )
+                self._event(
+                    RunFinished(name=self._p.name, report=self._report(), time=self._loop.time())
+                )
 
     def _finish(self) -> BatchReport[T, R]:
         self._finish_unstarted()
@@ -259,11 +291,12 @@ class Engine(Generic[T, R]):
         return report
 
     def _report(self) -> BatchReport[T, R]:
-        assert self._loop is not None
         runner = self._runner
+        # Before the run's task first ran (a stream's report read at once), nothing happened.
+        wall = self._loop.time() - self._start if self._loop is not None else 0.0
         return BatchReport(
             outcomes=self._sink.outcomes(),
-            wall_time=self._loop.time() - self._start,
+            wall_time=wall,
             concurrency=self._p.adaptive.initial if self._p.adaptive else self._p.slots,
             peak_concurrency=runner.peak if runner else 0,
             stop_reason=self._stop_reason,
@@ -300,7 +333,9 @@ class Engine(Generic[T, R]):
         except Exception as e:
             if not self._key_failed:
                 self._key_failed = True
-                _log.warning("batchkit: key() raised for item #%d (%r); using #index", index, e)
+                _log.warning(
+                    "batchkit: key() raised for item #%d (%s); using #index", index, safe_repr(e)
+                )
             return f"#{index}"
 
     def _pull_now(self) -> Job | None:
@@ -441,7 +476,7 @@ class Engine(Generic[T, R]):
             if result.kind == "success" and not slot.abandoned:
                 assert job.first_start is not None
                 elapsed = result.ended - job.first_start
-                if self._emit_events or self._cancelled:
+                if self._careful:
                     self._succeeded(job, result)
                 else:  # _succeeded's common case, inline: no envelope is built for a batch
                     self._finished += 1
@@ -624,11 +659,11 @@ class Engine(Generic[T, R]):
         return True
 
     def _succeeded(self, job: Job, result: AttemptResult) -> None:
-        """Record a successful attempt: as columns when no one listens, else as an envelope
-        that observers hear of (none after the caller's cancel)."""
+        """Record a successful attempt: as columns when no one listens (and no failure ratio
+        waits for its sample), else as an envelope that observers hear of."""
         assert job.first_start is not None
         elapsed = result.ended - job.first_start
-        if self._emit_events or self._cancelled:
+        if self._careful:
             self._record(make_success(job.item, result.value, job.index, job.attempt, elapsed), job)
         else:
             self._finished += 1
@@ -639,6 +674,9 @@ class Engine(Generic[T, R]):
         kind, error = result.kind, result.error
         if kind == "refused":
             assert result.reason is not None
+            if result.reason == "out_of_time" and self._another_fits():
+                self._skip(job, "out_of_time")  # this item's own cost= does not fit: only it
+                return None
             self._no_more_starts(result.reason)
             self._stopped(job, running=False)
             return None
@@ -650,14 +688,18 @@ class Engine(Generic[T, R]):
             job.errors = []
         job.errors.append(error)
         job.last_kind = kind
-        delay = None
-        if not self._stopping:
-            delay = retry_in(
-                self._p.retry, attempt=job.attempt, kind=kind, error=error,
-                draw=self._draw(), now=result.ended,
-                deadline_at=self._deadline.deadline_at if self._deadline else None,
-                expected=self._deadline.expected(job) if self._deadline else 0.0,
-            )  # fmt: skip
+        delay = self._retry_delay(job, kind, error) if not self._stopping else None
+        deadline = self._deadline
+        dropped = (
+            delay is not None
+            and deadline is not None
+            and too_late(
+                delay, now=result.ended, deadline_at=deadline.deadline_at,
+                expected=deadline.expected(job),
+            )
+        )  # fmt: skip
+        if dropped:
+            delay = None  # AttemptFailed does not announce a retry that will not happen
         if self._emit_events:
             from ._events import AttemptFailed
 
@@ -668,9 +710,55 @@ class Engine(Generic[T, R]):
                     retry_in=delay, time=result.ended,
                 )
             )  # fmt: skip
-        if delay is None:
+        if dropped:
+            self._skip(job, "out_of_time")
+        elif delay is None:
             self._record(self._last_error(job, result.ended), job)
         return delay
+
+    def _another_fits(self) -> bool:
+        """An item was refused for ``out_of_time`` by its own ``cost=`` hint: whether an item
+        read ahead (or waiting to retry) may still fit. Then only that item is skipped; else
+        nothing more fits, judged on what was read (``batch_size=`` items ahead)."""
+        deadline = self._deadline
+        if deadline is None or not deadline.by_hint:
+            return False  # by the run's observed durations: nothing fits
+        fits = deadline.fits
+        return any(fits(-cost) for cost, _, _ in self._buffer) or any(
+            fits(deadline.expected(job)) for job in self._retry_heap
+        )
+
+    def _retry_delay(self, job: Job, kind: str, error: BaseException) -> float | None:
+        """What the retry policy asks for. It runs user code (``retry_on``, the error's
+        ``retry_after``): if that raises, the item ends with ``fn``'s error, noted."""
+        try:
+            return next_retry(
+                self._p.retry, attempt=job.attempt, kind=kind, error=error, draw=self._draw()
+            )
+        except Exception as hook_error:
+            add_note(
+                error,
+                "batchkit: not retried: deciding on a retry (Retry.retry_on, or the error's "
+                f"retry_after) raised {describe(hook_error)}",
+            )
+            return None
+
+    def _skip(self, job: Job, reason: StopReason) -> None:
+        """``job``'s next attempt does not start (its cost, or its retry, does not fit before
+        the deadline): ``skipped``, with the errors of the attempts it made."""
+        assert self._loop is not None
+        if not job.errors:
+            err = ItemSkipped(reason)
+            self._record(Failure(job.item, err, "skipped", job.index, 0, 0.0, (err,)), job)
+            return
+        assert job.first_start is not None
+        err = ItemSkipped(reason, len(job.errors))
+        err.__cause__ = job.errors[-1]
+        elapsed = self._loop.time() - job.first_start
+        failure = Failure(
+            job.item, err, "skipped", job.index, len(job.errors), elapsed, (*job.errors, err)
+        )
+        self._record(failure, job)
 
     def _draw(self) -> float:
         """The backoff's random draw; the source is made on first use (start-up time)."""
@@ -690,8 +778,8 @@ class Engine(Generic[T, R]):
         )
 
     def _stopped(self, job: Job, *, running: bool) -> None:
-        """The run stopped around ``job``: ``cancelled`` if it was running, its last error if
-        it was waiting to retry, else ``skipped``."""
+        """The run stopped around ``job``: ``cancelled`` if it was running, else ``skipped``
+        (with its attempts' errors if it was waiting to retry)."""
         assert self._loop is not None
         now = self._loop.time()
         reason: StopReason = self._stop_reason or "fail_fast"
@@ -703,7 +791,9 @@ class Engine(Generic[T, R]):
                 job.item, err, "cancelled", job.index, job.attempt, now - job.first_start, history
             )
         elif job.errors:
-            failure = self._last_error(job, now)
+            # Waiting to retry: the retry is dropped for the stop, and says so.
+            self._skip(job, reason)
+            return
         else:
             err = ItemSkipped(reason)
             failure = Failure(job.item, err, "skipped", job.index, 0, 0.0, (err,))
@@ -723,8 +813,6 @@ class Engine(Generic[T, R]):
 
     # ------------------------------------------------------------------ outcomes
     def _record(self, outcome: Outcome[T, R], job: Job | None = None) -> None:
-        if self._cancelled:
-            return
         self._finished += 1
         self._put(outcome)
         if self._emit_events:
@@ -742,6 +830,8 @@ class Engine(Generic[T, R]):
         if type(outcome) is Failure and outcome.kind in ("error", "timeout"):
             self._failed += 1
             self._check_thresholds()
+        elif self._ratio_armed:
+            self._check_ratio()
 
     def _in_flight_now(self) -> int:
         return self._runner.in_flight if self._runner is not None else 0
@@ -818,11 +908,21 @@ class Engine(Generic[T, R]):
             self._stop("max_failures")
         elif p.fail_fast and self._failed:
             self._stop("fail_fast")
-        elif (
-            p.max_failure_ratio is not None
-            and self._finished >= p.max_failure_ratio.min_sample
-            and self._failed / self._finished > p.max_failure_ratio.ratio
-        ):
+        elif p.max_failure_ratio is not None:
+            self._check_ratio()
+
+    def _check_ratio(self) -> None:
+        """The failure ratio, once ``min_sample`` items finished. Until then, after a failure,
+        every outcome checks it (``_careful``): the sample may be completed by a success."""
+        ratio = self._p.max_failure_ratio
+        assert ratio is not None
+        if self._finished < ratio.min_sample:
+            self._ratio_armed = self._careful = True
+            return
+        if self._ratio_armed:
+            self._ratio_armed = False
+            self._careful = self._emit_events
+        if self._failed / self._finished > ratio.ratio:
             self._stop("max_failure_ratio")
 
     def _no_more_starts(self, reason: StopReason) -> None:
@@ -952,6 +1052,7 @@ class Engine(Generic[T, R]):
 
         notify(self._observers, event, _log)
         self._emit_events = bool(self._observers)
+        self._careful = self._emit_events or self._ratio_armed
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

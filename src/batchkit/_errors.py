@@ -10,7 +10,8 @@ exception raised before any item runs. Everything batchkit itself creates fits o
     └── ItemError                  recorded on a Failure envelope, never raised by batchkit itself
         ├── ItemTimeout            (also a TimeoutError) an attempt ran past its ``timeout``
         ├── ItemCancelled          the run stopped (deadline, threshold) with the item in flight
-        ├── ItemSkipped            the run stopped before the item started
+        ├── ItemSkipped            the run stopped (or the deadline left no room) before the
+        │                          item, or its next attempt, started
         └── RemoteError            a worker's exception that could not be pickled back as itself
 
 Every error here pickles and unpickles with its message, attributes, notes and ``__cause__``
@@ -21,6 +22,7 @@ Every error here pickles and unpickles with its message, attributes, notes and `
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -37,11 +39,42 @@ __all__ = [
     "MissingExtra",
     "RemoteError",
     "StopReason",
+    "add_note",
+    "describe",
+    "safe_repr",
 ]
 
-StopReason = Literal["deadline", "fail_fast", "max_failures", "max_failure_ratio", "out_of_time"]
+StopReason = Literal[
+    "deadline", "fail_fast", "max_failures", "max_failure_ratio", "out_of_time", "cancelled"
+]
 """Why a run stopped starting items before its input was done. ``out_of_time``: before the
-deadline, nothing more could finish in time (see :class:`~batchkit.Deadline`)."""
+deadline, nothing more could finish in time (see :class:`~batchkit.Deadline`); ``cancelled``:
+the caller cancelled the call (or left a ``stream`` block early)."""
+
+
+# -- user objects that misbehave: text about them never raises ------------------------------
+def safe_repr(obj: object) -> str:
+    """``repr(obj)``, or a stand-in naming its type when its ``__repr__`` raises."""
+    try:
+        return repr(obj)
+    except Exception:
+        return f"<{type(obj).__name__} object (repr() raised)>"
+
+
+def describe(error: BaseException) -> str:
+    """``"TypeName: message"`` for logs and reports; an error whose ``__str__`` raises is
+    described by its type alone, so one odd exception cannot break a log line or a report."""
+    try:
+        text = str(error)
+    except Exception:
+        text = "<str() raised>"
+    return f"{type(error).__name__}: {text}"
+
+
+def add_note(error: BaseException, note: str) -> None:
+    """``error.add_note(note)``, unless the error cannot take notes (a broken ``__notes__``)."""
+    with contextlib.suppress(Exception):  # __notes__ replaced by something that is not a list
+        error.add_note(note)
 
 
 def _rebuild(
@@ -109,20 +142,35 @@ class ItemTimeout(ItemError, TimeoutError):
         self.timeout = timeout
 
 
+def _why(reason: StopReason) -> str:
+    return (
+        "the caller cancelled the run" if reason == "cancelled" else f"the run stopped ({reason})"
+    )
+
+
 class ItemCancelled(ItemError):
     """The run stopped while this item was in flight (or waiting to retry)."""
 
     def __init__(self, reason: StopReason) -> None:
-        super().__init__(f"cancelled: the run stopped ({reason})")
+        super().__init__(f"cancelled: {_why(reason)}")
         self.reason: StopReason = reason
 
 
 class ItemSkipped(ItemError):
-    """The run stopped, or the deadline left no room, before this item started."""
+    """The run stopped, or the deadline left no room, before this item started — or before
+    its next attempt started (``attempts`` made before, their errors in the envelope's
+    ``errors``; ``__cause__`` is the last one): a retry dropped for the deadline is
+    ``ItemSkipped("out_of_time", attempts=n)``."""
 
-    def __init__(self, reason: StopReason) -> None:
-        super().__init__(f"skipped: the run stopped ({reason}) before this item started")
+    def __init__(self, reason: StopReason, attempts: int = 0) -> None:
+        if reason == "out_of_time":
+            why = "it could not finish before the deadline (out_of_time)"
+        else:
+            why = _why(reason)
+        what = f"attempt {attempts + 1} of this item" if attempts else "this item"
+        super().__init__(f"skipped: {what} did not start: {why}")
         self.reason: StopReason = reason
+        self.attempts = attempts
 
 
 class RemoteError(ItemError):

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, final
 
+from ._errors import safe_repr
+
 if TYPE_CHECKING:
     import logging
 
@@ -184,5 +186,7 @@ def notify(observers: list[Observer], event: Event, log: logging.Logger) -> None
         try:
             observer(event)
         except Exception:
-            log.exception("batchkit: observer %r raised; it is disabled for this run", observer)
+            log.exception(
+                "batchkit: observer %s raised; it is disabled for this run", safe_repr(observer)
+            )
             observers.remove(observer)

@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, final
 
+from ._errors import describe
 from ._events import (
     AttemptFailed,
     DeadlineHit,
@@ -47,7 +48,7 @@ def _value(value: object) -> str:
 
 
 def _error(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
+    return describe(error)  # an error whose __str__ raises does not break the log
 
 
 @dataclass(slots=True)
@@ -62,8 +63,11 @@ class LoggingObserver:
 
     - INFO: run started, run finished (with counts by kind, wall time and stop reason), and
       decreases of an adaptive concurrency limit;
-    - WARNING: every item that ended in ``error``, ``timeout`` or ``cancelled``, the deadline
-      being hit and the run stopping early (``fail_fast``, thresholds);
+    - WARNING: every item that ended in ``error``, ``timeout``, ``cancelled`` or ``lost`` (or
+      ``skipped`` after attempts), the deadline being hit, the run stopping early
+      (``fail_fast``, thresholds), and the ``batch finished`` line of a run that did not
+      finish every item (a stop reason, or items cancelled, skipped or lost), with
+      ``unfinished=`` counting those items;
     - ``level_items`` (DEBUG by default): every attempt's start, every retry, every success,
       every ``skipped`` item (a stopped run may skip thousands; the WARNING saying why and the
       final counts are logged anyway) and increases of an adaptive limit.
@@ -102,7 +106,10 @@ class LoggingObserver:
             level = self._level_items
         else:
             kind = outcome.kind
-            level = self._level_items if kind == "skipped" else logging.WARNING
+            # A skipped item that had made attempts (its retry did not fit before the
+            # deadline) failed them: that is a WARNING like any failure.
+            quiet = kind == "skipped" and not outcome.attempts
+            level = self._level_items if quiet else logging.WARNING
         run = self._runs.get(event.name)
         if run is not None:
             # A kind only another backend produces ("lost") is counted when it happens.
@@ -202,6 +209,8 @@ class LoggingObserver:
             counts, retries = report.counts, report.retries
         else:
             counts, retries = seen.counts, seen.retries
+        unfinished = sum(counts.get(kind, 0) for kind in ("cancelled", "skipped", "lost"))
+        early = report.stop_reason is not None or unfinished > 0
         fields = {
             "event": "run_finished",
             "name": event.name,
@@ -212,7 +221,9 @@ class LoggingObserver:
             "wall": report.wall_time,
             "stop_reason": report.stop_reason,
         }
-        self._log(logging.INFO, "batch finished", fields)
+        if early:
+            fields["unfinished"] = unfinished
+        self._log(logging.WARNING if early else logging.INFO, "batch finished", fields)
 
     def _limit_changed(self, event: LimitChanged) -> None:
         level = logging.INFO if event.new < event.old else self._level_items

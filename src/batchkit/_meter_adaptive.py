@@ -7,6 +7,7 @@ from collections import deque
 from typing import TYPE_CHECKING, final
 
 from ._adaptive import AimdState, is_stuck, on_overload, on_success
+from ._errors import add_note, describe
 
 if TYPE_CHECKING:
     import asyncio
@@ -76,7 +77,7 @@ class AdaptiveMeter:
         elif result.kind == "timeout" or (
             result.kind == "error"
             and isinstance(result.error, Exception)
-            and policy.is_overload(result.error)
+            and _is_overload(policy, result.error)
         ):
             self._set(on_overload(self.state, policy, result.started, now), now, result.kind)
 
@@ -111,3 +112,14 @@ class AdaptiveMeter:
             if not fut.done():
                 fut.set_result(None)
                 free -= 1
+
+
+def _is_overload(policy: Adaptive, error: Exception) -> bool:
+    """``overload_on`` runs user code: if it raises, the error is not counted as an overload,
+    and it says so in a note (the item keeps its own error)."""
+    try:
+        return policy.is_overload(error)
+    except Exception as e:
+        add_note(error, f"batchkit: Adaptive.overload_on raised {describe(e)}; not counted "
+                        "as an overload")  # fmt: skip
+        return False

@@ -39,6 +39,7 @@ class DeadlineMeter:
         "_quantile",
         "_since",
         "_timeout",
+        "by_hint",
         "deadline_at",
     )
 
@@ -59,27 +60,44 @@ class DeadlineMeter:
         self._durations: deque[float] = deque(maxlen=_WINDOW)
         self._quantile = 0.0
         self._since = 0
+        self.by_hint = False
+        """Whether the last ``out_of_time`` refusal came from the item's own ``cost=``."""
 
     def expected(self, job: Job) -> float:
         """How long the next attempt of ``job`` is expected to take (0: no idea)."""
         timeout = self._timeout
         if self._fit_timeout and timeout is not None:
             return timeout
-        guess = self._quantile
-        if self._cost is not None:
-            try:
-                guess = float(self._cost(job.item))
-            except Exception:  # a broken hint was reported when the item was read
-                guess = self._quantile
-            if not math.isfinite(guess) or guess < 0:
-                guess = self._quantile
+        hint = self._hint(job)
+        guess = self._quantile if hint is None else hint
         return min(guess, timeout) if timeout is not None else guess
+
+    def _hint(self, job: Job) -> float | None:
+        """The item's own ``cost=`` hint, if it gave a usable one."""
+        if self._cost is None:
+            return None
+        try:
+            return _usable(float(self._cost(job.item)))
+        except Exception:  # a broken hint was reported when the item was read
+            return None
+
+    def fits(self, cost: float) -> bool:
+        """Whether an attempt with this ``cost=`` hint, started now, is expected to end in
+        time (by the same rule as :meth:`wait_task_can_start`)."""
+        hint = _usable(cost)
+        guess = self._quantile if hint is None else hint
+        if self._timeout is not None:
+            guess = self._timeout if self._fit_timeout else min(guess, self._timeout)
+        return self._loop.time() + guess <= self.deadline_at + SLACK
 
     async def wait_task_can_start(self, slot: Slot, job: Job) -> StopReason | None:
         now = self._loop.time()
         if now + SLACK >= self.deadline_at:
             return "deadline"
         if now + self.expected(job) > self.deadline_at + SLACK:
+            # By the item's own hint, only this item does not fit (a cheaper one may); by
+            # the run's observed durations or the timeout, nothing does.
+            self.by_hint = not self._fit_timeout and self._hint(job) is not None
             return "out_of_time"
         return None
 
@@ -97,3 +115,7 @@ class DeadlineMeter:
             self._since = 0
             ordered = sorted(self._durations)
             self._quantile = ordered[max(0, math.ceil(_QUANTILE * len(ordered)) - 1)]
+
+
+def _usable(hint: float) -> float | None:
+    return hint if math.isfinite(hint) and hint >= 0 else None

@@ -218,6 +218,12 @@ def check_observers(value: object) -> tuple[Observer, ...]:
     for o in value:
         if not callable(o):
             raise InvalidArgument(f"every observer must be callable with an event, got {o!r}")
+        if is_async_callable(o):
+            raise InvalidArgument(
+                f"observer {getattr(o, '__qualname__', o)!r} is an async function: observers "
+                "are called inline on the event loop, so its coroutines would never run\n"
+                "HINT: use a plain function; hand slow work to a queue or a task you own"
+            )
     return tuple(value)
 
 

@@ -18,6 +18,8 @@ from typing import (
     overload,
 )
 
+from ._errors import describe
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping, Sequence
 
@@ -376,7 +378,7 @@ class BatchReport(Generic[T, R]):
                 "elapsed": o.elapsed,
             }
             if type(o) is Failure:
-                row["error"] = f"{type(o.error).__name__}: {o.error}"
+                row["error"] = describe(o.error)
             rows.append(row)
         return {
             "name": self.name,

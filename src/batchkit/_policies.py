@@ -41,6 +41,20 @@ def _check_number(name: str, value: object, *, minimum: float = 0.0, strict: boo
     return number
 
 
+def _check_error_matcher(name: str, on: object, hint: str) -> None:
+    """``retry_on=`` / ``overload_on=``: Exception subclasses (one or a tuple) or a predicate."""
+    if isinstance(on, type | tuple):
+        for t in on if isinstance(on, tuple) else (on,):
+            if not (isinstance(t, type) and issubclass(t, Exception)):
+                raise InvalidArgument(
+                    f"{name} must hold Exception subclasses, got {t!r}\nHINT: {hint}"
+                )
+    elif not callable(on):
+        raise InvalidArgument(
+            f"{name} must be exception types or a predicate, got {on!r}\nHINT: {hint}"
+        )
+
+
 def _check_int(name: str, value: object, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgument(f"{name} must be an int, got {value!r}")
@@ -96,7 +110,9 @@ class Retry:
       ``True`` keeps the pressure on a struggling upstream at ``concurrency`` at most.
     - ``rng``: the random source of the backoff's jitter (default: a fresh ``random.Random()``
       per run); pass ``random.Random(seed)`` for a reproducible run.
-    A backoff never sleeps past the run's deadline: such an item ends with its last error.
+    A backoff never sleeps past the run's deadline: a retry that could not finish before it is
+    not made, and the item ends ``"skipped"`` (``ItemSkipped("out_of_time")``, its last error
+    as the cause).
     """
 
     attempts: int = 3
@@ -117,19 +133,11 @@ class Retry:
             )
         if not isinstance(self.backoff, Backoff):
             raise InvalidArgument(f"Retry.backoff must be a Backoff, got {self.backoff!r}")
-        on = self.retry_on
-        types = on if isinstance(on, tuple) else (on,)
-        if isinstance(on, (type, tuple)):
-            for t in types:
-                if not (isinstance(t, type) and issubclass(t, Exception)):
-                    raise InvalidArgument(
-                        f"Retry.retry_on must hold Exception subclasses, got {t!r}\n"
-                        "HINT: CancelledError, KeyboardInterrupt and SystemExit are never retried."
-                    )
-        elif not callable(on):
-            raise InvalidArgument(
-                f"Retry.retry_on must be exception types or a predicate, got {on!r}"
-            )
+        _check_error_matcher(
+            "Retry.retry_on",
+            self.retry_on,
+            "CancelledError, KeyboardInterrupt and SystemExit are never retried.",
+        )
 
     def should_retry(self, error: Exception) -> bool:
         """Whether ``retry_on`` selects ``error`` for another attempt."""
@@ -255,6 +263,12 @@ class Adaptive:
         if self.decrease >= 1:
             raise InvalidArgument(f"Adaptive.decrease must be < 1, got {self.decrease!r}")
         _check_number("Adaptive.latency_factor", self.latency_factor, minimum=1.0)
+        if self.overload_on is not None:
+            _check_error_matcher(
+                "Adaptive.overload_on",
+                self.overload_on,
+                "overload_on=(RateLimited,) or a predicate, e.g. lambda e: isinstance(e, Busy)",
+            )
 
     def is_overload(self, error: Exception) -> bool:
         """Whether ``overload_on`` counts ``error`` as an overload signal."""

@@ -12,6 +12,7 @@ case (nothing set) costs one context comparison, not a task or a context switch 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import time
@@ -19,7 +20,7 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, final
 
 from ._attempt import _SLOT
-from ._errors import ItemTimeout
+from ._errors import ItemTimeout, add_note, describe, safe_repr
 from ._watchdog import TIMEOUT
 
 if TYPE_CHECKING:
@@ -138,12 +139,26 @@ class Runner:
 
     async def _release(
         self, slot: Slot, job: Job, admitted: int, result: AttemptResult | None
-    ) -> None:
+    ) -> Exception | None:
+        """Tell every admitting meter the attempt ended; the first error one raised (an
+        external limiter's ``__aexit__`` is user code), after all were told."""
+        error = None
         for meter in self._meters[:admitted]:
-            await meter.notify_task_finished(slot, job, result)
+            try:
+                await meter.notify_task_finished(slot, job, result)
+            except Exception as e:
+                error = error or e
+        return error
 
     async def _run_metered(self, slot: Slot, job: Job) -> AttemptResult:
-        admitted, refused = await self._admit(slot, job)
+        try:
+            admitted, refused = await self._admit(slot, job)
+        except Exception as e:
+            # A limiter's __aenter__ (user code) raised: the item's error, fn never ran.
+            now = self._loop.time()
+            if job.first_start is None:
+                job.first_start = now
+            return AttemptResult("error", None, e, now, now)
         if refused is not None:
             await self._release(slot, job, admitted, None)
             now = self._loop.time()
@@ -154,7 +169,14 @@ class Runner:
         try:
             result = await self.attempt(slot, job)
         finally:
-            await self._release(slot, job, admitted, result)
+            released = await self._release(slot, job, admitted, result)
+        if released is not None:
+            # As for a context's exit: the item's error if fn succeeded, else noted on it.
+            if result.kind == "success":
+                return AttemptResult("error", None, released, result.started, result.ended)
+            if result.error is not None:
+                add_note(result.error, f"batchkit: releasing the limiter also failed: "
+                                       f"{describe(released)}")  # fmt: skip
         return result
 
     # -- the attempt: context, fn, timeout (the hot path) --------------------------------
@@ -189,6 +211,9 @@ class Runner:
         except asyncio.CancelledError as e:
             return self._cancelled(slot, gen, base, e, now)
         except Exception as e:
+            if slot.cancel_gen == gen:
+                # Our timeout was absorbed on the way (a rollback it cut): the error stands.
+                self._uncancel(slot, task)
             return AttemptResult("error", None, e, now, clock())
         finally:
             slot.cancellable = False
@@ -244,9 +269,16 @@ class Runner:
         except BaseException as e:
             try:
                 await cm.__aexit__(type(e), e, e.__traceback__)
+            except asyncio.CancelledError:
+                # fn raised, then the item's timeout cut the context's exit (a rollback):
+                # the item still failed with fn's error, not a timeout.
+                if not (isinstance(e, Exception) and _timed_out()):
+                    raise
+                add_note(e, "batchkit: the item's timeout interrupted exiting its context")
             except Exception as exit_error:
                 if exit_error is not e:
-                    e.add_note(f"batchkit: exiting the context also failed: {exit_error!r}")
+                    add_note(e, "batchkit: exiting the context also failed: "
+                                f"{safe_repr(exit_error)}")  # fmt: skip
             # A context that "suppresses" the error does not make the item a success.
             raise
         await cm.__aexit__(None, None, None)
@@ -266,8 +298,32 @@ class Runner:
         slot = _SLOT.get()
         if slot is not None:
             slot.thread = future
-        result = await asyncio.wrap_future(future, loop=self._loop)
+        try:
+            result = await asyncio.wrap_future(future, loop=self._loop)
+        except asyncio.CancelledError:
+            if args and not future.done():
+                await self._outlast(future)
+            raise
         if isinstance(result, Awaitable):
             # A plain function that returned an awaitable (``lambda x: fetch(x)``).
             result = await result
         return result
+
+    async def _outlast(self, future: Future[Any]) -> None:
+        """A sync ``fn``'s thread still uses its context after a cancellation: its context is
+        not exited before the thread returns. Cancellations are held back meanwhile; after
+        ``grace`` the watchdog (or the stop) cancels once more and abandons this attempt, so
+        the item gets its envelope and the call returns, and the context is exited only when
+        the thread is done."""
+        done = asyncio.wrap_future(future, loop=self._loop)
+        while not done.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait((done,))  # a cancellation does not cancel ``done``
+        if not done.cancelled():
+            done.exception()  # retrieved: the attempt ends with its cancellation
+
+
+def _timed_out() -> bool:
+    """Whether the attempt running in this task has been cancelled by its timeout."""
+    slot = _SLOT.get()
+    return slot is not None and slot.cancel_gen == slot.gen and slot.cancel_kind == TIMEOUT

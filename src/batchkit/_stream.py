@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
 
 from ._engine import Engine
+from ._errors import add_note, describe
 from ._sinks import StreamSink
 
 if TYPE_CHECKING:
@@ -34,6 +36,9 @@ class Stream(Generic[T, R]):
         self._task: asyncio.Task[BatchReport[T, R]] | None = None
         self._consumer: asyncio.Future[None] | None = None
         self._entered = False
+        self._delivered: BaseException | None = None
+        """The run's error, once the consumer got it from ``__anext__``: it is handled there,
+        and leaving the block does not raise it again."""
 
     def _wake_consumer(self) -> None:
         fut = self._consumer
@@ -48,6 +53,15 @@ class Stream(Generic[T, R]):
         self._entered = True
         self._task = asyncio.get_running_loop().create_task(self._engine.run())
         self._task.add_done_callback(lambda _: self._wake_consumer())
+        # Let the run start now: its report is then a run's (also after an empty block).
+        try:
+            await asyncio.sleep(0)
+        except BaseException:
+            # Cancelled on the way in: __aexit__ will not run, so end the run here.
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await _wait_cancelled(self._task)
+            raise
         return self
 
     async def __aexit__(
@@ -61,7 +75,16 @@ class Stream(Generic[T, R]):
             return
         if not task.done():
             task.cancel()
-        await _wait_cancelled(task)
+        try:
+            await _wait_cancelled(task)
+        except BaseException as error:
+            # What the block raised leaves it, and nothing it already handled: the run's
+            # error is raised here only if the consumer never got it.
+            cancelled = isinstance(error, asyncio.CancelledError)
+            if (cancelled and _being_cancelled()) or (exc is None and error is not self._delivered):
+                raise
+            if exc is not None and not cancelled and error is not self._delivered:
+                add_note(exc, f"batchkit: the stream's run also ended with {describe(error)}")
 
     def __aiter__(self) -> Stream[T, R]:
         return self
@@ -80,12 +103,19 @@ class Stream(Generic[T, R]):
                 return outcome
             if task.done():
                 # Re-raises what the run raised (InputFailed, KeyboardInterrupt, ...).
+                if not task.cancelled() and task.exception() is not None:
+                    self._delivered = task.exception()
                 task.result()
                 drained = self._engine.drain_one()
                 if drained is not None:
                     sink.consumed += 1
                     return drained
                 raise StopAsyncIteration
+            if self._consumer is not None:
+                raise RuntimeError(
+                    "a stream has one consumer: another task is waiting for its next outcome\n"
+                    "HINT: iterate it in one task and hand outcomes on (e.g. an asyncio.Queue)"
+                )
             fut = self._consumer = asyncio.get_running_loop().create_future()
             sink.consumer_waiting = True  # only now do producers call _wake_consumer
             try:
@@ -111,11 +141,15 @@ class Stream(Generic[T, R]):
         return self._sink.consumed
 
 
+def _being_cancelled() -> bool:
+    current = asyncio.current_task()
+    return current is not None and current.cancelling() > 0
+
+
 async def _wait_cancelled(task: asyncio.Task[Any]) -> None:
     """Wait for ``task`` to end; its own cancellation is expected and not an error."""
     try:
         await task
     except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
+        if _being_cancelled():
             raise  # we are being cancelled ourselves

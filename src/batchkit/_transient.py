@@ -28,8 +28,9 @@ def transient(exc: BaseException) -> bool:
     """Whether ``exc`` looks transient: worth another attempt. The default of ``Retry(retry_on=)``.
 
     True for timeouts (``TimeoutError``, which :class:`~batchkit.ItemTimeout` is), ``OSError``
-    (``ConnectionError`` and the other network errors), errors carrying a server's retry hint
-    (a ``retry_after`` attribute), and errors carrying an HTTP status 429 or 5xx (recognised by
+    (``ConnectionError`` and the other network errors), errors made to carry a server's retry
+    hint (a ``retry_after`` attribute, even ``None``: a 429 without a ``Retry-After`` header
+    backs off normally), and errors carrying an HTTP status 429 or 5xx (recognised by
     attributes, so httpx's and requests' errors match without importing them). False for
     everything else: a ``TypeError`` from a bug is not retried. An exception group is
     transient when every exception in it is.
@@ -39,7 +40,7 @@ def transient(exc: BaseException) -> bool:
         return all(transient(e) for e in exc.exceptions)
     if isinstance(exc, TimeoutError | OSError):
         return True
-    if getattr(exc, "retry_after", None) is not None:
+    if hasattr(exc, "retry_after"):
         return True
     status = http_status(exc)
     return status is not None and (status == 429 or 500 <= status <= 599)

@@ -139,13 +139,10 @@ def test_a_second_run_is_refused_until_the_first_is_stopped(db_url: str) -> None
 _FIELD = re.compile(r"(\w+)=(\S+)")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="needs the library's truthful caller-cancel (issue 22 item 7)"
-)
 def test_the_sigterm_log_line_agrees_with_the_table(tmp_path: Path) -> None:
     """``run --log`` stopped by SIGTERM: batchkit's ``batch finished`` line counts what the
     app's summary counts (every market, cancelled in flight or skipped) and names a stop
-    reason; today it says ``total=0 ... stop_reason=None``."""
+    reason (it said ``total=0 ... stop_reason=None`` before the caller's cancel was told)."""
     url = f"sqlite:///{tmp_path / 'p.db'}"
     seed(url, markets=12)
     process = start("--database-url", url, "run", *HANG, "--concurrency", "4", "--json", "--log")
