@@ -32,7 +32,6 @@ PUBLIC_MODULES = (
 )
 # Callables of public classes that users never call: batchkit does, with internal types.
 NOT_FOR_USERS = {
-    "batchkit._stream.Stream.__init__": "a Stream is made by batchkit.stream()",
     "batchkit.dask.DaskBackend.run_batch": "batchkit calls it for backend=",
     "batchkit.dask.DaskBackend.open_stream": "batchkit calls it for backend=",
 }

@@ -14,8 +14,8 @@ from typing import Any, get_args
 import pytest
 
 import batchkit
-from batchkit._options import Options
-from batchkit._outcomes import KINDS
+from batchkit._model.options import Options
+from batchkit._model.outcomes import KINDS
 from tests.docs_examples import ROOT, pages
 from tests.docs_examples import no_implicit_loop as no_implicit_loop
 
@@ -361,9 +361,9 @@ def _internal_types_shown(*, extension: bool) -> list[str]:
 
 
 def test_no_public_signature_shows_an_internal_type() -> None:
-    """``Stream(plan: Plan, ...)`` and ``items: Items[T]`` named types a reader cannot look
-    up; the reference shows public types (or the alias's value) only."""
-    assert "batchkit._stream.Stream.__init__(plan: batchkit._options.Plan)" in (
+    """``run_batch(options: Options)`` and ``items: Items[T]`` named types a reader cannot
+    look up; the reference shows public types (or the alias's value) only."""
+    assert "batchkit.dask.DaskBackend.run_batch(options: batchkit._model.options.Options)" in (
         _internal_types_shown(extension=False)
     )  # what the check finds without the extension
     shown = _internal_types_shown(extension=True)

@@ -23,10 +23,11 @@ from batchkit import (
     current_attempt,
     stream,
 )
-from batchkit._attempt import Job, RunInfo, Slot
-from batchkit._options import VALIDATORS, Options, RunOptions, StreamOptions, make_plan
-from batchkit._runner import Runner
-from batchkit._watchdog import Watchdog
+from batchkit._engine.plan import make_plan
+from batchkit._engine.runner import Runner
+from batchkit._engine.watchdog import Watchdog
+from batchkit._model.attempt import Job, RunInfo, Slot
+from batchkit._model.options import VALIDATORS, Options, RunOptions, StreamOptions
 from batchkit.testing import instant, run_virtual
 
 from .helpers import now

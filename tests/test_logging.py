@@ -18,7 +18,7 @@ from batchkit import (
     batch_process,
     stream,
 )
-from batchkit._logging import LoggingObserver
+from batchkit._observe.log import LoggingObserver
 from batchkit.testing import instant
 
 if TYPE_CHECKING:

@@ -16,12 +16,12 @@ from batchkit import (
     Retry,
     RunFinished,
     RunStarted,
-    _events,
     batch_process,
     stream,
 )
-from batchkit._logging import LoggingObserver
-from batchkit._progress import ProgressObserver
+from batchkit._model import events as _events
+from batchkit._observe.log import LoggingObserver
+from batchkit._observe.progress import ProgressObserver
 from batchkit.testing import instant
 
 if TYPE_CHECKING:

@@ -8,9 +8,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from batchkit import Adaptive, Backoff
-from batchkit._adaptive import AimdState, is_stuck, on_overload, on_success
-from batchkit._backoff import backoff_ceiling, retry_after_hint, retry_delay
-from batchkit._ratelimit import reserve
+from batchkit._engine.backoff import backoff_ceiling, retry_after_hint, retry_delay
+from batchkit._engine.meters.adaptive_math import (
+    AimdState,
+    is_stuck,
+    on_overload,
+    on_success,
+)
+from batchkit._engine.meters.rate_math import reserve
 
 backoffs = st.builds(
     lambda initial, extra, multiplier, jitter: Backoff(

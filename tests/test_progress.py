@@ -16,11 +16,11 @@ from batchkit import (
     MissingExtra,
     RunFinished,
     RunStarted,
-    _progress,
     batch_process,
     stream,
 )
-from batchkit._progress import ProgressObserver
+from batchkit._observe import progress as _progress
+from batchkit._observe.progress import ProgressObserver
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

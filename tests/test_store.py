@@ -22,7 +22,7 @@ from batchkit import (
     Success,
     batch_process,
 )
-from batchkit._store import OutcomeStore, OutcomeView
+from batchkit._model.store import OutcomeStore, OutcomeView
 
 from .helpers import now
 

@@ -20,9 +20,9 @@ from batchkit import (
     RateLimit,
     Retry,
     Success,
-    _backoff,
     batch_process,
 )
+from batchkit._engine import backoff as _backoff
 from batchkit.testing import (
     Call,
     ContextProbe,

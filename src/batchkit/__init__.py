@@ -13,50 +13,50 @@ from typing import TYPE_CHECKING, Any
 from ._api import ContextFactory as ContextFactory
 from ._api import batch_process as batch_process
 from ._api import stream as stream
-from ._attempt import Attempt as Attempt
-from ._attempt import current_attempt as current_attempt
-from ._errors import BatchkitError as BatchkitError
-from ._errors import InputFailed as InputFailed
-from ._errors import InvalidArgument as InvalidArgument
-from ._errors import ItemCancelled as ItemCancelled
-from ._errors import ItemError as ItemError
-from ._errors import ItemSkipped as ItemSkipped
-from ._errors import ItemTimeout as ItemTimeout
-from ._errors import MissingExtra as MissingExtra
-from ._errors import RemoteError as RemoteError
-from ._errors import StopReason as StopReason
-from ._outcomes import BatchReport as BatchReport
-from ._outcomes import Failure as Failure
-from ._outcomes import FailureKind as FailureKind
-from ._outcomes import LimitChange as LimitChange
-from ._outcomes import Outcome as Outcome
-from ._outcomes import OutcomeKind as OutcomeKind
-from ._outcomes import Success as Success
-from ._policies import Adaptive as Adaptive
-from ._policies import AsyncLimiter as AsyncLimiter
-from ._policies import Backoff as Backoff
-from ._policies import Deadline as Deadline
-from ._policies import FailureRatio as FailureRatio
-from ._policies import RateLimit as RateLimit
-from ._policies import Retry as Retry
-from ._policies import RetryOn as RetryOn
-from ._stream import Stream as Stream
-from ._transient import transient as transient
+from ._model.attempt import Attempt as Attempt
+from ._model.attempt import current_attempt as current_attempt
+from ._model.errors import BatchkitError as BatchkitError
+from ._model.errors import InvalidArgument as InvalidArgument
+from ._model.errors import ItemCancelled as ItemCancelled
+from ._model.errors import ItemError as ItemError
+from ._model.errors import ItemSkipped as ItemSkipped
+from ._model.errors import ItemTimeout as ItemTimeout
+from ._model.errors import MissingExtra as MissingExtra
+from ._model.errors import RemoteError as RemoteError
+from ._model.errors import StopReason as StopReason
+from ._model.outcomes import Failure as Failure
+from ._model.outcomes import FailureKind as FailureKind
+from ._model.outcomes import Outcome as Outcome
+from ._model.outcomes import OutcomeKind as OutcomeKind
+from ._model.outcomes import Success as Success
+from ._model.policies import Adaptive as Adaptive
+from ._model.policies import AsyncLimiter as AsyncLimiter
+from ._model.policies import Backoff as Backoff
+from ._model.policies import Deadline as Deadline
+from ._model.policies import FailureRatio as FailureRatio
+from ._model.policies import RateLimit as RateLimit
+from ._model.policies import Retry as Retry
+from ._model.report import BatchReport as BatchReport
+from ._model.report import InputFailed as InputFailed
+from ._model.report import LimitChange as LimitChange
+from ._model.seams import Stream as Stream
+from ._model.transient import RetryOn as RetryOn
+from ._model.transient import transient as transient
 
 if TYPE_CHECKING:
-    from ._events import AttemptFailed as AttemptFailed
-    from ._events import DeadlineHit as DeadlineHit
-    from ._events import Event as Event
-    from ._events import ItemFinished as ItemFinished
-    from ._events import ItemsSkipped as ItemsSkipped
-    from ._events import ItemStarted as ItemStarted
-    from ._events import LimitChanged as LimitChanged
-    from ._events import Observer as Observer
-    from ._events import RunFinished as RunFinished
-    from ._events import RunStarted as RunStarted
-    from ._events import RunStopping as RunStopping
-    from ._logging import LoggingObserver as LoggingObserver
-    from ._progress import ProgressObserver as ProgressObserver
+    from ._model.events import AttemptFailed as AttemptFailed
+    from ._model.events import DeadlineHit as DeadlineHit
+    from ._model.events import Event as Event
+    from ._model.events import ItemFinished as ItemFinished
+    from ._model.events import ItemsSkipped as ItemsSkipped
+    from ._model.events import ItemStarted as ItemStarted
+    from ._model.events import LimitChanged as LimitChanged
+    from ._model.events import Observer as Observer
+    from ._model.events import RunFinished as RunFinished
+    from ._model.events import RunStarted as RunStarted
+    from ._model.events import RunStopping as RunStopping
+    from ._observe.log import LoggingObserver as LoggingObserver
+    from ._observe.progress import ProgressObserver as ProgressObserver
 
     __version__: str
     """The installed version of the ``aio-batchkit`` distribution (e.g. ``"0.1.0"``)."""
@@ -91,13 +91,13 @@ else:
             except PackageNotFoundError:  # pragma: no cover - a source tree, not installed
                 value = "0.0.0"
         elif name in _EVENT_NAMES:
-            from . import _events
+            from ._model import events as _events
 
             value = getattr(_events, name)
         elif name == "LoggingObserver":
-            from ._logging import LoggingObserver as value
+            from ._observe.log import LoggingObserver as value
         elif name == "ProgressObserver":
-            from ._progress import ProgressObserver as value
+            from ._observe.progress import ProgressObserver as value
         else:
             raise AttributeError(f"module 'batchkit' has no attribute {name!r}")
         globals()[name] = value

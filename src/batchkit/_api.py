@@ -1,6 +1,6 @@
 """The front door: ``batch_process()`` and ``stream()``. Validates, wires, nothing else.
 
-Every keyword is declared once (:mod:`batchkit._options`); the overloads only vary what
+Every keyword is declared once (:mod:`batchkit._model.options`); the overloads only vary what
 changes the types: ``fn`` with or without a context, async or sync.
 """
 
@@ -10,12 +10,14 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, Unpack, overload
 
-from ._engine import Engine
-from ._options import Options, RunOptions, StreamOptions, check_backend, make_plan
-from ._stream import Stream
+from ._engine.engine import Engine
+from ._engine.plan import make_plan
+from ._engine.stream import LocalStream
+from ._model.options import Options, RunOptions, StreamOptions, check_backend
 
 if TYPE_CHECKING:
-    from ._outcomes import BatchReport
+    from ._model.report import BatchReport
+    from ._model.seams import Stream
 
 __all__ = ["ContextFactory", "batch_process", "stream"]
 
@@ -77,7 +79,7 @@ async def batch_process(
     """
     stream_only = sorted(set(options) & _STREAM_ONLY)
     if stream_only:
-        from ._errors import InvalidArgument
+        from ._model.errors import InvalidArgument
 
         raise InvalidArgument(
             f"batch_process() does not take {', '.join(stream_only)}: they are options of "
@@ -97,7 +99,7 @@ _STREAM_ONLY: frozenset[str] = frozenset(StreamOptions.__annotations__) - frozen
 
 
 def _options(context: object, options: Any) -> Options:
-    from ._errors import InvalidArgument
+    from ._model.errors import InvalidArgument
 
     try:
         opts = Options(context=context, **options)  # type: ignore[arg-type]
@@ -163,4 +165,4 @@ def stream(
     opts = _options(context, options)
     if opts.backend is not None:
         return opts.backend.open_stream(items, fn, opts)
-    return Stream(make_plan(items, fn, opts), items)
+    return LocalStream(make_plan(items, fn, opts), items)

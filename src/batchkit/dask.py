@@ -17,16 +17,16 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, final
 
-from ._dask_worker import current_run
-from ._errors import InvalidArgument, MissingExtra
-from ._errors import RemoteError as RemoteError
+from ._dask.worker import current_run
+from ._model.errors import InvalidArgument, MissingExtra
+from ._model.errors import RemoteError as RemoteError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from ._options import Options
-    from ._outcomes import BatchReport
-    from ._stream import Stream
+    from ._model.options import Options
+    from ._model.report import BatchReport
+    from ._model.seams import Stream
 
 __all__ = ["DaskBackend", "RemoteError", "WorkerResource", "per_worker"]
 
@@ -113,8 +113,8 @@ class DaskBackend:
     async def run_batch(
         self, items: Any, fn: Callable[..., Any], options: Options
     ) -> BatchReport[Any, Any]:
-        from ._dask_driver import run_batch
-        from ._options import make_plan
+        from ._dask.driver import run_batch
+        from ._engine.plan import make_plan
 
         if self._client is not None:
             return await run_batch(self, items, fn, options)
@@ -152,7 +152,7 @@ class _AddressStream:
     def __init__(
         self, backend: DaskBackend, items: Any, fn: Callable[..., Any], options: Options
     ) -> None:
-        from ._dask_driver import DaskRun
+        from ._dask.driver import DaskRun
 
         self._backend = backend
         self._client: Any = None

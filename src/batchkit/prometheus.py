@@ -30,8 +30,8 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Final, final
 
-from ._errors import InvalidArgument, MissingExtra
-from ._events import (
+from ._model.errors import InvalidArgument, MissingExtra
+from ._model.events import (
     AttemptFailed,
     Event,
     ItemFinished,
@@ -41,7 +41,7 @@ from ._events import (
     RunFinished,
     RunStarted,
 )
-from ._outcomes import Success
+from ._model.outcomes import Success
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

@@ -35,8 +35,8 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
 
-from ._errors import InvalidArgument, MissingExtra
-from ._policies import Adaptive
+from ._model.errors import InvalidArgument, MissingExtra
+from ._model.policies import Adaptive
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine

@@ -35,9 +35,9 @@ from typing import (
     overload,
 )
 
-from . import _backoff
-from ._errors import InvalidArgument, MissingExtra
-from ._policies import Adaptive, Backoff, RateLimit, Retry
+from ._engine import backoff as _backoff
+from ._model.errors import InvalidArgument, MissingExtra
+from ._model.policies import Adaptive, Backoff, RateLimit, Retry
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence

@@ -12,12 +12,12 @@ import pytest
 
 import batchkit
 from batchkit import InvalidArgument, MissingExtra
-from batchkit._dask_driver import _Sizer, plan_chunks
-from batchkit._dask_worker import _RUNS, _Gate, _run_state, set_share
+from batchkit._dask.driver import _Sizer, plan_chunks
+from batchkit._dask.worker import _RUNS, _Gate, _run_state, set_share
 from batchkit.dask import DaskBackend, WorkerResource, per_worker
 
 if TYPE_CHECKING:
-    from batchkit._dask_wire import RunSpec
+    from batchkit._dask.wire import RunSpec
 
 
 async def quick(x: int) -> int:

@@ -16,7 +16,7 @@ import pytest
 
 import batchkit
 from batchkit import Failure, InvalidArgument, RateLimit, Retry, Success
-from batchkit._errors import RemoteError
+from batchkit._model.errors import RemoteError
 from batchkit.dask import DaskBackend
 
 from . import _work
@@ -39,7 +39,7 @@ async def _total(client: Any, name: str) -> int:
 
 
 async def _running_chunks(client: Any) -> int:
-    from batchkit._dask_worker import running_chunks
+    from batchkit._dask.worker import running_chunks
 
     counts: dict[str, int] = await client.run(running_chunks)
     return sum(counts.values())

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 import batchkit
 from batchkit import Failure, Success
-from batchkit._dask_worker import running_chunks
+from batchkit._dask.worker import running_chunks
 from batchkit.dask import DaskBackend
 
 from . import _work

@@ -1,0 +1,1 @@
+"""The Dask backend behind ``batchkit.dask``: driver, wire, worker."""

@@ -1,0 +1,824 @@
+"""The driver side of the Dask backend: chunks out, envelopes back, one report.
+
+The driver cuts the input into chunks and schedules them with batchkit's own engine
+(``stream`` over chunks, its concurrency = chunks in flight); each chunk is one Dask task that
+runs its items with the local engine on a worker (``_dask_worker``). Chunk results come back as
+compact records and are turned into the same envelopes a local run makes, with input indices,
+in one :class:`BatchReport` (or one stream of outcomes).
+
+Stopping (deadline, ``fail_fast``, thresholds, the caller leaving or cancelling) sends every
+worker a stop message that cancels the run's coroutines there; the call's exit sends an end
+message that cancels whatever is left, disposes per-worker resources and waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import math
+import time
+import uuid
+from collections import deque
+from collections.abc import Sized
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from .._dask import worker as worker_side
+from .._engine.plan import make_plan
+from .._model.errors import BatchkitError, InvalidArgument, ItemCancelled, ItemSkipped
+from .._model.events import (
+    AttemptFailed,
+    DeadlineHit,
+    Event,
+    ItemFinished,
+    ItemsSkipped,
+    ItemStarted,
+    RunFinished,
+    RunStarted,
+    RunStopping,
+    notify,
+)
+from .._model.outcomes import Failure, Outcome, make_success
+from .._model.report import BatchReport, InputFailed
+from .wire import ChunkResult, Record, RunSpec, check_picklable, dumps
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Iterator
+    from types import TracebackType
+
+    from .._engine.plan import Plan
+    from .._model.errors import StopReason
+    from .._model.events import Observer
+    from .._model.options import Options
+    from .._model.policies import Adaptive, RateLimit
+
+__all__ = ["DaskRun", "plan_chunks"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_log = logging.getLogger("batchkit.dask")
+
+# A chunk should keep a worker busy about this long: long enough that the round trip per
+# chunk is noise, short enough that the last chunks even out across workers.
+_TARGET_CHUNK_SECONDS = 0.5
+_MIN_CHUNK_SECONDS = 0.2
+_MAX_CHUNK = 5000
+_SHARE_POLL_SECONDS = 0.2
+_BROADCAST_SLACK = 5.0
+_FAILED = ("error", "timeout")  # what thresholds count
+_MAX_INTERVALS = 100_000  # item spans kept for peak_concurrency before folding
+
+
+def plan_chunks(concurrency: int, per_worker: int, n_workers: int, threads: int) -> tuple[int, int]:
+    """``(per_chunk, chunks_in_flight)``: the concurrency of one chunk on its worker and how
+    many chunks may be submitted at once, so that ``per_chunk * chunks_in_flight`` never
+    exceeds ``concurrency`` while every worker thread has a chunk and one queued behind it."""
+    threads = max(threads, 1)
+    per_chunk = max(1, min(per_worker, concurrency // threads or 1))
+    most = max(1, concurrency // per_chunk)
+    return per_chunk, max(1, min(most, threads + n_workers))
+
+
+class _Sizer:
+    """Chunk sizes from the observed worker time per item, unless ``chunk_size`` is fixed.
+
+    A chunk aims at ``_TARGET_CHUNK_SECONDS`` of work on its worker, and never less than
+    ``_MIN_CHUNK_SECONDS`` (below that the round trip per chunk shows). For sized inputs,
+    guided self-scheduling (``remaining / (2 * worker threads)``) shrinks the last chunks so
+    the workers finish together. The first chunks, before any observation, are small.
+    """
+
+    def __init__(self, fixed: int | None, per_chunk: int, threads: int, total: int | None) -> None:
+        self.fixed = fixed
+        self.per_chunk = per_chunk
+        self.threads = max(threads, 1)
+        self.total = total
+        self.seconds_per_item: float | None = None
+
+    def observe(self, n: int, seconds: float) -> None:
+        """A chunk of ``n`` items kept its worker busy ``seconds``."""
+        if n <= 0 or seconds <= 0:
+            return
+        spi = seconds / n
+        old = self.seconds_per_item
+        self.seconds_per_item = spi if old is None else 0.5 * old + 0.5 * spi
+
+    def next_size(self, taken: int) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        spi = self.seconds_per_item
+        if spi is None:
+            size, floor = 4 * self.per_chunk, self.per_chunk
+        else:
+            size = int(_TARGET_CHUNK_SECONDS / spi)
+            floor = max(self.per_chunk, int(_MIN_CHUNK_SECONDS / spi))
+        if self.total is not None:
+            remaining = self.total - taken
+            size = min(size, math.ceil(remaining / (2 * self.threads)))
+        return max(1, min(max(size, floor), _MAX_CHUNK))
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Chunk:
+    offset: int
+    items: list[Any]
+    submitted: float = 0.0
+
+
+class DaskRun(Generic[T, R]):
+    """One run on a Dask cluster: an async context manager and iterator of outcomes."""
+
+    def __init__(
+        self,
+        backend: Any,
+        items: Any,
+        fn: Callable[..., Any],
+        options: Options,
+        *,
+        keep: bool,
+    ) -> None:
+        # CORE's validators, the same as a local run: bad arguments raise here, at the call.
+        self._o: Plan = make_plan(items, fn, options)
+        self._backend = backend
+        self._items = items
+        self._fn = fn
+        self._keep = keep
+        self._outcomes: list[Outcome[T, R]] = []
+        self._run_id = uuid.uuid4().hex
+        self._observers: list[Observer] = list(self._o.observers)  # progress=True included
+        self._sized = isinstance(items, Sized)
+        self._skip_announced = False
+        self._total = len(items) if isinstance(items, Sized) else None
+        self._it: Iterator[Any] | None = None
+        self._ait: AsyncIterator[Any] | None = None
+        self._exhausted = False
+        self._input_error: BaseException | None = None
+        self._taken = 0
+        self._ready: deque[Outcome[T, R]] = deque()
+        self._stop_reason: StopReason | None = None
+        self._stopping = False
+        # Threshold counts: settled chunks' true counts plus in-flight chunks' alerts.
+        self._finished = 0
+        self._failed = 0
+        self._alerted: dict[int, tuple[int, int]] = {}
+        self._settled: set[int] = set()
+        self._topic = f"batchkit-{self._run_id}"
+        self._subscribed = False
+        self._announced = False  # RunStarted was sent: RunFinished will be
+        self._consumed = 0
+        self._counts: dict[str, int] = {}
+        self._pending: dict[int, _Chunk] = {}
+        self._in_flight_items = 0
+        self._peak = 0  # from spans folded away (long streams)
+        self._background: set[asyncio.Task[Any]] = set()
+        self._force = asyncio.Event()
+        self._outer: Any = None
+        self._outer_done = False
+        self._entered = False
+        self._closed = False
+        self._client: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._start = 0.0
+        self._deadline_at: float | None = None
+        self._deadline_handle: asyncio.TimerHandle | None = None
+        self._force_handle: asyncio.TimerHandle | None = None
+        self._grace = 1.0
+        self._effective = 1
+        self._sizer: _Sizer | None = None
+        self._wall_offset = 0.0
+        self._spec_blob = b""
+        self._shares: dict[str, float] = {}
+        self._intervals: list[tuple[float, float]] = []
+        self._watch: asyncio.Future[None] | None = None
+        # Input indices given up on after a stop (BatchReport.abandoned).
+        self._abandoned: list[int] = []
+
+    # ------------------------------------------------------------------ entering
+    def _check_options(self) -> None:
+        o = self._o
+        if o.limiter is not None:
+            raise InvalidArgument(
+                "rate_limit on a Dask cluster must be batchkit.RateLimit(...): a limiter "
+                f"object ({o.limiter!r}) would be copied to every worker and limit each "
+                "alone\nHINT: pass RateLimit(per_second=...); batchkit splits it among workers"
+            )
+        if o.cost is not None:
+            raise InvalidArgument(
+                "cost= is not supported with the Dask backend yet\nHINT: sort the input by "
+                "cost yourself, most expensive first"
+            )
+        check_picklable("fn", self._fn)
+        if o.context is not None:
+            check_picklable("the context factory", o.context)
+        if o.retry is not None:
+            check_picklable("retry", o.retry)
+        if o.key is not None:
+            check_picklable("key", o.key)
+
+    async def _workers(self) -> tuple[int, int, list[str]]:
+        info = await self._client.scheduler.identity()
+        workers = info.get("workers", {})
+        threads = sum(int(w.get("nthreads", 1)) for w in workers.values())
+        return len(workers), threads, list(workers)
+
+    async def __aenter__(self) -> DaskRun[T, R]:
+        if self._entered:
+            raise RuntimeError("a stream can be entered only once")
+        self._entered = True
+        self._check_options()
+        self._loop = asyncio.get_running_loop()
+        try:
+            await self._enter()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def _enter(self) -> None:
+        o = self._o
+        loop = self._loop
+        assert loop is not None
+        self._client = await self._backend._connect()
+        n_workers, threads, addresses = await self._workers()
+        if n_workers == 0:
+            raise BatchkitError(
+                "the Dask cluster has no workers\nHINT: start some (`dask worker ADDRESS`) or "
+                "await client.wait_for_workers(n) before the call"
+            )
+        self._start = loop.time()
+        self._wall_offset = time.time() - self._start
+        fit_timeout = self._read_deadline()
+        in_flight, spec = self._plan(n_workers, threads, fit_timeout)
+        self._spec_blob = dumps(spec)
+        if spec.alerts:
+            self._client.subscribe_topic(self._topic, self._on_alert)
+            self._subscribed = True
+        rate = o.rate_limit
+        if rate is not None:
+            await self._share_rate(rate, addresses)
+            self._watch = asyncio.ensure_future(self._watch_workers(rate))
+        if self._is_async_input():
+            self._ait = aiter(self._items)
+        else:
+            self._it = iter(self._items)
+        if self._deadline_at is not None:
+            self._deadline_handle = loop.call_at(self._deadline_at, self._on_deadline)
+        self._event(
+            RunStarted(
+                name=o.name, concurrency=self._effective, total=self._total, time=self._start
+            )
+        )
+        self._announced = True
+        from .._api import stream
+
+        outer = stream(self._chunks(), self._run_chunk, concurrency=in_flight, ordered=o.ordered)
+        await outer.__aenter__()
+        self._outer = outer
+
+    def _read_deadline(self) -> bool:
+        """The deadline as this loop's time (``_deadline_at``) and the grace; returns
+        ``fit_timeout``."""
+        p = self._o
+        self._grace = p.grace
+        if p.deadline_seconds is not None:
+            self._deadline_at = self._start + p.deadline_seconds
+        else:
+            self._deadline_at = p.deadline_at
+        return p.fit_timeout
+
+    def _plan(self, n_workers: int, threads: int, fit_timeout: bool) -> tuple[int, RunSpec]:
+        """Chunks in flight, and what every worker gets to run its chunks."""
+        o = self._o
+        per_worker = self._backend.per_worker
+        cap = o.slots
+        per_chunk, in_flight = plan_chunks(cap, per_worker, n_workers, threads)
+        self._effective = min(cap, per_chunk * threads)
+        self._sizer = _Sizer(self._backend.chunk_size, per_chunk, threads, self._total)
+        chunk_concurrency: int | Adaptive = per_chunk
+        if o.adaptive is not None:
+            a = o.adaptive
+            chunk_concurrency = dataclasses.replace(
+                a, max=per_chunk, initial=min(a.initial, per_chunk), min=min(a.min, per_chunk)
+            )
+        rate = o.rate_limit
+        dl = self._deadline_at
+        spec = RunSpec(
+            run_id=self._run_id,
+            name=o.name,
+            fn=self._fn,
+            context=o.context,
+            concurrency=chunk_concurrency,
+            per_worker=per_worker,
+            timeout=o.timeout,
+            retry=o.retry,
+            rate=rate.per_second if rate else None,
+            burst=rate.burst if rate else 1,
+            deadline_wall=dl + self._wall_offset if dl is not None else None,
+            key=o.key,
+            fit_timeout=fit_timeout,
+            grace=self._grace,
+            fail_fast=o.fail_fast,
+            max_failures=o.max_failures,
+            events=bool(self._observers),
+            logs=self._backend.forward_logs,
+            alerts=o.max_failures is not None or o.max_failure_ratio is not None,
+            topic=self._topic,
+        )
+        return in_flight, spec
+
+    def _is_async_input(self) -> bool:
+        return hasattr(self._items, "__aiter__")
+
+    # ------------------------------------------------------------------- chunks
+    async def _chunks(self) -> AsyncIterator[_Chunk]:
+        assert self._sizer is not None
+        while not self._stopping and not self._exhausted and self._input_error is None:
+            size = self._sizer.next_size(self._taken)
+            batch: list[Any] = []
+            try:
+                if self._it is not None:
+                    batch.extend(itertools.islice(self._it, size))
+                else:
+                    assert self._ait is not None
+                    while len(batch) < size:
+                        batch.append(await anext(self._ait))
+            except StopAsyncIteration:
+                pass
+            except Exception as e:
+                self._input_error = e  # what was read before it still runs
+            if len(batch) < size and self._input_error is None:
+                self._exhausted = True
+            if not batch:
+                return
+            chunk = _Chunk(self._taken, batch)
+            self._taken += len(batch)
+            yield chunk
+
+    async def _run_chunk(self, chunk: _Chunk) -> ChunkResult:
+        loop = asyncio.get_running_loop()
+        if self._stopping:
+            return self._closed_chunk(chunk, "skipped")
+        self._pending[chunk.offset] = chunk
+        self._in_flight_items += len(chunk.items)
+        chunk.submitted = loop.time()
+        future = self._client.submit(
+            worker_side.run_chunk,
+            self._spec_blob,
+            self._run_id,
+            chunk.offset,
+            chunk.items,
+            pure=False,
+            key=f"batchkit-{self._run_id}-{chunk.offset}",
+        )
+        try:
+            blob = await future
+        except asyncio.CancelledError:
+            self._spawn(self._client.cancel(future))
+            raise
+        finally:
+            self._pending.pop(chunk.offset, None)
+            self._in_flight_items -= len(chunk.items)
+        result = worker_side.decode(blob)
+        if self._sizer is not None and result.records:
+            self._sizer.observe(len(result.records), result.seconds)
+        return result
+
+    def _closed_chunk(self, chunk: _Chunk, how: str) -> ChunkResult:
+        reason: StopReason = self._stop_reason or "fail_fast"
+        records: list[Record] = []
+        now = time.time()
+        for i in range(len(chunk.items)):
+            err: BaseException
+            if how == "skipped":
+                err = ItemSkipped(reason)
+                records.append((i, "skipped", err, 0, 0.0, (err,), now))
+            else:
+                err = ItemCancelled(reason)
+                records.append((i, "cancelled", err, 1, 0.0, (err,), now))
+        return ChunkResult(offset=chunk.offset, records=records)
+
+    # ------------------------------------------------------------------- outcomes
+    def _expand(self, outcome: Outcome[_Chunk, ChunkResult]) -> None:
+        """One chunk's outcome -> its items' envelopes (and events), in ``_ready``."""
+        chunk = outcome.item
+        if type(outcome) is Failure:
+            if outcome.kind == "error":
+                self._lost(chunk, outcome.error)
+            else:
+                self._emit_chunk(chunk, self._closed_chunk(chunk, "cancelled"))
+            return
+        result = outcome.value
+        self._emit_chunk(chunk, result)
+        if result.stop_reason is not None and self._stop_reason is None:
+            # The chunk stopped itself (its own fail_fast / max_failures / the deadline).
+            if result.stop_reason == "deadline":
+                self._on_deadline()
+            else:
+                self._stop(result.stop_reason)
+        self._check_thresholds()
+
+    def _lost(self, chunk: _Chunk, error: BaseException) -> None:
+        now = time.time()
+        records: list[Record] = [
+            (i, "lost", error, 1, 0.0, (error,), now) for i in range(len(chunk.items))
+        ]
+        self._emit_chunk(chunk, ChunkResult(offset=chunk.offset, records=records))
+
+    def _emit_chunk(self, chunk: _Chunk, result: ChunkResult) -> None:
+        """A chunk's records -> envelopes in ``_ready`` (exactly one per item) and events."""
+        for record in result.logs:
+            record.worker = result.worker
+            logging.getLogger(record.name).handle(record)
+        records = sorted(result.records, key=lambda r: r[0]) if self._o.ordered else result.records
+        seen: set[int] = set()
+        finished: list[tuple[float, int, Event]] = []
+        for rec in records:
+            if rec[0] in seen:  # pragma: no cover - a worker sends one record per item
+                continue
+            seen.add(rec[0])
+            out = self._envelope(chunk, rec)
+            if self._observers:
+                finished.append(self._finished_event(out, chunk.items[rec[0]], rec[6]))
+        self._intervals.extend(result.spans)
+        if len(self._intervals) > _MAX_INTERVALS:
+            self._fold_intervals()
+        self._settle(chunk.offset, len(chunk.items), sum(r[1] in _FAILED for r in records))
+        for i in range(len(chunk.items)):  # exactly one envelope per item, whatever arrived
+            if i not in seen:
+                err = ItemCancelled(self._stop_reason or "fail_fast")
+                out = self._envelope(chunk, (i, "cancelled", err, 1, 0.0, (err,), 0.0))
+                if self._observers:
+                    finished.append(self._finished_event(out, chunk.items[i], 0.0))
+        if self._observers:
+            events = finished + [self._worker_event(r, chunk) for r in result.events]
+            events.sort(key=lambda e: (e[0], e[1]))
+            for _, _, event in events:
+                self._event(event)
+
+    def _envelope(self, chunk: _Chunk, rec: Record) -> Outcome[T, R]:
+        i, kind, payload, attempts, elapsed, errors, _ = rec
+        index, item = chunk.offset + i, chunk.items[i]
+        out: Outcome[T, R]
+        if kind == "success":
+            out = make_success(item, payload, index, attempts, elapsed)
+        else:
+            out = Failure(item, payload, kind, index, attempts, elapsed, errors)  # type: ignore[arg-type]
+        self._counts[kind] = self._counts.get(kind, 0) + 1
+        self._ready.append(out)
+        return out
+
+    def _finished_event(self, out: Outcome[T, R], item: Any, at: float) -> tuple[float, int, Event]:
+        assert self._loop is not None
+        when = at - self._wall_offset if at else self._loop.time()
+        event = ItemFinished(
+            name=self._o.name,
+            key=self._key(out.index, item),
+            outcome=out,
+            in_flight=self._in_flight_items,
+            time=when,
+        )
+        return when, 2, event
+
+    def _worker_event(self, rec: tuple[Any, ...], chunk: _Chunk) -> tuple[float, int, Event]:
+        when = rec[1] - self._wall_offset
+        index = chunk.offset + rec[2]
+        item = chunk.items[rec[2]]
+        key = self._key(index, item)
+        if rec[0] == "started":
+            ev: Event = ItemStarted(
+                name=self._o.name,
+                index=index,
+                key=key,
+                item=item,
+                attempt=rec[3],
+                in_flight=self._in_flight_items,
+                time=when,
+            )
+            return when, 0, ev
+        ev = AttemptFailed(
+            name=self._o.name,
+            index=index,
+            key=key,
+            item=item,
+            attempt=rec[3],
+            error=rec[4],
+            kind=rec[5],
+            retry_in=rec[6],
+            time=when,
+        )
+        return when, 1, ev
+
+    def _key(self, index: int, item: Any) -> str:
+        key = self._o.key
+        if key is None:
+            return f"#{index}"
+        try:
+            return str(key(item))
+        except Exception:
+            return f"#{index}"
+
+    # ------------------------------------------------------------------- iterating
+    def __aiter__(self) -> DaskRun[T, R]:
+        return self
+
+    async def __anext__(self) -> Outcome[T, R]:
+        if not self._entered:
+            raise RuntimeError("iterate a stream inside `async with stream(...) as outcomes:`")
+        while True:
+            if self._ready:
+                out = self._ready.popleft()
+                self._consumed += 1
+                if self._keep:
+                    self._outcomes.append(out)
+                return out
+            if not self._outer_done:
+                await self._next_chunk()
+                continue
+            drained = self._drain_one()
+            if drained is not None:
+                self._ready.append(drained)
+                continue
+            if self._input_error is not None:
+                raise InputFailed(self.report) from self._input_error
+            raise StopAsyncIteration
+
+    async def _next_chunk(self) -> None:
+        outer = self._outer
+        nxt = asyncio.ensure_future(outer.__anext__())
+        force = asyncio.ensure_future(self._force.wait())
+        try:
+            await asyncio.wait({nxt, force}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            force.cancel()
+            if not nxt.done():
+                nxt.cancel()
+                await asyncio.gather(nxt, return_exceptions=True)
+        if nxt.cancelled():
+            # Grace ran out after a stop: give up on the chunks still out.
+            await self._close_outer()
+            for chunk in sorted(self._pending.values(), key=lambda c: c.offset):
+                self._abandoned.extend(range(chunk.offset, chunk.offset + len(chunk.items)))
+                self._emit_chunk(chunk, self._closed_chunk(chunk, "cancelled"))
+            if self._abandoned:
+                _log.warning(
+                    "batchkit: %d item(s) did not report back within %.3g s of the run "
+                    "stopping; recorded as cancelled and abandoned",
+                    len(self._abandoned),
+                    self._grace,
+                )
+            self._pending.clear()
+            return
+        try:
+            outcome = nxt.result()
+        except StopAsyncIteration:
+            await self._close_outer()
+            return
+        self._expand(outcome)
+
+    async def _close_outer(self) -> None:
+        if not self._outer_done:
+            self._outer_done = True
+            await self._outer.__aexit__(None, None, None)
+
+    def _drain_one(self) -> Outcome[T, R] | None:
+        """After a stop: the next unread item of a sized input, as skipped."""
+        if self._exhausted or self._stop_reason is None or not self._sized or self._it is None:
+            return None
+        if not self._skip_announced:
+            # Observers hear of the whole rest in one ItemsSkipped, as on the local engine.
+            self._skip_announced = True
+            rest = range(self._taken, self._total or 0)
+            if self._observers and rest:
+                assert self._loop is not None
+                self._event(
+                    ItemsSkipped(
+                        name=self._o.name,
+                        reason=self._stop_reason,
+                        indices=rest,
+                        time=self._loop.time(),
+                    )
+                )
+        for item in self._it:
+            index = self._taken
+            self._taken += 1
+            err = ItemSkipped(self._stop_reason)
+            self._finished += 1
+            self._counts["skipped"] = self._counts.get("skipped", 0) + 1
+            return Failure(item, err, "skipped", index, 0, 0.0, (err,))
+        self._exhausted = True
+        return None
+
+    # -------------------------------------------------------------------- stopping
+    def _settle(self, offset: int, finished: int, failed: int) -> None:
+        """A chunk's true counts replace what its alerts had said so far."""
+        alerted = self._alerted.pop(offset, (0, 0))
+        self._settled.add(offset)
+        self._finished += finished - alerted[0]
+        self._failed += failed - alerted[1]
+
+    def _on_alert(self, event: tuple[float, dict[str, int]]) -> None:
+        """A worker's failure alert (``max_failures`` and ``max_failure_ratio`` need them:
+        a chunk with a hanging item would otherwise never report its failures)."""
+        msg = event[1]
+        offset = msg["o"]
+        if self._closed or offset in self._settled:
+            return
+        fin, fail = self._alerted.get(offset, (0, 0))
+        self._alerted[offset] = (fin + msg["f"], fail + msg["x"])
+        self._finished += msg["f"]
+        self._failed += msg["x"]
+        self._check_thresholds()
+
+    def _check_thresholds(self) -> None:
+        o = self._o
+        if self._stopping:
+            return
+        ratio = o.max_failure_ratio
+        if o.max_failures is not None and self._failed >= o.max_failures:
+            self._stop("max_failures")
+        elif o.fail_fast and self._failed:
+            self._stop("fail_fast")
+        elif (
+            ratio is not None
+            and self._finished >= ratio.min_sample
+            and self._failed / self._finished > ratio.ratio
+        ):
+            self._stop("max_failure_ratio")
+
+    def _stop(self, reason: StopReason) -> None:
+        """Start no more chunks; tell every worker to stop this run's coroutines."""
+        if self._stopping and self._stop_reason is not None:
+            return
+        if self._stop_reason is None:
+            self._stop_reason = reason
+        self._stopping = True
+        loop = self._loop
+        assert loop is not None
+        if reason != "deadline":
+            self._event(
+                RunStopping(
+                    name=self._o.name,
+                    reason=reason,
+                    in_flight=self._in_flight_items,
+                    time=loop.time(),
+                )
+            )
+        self._spawn(self._broadcast(worker_side.stop_run, self._run_id, reason))
+        if self._force_handle is None:
+            # Chunks whose results have not come back within the grace are given up as
+            # cancelled (a worker that does not answer cannot hold the call past it).
+            self._force_handle = loop.call_later(self._grace, self._force.set)
+
+    def _on_deadline(self) -> None:
+        if self._stop_reason is not None:
+            return
+        assert self._loop is not None
+        self._event(
+            DeadlineHit(name=self._o.name, in_flight=self._in_flight_items, time=self._loop.time())
+        )
+        self._stop("deadline")
+
+    async def _broadcast(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            # A worker whose loop is blocked would never answer: bound the wait.
+            async with asyncio.timeout(self._grace + _BROADCAST_SLACK):
+                return await self._client.run(fn, *args)
+        except Exception:  # a worker that is going away cannot be told; its chunks are lost
+            _log.debug("batchkit: broadcast %s failed", fn.__name__, exc_info=True)
+            return None
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ------------------------------------------------------------------ rate shares
+    async def _share_rate(self, rate: RateLimit, addresses: list[str]) -> None:
+        """Give every live worker ``per_second / n`` (burst split too, at least 1 each).
+        A worker not told yet starts nothing: its gate waits for its share."""
+        n = max(len(addresses), 1)
+        per_second = rate.per_second / n
+        burst = max(1, rate.burst // n)
+        await self._client.run(
+            worker_side.set_share, self._run_id, per_second, burst, workers=addresses
+        )
+        self._shares = dict.fromkeys(addresses, per_second)
+
+    async def _watch_workers(self, rate: RateLimit) -> None:
+        while True:
+            await asyncio.sleep(_SHARE_POLL_SECONDS)
+            try:
+                _, _, addresses = await self._workers()
+                if set(addresses) != set(self._shares):
+                    await self._share_rate(rate, addresses)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                _log.debug("batchkit: re-splitting the rate limit failed", exc_info=True)
+
+    # --------------------------------------------------------------------- leaving
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._outer is not None and not self._outer_done:
+                self._outer_done = True
+                await self._outer.__aexit__(None, None, None)
+        finally:
+            await asyncio.shield(self._shutdown())
+
+    async def _shutdown(self) -> None:
+        for handle in (self._deadline_handle, self._force_handle):
+            if handle is not None:
+                handle.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self._client is not None:
+            if self._subscribed:
+                self._client.unsubscribe_topic(self._topic)
+            await self._broadcast(worker_side.end_run, self._run_id, self._grace)
+        if self._ait is not None and hasattr(self._ait, "aclose"):
+            try:
+                await self._ait.aclose()
+            except Exception:  # pragma: no cover
+                _log.exception("batchkit: closing the async input failed")
+        if self._announced:
+            assert self._loop is not None
+            report = self.report
+            self._event(RunFinished(name=self._o.name, report=report, time=self._loop.time()))
+
+    # ---------------------------------------------------------------------- report
+    @property
+    def consumed(self) -> int:
+        return self._consumed
+
+    @property
+    def report(self) -> BatchReport[T, R]:
+        if self._loop is None:
+            raise RuntimeError(
+                "Stream.report is available once the stream is entered: read it inside or "
+                "after the `async with` block"
+            )
+        outcomes = sorted(self._outcomes, key=lambda o: o.index) if self._keep else []
+        return BatchReport(
+            outcomes=outcomes,
+            wall_time=self._loop.time() - self._start,
+            concurrency=self._effective,
+            peak_concurrency=self._peak_from_intervals(),
+            stop_reason=self._stop_reason,
+            input_exhausted=self._exhausted,
+            name=self._o.name,
+            key=self._o.key,
+            abandoned=tuple(sorted(self._abandoned)),
+            tally=None if self._keep else dict(self._counts),
+        )
+
+    def _peak_from_intervals(self) -> int:
+        """The most items whose (first start, end) spans overlapped, from worker timestamps."""
+        return max(self._peak, _peak(self._intervals))
+
+    def _fold_intervals(self) -> None:
+        """Keep memory bounded on long streams: fold the spans seen so far into ``_peak`` and
+        keep the latest-ending tenth, which later spans may still overlap."""
+        self._peak = max(self._peak, _peak(self._intervals))
+        self._intervals.sort(key=lambda span: span[1])
+        del self._intervals[: len(self._intervals) - _MAX_INTERVALS // 10]
+
+    def _event(self, event: Event) -> None:
+        notify(self._observers, event, _log)
+
+
+def _peak(spans: list[tuple[float, float]]) -> int:
+    marks = sorted(
+        itertools.chain.from_iterable(((s, 1), (e, -1)) for s, e in spans),
+        key=lambda m: (m[0], m[1]),
+    )
+    peak = cur = 0
+    for _, d in marks:
+        cur += d
+        peak = max(peak, cur)
+    return peak
+
+
+async def run_batch(
+    backend: Any, items: Any, fn: Callable[..., Any], options: Options
+) -> BatchReport[Any, Any]:
+    run: DaskRun[Any, Any] = DaskRun(backend, items, fn, options, keep=True)
+    async with run:
+        async for _ in run:
+            pass
+    return run.report

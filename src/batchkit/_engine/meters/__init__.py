@@ -1,0 +1,1 @@
+"""The meters: one file per policy, its math beside it."""

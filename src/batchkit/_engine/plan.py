@@ -1,0 +1,121 @@
+"""The :class:`Plan` a run follows: valid options, normalised, with what the engine derives
+from them (slots, window, read-ahead). :func:`make_plan` is the one place that builds one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .._model.errors import InvalidArgument
+from .._model.options import (
+    DEFAULT_COST_READ_AHEAD,
+    DEFAULT_GRACE,
+    ORDERED_BUFFER_PER_SLOT,
+    Options,
+    check_fn,
+    check_items,
+    is_async_callable,
+    validate,
+)
+from .._model.policies import Adaptive, AsyncLimiter, Deadline, FailureRatio, RateLimit, Retry
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from contextlib import AbstractAsyncContextManager
+
+    from .._model.events import Observer
+
+__all__ = ["Plan", "make_plan"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    """Validated, normalised arguments of one run: what the engine reads."""
+
+    fn: Callable[..., Any]
+    fn_is_async: bool
+    slots: int
+    adaptive: Adaptive | None
+    timeout: float | None
+    context: Callable[[], AbstractAsyncContextManager[Any]] | None
+    key: Callable[[Any], object] | None
+    read_ahead: int
+    cost: Callable[[Any], float] | None
+    retry: Retry | None
+    rate_limit: RateLimit | None
+    limiter: AsyncLimiter | None
+    deadline_seconds: float | None
+    deadline_at: float | None
+    fit_timeout: bool
+    grace: float
+    fail_fast: bool
+    max_failures: int | None
+    max_failure_ratio: FailureRatio | None
+    observers: tuple[Observer, ...]
+    name: str | None
+    ordered: bool = False
+    window: int = 0
+    """For a stream: how many items may be pulled and not yet consumed."""
+
+
+def _check_timeout_fits(timeout: float | None, deadline: Deadline | None) -> None:
+    if (
+        deadline is not None
+        and deadline.fit_timeout
+        and timeout is not None
+        and deadline.seconds is not None
+        and timeout > deadline.seconds
+    ):
+        raise InvalidArgument(
+            f"timeout ({timeout:g} s) is longer than the deadline ({deadline.seconds:g} s) "
+            "with fit_timeout=True: no item could ever start\nHINT: lower timeout, raise the "
+            "deadline, or drop fit_timeout=True"
+        )
+
+
+def make_plan(items: object, fn: object, options: Options) -> Plan:
+    """Check every argument before anything runs; messages name the argument and the fix."""
+    check_items(items)
+    v = validate(options)
+    check_fn(fn, v["context"] is not None)
+    concurrency, deadline = v["concurrency"], v["deadline"]
+    _check_timeout_fits(v["timeout"], deadline)
+    adaptive = concurrency if isinstance(concurrency, Adaptive) else None
+    slots = concurrency.max if isinstance(concurrency, Adaptive) else concurrency
+    observers = list(v["observers"])
+    if v["progress"]:
+        from .._observe.progress import ProgressObserver
+
+        observers.append(ProgressObserver())
+    rate_limit = v["rate_limit"]
+    read_ahead = v["batch_size"] or DEFAULT_COST_READ_AHEAD
+    extra = v["buffer"]
+    default = ORDERED_BUFFER_PER_SLOT * slots if v["ordered"] else slots
+    window = slots + (extra if extra is not None else default)
+    if v["cost"] is not None:
+        window += read_ahead  # cost ordering needs its read-ahead inside the window
+    return Plan(
+        fn=fn,  # type: ignore[arg-type]
+        fn_is_async=is_async_callable(fn),
+        slots=slots,
+        adaptive=adaptive,
+        timeout=v["timeout"],
+        context=v["context"],
+        key=v["key"],
+        read_ahead=read_ahead,
+        cost=v["cost"],
+        retry=v["retry"],
+        rate_limit=rate_limit if isinstance(rate_limit, RateLimit) else None,
+        limiter=rate_limit if isinstance(rate_limit, AsyncLimiter) else None,
+        deadline_seconds=deadline.seconds if deadline else None,
+        deadline_at=deadline.at if deadline else None,
+        fit_timeout=deadline.fit_timeout if deadline else False,
+        grace=deadline.grace if deadline else DEFAULT_GRACE,
+        fail_fast=v["fail_fast"],
+        max_failures=v["max_failures"],
+        max_failure_ratio=v["max_failure_ratio"],
+        observers=tuple(observers),
+        name=v["name"],
+        ordered=v["ordered"],
+        window=window,
+    )

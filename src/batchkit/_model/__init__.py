@@ -1,0 +1,1 @@
+"""Values only, no asyncio: kinds, errors, envelopes, the report, policies, options, seams."""

@@ -1,0 +1,277 @@
+"""Policies: frozen, validated configuration values. ``None`` for a policy means "off"."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, final, runtime_checkable
+
+from .errors import InvalidArgument
+from .transient import RetryOn, matches, transient
+
+if TYPE_CHECKING:
+    import random  # imported when an rng is given (start-up time)
+
+__all__ = [
+    "Adaptive",
+    "AsyncLimiter",
+    "Backoff",
+    "Deadline",
+    "FailureRatio",
+    "RateLimit",
+    "Retry",
+    "RetryOn",
+]
+
+
+def _check_number(name: str, value: object, *, minimum: float = 0.0, strict: bool = True) -> float:
+    """Validate a finite real number ``> minimum`` (or ``>=`` when not strict)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgument(f"{name} must be a number of seconds, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if math.isnan(number) or math.isinf(number):
+        raise InvalidArgument(f"{name} must be finite, got {value!r}")
+    if value < minimum or (strict and value == minimum):
+        op = ">" if strict else ">="
+        raise InvalidArgument(f"{name} must be {op} {minimum:g}, got {value!r}")
+    return number
+
+
+def _check_error_matcher(name: str, on: object, hint: str) -> None:
+    """``retry_on=`` / ``overload_on=``: Exception subclasses (one or a tuple) or a predicate."""
+    if isinstance(on, type | tuple):
+        for t in on if isinstance(on, tuple) else (on,):
+            if not (isinstance(t, type) and issubclass(t, Exception)):
+                raise InvalidArgument(
+                    f"{name} must hold Exception subclasses, got {t!r}\nHINT: {hint}"
+                )
+    elif not callable(on):
+        raise InvalidArgument(
+            f"{name} must be exception types or a predicate, got {on!r}\nHINT: {hint}"
+        )
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise InvalidArgument(f"{name} must be >= {minimum}, got {value!r}")
+    return value
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Backoff:
+    """Exponential backoff with full jitter, capped.
+
+    The wait before retry ``n`` (1 for the first retry) is drawn uniformly from
+    ``[0, min(maximum, initial * multiplier ** (n - 1))]`` (``jitter=True``, the default,
+    which spreads retries of many items apart), or is exactly that ceiling (``jitter=False``).
+    """
+
+    initial: float = 0.1
+    maximum: float = 10.0
+    multiplier: float = 2.0
+    jitter: bool = True
+
+    def __post_init__(self) -> None:
+        _check_number("Backoff.initial", self.initial, strict=False)
+        _check_number("Backoff.maximum", self.maximum, strict=False)
+        _check_number("Backoff.multiplier", self.multiplier, minimum=1.0, strict=False)
+        if self.maximum < self.initial:
+            raise InvalidArgument(
+                f"Backoff.maximum ({self.maximum:g}) must be >= Backoff.initial ({self.initial:g})"
+            )
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Retry:
+    """Retry failed attempts of an item.
+
+    - ``attempts``: the most attempts per item, the first included (``attempts=1``: no retry).
+    - ``retry_on``: exception types or a predicate; the default, :func:`batchkit.transient`,
+      retries timeouts, network errors (``OSError``), errors with a ``retry_after`` hint and
+      HTTP 429/5xx errors, and nothing else. ``CancelledError`` is never retried.
+    - ``timeouts``: whether an attempt that hit the per-item ``timeout`` is retried.
+    - An error with a ``retry_after`` attribute (seconds as a number or a string, or an HTTP
+      date, e.g. from an HTTP 429's ``Retry-After``) makes the next attempt wait at least that
+      long, but never more than ``max_retry_after`` seconds.
+    - ``hold_slot``: keep the item's concurrency slot while it waits out the backoff. The default
+      (``False``) frees the slot so other items run meanwhile, which is best for throughput;
+      ``True`` keeps the pressure on a struggling upstream at ``concurrency`` at most.
+    - ``rng``: the random source of the backoff's jitter (default: a fresh ``random.Random()``
+      per run); pass ``random.Random(seed)`` for a reproducible run.
+    A backoff never sleeps past the run's deadline: a retry that could not finish before it is
+    not made, and the item ends ``"skipped"`` (``ItemSkipped("out_of_time")``, its last error
+    as the cause).
+    """
+
+    attempts: int = 3
+    backoff: Backoff = Backoff()
+    retry_on: RetryOn = transient
+    timeouts: bool = True
+    hold_slot: bool = False
+    max_retry_after: float = 60.0
+    rng: random.Random | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_int("Retry.attempts", self.attempts, minimum=1)
+        _check_number("Retry.max_retry_after", self.max_retry_after, strict=False)
+        if self.rng is not None and not _is_random(self.rng):
+            raise InvalidArgument(
+                f"Retry.rng must be a random.Random or None, got {self.rng!r}\n"
+                "HINT: Retry(rng=random.Random(42)) makes the jitter reproducible"
+            )
+        if not isinstance(self.backoff, Backoff):
+            raise InvalidArgument(f"Retry.backoff must be a Backoff, got {self.backoff!r}")
+        _check_error_matcher(
+            "Retry.retry_on",
+            self.retry_on,
+            "CancelledError, KeyboardInterrupt and SystemExit are never retried.",
+        )
+
+    def should_retry(self, error: Exception) -> bool:
+        """Whether ``retry_on`` selects ``error`` for another attempt."""
+        return matches(self.retry_on, error)
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RateLimit:
+    """At most ``per_second`` attempt starts per second on average, ``burst`` at once at most.
+
+    A token bucket that starts with ``burst`` tokens (default 1: no start-up burst at all) and
+    refills continuously. Applies to every attempt, retries included, judged on the times
+    attempts really start (a busy event loop never releases a bunch of overdue turns at once).
+    """
+
+    per_second: float
+    burst: int = 1
+
+    def __post_init__(self) -> None:
+        _check_number("RateLimit.per_second", self.per_second)
+        if not math.isfinite(1.0 / self.per_second):
+            raise InvalidArgument(
+                f"RateLimit.per_second is too small to be a rate, got {self.per_second!r}\n"
+                "HINT: for fewer than one start a day, schedule the job instead"
+            )
+        _check_int("RateLimit.burst", self.burst, minimum=1)
+
+
+@runtime_checkable
+class AsyncLimiter(Protocol):
+    """Any object used as ``async with limiter:`` before each attempt (e.g. aiolimiter's)."""
+
+    async def __aenter__(self) -> object: ...
+    async def __aexit__(self, *exc_info: object) -> bool | None: ...
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Deadline:
+    """When the whole run must end.
+
+    Give ``seconds`` (from the call's start) or ``at`` (an absolute ``loop.time()``). When it
+    comes, in-flight items are cancelled, items not started are skipped, and the call returns
+    the partial report on time: within ``grace`` seconds (plus one loop turn) as long as the
+    cancelled code awaits.
+
+    Before the deadline, an attempt starts only if it can be expected to finish in time: by the
+    item's ``cost=`` hint, else a high quantile (p75) of this run's attempt durations so far,
+    else (nothing observed yet) it starts. When nothing more fits, the run stops starting items
+    (stop reason ``"out_of_time"``) and returns early. ``fit_timeout=True`` uses the worst
+    case instead: an attempt starts only if its whole ``timeout`` fits.
+
+    ``grace``: after the deadline (or a timeout's cancel) batchkit waits at most this long for
+    cancelled work to clean up, cancels it once more, then abandons it (``report.abandoned``).
+    """
+
+    seconds: float | None = None
+    at: float | None = None
+    fit_timeout: bool = False
+    grace: float = 1.0
+
+    def __post_init__(self) -> None:
+        if (self.seconds is None) == (self.at is None):
+            raise InvalidArgument("Deadline takes exactly one of seconds= or at=")
+        if self.seconds is not None:
+            _check_number("Deadline.seconds", self.seconds)
+        if self.at is not None:
+            _check_number("Deadline.at", self.at, minimum=-math.inf)
+        _check_number("Deadline.grace", self.grace, strict=False)
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FailureRatio:
+    """Stop the run when more than ``ratio`` of finished items failed, once ``min_sample`` finished.
+
+    Failures are ``error`` and ``timeout`` outcomes.
+    """
+
+    ratio: float
+    min_sample: int = 10
+
+    def __post_init__(self) -> None:
+        _check_number("FailureRatio.ratio", self.ratio, strict=False)
+        if self.ratio >= 1:
+            raise InvalidArgument(f"FailureRatio.ratio must be < 1, got {self.ratio!r}")
+        _check_int("FailureRatio.min_sample", self.min_sample, minimum=1)
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Adaptive:
+    """An adaptive concurrency limit (AIMD), for ``concurrency=``.
+
+    Starts at ``initial`` and doubles per round trip (slow start) until the first overload
+    signal. After that, each success whose latency stays under ``latency_factor`` times the
+    baseline (the fastest recent item) grows the limit by ``1 / limit`` (about +1 per round
+    trip), and much more slowly near the limit where the last overload happened. An overload
+    signal — a timeout, an error matching ``overload_on`` (e.g. HTTP 429), a slow success, or
+    an attempt still running past ``latency_factor`` times the baseline — multiplies the limit
+    by ``decrease``, once per round: signals from attempts launched before the last cut are
+    not counted again. The limit always stays within ``[min, max]``; the report's
+    ``limit_changes`` records every move.
+    """
+
+    initial: int = 4
+    min: int = 1
+    max: int = 64
+    decrease: float = 0.75
+    latency_factor: float = 2.0
+    overload_on: RetryOn | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("Adaptive.min", self.min, minimum=1)
+        _check_int("Adaptive.max", self.max, minimum=self.min)
+        _check_int("Adaptive.initial", self.initial, minimum=self.min)
+        if self.initial > self.max:
+            raise InvalidArgument(
+                f"Adaptive.initial ({self.initial}) must be <= Adaptive.max ({self.max})"
+            )
+        _check_number("Adaptive.decrease", self.decrease)
+        if self.decrease >= 1:
+            raise InvalidArgument(f"Adaptive.decrease must be < 1, got {self.decrease!r}")
+        _check_number("Adaptive.latency_factor", self.latency_factor, minimum=1.0)
+        if self.overload_on is not None:
+            _check_error_matcher(
+                "Adaptive.overload_on",
+                self.overload_on,
+                "overload_on=(RateLimited,) or a predicate, e.g. lambda e: isinstance(e, Busy)",
+            )
+
+    def is_overload(self, error: Exception) -> bool:
+        """Whether ``overload_on`` counts ``error`` as an overload signal."""
+        on = self.overload_on
+        return on is not None and matches(on, error)
+
+
+def _is_random(rng: object) -> bool:
+    import random  # lazy: start-up time; only a Retry given an rng gets here
+
+    return isinstance(rng, random.Random)

@@ -1,0 +1,1 @@
+"""Observers batchkit ships: log lines and progress bars."""
