@@ -152,3 +152,8 @@ __all__ = [
     "stream",
     "transient",
 ]
+
+from ._model.public import publish as _publish
+
+_publish(globals(), __all__)
+del _publish

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, final
 
 from .errors import safe_repr
+from .public import publish
 
 if TYPE_CHECKING:
     import logging
@@ -191,3 +192,6 @@ def notify(observers: list[Observer], event: Event, log: logging.Logger) -> None
                 "batchkit: observer %s raised; it is disabled for this run", safe_repr(observer)
             )
             observers.remove(observer)
+
+
+publish(globals(), __all__)  # loaded lazily by ``batchkit``: published here, not there

@@ -28,6 +28,7 @@ from .._model.events import (
     RunStopping,
 )
 from .._model.outcomes import Success
+from .._model.public import publish
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -273,3 +274,6 @@ _HANDLERS: Final[dict[type[Any], Callable[[LoggingObserver, Any], None]]] = {
     RunStopping: LoggingObserver._run_stopping,
     DeadlineHit: LoggingObserver._deadline_hit,
 }
+
+
+publish(globals(), __all__)  # loaded lazily by ``batchkit``: published here, not there

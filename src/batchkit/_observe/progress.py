@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, TextIO, TypeAlias, final
 from .._model.errors import InvalidArgument, MissingExtra
 from .._model.events import Event, ItemFinished, ItemsSkipped, ItemStarted, RunFinished, RunStarted
 from .._model.outcomes import Success
+from .._model.public import publish
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -429,3 +430,6 @@ class ProgressObserver:
         if state is not None and display is not None:
             with self._lock:
                 display.close(state, state.now if now is None else now)
+
+
+publish(globals(), __all__)  # loaded lazily by ``batchkit``: published here, not there
