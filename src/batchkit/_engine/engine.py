@@ -1,12 +1,16 @@
-"""The local sliding-window scheduler.
+"""The local sliding-window scheduler, built from parts.
 
 Workers — one task per concurrency slot, started lazily, never more than there is work for —
-pull the next item the moment their previous one ends: no barrier, no task per item. Each
-item's attempts go through the :class:`~batchkit._engine.runner.Runner` (admission, context, ``fn``,
-timeout); what follows a failed attempt is the pure :func:`~batchkit._engine.decide.retry_in`; the
-envelope goes to a sink (batch or stream) and to the observers. Stopping (a threshold, the
-deadline, the caller's cancel) cancels what runs, waits at most ``grace`` for it, cancels it
-once more and abandons what still runs, so the call always returns.
+pull the next item the moment their previous one ends: no barrier, no task per item. The
+parts, each with one job: the :class:`~batchkit._engine.intake.Intake` takes items (keys,
+the ``cost=`` read-ahead, closing the input); each attempt goes through the
+:class:`~batchkit._engine.runner.Runner` (admission, context, ``fn``, timeout); what follows a
+failed attempt is the pure :func:`~batchkit._engine.decide.next_retry`; the
+:class:`~batchkit._engine.ledger.Ledger` counts, builds envelopes, records them to the sink and
+the observers and says when a threshold is reached; the
+:class:`~batchkit._engine.stopper.Stopper` ends the run (a threshold, the deadline, the
+caller's cancel): it cancels what runs, waits at most ``grace``, cancels once more and abandons
+what still runs, so the call always returns. The first attempt's success stays inline here.
 """
 
 from __future__ import annotations
@@ -18,31 +22,27 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence, Sized
-from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
-from .._model.attempt import _SLOT, AttemptResult, Job, RunInfo, Slot
-from .._model.errors import (
-    ItemCancelled,
-    ItemSkipped,
-    ItemTimeout,
-    StopReason,
-    add_note,
-    describe,
-    safe_repr,
-)
-from .._model.outcomes import Failure, Outcome, make_success
-from .._model.report import BatchReport, InputFailed, LimitChange
+from .._model.attempt import _SLOT, AttemptResult, CancelKind, Job, RunInfo, Slot
+from .._model.errors import StopReason, add_note, describe
+from .._model.outcomes import make_success
+from .._model.report import BatchReport, InputFailed
+from . import ledger as envelopes
 from .decide import next_retry, too_late
+from .intake import Intake
+from .ledger import Ledger, event_key
 from .runner import Runner, loop_clock
 from .sinks import BatchSink, Sink
-from .watchdog import SLACK, STOP, Watchdog, cancel_attempt, cancel_once
+from .stopper import Stopper
+from .watchdog import SLACK, Watchdog
 
 if TYPE_CHECKING:
     import random
+    from collections.abc import Callable
     from concurrent.futures import ThreadPoolExecutor
 
-    from .._model.events import Event, Observer
+    from .._model.outcomes import Outcome
     from .meters.adaptive import AdaptiveMeter
     from .meters.base import Meter
     from .meters.deadline import DeadlineMeter
@@ -69,42 +69,29 @@ class Engine(Generic[T, R]):
 
     def __init__(self, plan: Plan, items: Any, sink: Sink[T, R] | None = None) -> None:
         self._p = plan
-        self._items = items
-        self._exhausted = False
-        self._input_error: BaseException | None = None
-        self._sized = isinstance(items, Sized)
-        self._total: int | None = None
-        if self._sized:
-            try:
-                self._total = len(items)
-            except Exception as e:  # the input's own __len__ raised: an input error
-                self._sized = False
-                self._input_error = e
-        self._it: Iterator[T] | None = None
-        self._ait: AsyncIterator[T] | None = None
-        self._pull_lock: asyncio.Lock | None = None
         self._sink: Sink[T, R] = sink if sink is not None else BatchSink()
         self._sink.wake_producers = self._room_made
-        self._room_waiters: deque[asyncio.Future[None]] = deque()
-        self._put = self._sink.put
+        self._intake: Intake[T] = Intake(
+            items, key=plan.key, keep_keys=self._sink.keeps, cost=plan.cost,
+            read_ahead=plan.read_ahead,
+        )  # fmt: skip
+        self._intake.on_error = self._input_failed
+        self._ledger: Ledger[T, R] = Ledger(
+            put=self._sink.put, name=plan.name, fail_fast=plan.fail_fast,
+            max_failures=plan.max_failures, max_failure_ratio=plan.max_failure_ratio,
+            observers=plan.observers, clock=self._now, in_flight=self._in_flight_now,
+        )  # fmt: skip
         self._put_success = self._sink.success_writer()
-        self._keys: list[str] | None = [] if plan.key is not None and self._sink.keeps else None
-        self._key_failed = False
-        self._next_index = 0
-        self._buffer: list[tuple[float, int, Job]] = []  # cost-ordered read-ahead
+        self._slots: list[Slot] = []
+        self._stopper = Stopper(self._slots, plan.grace, wake=self._wake_all, abandon=self._abandon)
+        self._room_waiters: deque[asyncio.Future[None]] = deque()
         self._retry_heap: list[Job] = []
         self._active = 0  # jobs held by workers (in an attempt, a backoff or a meter)
-        self._finished = 0
-        self._failed = 0
-        self._stop_reason: StopReason | None = None
-        self._stopping = False  # no new starts (a stop, an input error, the caller's cancel)
-        self._slots: list[Slot] = []
         self._live: set[Slot] = set()  # workers that may still do work (not ended, abandoned
         # or waiting only for a thread that outlived its timeout)
         self._outliving = 0  # workers waiting for a timed-out thread to return
         self._quiet: asyncio.Future[None] | None = None
         self._idle: asyncio.Future[None] | None = None
-        self._escalation: asyncio.TimerHandle | None = None
         self._abandoned: list[int] = []
         self._fatal: list[BaseException] = []
         self._ended = False
@@ -113,15 +100,8 @@ class Engine(Generic[T, R]):
         self._slice_start = 0.0
         self._slice_clock: Callable[[], float] = time.monotonic
         self._reset_pending = False
-        self._observers: list[Observer] = list(plan.observers)
-        self._emit_events = bool(self._observers)
-        # A success takes the slow path (an envelope, _record) when observers listen, or while
-        # a failure ratio waits for its sample to fill: the one flag the hot path reads.
-        self._careful = self._emit_events
-        self._ratio_armed = False
         self._rng: random.Random | None = plan.retry.rng if plan.retry is not None else None
         self._executor: ThreadPoolExecutor | None = None
-        self._limit_changes: list[LimitChange] = []
         self._deadline: DeadlineMeter | None = None
         self._adaptive: AdaptiveMeter | None = None
         self._start = 0.0
@@ -134,6 +114,7 @@ class Engine(Generic[T, R]):
     def _setup(self, loop: asyncio.AbstractEventLoop) -> tuple[Meter, ...]:
         p = self._p
         self._start = start = loop.time()
+        self._stopper.loop = loop
         # Time slices on the loop's clock: in virtual time it stands still while the CPU
         # works, so only the item budget applies and a test's schedule is exact.
         self._slice_clock = loop_clock(loop)
@@ -150,7 +131,7 @@ class Engine(Generic[T, R]):
         if p.adaptive is not None:
             from .meters.adaptive import AdaptiveMeter
 
-            self._adaptive = AdaptiveMeter(p.adaptive, loop, self._on_limit)
+            self._adaptive = AdaptiveMeter(p.adaptive, loop, self._ledger.limit_changed)
             meters.append(self._adaptive)
         if p.rate_limit is not None:
             from .meters.rate import RateMeter
@@ -173,23 +154,9 @@ class Engine(Generic[T, R]):
             self._executor = ThreadPoolExecutor(
                 max_workers=p.slots, thread_name_prefix=f"batchkit-{p.name or 'run'}"
             )
-        self._open_input()
+        if not self._intake.open():
+            self._stopper.stopping = True
         return tuple(meters)
-
-    def _open_input(self) -> None:
-        """``iter()`` or ``aiter()`` of the input; one that raises is an input error."""
-        if self._input_error is None:
-            try:
-                if hasattr(self._items, "__aiter__"):
-                    self._ait = aiter(self._items)
-                    self._pull_lock = asyncio.Lock()
-                    return
-                self._it = iter(self._items)
-                return
-            except Exception as e:
-                self._input_error = e
-        self._stopping = True
-        self._it = iter(())
 
     # ------------------------------------------------------------------------- run
     async def run(self) -> BatchReport[T, R]:
@@ -201,34 +168,37 @@ class Engine(Generic[T, R]):
         watchdog = None
         if p.timeout is not None:
             watchdog = Watchdog(loop, p.timeout, p.grace, self._abandon)
+        ledger = self._ledger
         self._runner = Runner(
             p, loop, meters=meters, watchdog=watchdog, executor=self._executor,
-            on_start=self._on_start if self._emit_events else None,
+            on_start=self._on_start if ledger.emit_events else None,
         )  # fmt: skip
-        if self._emit_events:
+        if ledger.emit_events:
             limit = self._adaptive.limit if self._adaptive else p.slots
             from .._model.events import RunStarted
 
-            self._event(
-                RunStarted(name=p.name, concurrency=limit, total=self._total, time=self._start)
+            ledger.event(
+                RunStarted(
+                    name=p.name, concurrency=limit, total=self._intake.total, time=self._start
+                )
             )
-        deadline_handle = None
         if self._run.deadline_at is not None:
-            deadline_handle = loop.call_at(self._run.deadline_at, self._deadline_reached)
+            self._stopper.arm_deadline(self._run.deadline_at, self._on_deadline)
         watch_task = loop.create_task(watchdog.run()) if watchdog is not None else None
         completed = False
         try:
             await self._supervise(loop)
             completed = True
         finally:
-            await self._teardown(deadline_handle, watch_task, completed)
+            await self._teardown(watch_task, completed)
         return self._finish()
 
     async def _supervise(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the workers and wait until every one has ended or been abandoned."""
         self._quiet = loop.create_future()
-        first = self._p.slots if self._total is None else min(self._p.slots, self._total)
-        for _ in range(max(1, first) if self._total is not None else 1):
+        total = self._intake.total
+        first = self._p.slots if total is None else min(self._p.slots, total)
+        for _ in range(max(1, first) if total is not None else 1):
             self._spawn()
         self._check_quiet()
         try:
@@ -237,9 +207,10 @@ class Engine(Generic[T, R]):
             # The caller cancels: start nothing more, cancel what runs, and wait for it at
             # most ``grace`` (then it is abandoned) before the cancellation goes on. Every
             # item still gets its envelope, so RunFinished and a stream's report tell it all.
-            if self._stop_reason is None and (self._active or self._work_left()):
-                self._stop_reason = "cancelled"  # (not when every item had already ended)
-            self._halt()
+            stopper = self._stopper
+            if stopper.reason is None and (self._active or self._work_left()):
+                stopper.reason = "cancelled"  # (not when every item had already ended)
+            stopper.halt()
             await asyncio.shield(self._quiet)
             raise
         if self._fatal:
@@ -249,46 +220,36 @@ class Engine(Generic[T, R]):
                 else BaseExceptionGroup("batchkit: fn raised BaseExceptions", self._fatal)
             )
 
-    async def _teardown(
-        self,
-        deadline_handle: asyncio.TimerHandle | None,
-        watch: asyncio.Task[None] | None,
-        completed: bool,
-    ) -> None:
+    async def _teardown(self, watch: asyncio.Task[None] | None, completed: bool) -> None:
         self._ended = True
-        for handle in (deadline_handle, self._escalation):
-            if handle is not None:
-                handle.cancel()
+        self._stopper.close()
         if watch is not None:
             watch.cancel()
             await asyncio.gather(watch, return_exceptions=True)
         if self._executor is not None:
             # A thread cannot be interrupted; do not wait for one that timed out.
             self._executor.shutdown(wait=False, cancel_futures=True)
-        await self._close_input()
+        await self._intake.close(self._p.grace)
         if not completed:
             # Cancelled (or a stream left early, or fn raised a BaseException): every item
             # still gets its envelope, and observers hear the end with all of them.
             self._finish_unstarted()
-            if self._emit_events:
-                assert self._loop is not None
-                from .._model.events import RunFinished
-
-                self._event(
-                    RunFinished(name=self._p.name, report=self._report(), time=self._loop.time())
-                )
+            self._run_finished(self._report())
 
     def _finish(self) -> BatchReport[T, R]:
         self._finish_unstarted()
         report = self._report()
-        if self._emit_events:
-            assert self._loop is not None
+        self._run_finished(report)
+        intake = self._intake
+        if intake.error is not None:
+            raise InputFailed(report, intake.next_index) from intake.error
+        return report
+
+    def _run_finished(self, report: BatchReport[T, R]) -> None:
+        if self._ledger.emit_events:
             from .._model.events import RunFinished
 
-            self._event(RunFinished(name=self._p.name, report=report, time=self._loop.time()))
-        if self._input_error is not None:
-            raise InputFailed(report, self._next_index) from self._input_error
-        return report
+            self._ledger.event(RunFinished(name=self._p.name, report=report, time=self._now()))
 
     def _report(self) -> BatchReport[T, R]:
         runner = self._runner
@@ -299,14 +260,14 @@ class Engine(Generic[T, R]):
             wall_time=wall,
             concurrency=self._p.adaptive.initial if self._p.adaptive else self._p.slots,
             peak_concurrency=runner.peak if runner else 0,
-            stop_reason=self._stop_reason,
-            input_exhausted=self._exhausted,
-            limit_changes=tuple(self._limit_changes),
+            stop_reason=self._stopper.reason,
+            input_exhausted=self._intake.exhausted,
+            limit_changes=tuple(self._ledger.limit_changes),
             name=self._p.name,
             key=self._p.key,
             abandoned=tuple(sorted(self._abandoned)),
             threads_running=sum(1 for t in runner.threads if not t.done()) if runner else 0,
-            keys=self._keys,
+            keys=self._intake.keys,
             tally=self._sink.tally(),
         )
 
@@ -314,102 +275,25 @@ class Engine(Generic[T, R]):
         """What a stream produced so far."""
         return self._report()
 
+    def drain_one(self) -> Outcome[T, R] | None:
+        """After a stopped stream's run: the next unread item of a sized input, as skipped."""
+        return self._intake.drain_one(self._stopper.reason)
+
     # ------------------------------------------------------------------------- input
-    def _take(self, item: T) -> Job:
-        index = self._next_index
-        self._next_index = index + 1
-        if self._p.key is None:
-            return Job(index, item)
-        key = self._key_of(index, item)
-        if self._keys is not None:
-            self._keys.append(key)
-        return Job(index, item, key)
-
-    def _key_of(self, index: int, item: T) -> str:
-        """``key(item)``, computed once per item; a key that raises falls back to the index."""
-        assert self._p.key is not None
-        try:
-            return str(self._p.key(item))
-        except Exception as e:
-            if not self._key_failed:
-                self._key_failed = True
-                _log.warning(
-                    "batchkit: key() raised for item #%d (%s); using #index", index, safe_repr(e)
-                )
-            return f"#{index}"
-
-    def _pull_now(self) -> Job | None:
-        """``_pull`` for a plain iterable without cost hints: no coroutine on the hot path."""
-        if self._exhausted or self._input_error is not None:
-            return None
-        try:
-            item = next(self._it)  # type: ignore[arg-type]  # set when this is used
-        except StopIteration:
-            self._exhausted = True
-            return None
-        except Exception as e:
-            self._input_failed(e)
-            return None
-        if self._p.key is None:  # _take, inline: once per item
-            index = self._next_index
-            self._next_index = index + 1
-            return Job(index, item)
-        return self._take(item)
-
-    async def _next_item(self) -> tuple[T] | None:
-        """The next raw item of the input, or ``None`` when there is none (or it failed)."""
-        if self._exhausted or self._input_error is not None:
-            return None
-        try:
-            if self._it is not None:
-                return (next(self._it),)
-            assert self._ait is not None
-            assert self._pull_lock is not None
-            async with self._pull_lock:
-                if self._exhausted:
-                    return None
-                return (await anext(self._ait),)
-        except (StopIteration, StopAsyncIteration):
-            self._exhausted = True
-        except Exception as e:
-            self._input_failed(e)
-        return None
-
     async def _pull(self, slot: Slot) -> Job | None:
-        """The next item to start; with cost hints, the most expensive of the read-ahead."""
-        p = self._p
+        """The next item to start (waiting for an async input is cancellable by a stop)."""
         slot.cancellable = True
         try:
-            if p.cost is None:
-                got = await self._next_item()
-                return self._take(got[0]) if got is not None else None
-            while len(self._buffer) < p.read_ahead and (got := await self._next_item()):
-                job = self._take(got[0])
-                try:
-                    c = float(p.cost(job.item))
-                except Exception as e:
-                    # A broken cost hint is this item's failure, not the run's.
-                    self._record(Failure(job.item, e, "error", job.index, 0, 0.0, (e,)), job)
-                    continue
-                heapq.heappush(self._buffer, (-c, job.index, job))
+            return await self._intake.pull(self._bad_cost)
         finally:
             slot.cancellable = False
-        return heapq.heappop(self._buffer)[2] if self._buffer else None
 
-    def _input_failed(self, error: Exception) -> None:
-        self._input_error = error
-        self._stopping = True
+    def _bad_cost(self, job: Job, error: Exception) -> None:
+        self._record(envelopes.bad_cost(job, error), job)
+
+    def _input_failed(self) -> None:
+        self._stopper.stopping = True
         self._wake()
-
-    async def _close_input(self) -> None:
-        ait = self._ait
-        if ait is None or not hasattr(ait, "aclose"):
-            return
-        try:
-            async with asyncio.timeout(self._p.grace):
-                await ait.aclose()
-        except Exception as e:  # a hanging or broken aclose must not hide the report
-            _log.warning("batchkit: closing the async input failed: %r", e)
 
     # ---------------------------------------------------------------------- workers
     def _spawn(self) -> None:
@@ -423,7 +307,7 @@ class Engine(Generic[T, R]):
 
     def _grow(self) -> None:
         """An unsized input had one more item: start one more worker, up to the limit."""
-        if len(self._slots) < self._p.slots and not self._stopping and self._work_left():
+        if len(self._slots) < self._p.slots and not self._stopper.stopping and self._work_left():
             self._spawn()
 
     async def _worker(self, slot: Slot) -> None:
@@ -432,13 +316,13 @@ class Engine(Generic[T, R]):
         try:
             await self._work(slot)
         except asyncio.CancelledError:
-            if not (self._stopping and slot.cancels):
+            if not (self._stopper.stopping and slot.cancels):
                 raise
             # Ours: the run is stopping. The job this worker held (waiting for a limiter,
             # a backoff, room) never started again: give it its envelope.
         except BaseException as e:  # a BaseException from fn: the run ends with it
             self._fatal.append(e)
-            self._halt()
+            self._stopper.halt()
         finally:
             if not slot.abandoned:
                 job, slot.job = slot.job, None
@@ -450,9 +334,11 @@ class Engine(Generic[T, R]):
     async def _work(self, slot: Slot) -> None:
         """Take the next job (a ready retry, else a new item), run it, repeat. The first
         attempt's success is handled here, inline: it is what nearly every item does, and a
-        call level costs about 5% of the per-item overhead."""
-        grow = self._total is None
-        pull_now = self._it is not None and self._p.cost is None
+        call level costs about 5% of the per-item overhead. The parts are read through
+        locals: an attribute of a local costs what an attribute of ``self`` does."""
+        intake, ledger, stopper = self._intake, self._ledger, self._stopper
+        grow = intake.total is None
+        pull_now = intake.pull_now if intake.it is not None and self._p.cost is None else None
         room = None if self._sink.keeps else self._sink.room  # a batch never waits for room
         heap = self._retry_heap
         run = self._runner.run if self._runner is not None else None
@@ -460,10 +346,10 @@ class Engine(Generic[T, R]):
         wake_after = self._p.retry is not None
         clock = self._slice_clock
         put_success = self._put_success
-        while not self._stopping and not slot.abandoned:
+        while not stopper.stopping and not slot.abandoned:
             job = self._ready_retry() if heap else None
-            if job is None and (room is None or room(self._next_index)):
-                job = self._pull_now() if pull_now else await self._pull(slot)
+            if job is None and (room is None or room(intake.next_index)):
+                job = pull_now() if pull_now is not None else await self._pull(slot)
                 if job is not None and grow:
                     self._grow()
             if job is None:
@@ -476,10 +362,10 @@ class Engine(Generic[T, R]):
             if result.kind == "success" and not slot.abandoned:
                 assert job.first_start is not None
                 elapsed = result.ended - job.first_start
-                if self._careful:
+                if ledger.careful:
                     self._succeeded(job, result)
                 else:  # _succeeded's common case, inline: no envelope is built for a batch
-                    self._finished += 1
+                    ledger.finished += 1
                     put_success(job.item, result.value, job.index, job.attempt, elapsed)
             elif not slot.abandoned:
                 await self._run_job(slot, job, result)
@@ -515,11 +401,11 @@ class Engine(Generic[T, R]):
 
     async def _wait_for_work(self) -> bool:
         """Nothing to start now: wait for a retry, room or an item's end; False: leave."""
-        if self._stopping:
+        if self._stopper.stopping:
             return False
         assert self._loop is not None
         heap = self._retry_heap
-        no_room = not self._sink.room(self._next_index)
+        no_room = not self._sink.room(self._intake.next_index)
         more_retries = self._p.retry is not None and not self._p.retry.hold_slot and self._active
         if not (heap or no_room or more_retries):
             self._wake()  # others parked for retries: the input is done, so may they be
@@ -600,22 +486,23 @@ class Engine(Generic[T, R]):
         if fut is not None and not fut.done():
             fut.set_result(None)
 
+    def _wake_all(self) -> None:
+        """Every waiting worker, and a stream's consumer: the run is stopping."""
+        self._wake()
+        self._sink.wake()
+
     def _check_quiet(self) -> None:
         """Resolve the supervisor's wait once no worker is left that could still do work."""
         fut = self._quiet
         if fut is None or fut.done() or self._live:
             return
-        if self._outliving and not self._stopping and self._work_left():
+        if self._outliving and not self._stopper.stopping and self._work_left():
             return  # every slot is held by a thread that outlived its timeout: wait for one
-        for slot in self._slots:
-            if slot.thread is not None and not slot.abandoned and slot.cancellable:
-                cancel_attempt(slot, STOP)  # those waiting only for their thread: leave
+        self._stopper.quiet_slots()
         fut.set_result(None)
 
     def _work_left(self) -> bool:
-        exhausted = self._exhausted or self._input_error is not None
-        exhausted = exhausted or (self._total is not None and self._next_index >= self._total)
-        return not exhausted or bool(self._retry_heap) or bool(self._buffer)
+        return self._intake.more() or bool(self._retry_heap)
 
     # ----------------------------------------------------------------------- one item
     async def _run_job(self, slot: Slot, job: Job, result: AttemptResult) -> None:
@@ -629,7 +516,7 @@ class Engine(Generic[T, R]):
                 return
             if not await self._retry_after(slot, job, result):
                 return
-            if self._stopping:
+            if self._stopper.stopping:
                 self._stopped(job, running=False)
                 return
             result = await runner.run(slot, job)
@@ -663,10 +550,10 @@ class Engine(Generic[T, R]):
         waits for its sample), else as an envelope that observers hear of."""
         assert job.first_start is not None
         elapsed = result.ended - job.first_start
-        if self._careful:
+        if self._ledger.careful:
             self._record(make_success(job.item, result.value, job.index, job.attempt, elapsed), job)
         else:
-            self._finished += 1
+            self._ledger.finished += 1
             self._put_success(job.item, result.value, job.index, job.attempt, elapsed)
 
     def _failed_attempt(self, job: Job, result: AttemptResult) -> float | None:
@@ -677,7 +564,7 @@ class Engine(Generic[T, R]):
             if result.reason == "out_of_time" and self._another_fits():
                 self._skip(job, "out_of_time")  # this item's own cost= does not fit: only it
                 return None
-            self._no_more_starts(result.reason)
+            self._stopper.no_more_starts(result.reason)
             self._stopped(job, running=False)
             return None
         if kind == "cancelled":
@@ -688,7 +575,7 @@ class Engine(Generic[T, R]):
             job.errors = []
         job.errors.append(error)
         job.last_kind = kind
-        delay = self._retry_delay(job, kind, error) if not self._stopping else None
+        delay = self._retry_delay(job, kind, error) if not self._stopper.stopping else None
         deadline = self._deadline
         dropped = (
             delay is not None
@@ -700,12 +587,12 @@ class Engine(Generic[T, R]):
         )  # fmt: skip
         if dropped:
             delay = None  # AttemptFailed does not announce a retry that will not happen
-        if self._emit_events:
+        if self._ledger.emit_events:
             from .._model.events import AttemptFailed
 
-            self._event(
+            self._ledger.event(
                 AttemptFailed(
-                    name=self._p.name, index=job.index, key=self._event_key(job), item=job.item,
+                    name=self._p.name, index=job.index, key=event_key(job), item=job.item,
                     attempt=job.attempt, error=error, kind=kind,  # type: ignore[arg-type]
                     retry_in=delay, time=result.ended,
                 )
@@ -713,7 +600,7 @@ class Engine(Generic[T, R]):
         if dropped:
             self._skip(job, "out_of_time")
         elif delay is None:
-            self._record(self._last_error(job, result.ended), job)
+            self._record(envelopes.last_error(job, result.ended), job)
         return delay
 
     def _another_fits(self) -> bool:
@@ -724,7 +611,7 @@ class Engine(Generic[T, R]):
         if deadline is None or not deadline.by_hint:
             return False  # by the run's observed durations: nothing fits
         fits = deadline.fits
-        return any(fits(-cost) for cost, _, _ in self._buffer) or any(
+        return any(fits(-cost) for cost, _, _ in self._intake.buffer) or any(
             fits(deadline.expected(job)) for job in self._retry_heap
         )
 
@@ -743,23 +630,6 @@ class Engine(Generic[T, R]):
             )
             return None
 
-    def _skip(self, job: Job, reason: StopReason) -> None:
-        """``job``'s next attempt does not start (its cost, or its retry, does not fit before
-        the deadline): ``skipped``, with the errors of the attempts it made."""
-        assert self._loop is not None
-        if not job.errors:
-            err = ItemSkipped(reason)
-            self._record(Failure(job.item, err, "skipped", job.index, 0, 0.0, (err,)), job)
-            return
-        assert job.first_start is not None
-        err = ItemSkipped(reason, len(job.errors))
-        err.__cause__ = job.errors[-1]
-        elapsed = self._loop.time() - job.first_start
-        failure = Failure(
-            job.item, err, "skipped", job.index, len(job.errors), elapsed, (*job.errors, err)
-        )
-        self._record(failure, job)
-
     def _draw(self) -> float:
         """The backoff's random draw; the source is made on first use (start-up time)."""
         if self._rng is None:
@@ -768,291 +638,116 @@ class Engine(Generic[T, R]):
             self._rng = random.Random()
         return self._rng.random()
 
-    def _last_error(self, job: Job, now: float) -> Failure[T]:
-        assert job.errors
-        assert job.first_start is not None
-        kind = cast("Any", job.last_kind)
-        elapsed = now - job.first_start
-        return Failure(
-            job.item, job.errors[-1], kind, job.index, len(job.errors), elapsed, tuple(job.errors)
-        )
-
-    def _stopped(self, job: Job, *, running: bool) -> None:
-        """The run stopped around ``job``: ``cancelled`` if it was running, else ``skipped``
-        (with its attempts' errors if it was waiting to retry)."""
-        assert self._loop is not None
-        now = self._loop.time()
-        reason: StopReason = self._stop_reason or "fail_fast"
-        if running:
-            err: ItemCancelled | ItemSkipped = ItemCancelled(reason)
-            history = (*job.errors, err) if job.errors else (err,)
-            assert job.first_start is not None
-            failure = Failure(
-                job.item, err, "cancelled", job.index, job.attempt, now - job.first_start, history
-            )
-        elif job.errors:
-            # Waiting to retry: the retry is dropped for the stop, and says so.
-            self._skip(job, reason)
-            return
-        else:
-            err = ItemSkipped(reason)
-            failure = Failure(job.item, err, "skipped", job.index, 0, 0.0, (err,))
-        self._record(failure, job)
-
     def _on_start(self, slot: Slot, job: Job, now: float) -> None:
-        if self._emit_events:
+        if self._ledger.emit_events:
             assert self._runner is not None
             from .._model.events import ItemStarted
 
-            self._event(
+            self._ledger.event(
                 ItemStarted(
-                    name=self._p.name, index=job.index, key=self._event_key(job), item=job.item,
+                    name=self._p.name, index=job.index, key=event_key(job), item=job.item,
                     attempt=job.attempt, in_flight=self._runner.in_flight, time=now,
                 )
             )  # fmt: skip
 
     # ------------------------------------------------------------------ outcomes
     def _record(self, outcome: Outcome[T, R], job: Job | None = None) -> None:
-        self._finished += 1
-        self._put(outcome)
-        if self._emit_events:
-            assert self._loop is not None
-            key = self._event_key(job) if job is not None else f"#{outcome.index}"
-            from .._model.events import ItemFinished
+        """To the ledger (the sink, the observers, the counts); then act on the threshold
+        it says was reached."""
+        reason = self._ledger.record(outcome, job)
+        if reason is not None:
+            self._stop(reason)
 
-            self._event(
-                ItemFinished(
-                    name=self._p.name, key=key, outcome=outcome, in_flight=self._in_flight_now(),
-                    time=self._loop.time(),
-                )
-            )  # fmt: skip
-        # After ItemFinished, so observers hear of the failure before the stop it causes.
-        if type(outcome) is Failure and outcome.kind in ("error", "timeout"):
-            self._failed += 1
-            self._check_thresholds()
-        elif self._ratio_armed:
-            self._check_ratio()
+    def _skip(self, job: Job, reason: StopReason) -> None:
+        """``job``'s next attempt does not start (its cost, or its retry, does not fit before
+        the deadline)."""
+        self._record(envelopes.skipped(job, reason, self._now()), job)
+
+    def _stopped(self, job: Job, *, running: bool) -> None:
+        """The run stopped around ``job``: ``cancelled`` if it was running, else ``skipped``."""
+        reason: StopReason = self._stopper.reason or "fail_fast"
+        self._record(envelopes.stopped(job, reason, self._now(), running=running), job)
+
+    def _now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
 
     def _in_flight_now(self) -> int:
         return self._runner.in_flight if self._runner is not None else 0
-
-    def _event_key(self, job: Job) -> str:
-        return job.key if job.key is not None else f"#{job.index}"
 
     def _finish_unstarted(self) -> None:
         """After the workers ended: give every item that never started its envelope."""
         while self._retry_heap:
             self._stopped(heapq.heappop(self._retry_heap), running=False)
-        while self._buffer:
-            self._stopped(heapq.heappop(self._buffer)[2], running=False)
-        if self._exhausted or self._input_error is not None or self._stop_reason is None:
+        for job in self._intake.unstarted():
+            self._stopped(job, running=False)
+        intake, reason = self._intake, self._stopper.reason
+        if reason is None or not intake.rest_is_known():
             return
         # Sized inputs (lists, ranges, ...) get an envelope for every item; unsized ones may
         # be endless or slow and are left unread (input_exhausted=False). Observers hear of
         # the rest in one ItemsSkipped event; a stream builds the envelopes as they are read.
-        if not (self._sized and self._it is not None and self._total is not None):
-            return
         if not self._sink.keeps:
-            rest = range(self._next_index, self._total)
+            rest = intake.rest()
             self._sink.count_skipped(len(rest))  # built as the consumer reads them
         else:
-            rest = self._skip_rest(self._stop_reason)
-        if self._emit_events and rest:
-            assert self._loop is not None
+            rest = intake.skip_rest(self._sink, reason)
+            self._ledger.count_skipped(len(rest))
+        if self._ledger.emit_events and rest:
             from .._model.events import ItemsSkipped
 
-            self._event(
-                ItemsSkipped(
-                    name=self._p.name,
-                    reason=self._stop_reason,
-                    indices=rest,
-                    time=self._loop.time(),
-                )
+            self._ledger.event(
+                ItemsSkipped(name=self._p.name, reason=reason, indices=rest, time=self._now())
             )
-
-    def _skip_rest(self, reason: StopReason) -> range:
-        """A batch's unread rest of a sized input, as one skipped range in its sink: O(1) for
-        a range or a tuple (items are read from it when an envelope is built), a C-speed copy
-        otherwise. Nothing is built per item."""
-        start = self._next_index
-        items = self._items
-        rest: Sequence[T]
-        if isinstance(items, range | tuple):
-            rest, first = cast("Sequence[T]", items), start
-        else:
-            rest, first = (items[start:] if isinstance(items, list) else list(self._it or ())), 0
-        skipped = range(start, start + len(rest) - first)
-        self._sink.skip_range(skipped, reason, rest, first)
-        self._next_index = skipped.stop
-        self._finished += len(skipped)
-        self._exhausted = True
-        return skipped
-
-    def drain_one(self) -> Outcome[T, R] | None:
-        """After a stopped stream's run: the next unread item of a sized input, as skipped
-        (observers heard of it in the run's ItemsSkipped event)."""
-        if self._exhausted or self._stop_reason is None or not self._sized or self._it is None:
-            return None
-        for item in self._it:
-            index = self._next_index
-            self._next_index += 1
-            err = ItemSkipped(self._stop_reason)
-            return Failure(item, err, "skipped", index, 0, 0.0, (err,))
-        self._exhausted = True
-        return None
 
     # ------------------------------------------------------------------- stopping
-    def _check_thresholds(self) -> None:
-        p = self._p
-        if p.max_failures is not None and self._failed >= p.max_failures:
-            self._stop("max_failures")
-        elif p.fail_fast and self._failed:
-            self._stop("fail_fast")
-        elif p.max_failure_ratio is not None:
-            self._check_ratio()
-
-    def _check_ratio(self) -> None:
-        """The failure ratio, once ``min_sample`` items finished. Until then, after a failure,
-        every outcome checks it (``_careful``): the sample may be completed by a success."""
-        ratio = self._p.max_failure_ratio
-        assert ratio is not None
-        if self._finished < ratio.min_sample:
-            self._ratio_armed = self._careful = True
-            return
-        if self._ratio_armed:
-            self._ratio_armed = False
-            self._careful = self._emit_events
-        if self._failed / self._finished > ratio.ratio:
-            self._stop("max_failure_ratio")
-
-    def _no_more_starts(self, reason: StopReason) -> None:
-        """Start nothing new; what is in flight may finish."""
-        if self._stop_reason is None:
-            self._stop_reason = reason
-        self._stopping = True
-        self._wake()
-        self._sink.wake()
-
     def _stop(self, reason: StopReason) -> None:
-        """Start nothing new and cancel what is in flight."""
-        if reason != "deadline" and self._stopping and self._stop_reason is not None:
+        """Start nothing new and cancel what is in flight (the stopper decides, then acts)."""
+        stopper = self._stopper
+        if not stopper.takes(reason):
             return
-        if self._stop_reason is None or (
-            reason == "deadline" and self._stop_reason == "out_of_time"
-        ):
-            self._stop_reason = reason
-        if self._emit_events and reason != "deadline":
-            assert self._loop is not None
+        if self._ledger.emit_events and reason != "deadline":
             from .._model.events import RunStopping
 
-            self._event(
+            self._ledger.event(
                 RunStopping(
-                    name=self._p.name,
-                    reason=reason,
-                    in_flight=self._in_flight_now(),
-                    time=self._loop.time(),
+                    name=self._p.name, reason=reason, in_flight=self._in_flight_now(),
+                    time=self._now(),
                 )
-            )
-        self._no_more_starts(reason)
-        self._halt()
-
-    def _halt(self) -> None:
-        """Cancel every worker waiting or in an attempt; escalate after ``grace``."""
-        self._stopping = True
-        self._wake()
-        self._sink.wake()
-        current = asyncio.current_task()
-        for slot in self._slots:
-            if slot.cancellable and not slot.abandoned and slot.task is not current:
-                cancel_once(slot, STOP)
-        if self._escalation is None:
-            assert self._loop is not None
-            self._escalation = self._loop.call_at(self._loop.time() + self._p.grace, self._escalate)
-
-    def _escalate(self) -> None:
-        """``grace`` after the stop: cancel what still runs once more; abandon it a turn later."""
-        live = [
-            s for s in self._slots if not s.abandoned and s.task is not None and not s.task.done()
-        ]
-        for slot in live:
-            cancel_attempt(slot, STOP)
-        if live:
-            assert self._loop is not None
-            self._loop.call_soon(self._abandon_all)
-
-    def _abandon_all(self) -> None:
-        for slot in self._slots:
-            if not slot.abandoned and slot.task is not None and not slot.task.done():
-                self._abandon(slot)
+            )  # fmt: skip
+        stopper.no_more_starts(reason)
+        stopper.halt()
 
     def _abandon(self, slot: Slot) -> None:
         """Work that did not stop after two cancellations: give its item its envelope, list
         it in the report, and stop waiting for it."""
-        assert self._loop is not None
-        assert self._run is not None
         slot.abandoned = True
         job, slot.job = slot.job, None
+        stopper = self._stopper
         if job is not None:
             self._abandoned.append(job.index)
             _log.warning(
                 "batchkit: item #%d did not stop after being cancelled twice; abandoned", job.index
             )
-            if slot.cancel_kind == STOP or self._stopping or self._p.timeout is None:
+            if slot.cancel_kind is CancelKind.STOP or stopper.stopping or self._p.timeout is None:
                 self._stopped(job, running=slot.in_attempt)
             else:
-                self._timed_out(job)
+                self._record(envelopes.timed_out(job, self._p.timeout, self._now()), job)
         self._live.discard(slot)
         self._check_quiet()
-        if not self._stopping:
+        if not stopper.stopping:
             self._spawn()
-
-    def _timed_out(self, job: Job) -> None:
-        assert self._loop is not None
-        assert self._p.timeout is not None
-        err = ItemTimeout(self._p.timeout)
-        history = (*job.errors, err) if job.errors else (err,)
-        assert job.first_start is not None
-        elapsed = self._loop.time() - job.first_start
-        self._record(
-            Failure(job.item, err, "timeout", job.index, job.attempt, elapsed, history), job
-        )
-
-    def _deadline_reached(self) -> None:
-        # Two loop turns before the stop: an attempt whose own timer fires at the same
-        # instant (it ends exactly at the deadline) completes instead of being cancelled.
-        assert self._loop is not None
-        self._loop.call_soon(self._loop.call_soon, self._on_deadline)
 
     def _on_deadline(self) -> None:
         if self._ended:
             return  # the run ended in the loop turns since the deadline's timer
-        if self._emit_events:
-            assert self._loop is not None
+        if self._ledger.emit_events:
             from .._model.events import DeadlineHit
 
-            self._event(
-                DeadlineHit(
-                    name=self._p.name, in_flight=self._in_flight_now(), time=self._loop.time()
-                )
+            self._ledger.event(
+                DeadlineHit(name=self._p.name, in_flight=self._in_flight_now(), time=self._now())
             )
         self._stop("deadline")
-
-    def _on_limit(self, old: int, new: int, reason: str, now: float) -> None:
-        self._limit_changes.append(LimitChange(time=now, old=old, new=new, reason=reason))
-        if self._emit_events:
-            from .._model.events import LimitChanged
-
-            self._event(LimitChanged(name=self._p.name, old=old, new=new, reason=reason, time=now))
-
-    # ------------------------------------------------------------------- events
-    def _event(self, event: Event) -> None:
-        # Only runs with observers get here: _events (a third of `import batchkit`, in
-        # dataclasses) is imported on first use, by this and the emission sites.
-        from .._model.events import notify
-
-        notify(self._observers, event, _log)
-        self._emit_events = bool(self._observers)
-        self._careful = self._emit_events or self._ratio_armed
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

@@ -19,9 +19,8 @@ import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, final
 
-from .._model.attempt import _SLOT, AttemptResult
+from .._model.attempt import _SLOT, AttemptResult, CancelKind
 from .._model.errors import ItemTimeout, add_note, describe, safe_repr
-from .watchdog import TIMEOUT
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -234,7 +233,7 @@ class Runner:
         if task.cancelling() > base:
             raise error  # ours, but the caller is cancelling too
         ended = self._loop.time()
-        if slot.cancel_kind == TIMEOUT:
+        if slot.cancel_kind is CancelKind.TIMEOUT:
             assert self._plan.timeout is not None
             timeout_error = ItemTimeout(self._plan.timeout)
             timeout_error.__cause__ = error
@@ -311,4 +310,6 @@ class Runner:
 def _timed_out() -> bool:
     """Whether the attempt running in this task has been cancelled by its timeout."""
     slot = _SLOT.get()
-    return slot is not None and slot.cancel_gen == slot.gen and slot.cancel_kind == TIMEOUT
+    return (
+        slot is not None and slot.cancel_gen == slot.gen and slot.cancel_kind is CancelKind.TIMEOUT
+    )

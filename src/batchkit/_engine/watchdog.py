@@ -14,16 +14,15 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Final
 
+from .._model.attempt import CancelKind
+
 if TYPE_CHECKING:
     import asyncio
     from collections.abc import Callable
 
     from .._model.attempt import Slot
 
-__all__ = ["SLACK", "STOP", "TIMEOUT", "Watchdog", "cancel_attempt", "cancel_once"]
-
-TIMEOUT: Final = 1
-STOP: Final = 2
+__all__ = ["SLACK", "Watchdog", "cancel_attempt", "cancel_once"]
 
 # asyncio runs a timer once ``loop.time() + clock resolution`` reaches it, so a callback set
 # for ``when`` may see ``loop.time()`` a hair before ``when``. Every "is it time yet?" check
@@ -32,7 +31,7 @@ STOP: Final = 2
 SLACK: Final = time.get_clock_info("monotonic").resolution
 
 
-def cancel_attempt(slot: Slot, kind: int) -> None:
+def cancel_attempt(slot: Slot, kind: CancelKind) -> None:
     """Cancel the attempt running in ``slot`` (a timeout or a stop), marked as ours."""
     task = slot.task
     if task is None or task.done():
@@ -44,7 +43,7 @@ def cancel_attempt(slot: Slot, kind: int) -> None:
     task.cancel()
 
 
-def cancel_once(slot: Slot, kind: int) -> bool:
+def cancel_once(slot: Slot, kind: CancelKind) -> bool:
     """The first cancellation of what runs in ``slot`` (a timeout or a stop); False if it
     was cancelled already. Cancelled once, it is cleaning up (a rollback, a connection's
     close): cutting that helps no one and can leave a driver's close hanging, so only the
@@ -94,7 +93,7 @@ class Watchdog:
                 timers.popleft()
             elif when <= now + SLACK:
                 timers.popleft()
-                if cancel_once(slot, TIMEOUT):
+                if cancel_once(slot, CancelKind.TIMEOUT):
                     self._reap.append((now + self._grace, slot, gen))
             else:
                 break
@@ -107,7 +106,7 @@ class Watchdog:
                 reap.popleft()
             elif when <= now + SLACK:
                 reap.popleft()
-                cancel_attempt(slot, TIMEOUT)  # the second and last time
+                cancel_attempt(slot, CancelKind.TIMEOUT)  # the second and last time
                 self._loop.call_soon(self._abandon_if_stuck, slot, gen)
             else:
                 break

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, final
 
 if TYPE_CHECKING:
@@ -19,7 +20,27 @@ if TYPE_CHECKING:
 
     from .errors import StopReason
 
-__all__ = ["Attempt", "AttemptKind", "AttemptResult", "Job", "RunInfo", "Slot", "current_attempt"]
+__all__ = [
+    "Attempt",
+    "AttemptKind",
+    "AttemptResult",
+    "CancelKind",
+    "Job",
+    "RunInfo",
+    "Slot",
+    "current_attempt",
+]
+
+
+class CancelKind(IntEnum):
+    """Why batchkit cancelled what runs in a slot (``Slot.cancel_kind``)."""
+
+    NONE = 0
+    TIMEOUT = 1
+    """The attempt ran past its ``timeout`` (the watchdog)."""
+    STOP = 2
+    """The run is stopping (a threshold, the deadline, the caller's cancel)."""
+
 
 AttemptKind = Literal["success", "error", "timeout", "cancelled", "refused"]
 
@@ -103,7 +124,7 @@ class Slot:
         self.run = run
         self.gen = 0
         self.cancel_gen = -1
-        self.cancel_kind = 0
+        self.cancel_kind = CancelKind.NONE
         self.cancels = 0
         self.cancellable = False
         self.abandoned = False

@@ -21,7 +21,7 @@ from batchkit import (
 )
 from batchkit.testing import run_virtual
 
-from .helpers import Recorder, now
+from ..helpers import Recorder, now
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

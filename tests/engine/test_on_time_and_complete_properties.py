@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from batchkit import Backoff, Deadline, Failure, Retry, Success, batch_process, stream
 from batchkit.testing import TICK, ContextProbe, run_virtual
 
-from .helpers import now
+from ..helpers import now
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator

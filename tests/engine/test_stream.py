@@ -11,7 +11,7 @@ import pytest
 
 from batchkit import Failure, InputFailed, Success, stream
 
-from .helpers import now
+from ..helpers import now
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

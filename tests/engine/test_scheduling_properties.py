@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from batchkit import Failure, Success, batch_process, stream
 from batchkit.testing import run_virtual
 
-from .helpers import Recorder, now
+from ..helpers import Recorder, now
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

@@ -31,7 +31,7 @@ from batchkit import (
 )
 from batchkit.testing import run_virtual
 
-from .helpers import now
+from ..helpers import now
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

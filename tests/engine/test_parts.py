@@ -30,7 +30,7 @@ from batchkit._model.attempt import Job, RunInfo, Slot
 from batchkit._model.options import VALIDATORS, Options, RunOptions, StreamOptions
 from batchkit.testing import instant, run_virtual
 
-from .helpers import now
+from ..helpers import now
 
 pytestmark = pytest.mark.looptime
 

@@ -24,7 +24,7 @@ from batchkit import (
 )
 from batchkit._model.store import OutcomeStore, OutcomeView
 
-from .helpers import now
+from ..helpers import now
 
 if TYPE_CHECKING:
     from batchkit import Outcome

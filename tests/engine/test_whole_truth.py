@@ -36,7 +36,7 @@ from batchkit import (
     transient,
 )
 
-from .helpers import now
+from ..helpers import now
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Iterator

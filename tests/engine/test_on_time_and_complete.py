@@ -42,7 +42,7 @@ from batchkit import (
 )
 from batchkit.testing import ContextProbe
 
-from .helpers import now
+from ..helpers import now
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
