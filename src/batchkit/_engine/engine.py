@@ -17,31 +17,29 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import heapq
 import logging
 import os
-import time
-from collections import deque
-from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .._model.attempt import _SLOT, AttemptResult, CancelKind, Job, RunInfo, Slot
-from .._model.errors import StopReason, add_note, describe
 from .._model.outcomes import make_success
 from .._model.report import BatchReport, InputFailed
 from . import ledger as envelopes
-from .decide import next_retry, too_late
+from .decide import too_late
 from .intake import Intake
-from .ledger import Ledger, event_key
+from .ledger import Ledger
+from .meters import open_meters
+from .retries import Retries
 from .runner import Runner, loop_clock
 from .sinks import BatchSink, Sink
 from .stopper import Stopper
-from .watchdog import SLACK, Watchdog
+from .waits import YIELD_EVERY_SECONDS, Waits
+from .watchdog import Watchdog
 
 if TYPE_CHECKING:
-    import random
-    from collections.abc import Callable
     from concurrent.futures import ThreadPoolExecutor
 
+    from .._model.errors import StopReason
     from .._model.outcomes import Outcome
     from .meters.adaptive import AdaptiveMeter
     from .meters.base import Meter
@@ -55,14 +53,6 @@ R = TypeVar("R")
 
 _log = logging.getLogger("batchkit")
 
-# Yield to the event loop after this much loop time (or, in virtual time, this many items
-# per worker) without a suspension, so a ``fn`` that never awaits cannot starve the loop or
-# the watchdog. The budget is shared and refilled once per loop iteration; once it is spent,
-# every worker that comes round yields, so the count scales with the number of workers to
-# keep those extra resumptions rare.
-_YIELD_EVERY_ITEMS_PER_WORKER: Final = 32
-_YIELD_EVERY_SECONDS: Final = 0.002
-
 
 class Engine(Generic[T, R]):
     """Runs one batch. Create, then ``await run()`` exactly once."""
@@ -70,7 +60,6 @@ class Engine(Generic[T, R]):
     def __init__(self, plan: Plan, items: Any, sink: Sink[T, R] | None = None) -> None:
         self._p = plan
         self._sink: Sink[T, R] = sink if sink is not None else BatchSink()
-        self._sink.wake_producers = self._room_made
         self._intake: Intake[T] = Intake(
             items, key=plan.key, keep_keys=self._sink.keeps, cost=plan.cost,
             read_ahead=plan.read_ahead,
@@ -84,23 +73,17 @@ class Engine(Generic[T, R]):
         self._put_success = self._sink.success_writer()
         self._slots: list[Slot] = []
         self._stopper = Stopper(self._slots, plan.grace, wake=self._wake_all, abandon=self._abandon)
-        self._room_waiters: deque[asyncio.Future[None]] = deque()
-        self._retry_heap: list[Job] = []
+        self._waits = Waits(plan.slots, self._sink)
+        self._sink.wake_producers = self._waits.room_made
+        self._retries = Retries(plan.retry)
         self._active = 0  # jobs held by workers (in an attempt, a backoff or a meter)
         self._live: set[Slot] = set()  # workers that may still do work (not ended, abandoned
         # or waiting only for a thread that outlived its timeout)
         self._outliving = 0  # workers waiting for a timed-out thread to return
         self._quiet: asyncio.Future[None] | None = None
-        self._idle: asyncio.Future[None] | None = None
         self._abandoned: list[int] = []
         self._fatal: list[BaseException] = []
         self._ended = False
-        self._budget_size = max(256, _YIELD_EVERY_ITEMS_PER_WORKER * plan.slots)
-        self._budget = self._budget_size
-        self._slice_start = 0.0
-        self._slice_clock: Callable[[], float] = time.monotonic
-        self._reset_pending = False
-        self._rng: random.Random | None = plan.retry.rng if plan.retry is not None else None
         self._executor: ThreadPoolExecutor | None = None
         self._deadline: DeadlineMeter | None = None
         self._adaptive: AdaptiveMeter | None = None
@@ -115,39 +98,13 @@ class Engine(Generic[T, R]):
         p = self._p
         self._start = start = loop.time()
         self._stopper.loop = loop
-        # Time slices on the loop's clock: in virtual time it stands still while the CPU
-        # works, so only the item budget applies and a test's schedule is exact.
-        self._slice_clock = loop_clock(loop)
-        self._slice_start = self._slice_clock()
+        self._waits.start(loop, loop_clock(loop))
         deadline_at = start + p.deadline_seconds if p.deadline_seconds is not None else None
         deadline_at = p.deadline_at if p.deadline_at is not None else deadline_at
         # A random run id, as uuid4().hex[:12] would give, without importing uuid (start-up).
         self._run = RunInfo(os.urandom(6).hex(), p.timeout, deadline_at, loop.time)
-        meters: list[Meter] = []
-        # In this order: a place under the adaptive limit, then a rate-limit turn (waited
-        # for with the place held, so turns are not spent by attempts still queued), then
-        # the deadline check (after the waits), then the external limiter (it holds a resource).
-        # Each meter's module is imported when its policy is given (start-up time).
-        if p.adaptive is not None:
-            from .meters.adaptive import AdaptiveMeter
-
-            self._adaptive = AdaptiveMeter(p.adaptive, loop, self._ledger.limit_changed)
-            meters.append(self._adaptive)
-        if p.rate_limit is not None:
-            from .meters.rate import RateMeter
-
-            meters.append(RateMeter(p.rate_limit, loop))
-        if deadline_at is not None:
-            from .meters.deadline import DeadlineMeter
-
-            self._deadline = DeadlineMeter(
-                deadline_at, loop, timeout=p.timeout, fit_timeout=p.fit_timeout, cost=p.cost
-            )
-            meters.append(self._deadline)
-        if p.limiter is not None:
-            from .meters.limiter import LimiterMeter
-
-            meters.append(LimiterMeter(p.limiter))
+        meters = open_meters(p, loop, deadline_at, self._ledger.limit_changed)
+        self._adaptive, self._deadline = meters.adaptive, meters.deadline
         if not p.fn_is_async:
             from concurrent.futures import ThreadPoolExecutor  # lazy: start-up time
 
@@ -156,7 +113,7 @@ class Engine(Generic[T, R]):
             )
         if not self._intake.open():
             self._stopper.stopping = True
-        return tuple(meters)
+        return meters.all
 
     # ------------------------------------------------------------------------- run
     async def run(self) -> BatchReport[T, R]:
@@ -175,13 +132,7 @@ class Engine(Generic[T, R]):
         )  # fmt: skip
         if ledger.emit_events:
             limit = self._adaptive.limit if self._adaptive else p.slots
-            from .._model.events import RunStarted
-
-            ledger.event(
-                RunStarted(
-                    name=p.name, concurrency=limit, total=self._intake.total, time=self._start
-                )
-            )
+            ledger.run_started(limit, self._intake.total, self._start)
         if self._run.deadline_at is not None:
             self._stopper.arm_deadline(self._run.deadline_at, self._on_deadline)
         watch_task = loop.create_task(watchdog.run()) if watchdog is not None else None
@@ -247,9 +198,7 @@ class Engine(Generic[T, R]):
 
     def _run_finished(self, report: BatchReport[T, R]) -> None:
         if self._ledger.emit_events:
-            from .._model.events import RunFinished
-
-            self._ledger.event(RunFinished(name=self._p.name, report=report, time=self._now()))
+            self._ledger.run_finished(report)
 
     def _report(self) -> BatchReport[T, R]:
         runner = self._runner
@@ -336,18 +285,21 @@ class Engine(Generic[T, R]):
         attempt's success is handled here, inline: it is what nearly every item does, and a
         call level costs about 5% of the per-item overhead. The parts are read through
         locals: an attribute of a local costs what an attribute of ``self`` does."""
-        intake, ledger, stopper = self._intake, self._ledger, self._stopper
+        intake, ledger, stopper, waits = self._intake, self._ledger, self._stopper, self._waits
         grow = intake.total is None
         pull_now = intake.pull_now if intake.it is not None and self._p.cost is None else None
         room = None if self._sink.keeps else self._sink.room  # a batch never waits for room
-        heap = self._retry_heap
+        retries = self._retries
+        heap = retries.heap
+        loop = self._loop
+        assert loop is not None
         run = self._runner.run if self._runner is not None else None
         assert run is not None
         wake_after = self._p.retry is not None
-        clock = self._slice_clock
+        clock = waits.clock
         put_success = self._put_success
         while not stopper.stopping and not slot.abandoned:
-            job = self._ready_retry() if heap else None
+            job = retries.ready(loop.time()) if heap else None
             if job is None and (room is None or room(intake.next_index)):
                 job = pull_now() if pull_now is not None else await self._pull(slot)
                 if job is not None and grow:
@@ -375,10 +327,10 @@ class Engine(Generic[T, R]):
                 self._wake()
             if (slot.polluted or slot.thread is not None) and not await self._carry_on(slot):
                 return
-            # Starvation guard: see _YIELD_EVERY_*.
-            self._budget -= 1
-            if self._budget <= 0 or clock() - self._slice_start > _YIELD_EVERY_SECONDS:
-                await self._yield()
+            # Starvation guard: see waits.py.
+            waits.budget -= 1
+            if waits.budget <= 0 or clock() - waits.slice_start > YIELD_EVERY_SECONDS:
+                await waits.pause()
 
     async def _carry_on(self, slot: Slot) -> bool:
         """After an item that set a context variable or ran in a thread: False if a fresh
@@ -391,33 +343,21 @@ class Engine(Generic[T, R]):
             await self._outlive(slot)
         return True
 
-    def _ready_retry(self) -> Job | None:
-        heap = self._retry_heap
-        if heap:
-            assert self._loop is not None
-            if heap[0].ready <= self._loop.time() + SLACK:
-                return heapq.heappop(heap)
-        return None
-
     async def _wait_for_work(self) -> bool:
         """Nothing to start now: wait for a retry, room or an item's end; False: leave."""
         if self._stopper.stopping:
             return False
         assert self._loop is not None
-        heap = self._retry_heap
+        heap = self._retries.heap
         no_room = not self._sink.room(self._intake.next_index)
         more_retries = self._p.retry is not None and not self._p.retry.hold_slot and self._active
         if not (heap or no_room or more_retries):
             self._wake()  # others parked for retries: the input is done, so may they be
             return False
         if no_room and not heap:
-            # One waiter per worker, woken one per item the consumer takes: a shared future
-            # would wake every waiting worker for each item (measured: +40% per item).
-            fut = self._loop.create_future()
-            self._room_waiters.append(fut)
-            await fut
+            await self._waits.for_room()
             return True
-        await self._wait_idle(heap[0].ready if heap else None)
+        await self._waits.idle(self._retries.next_at())
         return True
 
     async def _outlive(self, slot: Slot) -> None:
@@ -442,49 +382,8 @@ class Engine(Generic[T, R]):
             if not slot.abandoned:
                 self._live.add(slot)
 
-    async def _yield(self) -> None:
-        if not self._reset_pending:
-            self._reset_pending = True
-            self._budget = 0
-            assert self._loop is not None
-            self._loop.call_soon(self._reset_budget)
-        await asyncio.sleep(0)
-
-    def _reset_budget(self) -> None:
-        self._reset_pending = False
-        self._budget = self._budget_size
-        self._slice_start = self._slice_clock()
-
-    async def _wait_idle(self, until: float | None) -> None:
-        assert self._loop is not None
-        fut = self._idle
-        if fut is None or fut.done():
-            fut = self._idle = self._loop.create_future()
-        handle = self._loop.call_at(until, _resolve, fut) if until is not None else None
-        try:
-            await fut
-        finally:
-            if handle is not None:
-                handle.cancel()
-
-    def _room_made(self) -> None:
-        """The stream's consumer took an item: one waiting worker may pull the next."""
-        waiters = self._room_waiters
-        while waiters:
-            fut = waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                break
-        self._sink.producers_waiting = bool(waiters)
-
     def _wake(self) -> None:
-        waiters, self._room_waiters = self._room_waiters, deque()
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        fut = self._idle
-        if fut is not None and not fut.done():
-            fut.set_result(None)
+        self._waits.wake()
 
     def _wake_all(self) -> None:
         """Every waiting worker, and a stream's consumer: the run is stopping."""
@@ -502,7 +401,7 @@ class Engine(Generic[T, R]):
         fut.set_result(None)
 
     def _work_left(self) -> bool:
-        return self._intake.more() or bool(self._retry_heap)
+        return self._intake.more() or bool(self._retries.heap)
 
     # ----------------------------------------------------------------------- one item
     async def _run_job(self, slot: Slot, job: Job, result: AttemptResult) -> None:
@@ -532,8 +431,7 @@ class Engine(Generic[T, R]):
         assert self._p.retry is not None
         assert self._loop is not None
         if not self._p.retry.hold_slot:
-            job.ready = self._loop.time() + delay
-            heapq.heappush(self._retry_heap, job)
+            self._retries.park(job, self._loop.time() + delay)
             # An idle worker may be sleeping until a later retry: wake it to re-plan.
             self._wake()
             return False
@@ -575,7 +473,7 @@ class Engine(Generic[T, R]):
             job.errors = []
         job.errors.append(error)
         job.last_kind = kind
-        delay = self._retry_delay(job, kind, error) if not self._stopper.stopping else None
+        delay = self._retries.delay(job, kind, error) if not self._stopper.stopping else None
         deadline = self._deadline
         dropped = (
             delay is not None
@@ -588,15 +486,7 @@ class Engine(Generic[T, R]):
         if dropped:
             delay = None  # AttemptFailed does not announce a retry that will not happen
         if self._ledger.emit_events:
-            from .._model.events import AttemptFailed
-
-            self._ledger.event(
-                AttemptFailed(
-                    name=self._p.name, index=job.index, key=event_key(job), item=job.item,
-                    attempt=job.attempt, error=error, kind=kind,  # type: ignore[arg-type]
-                    retry_in=delay, time=result.ended,
-                )
-            )  # fmt: skip
+            self._ledger.attempt_failed(job, error, kind, delay, result.ended)
         if dropped:
             self._skip(job, "out_of_time")
         elif delay is None:
@@ -612,43 +502,12 @@ class Engine(Generic[T, R]):
             return False  # by the run's observed durations: nothing fits
         fits = deadline.fits
         return any(fits(-cost) for cost, _, _ in self._intake.buffer) or any(
-            fits(deadline.expected(job)) for job in self._retry_heap
+            fits(deadline.expected(job)) for job in self._retries.heap
         )
-
-    def _retry_delay(self, job: Job, kind: str, error: BaseException) -> float | None:
-        """What the retry policy asks for. It runs user code (``retry_on``, the error's
-        ``retry_after``): if that raises, the item ends with ``fn``'s error, noted."""
-        try:
-            return next_retry(
-                self._p.retry, attempt=job.attempt, kind=kind, error=error, draw=self._draw()
-            )
-        except Exception as hook_error:
-            add_note(
-                error,
-                "batchkit: not retried: deciding on a retry (Retry.retry_on, or the error's "
-                f"retry_after) raised {describe(hook_error)}",
-            )
-            return None
-
-    def _draw(self) -> float:
-        """The backoff's random draw; the source is made on first use (start-up time)."""
-        if self._rng is None:
-            import random
-
-            self._rng = random.Random()
-        return self._rng.random()
 
     def _on_start(self, slot: Slot, job: Job, now: float) -> None:
         if self._ledger.emit_events:
-            assert self._runner is not None
-            from .._model.events import ItemStarted
-
-            self._ledger.event(
-                ItemStarted(
-                    name=self._p.name, index=job.index, key=event_key(job), item=job.item,
-                    attempt=job.attempt, in_flight=self._runner.in_flight, time=now,
-                )
-            )  # fmt: skip
+            self._ledger.item_started(job, self._in_flight_now(), now)
 
     # ------------------------------------------------------------------ outcomes
     def _record(self, outcome: Outcome[T, R], job: Job | None = None) -> None:
@@ -677,8 +536,8 @@ class Engine(Generic[T, R]):
 
     def _finish_unstarted(self) -> None:
         """After the workers ended: give every item that never started its envelope."""
-        while self._retry_heap:
-            self._stopped(heapq.heappop(self._retry_heap), running=False)
+        for job in self._retries.drain():
+            self._stopped(job, running=False)
         for job in self._intake.unstarted():
             self._stopped(job, running=False)
         intake, reason = self._intake, self._stopper.reason
@@ -694,11 +553,7 @@ class Engine(Generic[T, R]):
             rest = intake.skip_rest(self._sink, reason)
             self._ledger.count_skipped(len(rest))
         if self._ledger.emit_events and rest:
-            from .._model.events import ItemsSkipped
-
-            self._ledger.event(
-                ItemsSkipped(name=self._p.name, reason=reason, indices=rest, time=self._now())
-            )
+            self._ledger.items_skipped(reason, rest)
 
     # ------------------------------------------------------------------- stopping
     def _stop(self, reason: StopReason) -> None:
@@ -707,14 +562,7 @@ class Engine(Generic[T, R]):
         if not stopper.takes(reason):
             return
         if self._ledger.emit_events and reason != "deadline":
-            from .._model.events import RunStopping
-
-            self._ledger.event(
-                RunStopping(
-                    name=self._p.name, reason=reason, in_flight=self._in_flight_now(),
-                    time=self._now(),
-                )
-            )  # fmt: skip
+            self._ledger.run_stopping(reason)
         stopper.no_more_starts(reason)
         stopper.halt()
 
@@ -742,14 +590,5 @@ class Engine(Generic[T, R]):
         if self._ended:
             return  # the run ended in the loop turns since the deadline's timer
         if self._ledger.emit_events:
-            from .._model.events import DeadlineHit
-
-            self._ledger.event(
-                DeadlineHit(name=self._p.name, in_flight=self._in_flight_now(), time=self._now())
-            )
+            self._ledger.deadline_hit()
         self._stop("deadline")
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)

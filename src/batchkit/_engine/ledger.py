@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .._model.events import Event, Observer
     from .._model.outcomes import Outcome
     from .._model.policies import FailureRatio
+    from .._model.report import BatchReport
 
 __all__ = ["Ledger", "cancelled", "last_error", "skipped", "stopped", "timed_out"]
 
@@ -154,6 +155,59 @@ class Ledger(Generic[T, R]):
             from .._model.events import LimitChanged
 
             self.event(LimitChanged(name=self.name, old=old, new=new, reason=reason, time=now))
+
+    # -- what the observers hear (each sent only when some listen: ``emit_events``) ----
+    def run_started(self, concurrency: int, total: int | None, now: float) -> None:
+        from .._model.events import RunStarted
+
+        self.event(RunStarted(name=self.name, concurrency=concurrency, total=total, time=now))
+
+    def item_started(self, job: Job, in_flight: int, now: float) -> None:
+        from .._model.events import ItemStarted
+
+        self.event(
+            ItemStarted(
+                name=self.name, index=job.index, key=event_key(job), item=job.item,
+                attempt=job.attempt, in_flight=in_flight, time=now,
+            )
+        )  # fmt: skip
+
+    def attempt_failed(
+        self, job: Job, error: BaseException, kind: str, retry_in: float | None, now: float
+    ) -> None:
+        from .._model.events import AttemptFailed
+
+        self.event(
+            AttemptFailed(
+                name=self.name, index=job.index, key=event_key(job), item=job.item,
+                attempt=job.attempt, error=error, kind=kind,  # type: ignore[arg-type]
+                retry_in=retry_in, time=now,
+            )
+        )  # fmt: skip
+
+    def run_stopping(self, reason: StopReason) -> None:
+        from .._model.events import RunStopping
+
+        self.event(
+            RunStopping(
+                name=self.name, reason=reason, in_flight=self._in_flight(), time=self._clock()
+            )
+        )
+
+    def deadline_hit(self) -> None:
+        from .._model.events import DeadlineHit
+
+        self.event(DeadlineHit(name=self.name, in_flight=self._in_flight(), time=self._clock()))
+
+    def items_skipped(self, reason: StopReason, indices: range) -> None:
+        from .._model.events import ItemsSkipped
+
+        self.event(ItemsSkipped(name=self.name, reason=reason, indices=indices, time=self._clock()))
+
+    def run_finished(self, report: BatchReport[T, R]) -> None:
+        from .._model.events import RunFinished
+
+        self.event(RunFinished(name=self.name, report=report, time=self._clock()))
 
     def event(self, event: Event) -> None:
         """Tell every observer; one that raises is dropped (and logged) for the rest of the
