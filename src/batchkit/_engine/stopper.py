@@ -25,11 +25,16 @@ if TYPE_CHECKING:
 __all__ = ["Stopper"]
 
 
+def _nothing(*args: object) -> None:
+    pass
+
+
 @final
 class Stopper:
     """The stop of one run over ``slots`` (the engine's list: workers are added as they
-    start). ``wake`` wakes every waiting worker (and a stream's consumer); ``abandon`` gives
-    up on a slot whose work did not stop after two cancellations."""
+    start). Connected to the workers: ``wake`` wakes every waiting worker (and a stream's
+    consumer); ``abandon`` gives up on a slot whose work did not stop after two
+    cancellations."""
 
     __slots__ = (
         "_abandon",
@@ -43,18 +48,11 @@ class Stopper:
         "stopping",
     )
 
-    def __init__(
-        self,
-        slots: list[Slot],
-        grace: float,
-        *,
-        wake: Callable[[], None],
-        abandon: Callable[[Slot], None],
-    ) -> None:
+    def __init__(self, slots: list[Slot], grace: float) -> None:
         self._slots = slots
         self.grace = grace
-        self._wake = wake
-        self._abandon = abandon
+        self._wake: Callable[[], None] = _nothing
+        self._abandon: Callable[[Slot], None] = _nothing
         self.loop: asyncio.AbstractEventLoop | None = None
         self.reason: StopReason | None = None
         """Why the run stopped starting items (the report's ``stop_reason``)."""
@@ -62,6 +60,11 @@ class Stopper:
         """No new starts: a stop, an input error, the caller's cancel."""
         self._escalation: asyncio.TimerHandle | None = None
         self._deadline: asyncio.TimerHandle | None = None
+
+    def connect(self, *, wake: Callable[[], None], abandon: Callable[[Slot], None]) -> None:
+        """What a stop wakes, and what abandons a slot: the workers' (made after this)."""
+        self._wake = wake
+        self._abandon = abandon
 
     def arm_deadline(self, at: float, reached: Callable[[], None]) -> None:
         """Call ``reached`` at the deadline's loop time ``at``: two loop turns after its

@@ -92,30 +92,78 @@ class Backend(Protocol):
 
 
 class RunOptions(TypedDict, Generic[T], total=False):
-    """The static types of the keywords of ``batch_process`` other than ``context``."""
+    """The keywords of ``batch_process`` other than ``context``: their static types, and each
+    one's meaning where an IDE shows it (``docs/reference/options.md`` is checked against
+    these docstrings by ``tests/test_docs_reference.py``)."""
 
     concurrency: int | Adaptive
+    """Most items in flight: a sliding window, the next item starts the moment a slot frees. Or
+    ``Adaptive(...)`` to find the limit while running. Default: ``10``."""
+
     timeout: float | None
+    """Seconds per attempt, covering the context's enter and exit. The attempt is cancelled; the
+    outcome is ``"timeout"``. ``None``: no timeout. Default: ``None``."""
+
     key: Callable[[T], object] | None
+    """Names items in logs, events and report tables; ``None``: ``#index``. Default: ``None``."""
+
     batch_size: int | None
+    """Bounds read-ahead from the input (matters with ``cost=``); never a barrier. Default:
+    ``None``."""
+
     fail_fast: bool
+    """Stop at the first ``"error"`` or ``"timeout"``: cancel items in flight, skip the rest.
+    Default: ``False``."""
+
     retry: Retry | None
+    """A ``Retry`` policy; ``None``: one attempt per item. Default: ``None``."""
+
     rate_limit: RateLimit | AsyncLimiter | None
+    """A ``RateLimit``, or any object used as ``async with limiter:`` (an ``AsyncLimiter``).
+    Default: ``None``."""
+
     deadline: float | Deadline | None
+    """Seconds from the call's start, or a ``Deadline``. At the deadline in-flight items are
+    cancelled, the rest skipped, and the call returns its report. Default: ``None``."""
+
     max_failures: int | None
+    """Stop once this many items failed. Default: ``None``."""
+
     max_failure_ratio: float | FailureRatio | None
+    """Stop when more than this ratio failed, after a minimum sample (a float uses
+    ``min_sample=10``; or a ``FailureRatio``). Default: ``None``."""
+
     cost: Callable[[T], float] | None
+    """An estimated duration per item: among the read-ahead, the most expensive starts first. A
+    ``cost`` that raises fails that item. Default: ``None``."""
+
     observers: Sequence[Observer]
+    """Plain callables receiving events (an ``async def`` one is refused: it would never run).
+    Default: ``()``."""
+
     progress: bool
+    """Show a progress bar on a terminal (silent when not a terminal). Default: ``False``."""
+
     name: str | None
+    """The batch's name in events, logs and metrics. Default: ``None``."""
+
     backend: Backend | None
+    """Where the items run: ``None`` is this process's event loop; a backend object (the internal
+    ``Backend`` protocol) runs them elsewhere with the same options and report. Default:
+    ``None``."""
 
 
 class StreamOptions(RunOptions[T], total=False):
     """``stream`` takes two more: ``ordered`` and ``buffer``."""
 
     ordered: bool
+    """``stream`` only (``batch_process`` refuses it): yield outcomes in input order instead of as
+    they complete. Default: ``False``."""
+
     buffer: int | None
+    """``stream`` only (``batch_process`` refuses it): how many finished outcomes may wait for the
+    consumer (``None``: ``concurrency``, or ``8 * concurrency`` when ``ordered=True``). At most
+    ``concurrency + buffer`` items are pulled and not yet consumed. Default: ``None``."""
 
 
 # -- one validator per option: check, normalise, say how to fix ---------------------------
