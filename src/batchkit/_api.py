@@ -10,9 +10,6 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, Unpack, overload
 
-from ._engine.engine import Engine
-from ._engine.plan import make_plan
-from ._engine.stream import LocalStream
 from ._model.options import Options, RunOptions, StreamOptions, check_backend
 
 if TYPE_CHECKING:
@@ -89,6 +86,10 @@ async def batch_process(
     opts = _options(context, options)
     if opts.backend is not None:
         return await opts.backend.run_batch(items, fn, opts)
+    # The engine is imported at the first call, not by `import batchkit` (start-up time).
+    from ._engine.engine import Engine
+    from ._engine.plan import make_plan
+
     engine: Engine[Any, Any] = Engine(make_plan(items, fn, opts), items)
     return await engine.run()
 
@@ -165,4 +166,7 @@ def stream(
     opts = _options(context, options)
     if opts.backend is not None:
         return opts.backend.open_stream(items, fn, opts)
+    from ._engine.plan import make_plan
+    from ._engine.stream import LocalStream
+
     return LocalStream(make_plan(items, fn, opts), items)

@@ -92,8 +92,9 @@ class Engine(Generic[T, R]):
         deadline_at = p.deadline_at if p.deadline_at is not None else deadline_at
         # A random run id, as uuid4().hex[:12] would give, without importing uuid (start-up).
         self._run = RunInfo(os.urandom(6).hex(), p.timeout, deadline_at, loop.time)
-        meters = open_meters(p, loop, deadline_at, self._ledger.limit_changed)
-        self._adaptive, self._deadline = meters.adaptive, meters.deadline
+        meters, self._adaptive, self._deadline = open_meters(
+            p, loop, deadline_at, self._ledger.limit_changed
+        )
         if not p.fn_is_async:
             from concurrent.futures import ThreadPoolExecutor  # lazy: start-up time
 
@@ -102,7 +103,7 @@ class Engine(Generic[T, R]):
             )
         if not self._intake.open():
             self._stopper.stopping = True
-        return meters.all
+        return meters
 
     async def run(self) -> BatchReport[T, R]:
         p = self._p

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, TypeAlias
 
 if TYPE_CHECKING:
     import asyncio
@@ -16,12 +16,9 @@ if TYPE_CHECKING:
 __all__ = ["Meters", "open_meters"]
 
 
-class Meters(NamedTuple):
-    """A run's meters in the order the runner asks them, and the two the engine reads."""
-
-    all: tuple[Meter, ...]
-    adaptive: AdaptiveMeter | None
-    deadline: DeadlineMeter | None
+Meters: TypeAlias = "tuple[tuple[Meter, ...], AdaptiveMeter | None, DeadlineMeter | None]"
+"""A run's meters in the order the runner asks them, and the two the engine reads (a plain
+tuple: a NamedTuple class would cost start-up time)."""
 
 
 def open_meters(
@@ -56,4 +53,4 @@ def open_meters(
         from .limiter import LimiterMeter
 
         meters.append(LimiterMeter(plan.limiter))
-    return Meters(tuple(meters), adaptive, deadline)
+    return tuple(meters), adaptive, deadline
