@@ -133,9 +133,15 @@ def _default_zero(cls: type[Any], name: str) -> Any:
     return slot.__set__
 
 
-set_reruns: Callable[[Any, int], None] = _default_zero(Success, "reruns")
-"""Set ``reruns`` on an envelope built by ``make_success`` or ``make_failure``."""
-_default_zero(Failure, "reruns")
+_set_reruns: dict[type, Callable[[Any, int], None]] = {
+    Success: _default_zero(Success, "reruns"),
+    Failure: _default_zero(Failure, "reruns"),
+}
+
+
+def set_reruns(outcome: Success[Any, Any] | Failure[Any], reruns: int) -> None:
+    """Set ``reruns`` on an envelope built by ``make_success`` or ``make_failure``."""
+    _set_reruns[type(outcome)](outcome, reruns)
 
 # The engine builds envelopes on its hot path; a frozen dataclass's __init__ goes through
 # object.__setattr__ per field (about 1.7 µs). Setting the slots directly costs a third.

@@ -19,9 +19,9 @@ import pytest
 
 import batchkit
 from batchkit import Failure, Retry, Success
-from batchkit.dask import DaskBackend
+from batchkit.dask import ChunkRerun, DaskBackend
 
-WorkerLost: Any = getattr(batchkit.dask, "WorkerLost", type("WorkerLost", (), {}))
+
 
 from . import _work
 
@@ -79,7 +79,7 @@ async def test_items_whose_cleanup_outlasts_grace_still_get_one_envelope_each(
     started = [o.index for o in outcomes if o.kind == "cancelled"]
     assert started  # items were in flight at the deadline
     assert set(report.abandoned) <= set(started)
-    assert returned <= 1.0 + 0.3 + getattr(DaskBackend, "SLACK", 1.0)
+    assert returned <= 1.0 + 0.3 + DaskBackend.SLACK
     await _wait_for_stubborn(client)
 
 
@@ -204,9 +204,10 @@ async def test_a_worker_death_is_counted_told_and_logged(
     assert report.reruns == 8
     assert report.to_dict()["reruns"] == 8
     assert report.to_dict()["items"][0]["reruns"] == 1
-    [lost] = [e for e in events if isinstance(e, WorkerLost)]
-    assert lost.indices == range(8)
-    assert lost.reruns == 1
+    [rerun] = [e for e in events if isinstance(e, ChunkRerun)]
+    assert rerun.indices == range(8)
+    assert rerun.reruns == 1
+    assert rerun.lost != rerun.worker
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("re-run" in m and "8 item(s)" in m for m in warnings), warnings
 
