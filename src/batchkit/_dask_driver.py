@@ -392,7 +392,8 @@ class DaskRun(Generic[T, R]):
         """Read up to ``size`` items of the async input into ``batch``; once it holds one,
         wait at most ``PARTIAL_WAIT`` for the rest. The pending read is kept for the next
         chunk (cancelling it would break the input's generator)."""
-        assert self._ait is not None and self._loop is not None
+        assert self._ait is not None
+        assert self._loop is not None
         send_by: float | None = None
         while len(batch) < size and not self._stopping:
             if self._pull is None:

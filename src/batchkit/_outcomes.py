@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import (
     TYPE_CHECKING,
@@ -20,7 +19,7 @@ from typing import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping, Sequence
+    from collections.abc import Callable, Iterator, Mapping, Sequence
 
     from ._errors import StopReason
     from ._store import OutcomeStore, OutcomeView
@@ -142,6 +141,7 @@ _set_reruns: dict[type, Callable[[Any, int], None]] = {
 def set_reruns(outcome: Success[Any, Any] | Failure[Any], reruns: int) -> None:
     """Set ``reruns`` on an envelope built by ``make_success`` or ``make_failure``."""
     _set_reruns[type(outcome)](outcome, reruns)
+
 
 # The engine builds envelopes on its hot path; a frozen dataclass's __init__ goes through
 # object.__setattr__ per field (about 1.7 µs). Setting the slots directly costs a third.

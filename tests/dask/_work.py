@@ -303,7 +303,8 @@ async def _failures_announced(n: int) -> None:
     from batchkit._dask_worker import current_run
 
     run = current_run()
-    assert run is not None and run.spec is not None
+    assert run is not None
+    assert run.spec is not None
     topic = run.spec.topic
     worker = get_worker()
     while True:

@@ -21,8 +21,6 @@ import batchkit
 from batchkit import Failure, Retry, Success
 from batchkit.dask import ChunkRerun, DaskBackend
 
-
-
 from . import _work
 
 if TYPE_CHECKING:
