@@ -43,6 +43,10 @@ def _require_distributed() -> Any:
     return distributed
 
 
+def _is_seconds(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
 def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
@@ -87,11 +91,7 @@ class DaskBackend:
         lost_after: float | None = 30.0,
     ) -> None:
         _require_distributed()
-        if lost_after is not None and (
-            isinstance(lost_after, bool)
-            or not isinstance(lost_after, int | float)
-            or not lost_after > 0
-        ):
+        if lost_after is not None and not _is_seconds(lost_after):
             raise InvalidArgument(
                 f"lost_after must be a number of seconds > 0 or None, got {lost_after!r}"
             )
