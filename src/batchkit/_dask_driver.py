@@ -468,6 +468,8 @@ class DaskRun(Generic[T, R]):
         now = time.time()
         for i in range(len(chunk.items)):
             err: BaseException
+            if i in chunk.bad:
+                continue  # its own pickling error (added by _emit_chunk)
             if how == "skipped":
                 err = ItemSkipped(reason)
                 records.append((i, "skipped", err, 0, 0.0, (err,), now))
@@ -672,7 +674,9 @@ class DaskRun(Generic[T, R]):
             if result is None:
                 given_up += len(chunk.items)
                 if self._gone is None:
-                    self._abandoned.extend(range(offset, offset + len(chunk.items)))
+                    self._abandoned.extend(
+                        offset + i for i in range(len(chunk.items)) if i not in chunk.bad
+                    )
                 result = self._closed_chunk(chunk, "cancelled")
             self._emit_chunk(chunk, result)
         if given_up:

@@ -353,3 +353,38 @@ async def slow(x: int, delay: float = 0.2) -> int:
     await asyncio.sleep(delay)
     _add("done")
     return x
+
+
+class Unsendable:
+    """An item that cannot be pickled (it holds a lock)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.lock = threading.Lock()
+
+
+async def chaotic(item: Any, ctx: str, marker: str = "") -> Any:
+    """Item ``(index, behaviour)`` of the chaos suite: ``ok`` returns the index after a short
+    sleep, ``error`` raises ``PlannedError``, ``hang`` never ends by itself, ``stubborn``
+    never ends and cleans up for 1 s ignoring cancellation, ``unloadable`` returns a value
+    the driver cannot unpickle, ``die`` kills its worker the first time it runs anywhere
+    (``marker``), then returns its index."""
+    index, behaviour = item
+    if behaviour == "ok":
+        await asyncio.sleep(0.005)
+        return index
+    if behaviour == "error":
+        raise PlannedError(f"item {index}")
+    if behaviour == "hang":
+        return await hang(index)
+    if behaviour == "stubborn":
+        return await stubborn_cleanup(index, cleanup=1.0)
+    if behaviour == "unloadable":
+        return DriverUnloadable(index)
+    assert behaviour == "die"
+    try:
+        fd = os.open(f"{marker}-{index}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return index
+    os.close(fd)
+    os._exit(1)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import socket
-import asyncio
-import contextlib
 import subprocess
 import sys
 from dataclasses import dataclass, field
