@@ -11,6 +11,7 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hypothesis import Phase, settings
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -18,6 +19,16 @@ if TYPE_CHECKING:
 distributed = pytest.importorskip("distributed")
 
 N_WORKERS = 2
+
+# `pytest tests/dask --hypothesis-profile=chaos`: the chaos suite (test_chaos.py) with 200
+# examples instead of its default few. Registered here: the profile is loaded before test
+# modules are imported.
+settings.register_profile(
+    "chaos",
+    max_examples=200,
+    deadline=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+)
 
 
 @pytest.fixture(scope="package")

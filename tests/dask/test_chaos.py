@@ -46,18 +46,12 @@ distributed = pytest.importorskip("distributed")
 pytestmark = pytest.mark.timeout(600)
 
 # No shrinking: every example costs real seconds on the cluster; a failure is reported with
-# the call that failed as drawn.
+# the call that failed as drawn. (The "chaos" profile is registered in conftest.py.)
 _PHASES = [Phase.explicit, Phase.reuse, Phase.generate]
-settings.register_profile(
-    "chaos",
-    max_examples=200,
-    deadline=None,
-    phases=_PHASES,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
 
 Behaviour = Literal["ok", "error", "hang", "stubborn", "unsendable", "unloadable", "die"]
-_EXAMPLES = 6
+# Read at import: the pytest plugin loads --hypothesis-profile before collection.
+_EXAMPLES = 200 if settings.get_current_profile_name() == "chaos" else 6
 _COUNTER = itertools.count()
 
 
