@@ -128,7 +128,11 @@ def _default_zero(cls: type[Any], name: str) -> Any:
             return 0
         return value
 
-    setattr(cls, name, property(get, slot.__set__, doc=cls.__doc__ and f"See {cls.__name__}."))
+    get.__doc__ = (
+        "How many times a cluster backend sent the item to run again because the worker "
+        "running it was lost (0 on the local engine)."
+    )
+    setattr(cls, name, property(get, slot.__set__))
     return slot.__set__
 
 
