@@ -30,7 +30,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Sized
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from . import _dask_worker as worker_side
 from ._dask_events import ChunkRerun, WorkerLost
@@ -720,7 +720,10 @@ class DaskRun(Generic[T, R]):
             if self._stop_reason is None:  # the cluster is gone: nothing can run it
                 assert self._gone is not None
                 self._counts["lost"] = self._counts.get("lost", 0) + 1
-                return Failure(item, self._gone, "lost", index, 0, 0.0, (self._gone,))
+                lost: Failure[Any] = Failure(item, self._gone, "lost", index, 0, 0.0, (self._gone,))
+                if self._observers:
+                    self._event(self._finished_event(lost, item, 0.0)[2])
+                return lost
             err = ItemSkipped(self._stop_reason)
             self._counts["skipped"] = self._counts.get("skipped", 0) + 1
             return Failure(item, err, "skipped", index, 0, 0.0, (err,))
@@ -784,7 +787,7 @@ class DaskRun(Generic[T, R]):
         )
         assert self._loop is not None
         self._event(
-            ChunkRerun(  # type: ignore[arg-type]
+            ChunkRerun(
                 name=self._o.name,
                 lost=lost_on,
                 worker=worker,
@@ -919,7 +922,7 @@ class DaskRun(Generic[T, R]):
         self._workers_seen = set(addresses)
         for worker in sorted(left):
             _log.warning("batchkit: Dask worker %s left the cluster during the run", worker)
-            self._event(WorkerLost(name=self._o.name, worker=worker, time=now))  # type: ignore[arg-type]
+            self._event(WorkerLost(name=self._o.name, worker=worker, time=now))
 
     def _cluster_gone(self, missing: str, waited: float) -> None:
         """No worker (or no scheduler) for ``waited`` seconds: what is out is lost."""
@@ -1035,8 +1038,10 @@ class DaskRun(Generic[T, R]):
         self._intervals.sort(key=lambda span: span[1])
         del self._intervals[: len(self._intervals) - _MAX_INTERVALS // 10]
 
-    def _event(self, event: Event) -> None:
-        notify(self._observers, event, _log)
+    def _event(self, event: Event | ChunkRerun | WorkerLost) -> None:
+        # The cluster's own events go to the same observers; they are not in the core's
+        # Event union (observers that do not know them ignore them).
+        notify(self._observers, cast("Event", event), _log)
 
 
 _END = object()  # the end of an async input
