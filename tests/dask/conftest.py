@@ -52,6 +52,34 @@ def cluster() -> Iterator[Any]:
             cluster.close()
 
 
+def heal(cluster: Any) -> list[str]:
+    """Start again the workers whose nanny gave up restarting them (Dask's nanny does not
+    restart a worker that died while it was starting). Returns their names."""
+    gone = [
+        name
+        for name, nanny in list(cluster.workers.items())
+        if str(getattr(nanny, "status", "")).rsplit(".", 1)[-1] in ("closed", "failed")
+    ]
+    for name in gone:
+        del cluster.workers[name]
+    cluster.scale(N_WORKERS)
+    return [str(name) for name in gone]
+
+
+async def wait_for_two(client: Any, cluster: Any) -> None:
+    """Wait for both workers; if a nanny gave up on its worker, start it again (said on stderr
+    so that it is seen) and wait once more."""
+    import asyncio
+    import sys
+
+    try:
+        await client.wait_for_workers(N_WORKERS, timeout=30)
+    except TimeoutError:
+        healed = await asyncio.to_thread(heal, cluster)
+        print(f"tests/dask: restarted worker(s) {healed} their nanny gave up on", file=sys.stderr)
+        await client.wait_for_workers(N_WORKERS, timeout=60)
+
+
 @pytest.fixture
 async def client(cluster: Any) -> AsyncIterator[Any]:
     async with distributed.Client(cluster.scheduler_address, asynchronous=True) as c:

@@ -13,7 +13,8 @@ happens:
   ``error``; a run without a stop or a death has no ``cancelled``, ``skipped`` or ``lost``;
 - every context entered on a surviving worker was exited (once the abandoned cleanups ended);
 - the call returned within ``deadline + grace + DaskBackend.SLACK``;
-- counts add up: kinds sum to the envelopes, ``report.reruns`` is the sum of the items'.
+- counts add up: kinds sum to the envelopes, ``report.reruns`` is the sum of the items';
+  ``report.peak_concurrency`` stays within ``concurrency``.
 
 The default profile runs a few examples (the whole of tests/dask stays within 120 s on two
 cores); ``--hypothesis-profile=chaos`` runs 200.
@@ -36,6 +37,7 @@ from batchkit import Failure, Success
 from batchkit.dask import DaskBackend
 
 from . import _work
+from .conftest import wait_for_two
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -205,6 +207,7 @@ def _check(call: Call, outcomes: list[Any], report: Any, returned: float) -> Non
         assert sum(report.counts.values()) == len(report) == len(outcomes)
     assert report.reruns == sum(o.reruns for o in outcomes)
     assert set(report.abandoned) <= {o.index for o in outcomes if o.kind == "cancelled"}
+    assert report.peak_concurrency <= call.concurrency, report.peak_concurrency
     if call.deadline is not None:
         assert returned <= call.deadline + call.grace + DaskBackend.SLACK, returned
 
@@ -223,18 +226,18 @@ def test_every_item_ends_in_one_truthful_envelope_whatever_the_cluster_does(
 
     async def main() -> None:
         async with distributed.Client(cluster.scheduler_address, asynchronous=True) as client:
-            await client.wait_for_workers(2)
+            await wait_for_two(client, cluster)
             await client.run(_work.reset_state)
             outcomes, report, returned = await _execute(call, client, marker)
             _check(call, outcomes, report, returned)
             counters = await _settled(client)
             # Every context entered on a surviving worker was exited.
             assert counters["entered"] == counters["exited"], counters
-            await client.wait_for_workers(2)
+            await wait_for_two(client, cluster)
 
     loop = asyncio.new_event_loop()
     try:
-        loop.run_until_complete(asyncio.wait_for(main(), 120))
+        loop.run_until_complete(asyncio.wait_for(main(), 150))
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
