@@ -419,8 +419,9 @@ class BatchReport(Generic[T, R]):
                 "kind": o.kind,
                 "attempts": o.attempts,
                 "elapsed": o.elapsed,
-                "reruns": o.reruns,
             }
+            if o.reruns:  # only a cluster backend re-runs items: local rows stay as they were
+                row["reruns"] = o.reruns
             if type(o) is Failure:
                 row["error"] = f"{type(o.error).__name__}: {o.error}"
             rows.append(row)
