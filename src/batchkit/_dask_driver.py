@@ -82,7 +82,9 @@ _MAX_CHUNK = 5000
 _SHARE_POLL_SECONDS = 0.2
 SLACK = 1.0  # DaskBackend.SLACK
 """Seconds the call may take beyond ``deadline + grace`` (or a stop + grace) for the cluster
-round trip: the last broadcasts to the workers are cut off there."""
+round trip: half for the last messages to the workers (cut off there), half for closing a
+client the backend opened itself."""
+_MESSAGES_SLACK = SLACK / 2
 PARTIAL_WAIT = 0.1
 """Seconds a chunk of an async input waits for more items after its first one was read
 before it is sent as it is (a stalled input's items run instead of waiting for a full chunk)."""
@@ -222,7 +224,7 @@ class DaskRun(Generic[T, R]):
         self._shares: dict[str, float] = {}
         self._intervals: list[tuple[float, float]] = []
         self._watch: asyncio.Future[None] | None = None
-        self._return_by: float | None = None  # a stop's grace + SLACK
+        self._return_by: float | None = None  # a stop's grace + _MESSAGES_SLACK
         # Input indices given up on after a stop (BatchReport.abandoned).
         self._abandoned: list[int] = []
 
@@ -271,6 +273,8 @@ class DaskRun(Generic[T, R]):
         o = self._o
         loop = self._loop
         assert loop is not None
+        # The run (and a relative deadline) starts at the call, connecting included.
+        self._start = loop.time()
         self._client = await self._backend._connect()
         n_workers, threads, addresses = await self._workers()
         if n_workers == 0:
@@ -278,8 +282,7 @@ class DaskRun(Generic[T, R]):
                 "the Dask cluster has no workers\nHINT: start some (`dask worker ADDRESS`) or "
                 "await client.wait_for_workers(n) before the call"
             )
-        self._start = loop.time()
-        self._wall_offset = time.time() - self._start
+        self._wall_offset = time.time() - loop.time()
         fit_timeout = self._read_deadline()
         in_flight, spec = self._plan(n_workers, threads, fit_timeout)
         self._spec_blob = dumps(spec)
@@ -837,7 +840,7 @@ class DaskRun(Generic[T, R]):
             # Chunks whose results have not come back within the grace are given up as
             # cancelled (a worker that does not answer cannot hold the call past it).
             self._force_handle = loop.call_later(self._grace, self._force.set)
-            self._return_by = loop.time() + self._grace + SLACK
+            self._return_by = loop.time() + self._grace + _MESSAGES_SLACK
 
     def _on_deadline(self) -> None:
         if self._stop_reason is not None:
@@ -849,11 +852,11 @@ class DaskRun(Generic[T, R]):
         self._stop("deadline")
 
     def _time_left(self) -> float:
-        """How long the call may still wait on the cluster: until a stop's grace + SLACK,
-        else grace + SLACK from now."""
+        """How long the call may still wait on the cluster: until a stop's grace + half the
+        SLACK, else that from now."""
         assert self._loop is not None
         if self._return_by is None:
-            return self._grace + SLACK
+            return self._grace + _MESSAGES_SLACK
         return max(0.0, self._return_by - self._loop.time())
 
     async def _broadcast(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -939,7 +942,7 @@ class DaskRun(Generic[T, R]):
         _log.warning("batchkit: %s for %g s; %d item(s) out end as lost", what, waited, n)
         self._stopping = True
         assert self._loop is not None
-        self._return_by = self._loop.time() + SLACK
+        self._return_by = self._loop.time() + _MESSAGES_SLACK
         self._force.set()
 
     # --------------------------------------------------------------------- leaving

@@ -43,6 +43,20 @@ def _require_distributed() -> Any:
     return distributed
 
 
+async def _close(client: Any) -> None:
+    """Close a client this backend opened, within half of ``DaskBackend.SLACK`` (the driver
+    keeps the other half for its last messages): a client whose scheduler is gone would
+    otherwise wait out Dask's own timeouts."""
+    import asyncio
+    import logging
+
+    try:
+        async with asyncio.timeout(DaskBackend.SLACK / 2):
+            await client.close()
+    except TimeoutError:
+        logging.getLogger("batchkit.dask").debug("closing the Dask client timed out")
+
+
 def _is_seconds(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
 
@@ -130,7 +144,7 @@ class DaskBackend:
 
     async def _release(self, client: Any) -> None:
         if self._client is None:
-            await client.close()
+            await _close(client)
 
     async def run_batch(
         self, items: Any, fn: Callable[..., Any], options: Options
@@ -145,7 +159,7 @@ class DaskBackend:
         try:
             return await run_batch(_Bound(self, client), items, fn, options)
         finally:
-            await client.close()
+            await _close(client)
 
     def open_stream(self, items: Any, fn: Callable[..., Any], options: Options) -> Stream[Any, Any]:
 
@@ -201,7 +215,7 @@ class _AddressStream:
     async def _close_client(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None
-            await client.close()
+            await _close(client)
 
     def __aiter__(self) -> Any:
         return self._run

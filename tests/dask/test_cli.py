@@ -160,17 +160,20 @@ async def test_kill_9_of_every_worker_mid_run_ends_every_item_in_one_envelope(
         assert returned <= deadline + 0.5 + DaskBackend.SLACK
 
 
+@pytest.mark.parametrize("given", ["client", "address"])
 async def test_kill_9_of_the_scheduler_mid_run_returns_on_time_with_every_envelope(
-    deployment: Deployment,
+    deployment: Deployment, given: str
 ) -> None:
     """Issue 21 case 8: the scheduler killed mid-run: the call returns within
-    ``deadline + grace + SLACK`` (no waiting on broadcasts to a scheduler that is gone),
-    and every item has its envelope."""
+    ``deadline + grace + SLACK`` (no waiting on broadcasts to a scheduler that is gone, nor
+    on closing the client the backend opened for an address), and every item has its
+    envelope."""
     loop = asyncio.get_running_loop()
     client = await distributed.Client(deployment.address, asynchronous=True, timeout=60)
     try:
         await client.wait_for_workers(2, timeout=60)
-        backend = DaskBackend(client, per_worker=4, chunk_size=5)
+        target = client if given == "client" else deployment.address
+        backend = DaskBackend(target, per_worker=4, chunk_size=5)
         start = loop.time()
         task = asyncio.ensure_future(
             batchkit.batch_process(
