@@ -388,3 +388,24 @@ async def chaotic(item: Any, ctx: str, marker: str = "") -> Any:
         return index
     os.close(fd)
     os._exit(1)
+
+
+def _rebuild_on_the_driver_only(x: int) -> WorkerUnloadable:
+    from distributed import get_worker
+
+    try:
+        get_worker()
+    except ValueError:
+        return WorkerUnloadable(x)
+    raise ImportError(f"item {x}: its module is not installed on this worker")
+
+
+class WorkerUnloadable:
+    """An item that pickles on the driver and does not unpickle on a worker (as an item of a
+    class whose module the workers lack would)."""
+
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_on_the_driver_only, (self.x,))

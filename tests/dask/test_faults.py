@@ -136,6 +136,20 @@ async def test_a_result_that_does_not_load_on_the_driver_is_that_item_s_failure(
     assert report.values() == [0, 2, 3]
 
 
+async def test_an_item_that_does_not_load_on_the_worker_is_its_own_failure(client: Any) -> None:
+    items: list[Any] = [0, _work.WorkerUnloadable(1), 2, 3]
+    report = await batchkit.batch_process(
+        items, _work.quick, concurrency=4, backend=DaskBackend(client, chunk_size=4)
+    )
+    _one_envelope_each(report, 4)
+    assert [o.kind for o in report] == ["success", "error", "success", "success"]
+    bad = report[1]
+    assert isinstance(bad, Failure)
+    assert isinstance(bad.error, ImportError)
+    assert bad.attempts == 0  # it never ran
+    assert report.values() == [0, 2, 3]
+
+
 # ------------------------------------------------ 5. failures of a re-run chunk, once
 async def test_a_rerun_chunk_s_failures_count_once(client: Any, tmp_path: Path) -> None:
     fn = functools.partial(_work.fail_three_then_die_once, marker=str(tmp_path / "died"))
