@@ -107,7 +107,9 @@ class DaskBackend:
         _require_distributed()
         if lost_after is not None and not _is_seconds(lost_after):
             raise InvalidArgument(
-                f"lost_after must be a number of seconds > 0 or None, got {lost_after!r}"
+                f"lost_after must be a number of seconds > 0 or None, got {lost_after!r}\n"
+                "HINT: lost_after=30.0 ends the items out as lost after 30 s without a worker; "
+                "None waits for workers to come back"
             )
         if not _is_count(per_worker):
             raise InvalidArgument(f"per_worker must be an int >= 1, got {per_worker!r}")
