@@ -76,7 +76,11 @@ async def wait_for_two(client: Any, cluster: Any) -> None:
         await client.wait_for_workers(N_WORKERS, timeout=30)
     except TimeoutError:
         healed = await asyncio.to_thread(heal, cluster)
-        print(f"tests/dask: restarted worker(s) {healed} their nanny gave up on", file=sys.stderr)
+        print(
+            f"tests/dask: {N_WORKERS} workers not back within 30 s; nannies that gave up: "
+            f"{healed}; scaled the cluster to {N_WORKERS} again",
+            file=sys.stderr,
+        )
         await client.wait_for_workers(N_WORKERS, timeout=60)
 
 
