@@ -57,6 +57,7 @@ from ._events import (
 )
 from ._options import make_plan
 from ._outcomes import BatchReport, Failure, Outcome, make_success, set_reruns
+from ._store import OutcomeStore
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
@@ -199,6 +200,8 @@ class DaskRun(Generic[T, R]):
         self._returned: dict[int, tuple[_Chunk, ChunkResult]] = {}
         self._in_flight_items = 0
         self._reruns = 0
+        self._rerun_of: dict[int, int] = {}  # input index -> re-runs, the non-zero ones
+        self._final: BatchReport[T, R] | None = None
         self._pull: asyncio.Future[Any] | None = None  # an async input's next item
         self._gone: BaseException | None = None  # the cluster was lost: what is out is lost
         self._outage: tuple[float, str] | None = None  # since when, and what is missing
@@ -523,7 +526,10 @@ class DaskRun(Generic[T, R]):
         if self._o.ordered:
             records = sorted(records, key=lambda r: r[0])
         reruns = max(len(chunk.starts) - 1, 0)
-        self._reruns += reruns * len(chunk.items)
+        if reruns:
+            self._reruns += reruns * len(chunk.items)
+            for i in range(chunk.offset, chunk.offset + len(chunk.items)):
+                self._rerun_of[i] = reruns
         seen: set[int] = set()
         finished: list[tuple[float, int, Event]] = []
         for rec in records:
@@ -1015,9 +1021,14 @@ class DaskRun(Generic[T, R]):
                 "Stream.report is available once the stream is entered: read it inside or "
                 "after the `async with` block"
             )
+        if self._final is not None:
+            return self._final
         outcomes = sorted(self._outcomes, key=lambda o: o.index) if self._keep else []
-        return BatchReport(
-            outcomes=outcomes,
+        # The store is built here with each index's re-runs: reading them back from the
+        # envelopes would cost a raised AttributeError per item (see _outcomes.set_reruns).
+        store = OutcomeStore[T, R].from_outcomes(outcomes, self._rerun_of)
+        report = BatchReport(
+            outcomes=store.view(),
             wall_time=self._loop.time() - self._start,
             concurrency=self._effective,
             peak_concurrency=self._peak_from_intervals(),
@@ -1029,9 +1040,15 @@ class DaskRun(Generic[T, R]):
             tally=None if self._keep else dict(self._counts),
             reruns=self._reruns,
         )
+        if self._closed and not self._background and self._watch_done():
+            self._final = report  # nothing can change it any more
+        return report
+
+    def _watch_done(self) -> bool:
+        return self._watch is None or self._watch.done()
 
     def _peak_from_intervals(self) -> int:
-        """The most items whose (first start, end) spans overlapped, from worker timestamps."""
+        """The most attempts whose (start, end) spans overlapped, from worker timestamps."""
         return max(self._peak, _peak(self._intervals))
 
     def _fold_intervals(self) -> None:

@@ -32,7 +32,7 @@ from ._errors import ItemSkipped
 from ._outcomes import KINDS, Failure, Success, make_failure, make_success, set_reruns
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Iterable, Iterator, Mapping
 
     from ._errors import StopReason
     from ._outcomes import FailureKind, Outcome
@@ -98,13 +98,22 @@ class OutcomeStore(Generic[T, R]):
         self._reruns: dict[int, int] = {}
 
     @classmethod
-    def from_outcomes(cls, outcomes: Iterable[Outcome[T, R]]) -> OutcomeStore[T, R]:
-        """A store holding ``outcomes`` (for a report built by hand)."""
+    def from_outcomes(
+        cls, outcomes: Iterable[Outcome[T, R]], reruns: Mapping[int, int] | None = None
+    ) -> OutcomeStore[T, R]:
+        """A store holding ``outcomes`` (for a report built by hand, or by a cluster backend,
+        which passes each index's ``reruns`` when it knows them: then the envelopes' are not
+        read)."""
         store: OutcomeStore[T, R] = cls()
         given = list(outcomes)
         if any(o.index != pos for pos, o in enumerate(given)):
             store._index = [o.index for o in given]
             given = [_at(o, pos) for pos, o in enumerate(given)]
+        if reruns is not None:
+            for o in given:
+                store.append(o)
+            store._reruns = {i: n for i, n in reruns.items() if n}
+            return store
         for o in given:
             store.append(o)
             if o.reruns:
