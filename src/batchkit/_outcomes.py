@@ -62,6 +62,8 @@ class Success(Generic[T_co, R_co]):
 
     ``index`` is the item's position in the input, ``attempts`` how many attempts it took
     (1 without retries), ``elapsed`` the seconds from its first attempt's start to its end.
+    ``reruns``: how many times a cluster backend sent the item to run again because the
+    worker running it was lost (0 on the local engine); see :attr:`BatchReport.reruns`.
     """
 
     item: T_co
@@ -69,6 +71,7 @@ class Success(Generic[T_co, R_co]):
     index: int
     attempts: int = 1
     elapsed: float = 0.0
+    reruns: int = field(default=0, repr=False)
 
     @property
     def ok(self) -> Literal[True]:
@@ -100,6 +103,9 @@ class Failure(Generic[T_co]):
     attempts: int = 1
     elapsed: float = 0.0
     errors: tuple[BaseException, ...] = ()
+    reruns: int = field(default=0, repr=False)
+    """How many times a cluster backend sent the item to run again after losing the worker
+    running it (0 on the local engine)."""
 
     @property
     def ok(self) -> Literal[False]:
@@ -109,6 +115,39 @@ class Failure(Generic[T_co]):
 
 Outcome: TypeAlias = Success[T, R] | Failure[T]
 """What every item ends in: exactly one of :class:`Success` or :class:`Failure`."""
+
+
+def _default_zero(cls: type[Any], name: str) -> Any:
+    """Make the slot ``name`` read 0 while unset. The engine builds envelopes with their
+    slots set one by one (``make_success``) and never sets ``reruns``, so the local hot path
+    pays nothing for a field only a cluster backend fills in."""
+    slot = vars(cls)[name]
+
+    def get(self: Any) -> int:
+        try:
+            value: int = slot.__get__(self, cls)
+        except AttributeError:
+            return 0
+        return value
+
+    get.__doc__ = (
+        "How many times a cluster backend sent the item to run again because the worker "
+        "running it was lost (0 on the local engine)."
+    )
+    setattr(cls, name, property(get, slot.__set__))
+    return slot.__set__
+
+
+_set_reruns: dict[type, Callable[[Any, int], None]] = {
+    Success: _default_zero(Success, "reruns"),
+    Failure: _default_zero(Failure, "reruns"),
+}
+
+
+def set_reruns(outcome: Success[Any, Any] | Failure[Any], reruns: int) -> None:
+    """Set ``reruns`` on an envelope built by ``make_success`` or ``make_failure``."""
+    _set_reruns[type(outcome)](outcome, reruns)
+
 
 # The engine builds envelopes on its hot path; a frozen dataclass's __init__ goes through
 # object.__setattr__ per field (about 1.7 µs). Setting the slots directly costs a third.
@@ -229,13 +268,19 @@ class BatchReport(Generic[T, R]):
     """Each item's key, computed once (by input index), when ``key=`` was given."""
     tally: Mapping[str, int] | None = field(default=None, repr=False, compare=False)
     """Outcomes by kind when the outcomes themselves are not kept (a stream's report)."""
+    reruns: int = 0
+    """Re-executions a cluster backend caused by losing workers: the sum of every item's
+    ``reruns`` (0 on the local engine). Items of a lost worker's chunk run again elsewhere,
+    so this many item runs happened (at least in part) more than once."""
 
     def __post_init__(self) -> None:
         from ._store import OutcomeStore, OutcomeView
 
         if not isinstance(self.outcomes, OutcomeView):
-            view = OutcomeStore[T, R].from_outcomes(self.outcomes).view()
-            object.__setattr__(self, "outcomes", view)
+            store = OutcomeStore[T, R].from_outcomes(self.outcomes)
+            object.__setattr__(self, "outcomes", store.view())
+            if not self.reruns:
+                object.__setattr__(self, "reruns", store.reruns())
 
     @property
     def _store(self) -> OutcomeStore[T, R]:
@@ -377,6 +422,8 @@ class BatchReport(Generic[T, R]):
                 "attempts": o.attempts,
                 "elapsed": o.elapsed,
             }
+            if o.reruns:  # only a cluster backend re-runs items: local rows stay as they were
+                row["reruns"] = o.reruns
             if type(o) is Failure:
                 row["error"] = describe(o.error)
             rows.append(row)
@@ -394,6 +441,7 @@ class BatchReport(Generic[T, R]):
             "concurrency": self.concurrency,
             "peak_concurrency": self.peak_concurrency,
             "retries": self.retries,
+            "reruns": self.reruns,
             "latency": {
                 "p50": self.latency(0.5),
                 "p95": self.latency(0.95),
