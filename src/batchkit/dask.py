@@ -15,8 +15,10 @@ See docs/how-to/dask.md for deploying, per-worker resources and what differs fro
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, final
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast, final
 
+from ._dask.events import ChunkRerun as ChunkRerun
+from ._dask.events import WorkerLost as WorkerLost
 from ._dask.worker import current_run
 from ._model.errors import InvalidArgument, MissingExtra
 from ._model.errors import RemoteError as RemoteError
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
     from ._model.report import BatchReport
     from ._model.seams import Stream
 
-__all__ = ["DaskBackend", "RemoteError", "WorkerResource", "per_worker"]
+__all__ = ["ChunkRerun", "DaskBackend", "RemoteError", "WorkerLost", "WorkerResource", "per_worker"]
 
 V = TypeVar("V")
 
@@ -39,6 +41,24 @@ def _require_distributed() -> Any:
     except ImportError as e:
         raise MissingExtra("batchkit.dask.DaskBackend", "dask", "distributed") from e
     return distributed
+
+
+async def _close(client: Any) -> None:
+    """Close a client this backend opened, within half of ``DaskBackend.SLACK`` (the driver
+    keeps the other half for its last messages): a client whose scheduler is gone would
+    otherwise wait out Dask's own timeouts."""
+    import asyncio
+    import logging
+
+    try:
+        async with asyncio.timeout(DaskBackend.SLACK / 2):
+            await client.close()
+    except TimeoutError:
+        logging.getLogger("batchkit.dask").debug("closing the Dask client timed out")
+
+
+def _is_seconds(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
 
 
 def _is_count(value: object) -> bool:
@@ -63,7 +83,17 @@ class DaskBackend:
 
     ``forward_logs``: forward log records emitted on workers while the run's items execute to
     the driver's loggers of the same names (the worker's logging levels apply).
+
+    ``lost_after``: seconds without any worker (or without the scheduler) after which the
+    items still out, and the rest of a sized input, end as ``Failure(kind="lost")``; ``None``
+    waits for workers to come back for as long as the run's deadline allows (forever
+    without one).
+
+    ``SLACK``: the seconds a call may take past ``deadline + grace`` (or a stop + grace) for the
+    cluster round trip, also when the scheduler is gone.
     """
+
+    SLACK: ClassVar[float] = 1.0
 
     def __init__(
         self,
@@ -72,8 +102,15 @@ class DaskBackend:
         per_worker: int = 16,
         chunk_size: int | None = None,
         forward_logs: bool = True,
+        lost_after: float | None = 30.0,
     ) -> None:
         _require_distributed()
+        if lost_after is not None and not _is_seconds(lost_after):
+            raise InvalidArgument(
+                f"lost_after must be a number of seconds > 0 or None, got {lost_after!r}\n"
+                "HINT: lost_after=30.0 ends the items out as lost after 30 s without a worker; "
+                "None waits for workers to come back"
+            )
         if not _is_count(per_worker):
             raise InvalidArgument(f"per_worker must be an int >= 1, got {per_worker!r}")
         if chunk_size is not None and not _is_count(chunk_size):
@@ -92,6 +129,7 @@ class DaskBackend:
         self.per_worker = per_worker
         self.chunk_size = chunk_size
         self.forward_logs = forward_logs
+        self.lost_after = lost_after
 
     def __repr__(self) -> str:
         target = self._address if self._address is not None else self._client
@@ -108,7 +146,7 @@ class DaskBackend:
 
     async def _release(self, client: Any) -> None:
         if self._client is None:
-            await client.close()
+            await _close(client)
 
     async def run_batch(
         self, items: Any, fn: Callable[..., Any], options: Options
@@ -123,7 +161,7 @@ class DaskBackend:
         try:
             return await run_batch(_Bound(self, client), items, fn, options)
         finally:
-            await client.close()
+            await _close(client)
 
     def open_stream(self, items: Any, fn: Callable[..., Any], options: Options) -> Stream[Any, Any]:
 
@@ -139,6 +177,7 @@ class _Bound:
         self.per_worker = backend.per_worker
         self.chunk_size = backend.chunk_size
         self.forward_logs = backend.forward_logs
+        self.lost_after = backend.lost_after
         self._client = client
 
     async def _connect(self) -> Any:
@@ -178,7 +217,7 @@ class _AddressStream:
     async def _close_client(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None
-            await client.close()
+            await _close(client)
 
     def __aiter__(self) -> Any:
         return self._run
@@ -197,6 +236,7 @@ class _Lazy:
         self.per_worker = backend.per_worker
         self.chunk_size = backend.chunk_size
         self.forward_logs = backend.forward_logs
+        self.lost_after = backend.lost_after
         self._backend = backend
         self._owner = owner
 

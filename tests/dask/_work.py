@@ -254,3 +254,158 @@ async def planned(item: tuple[int, str, float], ctx: str) -> int:
     finally:
         with _lock:
             SPANS.append((os.getpid(), index, start, time.time()))
+
+
+# ------------------------------------------------------------------ faults (issue 21)
+async def stubborn_cleanup(x: int, cleanup: float = 3.0) -> int:
+    """Runs until cancelled, then cleans up for ``cleanup`` seconds, ignoring cancellation."""
+    _add("stubborn")
+    try:
+        await asyncio.sleep(3600)
+    finally:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + cleanup
+        while loop.time() < end:
+            try:
+                await asyncio.sleep(end - loop.time())
+            except asyncio.CancelledError:
+                _add("stubborn_cancelled")
+        _add("stubborn", -1)
+    return x
+
+
+def _rebuild_on_a_worker_only(x: int) -> DriverUnloadable:
+    from distributed import get_worker
+
+    get_worker()  # ValueError in the driver: "No worker found"
+    return DriverUnloadable(x)
+
+
+class DriverUnloadable:
+    """Pickles anywhere; unpickles only inside a Dask worker (as a value of a class whose
+    module only the workers have would)."""
+
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_on_a_worker_only, (self.x,))
+
+
+async def returns_driver_unloadable(x: int) -> Any:
+    return DriverUnloadable(x) if x == 1 else x
+
+
+async def _failures_announced(n: int) -> None:
+    """Wait until the scheduler holds ``n`` failure alerts of the current run's topic."""
+    from distributed import get_worker
+
+    from batchkit._dask.worker import current_run
+
+    run = current_run()
+    assert run is not None
+    assert run.spec is not None
+    topic = run.spec.topic
+    worker = get_worker()
+    while True:
+        events = await worker.scheduler.events(topic=topic)
+        if sum(1 for _, msg in events if msg.get("x")) >= n:
+            return
+        await asyncio.sleep(0.01)
+
+
+async def fail_three_then_die_once(x: int, marker: str) -> int:
+    """Items 0-2 fail; item 3, once the driver can have heard of those three failures,
+    kills its worker the first time it runs anywhere; the rest succeed."""
+    if x < 3:
+        raise PlannedError(f"item {x}")
+    if x == 3:
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pass
+        else:
+            os.close(fd)
+            await _failures_announced(3)
+            os._exit(1)
+    return x
+
+
+async def die_once_after_others_finish(x: int, marker: str, others: int) -> int:
+    """The first run of item 0 anywhere waits until ``others`` items finished in this
+    process, then kills its worker; every other run returns at once."""
+    if x == 0:
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pass
+        else:
+            os.close(fd)
+            while STATE.get("done", 0) < others:
+                await asyncio.sleep(0.005)
+            os._exit(1)
+    _add("done")
+    return x
+
+
+async def slow(x: int, delay: float = 0.2) -> int:
+    _add("started")
+    await asyncio.sleep(delay)
+    _add("done")
+    return x
+
+
+class Unsendable:
+    """An item that cannot be pickled (it holds a lock)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.lock = threading.Lock()
+
+
+async def chaotic(item: Any, ctx: str, marker: str = "") -> Any:
+    """Item ``(index, behaviour)`` of the chaos suite: ``ok`` returns the index after a short
+    sleep, ``error`` raises ``PlannedError``, ``hang`` never ends by itself, ``stubborn``
+    never ends and cleans up for 1 s ignoring cancellation, ``unloadable`` returns a value
+    the driver cannot unpickle, ``die`` kills its worker the first time it runs anywhere
+    (``marker``), then returns its index."""
+    index, behaviour = item
+    if behaviour == "ok":
+        await asyncio.sleep(0.005)
+        return index
+    if behaviour == "error":
+        raise PlannedError(f"item {index}")
+    if behaviour == "hang":
+        return await hang(index)
+    if behaviour == "stubborn":
+        return await stubborn_cleanup(index, cleanup=1.0)
+    if behaviour == "unloadable":
+        return DriverUnloadable(index)
+    assert behaviour == "die"
+    try:
+        fd = os.open(f"{marker}-{index}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return index
+    os.close(fd)
+    os._exit(1)
+
+
+def _rebuild_on_the_driver_only(x: int) -> WorkerUnloadable:
+    from distributed import get_worker
+
+    try:
+        get_worker()
+    except ValueError:
+        return WorkerUnloadable(x)
+    raise ImportError(f"item {x}: its module is not installed on this worker")
+
+
+class WorkerUnloadable:
+    """An item that pickles on the driver and does not unpickle on a worker (as an item of a
+    class whose module the workers lack would)."""
+
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_on_the_driver_only, (self.x,))

@@ -42,6 +42,8 @@ def test_missing_distributed_names_the_extra(monkeypatch: pytest.MonkeyPatch) ->
         ({"per_worker": 0}, "per_worker must be an int >= 1"),
         ({"per_worker": True}, "per_worker must be an int >= 1"),
         ({"chunk_size": 0}, "chunk_size must be an int >= 1 or None"),
+        ({"lost_after": 0}, "lost_after must be a number of seconds > 0 or None"),
+        ({"lost_after": True}, "lost_after must be a number of seconds > 0 or None"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, Any], match: str) -> None:

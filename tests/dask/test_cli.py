@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,8 +40,20 @@ def _free_port() -> int:
         return port
 
 
+@dataclass
+class Deployment:
+    address: str
+    scheduler: subprocess.Popen[bytes]
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        """``kill -9`` of a process and its children (a worker's nanny and its process)."""
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
 @pytest.fixture
-def deployed(tmp_path: Path) -> Iterator[str]:
+def deployment(tmp_path: Path) -> Iterator[Deployment]:
     """A scheduler and two single-threaded workers on 127.0.0.1; every process killed after."""
     if not DASK.exists():
         pytest.skip("the dask CLI is not installed next to this Python")
@@ -58,6 +73,7 @@ def deployed(tmp_path: Path) -> Iterator[str]:
             **common,
         )
     ]
+    deployment = Deployment(address, procs[0])
     try:
         for _ in range(2):
             procs.append(
@@ -66,7 +82,8 @@ def deployed(tmp_path: Path) -> Iterator[str]:
                     **common,
                 )
             )
-        yield address
+            deployment.workers.append(procs[-1])
+        yield deployment
     finally:
         for p in procs:
             if p.poll() is None:
@@ -74,6 +91,11 @@ def deployed(tmp_path: Path) -> Iterator[str]:
         for p in procs:
             p.wait(timeout=30)
         common["stderr"].close()
+
+
+@pytest.fixture
+def deployed(deployment: Deployment) -> str:
+    return deployment.address
 
 
 async def test_a_cluster_started_from_the_cli(deployed: str) -> None:
@@ -90,3 +112,114 @@ async def test_a_cluster_started_from_the_cli(deployed: str) -> None:
     ) as outcomes:
         seen = [o.index async for o in outcomes]
     assert seen == list(range(100))
+
+
+async def _started(client: Any, n: int) -> None:
+    """Wait until ``n`` items started on the workers (worker-side counters)."""
+    while True:
+        states: dict[str, dict[str, int]] = await client.run(_work.get_state)
+        if sum(s.get("started", 0) for s in states.values()) >= n:
+            return
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("deadline", [None, 3.0], ids=["no-deadline", "deadline"])
+async def test_kill_9_of_every_worker_mid_run_ends_every_item_in_one_envelope(
+    deployment: Deployment, deadline: float | None
+) -> None:
+    """Issue 21 case 1: every worker (nanny and process) killed mid-run. Items whose results
+    came back keep them; the rest end ``lost`` after ``lost_after`` (no deadline) or at the
+    deadline's grace, and the call returns in time."""
+    loop = asyncio.get_running_loop()
+    async with distributed.Client(deployment.address, asynchronous=True, timeout=60) as client:
+        await client.wait_for_workers(2, timeout=60)
+        backend = DaskBackend(client, per_worker=4, chunk_size=5, lost_after=2.0)
+        start = loop.time()
+        task = asyncio.ensure_future(
+            batchkit.batch_process(
+                range(40),
+                _work.slow,
+                concurrency=8,
+                deadline=batchkit.Deadline(seconds=deadline, grace=0.5) if deadline else None,
+                backend=backend,
+            )
+        )
+        await _started(client, 8)
+        for worker in deployment.workers:
+            deployment.kill(worker)
+        report = await task
+        returned = loop.time() - start
+    assert sorted(o.index for o in report) == list(range(40))
+    kinds = {o.kind for o in report}
+    assert kinds <= {"success", "lost", "cancelled", "skipped"}, kinds
+    assert report.counts["lost"] + report.counts["cancelled"] > 0
+    for o in report:
+        if o.kind == "success":
+            assert o.value == o.index
+    if deadline is not None:
+        assert returned <= deadline + 0.5 + DaskBackend.SLACK
+
+
+@pytest.mark.parametrize("given", ["client", "address"])
+async def test_kill_9_of_the_scheduler_mid_run_returns_on_time_with_every_envelope(
+    deployment: Deployment, given: str
+) -> None:
+    """Issue 21 case 8: the scheduler killed mid-run: the call returns within
+    ``deadline + grace + SLACK`` (no waiting on broadcasts to a scheduler that is gone, nor
+    on closing the client the backend opened for an address), and every item has its
+    envelope."""
+    loop = asyncio.get_running_loop()
+    client = await distributed.Client(deployment.address, asynchronous=True, timeout=60)
+    try:
+        await client.wait_for_workers(2, timeout=60)
+        target = client if given == "client" else deployment.address
+        backend = DaskBackend(target, per_worker=4, chunk_size=5)
+        start = loop.time()
+        task = asyncio.ensure_future(
+            batchkit.batch_process(
+                range(40),
+                _work.slow,
+                concurrency=8,
+                deadline=batchkit.Deadline(seconds=3.0, grace=0.5),
+                backend=backend,
+            )
+        )
+        await _started(client, 8)
+        deployment.kill(deployment.scheduler)
+        report = await task
+        returned = loop.time() - start
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.close(timeout=2), 5)
+    assert sorted(o.index for o in report) == list(range(40))
+    assert report.counts["lost"] + report.counts["cancelled"] + report.counts["skipped"] > 0
+    assert returned <= 3.0 + 0.5 + DaskBackend.SLACK
+
+
+async def test_without_a_deadline_a_lost_scheduler_ends_the_items_lost(
+    deployment: Deployment,
+) -> None:
+    client = await distributed.Client(deployment.address, asynchronous=True, timeout=60)
+    try:
+        await client.wait_for_workers(2, timeout=60)
+        task = asyncio.ensure_future(
+            batchkit.batch_process(
+                range(40),
+                _work.slow,
+                concurrency=8,
+                backend=DaskBackend(client, per_worker=4, chunk_size=5, lost_after=1.0),
+            )
+        )
+        await _started(client, 8)
+        deployment.kill(deployment.scheduler)
+        report = await task
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.close(timeout=2), 5)
+    assert sorted(o.index for o in report) == list(range(40))
+    lost = [o for o in report if o.kind == "lost"]
+    assert lost
+    # Dask's own error when it cancelled the future, or batchkit's after lost_after.
+    for o in lost:
+        assert isinstance(o, batchkit.Failure)
+        assert "scheduler" in str(o.error), o.error

@@ -2,13 +2,21 @@
 
 The driver cuts the input into chunks and schedules them with batchkit's own engine
 (``stream`` over chunks, its concurrency = chunks in flight); each chunk is one Dask task that
-runs its items with the local engine on a worker (``_dask_worker``). Chunk results come back as
+runs its items with the local engine on a worker (``_dask/worker.py``). Chunk results come back as
 compact records and are turned into the same envelopes a local run makes, with input indices,
 in one :class:`BatchReport` (or one stream of outcomes).
 
 Stopping (deadline, ``fail_fast``, thresholds, the caller leaving or cancelling) sends every
 worker a stop message that cancels the run's coroutines there; the call's exit sends an end
 message that cancels whatever is left, disposes per-worker resources and waits for it.
+
+Bookkeeping that cannot leak: a chunk is registered as out (``_pending``) only once Dask accepted
+it and leaves it only with its result; a chunk's result is kept (``_returned``) until its
+envelopes are out, so that giving up after a stop's grace drains what came back before it
+closes the rest. Every chunk start on a worker is announced on the run's event topic, so the
+driver counts re-runs after a worker died (``Success.reruns``) and counts a re-run chunk's
+failures once. A watch on the cluster ends what is out as ``lost`` when no worker (or no
+scheduler) was left for ``DaskBackend(lost_after=...)`` seconds.
 """
 
 from __future__ import annotations
@@ -22,11 +30,17 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Sized
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from .._dask import worker as worker_side
 from .._engine.plan import make_plan
-from .._model.errors import BatchkitError, InvalidArgument, ItemCancelled, ItemSkipped
+from .._model.errors import (
+    BatchkitError,
+    InvalidArgument,
+    ItemCancelled,
+    ItemError,
+    ItemSkipped,
+)
 from .._model.events import (
     AttemptFailed,
     DeadlineHit,
@@ -39,9 +53,11 @@ from .._model.events import (
     RunStopping,
     notify,
 )
-from .._model.outcomes import Failure, Outcome, make_success
+from .._model.outcomes import Failure, Outcome, make_success, set_reruns
 from .._model.report import BatchReport, InputFailed
-from .wire import ChunkResult, Record, RunSpec, check_picklable, dumps
+from .._model.store import OutcomeStore
+from .events import ChunkRerun, WorkerLost
+from .wire import ChunkResult, Record, RunSpec, check_picklable, dumps, pack_items
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
@@ -66,7 +82,15 @@ _TARGET_CHUNK_SECONDS = 0.5
 _MIN_CHUNK_SECONDS = 0.2
 _MAX_CHUNK = 5000
 _SHARE_POLL_SECONDS = 0.2
-_BROADCAST_SLACK = 5.0
+SLACK = 1.0  # DaskBackend.SLACK
+"""Seconds the call may take beyond ``deadline + grace`` (or a stop + grace) for the cluster
+round trip: half for the last messages to the workers (cut off there), half for closing a
+client the backend opened itself."""
+_MESSAGES_SLACK = SLACK / 2
+PARTIAL_WAIT = 0.1
+"""Seconds a chunk of an async input waits for more items after its first one was read
+before it is sent as it is (a stalled input's items run instead of waiting for a full chunk)."""
+_PROBE_SECONDS = 1.0  # a scheduler that does not answer within this is unreachable
 _FAILED = ("error", "timeout")  # what thresholds count
 _MAX_INTERVALS = 100_000  # item spans kept for peak_concurrency before folding
 
@@ -125,6 +149,10 @@ class _Chunk:
     offset: int
     items: list[Any]
     submitted: float = 0.0
+    bad: dict[int, Exception] = dataclasses.field(default_factory=dict)
+    """Items that could not be pickled to send them (position -> error)."""
+    starts: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Each run of this chunk on a worker: token -> worker address, in order."""
 
 
 class DaskRun(Generic[T, R]):
@@ -170,7 +198,15 @@ class DaskRun(Generic[T, R]):
         self._consumed = 0
         self._counts: dict[str, int] = {}
         self._pending: dict[int, _Chunk] = {}
+        self._returned: dict[int, tuple[_Chunk, ChunkResult]] = {}
         self._in_flight_items = 0
+        self._reruns = 0
+        self._rerun_of: dict[int, int] = {}  # input index -> re-runs, the non-zero ones
+        self._final: BatchReport[T, R] | None = None
+        self._pull: asyncio.Future[Any] | None = None  # an async input's next item
+        self._gone: BaseException | None = None  # the cluster was lost: what is out is lost
+        self._outage: tuple[float, str] | None = None  # since when, and what is missing
+        self._workers_seen: set[str] = set()
         self._peak = 0  # from spans folded away (long streams)
         self._background: set[asyncio.Task[Any]] = set()
         self._force = asyncio.Event()
@@ -192,6 +228,7 @@ class DaskRun(Generic[T, R]):
         self._shares: dict[str, float] = {}
         self._intervals: list[tuple[float, float]] = []
         self._watch: asyncio.Future[None] | None = None
+        self._return_by: float | None = None  # a stop's grace + _MESSAGES_SLACK
         # Input indices given up on after a stop (BatchReport.abandoned).
         self._abandoned: list[int] = []
 
@@ -240,6 +277,8 @@ class DaskRun(Generic[T, R]):
         o = self._o
         loop = self._loop
         assert loop is not None
+        # The run (and a relative deadline) starts at the call, connecting included.
+        self._start = loop.time()
         self._client = await self._backend._connect()
         n_workers, threads, addresses = await self._workers()
         if n_workers == 0:
@@ -247,18 +286,17 @@ class DaskRun(Generic[T, R]):
                 "the Dask cluster has no workers\nHINT: start some (`dask worker ADDRESS`) or "
                 "await client.wait_for_workers(n) before the call"
             )
-        self._start = loop.time()
-        self._wall_offset = time.time() - self._start
+        self._wall_offset = time.time() - loop.time()
         fit_timeout = self._read_deadline()
         in_flight, spec = self._plan(n_workers, threads, fit_timeout)
         self._spec_blob = dumps(spec)
-        if spec.alerts:
-            self._client.subscribe_topic(self._topic, self._on_alert)
-            self._subscribed = True
+        self._client.subscribe_topic(self._topic, self._on_alert)
+        self._subscribed = True
         rate = o.rate_limit
+        self._workers_seen = set(addresses)
         if rate is not None:
             await self._share_rate(rate, addresses)
-            self._watch = asyncio.ensure_future(self._watch_workers(rate))
+        self._watch = asyncio.ensure_future(self._watch_cluster(rate))
         if self._is_async_input():
             self._ait = aiter(self._items)
         else:
@@ -340,57 +378,105 @@ class DaskRun(Generic[T, R]):
             try:
                 if self._it is not None:
                     batch.extend(itertools.islice(self._it, size))
+                    if len(batch) < size:
+                        self._exhausted = True
                 else:
-                    assert self._ait is not None
-                    while len(batch) < size:
-                        batch.append(await anext(self._ait))
-            except StopAsyncIteration:
-                pass
+                    await self._fill(batch, size)
             except Exception as e:
                 self._input_error = e  # what was read before it still runs
-            if len(batch) < size and self._input_error is None:
-                self._exhausted = True
+            except BaseException:
+                # Closed while reading (a stop's grace ran out): what was read is skipped.
+                if batch:
+                    self._skip_unsent(_Chunk(self._taken, batch))
+                raise
             if not batch:
                 return
             chunk = _Chunk(self._taken, batch)
             self._taken += len(batch)
             yield chunk
 
-    async def _run_chunk(self, chunk: _Chunk) -> ChunkResult:
+    async def _fill(self, batch: list[Any], size: int) -> None:
+        """Read up to ``size`` items of the async input into ``batch``; once it holds one,
+        wait at most ``PARTIAL_WAIT`` for the rest. The pending read is kept for the next
+        chunk (cancelling it would break the input's generator)."""
+        assert self._ait is not None
+        assert self._loop is not None
+        send_by: float | None = None
+        while len(batch) < size and not self._stopping:
+            if self._pull is None:
+                self._pull = asyncio.ensure_future(_next_of(self._ait))
+            if not self._pull.done():
+                timeout = None if send_by is None else max(0.0, send_by - self._loop.time())
+                await asyncio.wait({self._pull}, timeout=timeout)
+                if not self._pull.done():
+                    return
+            pull, self._pull = self._pull, None
+            item = pull.result()  # the input's own error propagates
+            if item is _END:
+                self._exhausted = True
+                return
+            batch.append(item)
+            if send_by is None:
+                send_by = self._loop.time() + PARTIAL_WAIT
+
+    def _skip_unsent(self, chunk: _Chunk) -> None:
+        self._taken = max(self._taken, chunk.offset + len(chunk.items))
+        self._emit_chunk(chunk, self._closed_chunk(chunk, "skipped"))
+
+    async def _run_chunk(self, chunk: _Chunk) -> ChunkResult | None:
+        """Send one chunk and wait for its result. The chunk is out (``_pending``) from the
+        moment Dask accepted it until its result came back; a result is kept in
+        ``_returned`` until its envelopes are out. Returns ``None``: results travel through
+        ``_returned``, never through the outer stream (which may drop what it holds)."""
         loop = asyncio.get_running_loop()
         if self._stopping:
-            return self._closed_chunk(chunk, "skipped")
-        self._pending[chunk.offset] = chunk
-        self._in_flight_items += len(chunk.items)
-        chunk.submitted = loop.time()
+            self._returned[chunk.offset] = (chunk, self._closed_chunk(chunk, "skipped"))
+            return None
+        blob, positions, chunk.bad = pack_items(chunk.items)
+        if len(chunk.bad) == len(chunk.items):
+            self._returned[chunk.offset] = (chunk, ChunkResult(offset=chunk.offset, records=[]))
+            return None
         future = self._client.submit(
             worker_side.run_chunk,
             self._spec_blob,
             self._run_id,
             chunk.offset,
-            chunk.items,
+            blob,
+            positions,
+            self._topic,
             pure=False,
             key=f"batchkit-{self._run_id}-{chunk.offset}",
         )
+        self._pending[chunk.offset] = chunk
+        self._in_flight_items += len(chunk.items)
+        chunk.submitted = loop.time()
         try:
-            blob = await future
+            result = worker_side.decode(await future)
         except asyncio.CancelledError:
+            # Closed after a stop's grace: the chunk stays out, for _give_up to end it.
             self._spawn(self._client.cancel(future))
             raise
-        finally:
-            self._pending.pop(chunk.offset, None)
-            self._in_flight_items -= len(chunk.items)
-        result = worker_side.decode(blob)
-        if self._sizer is not None and result.records:
+        except Exception as e:  # lost with its worker(s), or the task itself failed
+            result = self._lost(chunk, e)
+        self._pending.pop(chunk.offset, None)
+        self._in_flight_items -= len(chunk.items)
+        if result.token:
+            chunk.starts.setdefault(result.token, result.worker)
+        if self._sizer is not None and result.records and result.seconds:
             self._sizer.observe(len(result.records), result.seconds)
-        return result
+        self._returned[chunk.offset] = (chunk, result)
+        return None
 
     def _closed_chunk(self, chunk: _Chunk, how: str) -> ChunkResult:
+        if self._gone is not None:
+            return self._lost(chunk, self._gone)
         reason: StopReason = self._stop_reason or "fail_fast"
         records: list[Record] = []
         now = time.time()
         for i in range(len(chunk.items)):
             err: BaseException
+            if i in chunk.bad:
+                continue  # its own pickling error (added by _emit_chunk)
             if how == "skipped":
                 err = ItemSkipped(reason)
                 records.append((i, "skipped", err, 0, 0.0, (err,), now))
@@ -400,16 +486,17 @@ class DaskRun(Generic[T, R]):
         return ChunkResult(offset=chunk.offset, records=records)
 
     # ------------------------------------------------------------------- outcomes
-    def _expand(self, outcome: Outcome[_Chunk, ChunkResult]) -> None:
-        """One chunk's outcome -> its items' envelopes (and events), in ``_ready``."""
+    def _expand(self, outcome: Outcome[_Chunk, ChunkResult | None]) -> None:
+        """One chunk's outcome from the outer stream -> its items' envelopes (and events),
+        in ``_ready``."""
         chunk = outcome.item
-        if type(outcome) is Failure:
-            if outcome.kind == "error":
-                self._lost(chunk, outcome.error)
-            else:
-                self._emit_chunk(chunk, self._closed_chunk(chunk, "cancelled"))
+        returned = self._returned.pop(chunk.offset, None)
+        if returned is None:
+            # The outer stream ended the chunk itself (it cannot, short of a bug here).
+            err = outcome.error if type(outcome) is Failure else ItemCancelled("fail_fast")
+            self._emit_chunk(chunk, self._lost(chunk, err))  # pragma: no cover
             return
-        result = outcome.value
+        result = returned[1]
         self._emit_chunk(chunk, result)
         if result.stop_reason is not None and self._stop_reason is None:
             # The chunk stopped itself (its own fail_fast / max_failures / the deadline).
@@ -419,26 +506,38 @@ class DaskRun(Generic[T, R]):
                 self._stop(result.stop_reason)
         self._check_thresholds()
 
-    def _lost(self, chunk: _Chunk, error: BaseException) -> None:
+    def _lost(self, chunk: _Chunk, error: BaseException) -> ChunkResult:
         now = time.time()
         records: list[Record] = [
-            (i, "lost", error, 1, 0.0, (error,), now) for i in range(len(chunk.items))
+            (i, "lost", error, 1, 0.0, (error,), now)
+            for i in range(len(chunk.items))
+            if i not in chunk.bad
         ]
-        self._emit_chunk(chunk, ChunkResult(offset=chunk.offset, records=records))
+        return ChunkResult(offset=chunk.offset, records=records)
 
     def _emit_chunk(self, chunk: _Chunk, result: ChunkResult) -> None:
         """A chunk's records -> envelopes in ``_ready`` (exactly one per item) and events."""
         for record in result.logs:
             record.worker = result.worker
             logging.getLogger(record.name).handle(record)
-        records = sorted(result.records, key=lambda r: r[0]) if self._o.ordered else result.records
+        records = result.records
+        if chunk.bad:  # items that could not be pickled to send them: each its own failure
+            now = time.time()
+            records = records + [(i, "error", e, 0, 0.0, (e,), now) for i, e in chunk.bad.items()]
+        if self._o.ordered:
+            records = sorted(records, key=lambda r: r[0])
+        reruns = max(len(chunk.starts) - 1, 0)
+        if reruns:
+            self._reruns += reruns * len(chunk.items)
+            for i in range(chunk.offset, chunk.offset + len(chunk.items)):
+                self._rerun_of[i] = reruns
         seen: set[int] = set()
         finished: list[tuple[float, int, Event]] = []
         for rec in records:
             if rec[0] in seen:  # pragma: no cover - a worker sends one record per item
                 continue
             seen.add(rec[0])
-            out = self._envelope(chunk, rec)
+            out = self._envelope(chunk, rec, reruns)
             if self._observers:
                 finished.append(self._finished_event(out, chunk.items[rec[0]], rec[6]))
         self._intervals.extend(result.spans)
@@ -448,7 +547,8 @@ class DaskRun(Generic[T, R]):
         for i in range(len(chunk.items)):  # exactly one envelope per item, whatever arrived
             if i not in seen:
                 err = ItemCancelled(self._stop_reason or "fail_fast")
-                out = self._envelope(chunk, (i, "cancelled", err, 1, 0.0, (err,), 0.0))
+                rec = (i, "cancelled", err, 1, 0.0, (err,), 0.0)
+                out = self._envelope(chunk, rec, reruns)
                 if self._observers:
                     finished.append(self._finished_event(out, chunk.items[i], 0.0))
         if self._observers:
@@ -457,14 +557,16 @@ class DaskRun(Generic[T, R]):
             for _, _, event in events:
                 self._event(event)
 
-    def _envelope(self, chunk: _Chunk, rec: Record) -> Outcome[T, R]:
+    def _envelope(self, chunk: _Chunk, rec: Record, reruns: int = 0) -> Outcome[T, R]:
         i, kind, payload, attempts, elapsed, errors, _ = rec
         index, item = chunk.offset + i, chunk.items[i]
         out: Outcome[T, R]
         if kind == "success":
             out = make_success(item, payload, index, attempts, elapsed)
+            if reruns:
+                set_reruns(out, reruns)
         else:
-            out = Failure(item, payload, kind, index, attempts, elapsed, errors)  # type: ignore[arg-type]
+            out = Failure(item, payload, kind, index, attempts, elapsed, errors, reruns)  # type: ignore[arg-type]
         self._counts[kind] = self._counts.get(kind, 0) + 1
         self._ready.append(out)
         return out
@@ -556,19 +658,7 @@ class DaskRun(Generic[T, R]):
                 nxt.cancel()
                 await asyncio.gather(nxt, return_exceptions=True)
         if nxt.cancelled():
-            # Grace ran out after a stop: give up on the chunks still out.
-            await self._close_outer()
-            for chunk in sorted(self._pending.values(), key=lambda c: c.offset):
-                self._abandoned.extend(range(chunk.offset, chunk.offset + len(chunk.items)))
-                self._emit_chunk(chunk, self._closed_chunk(chunk, "cancelled"))
-            if self._abandoned:
-                _log.warning(
-                    "batchkit: %d item(s) did not report back within %.3g s of the run "
-                    "stopping; recorded as cancelled and abandoned",
-                    len(self._abandoned),
-                    self._grace,
-                )
-            self._pending.clear()
+            await self._give_up()
             return
         try:
             outcome = nxt.result()
@@ -577,6 +667,37 @@ class DaskRun(Generic[T, R]):
             return
         self._expand(outcome)
 
+    async def _give_up(self) -> None:
+        """A stop's grace ran out (or the cluster is gone): drain what already came back,
+        then end every chunk still out — ``lost`` if the cluster is gone, else
+        ``cancelled`` and listed in ``report.abandoned``."""
+        await self._close_outer()  # cancels the chunk tasks; a pending chunk stays pending
+        left: dict[int, tuple[_Chunk, ChunkResult | None]] = {
+            offset: (chunk, None) for offset, chunk in self._pending.items()
+        }
+        left.update(self._returned)
+        self._returned.clear()
+        self._pending.clear()
+        given_up = 0
+        for offset in sorted(left):
+            chunk, result = left[offset]
+            if result is None:
+                given_up += len(chunk.items)
+                if self._gone is None:
+                    self._abandoned.extend(
+                        offset + i for i in range(len(chunk.items)) if i not in chunk.bad
+                    )
+                result = self._closed_chunk(chunk, "cancelled")
+            self._emit_chunk(chunk, result)
+        if given_up:
+            _log.warning(
+                "batchkit: %d item(s) did not report back within %.3g s of the run stopping; "
+                "recorded as %s",
+                given_up,
+                self._grace,
+                "lost" if self._gone is not None else "cancelled and abandoned",
+            )
+
     async def _close_outer(self) -> None:
         if not self._outer_done:
             self._outer_done = True
@@ -584,13 +705,15 @@ class DaskRun(Generic[T, R]):
 
     def _drain_one(self) -> Outcome[T, R] | None:
         """After a stop: the next unread item of a sized input, as skipped."""
-        if self._exhausted or self._stop_reason is None or not self._sized or self._it is None:
+        if self._exhausted or not self._sized or self._it is None:
+            return None
+        if self._stop_reason is None and self._gone is None:
             return None
         if not self._skip_announced:
             # Observers hear of the whole rest in one ItemsSkipped, as on the local engine.
             self._skip_announced = True
             rest = range(self._taken, self._total or 0)
-            if self._observers and rest:
+            if self._observers and rest and self._stop_reason is not None:
                 assert self._loop is not None
                 self._event(
                     ItemsSkipped(
@@ -603,8 +726,15 @@ class DaskRun(Generic[T, R]):
         for item in self._it:
             index = self._taken
             self._taken += 1
-            err = ItemSkipped(self._stop_reason)
             self._finished += 1
+            if self._stop_reason is None:  # the cluster is gone: nothing can run it
+                assert self._gone is not None
+                self._counts["lost"] = self._counts.get("lost", 0) + 1
+                lost: Failure[Any] = Failure(item, self._gone, "lost", index, 0, 0.0, (self._gone,))
+                if self._observers:
+                    self._event(self._finished_event(lost, item, 0.0)[2])
+                return lost
+            err = ItemSkipped(self._stop_reason)
             self._counts["skipped"] = self._counts.get("skipped", 0) + 1
             return Failure(item, err, "skipped", index, 0, 0.0, (err,))
         self._exhausted = True
@@ -618,18 +748,64 @@ class DaskRun(Generic[T, R]):
         self._finished += finished - alerted[0]
         self._failed += failed - alerted[1]
 
-    def _on_alert(self, event: tuple[float, dict[str, int]]) -> None:
-        """A worker's failure alert (``max_failures`` and ``max_failure_ratio`` need them:
-        a chunk with a hanging item would otherwise never report its failures)."""
+    def _on_alert(self, event: tuple[float, dict[str, Any]]) -> None:
+        """A message from a worker on the run's topic: a chunk started there (``"w"``), or a
+        failure alert (``max_failures`` and ``max_failure_ratio`` need them: a chunk with a
+        hanging item would otherwise never report its failures). Alerts of an earlier run
+        of a chunk that was re-run are not counted again."""
         msg = event[1]
         offset = msg["o"]
         if self._closed or offset in self._settled:
             return
+        chunk = self._pending.get(offset)
+        if "w" in msg:
+            if chunk is not None:
+                self._on_start(chunk, msg["s"], msg["w"])
+            return
+        if chunk is not None and chunk.starts and msg["s"] != next(reversed(chunk.starts)):
+            return  # from a run of this chunk on a worker that was lost since
         fin, fail = self._alerted.get(offset, (0, 0))
         self._alerted[offset] = (fin + msg["f"], fail + msg["x"])
         self._finished += msg["f"]
         self._failed += msg["x"]
         self._check_thresholds()
+
+    def _on_start(self, chunk: _Chunk, token: str, worker: str) -> None:
+        """A chunk started on ``worker``. A second start means the worker running it was lost
+        and Dask re-runs it: its items run again (from the start), its earlier run's failure
+        alerts no longer count, and observers and the log hear of it."""
+        if token in chunk.starts:
+            return
+        previous = next(reversed(chunk.starts), None)
+        lost_on = chunk.starts[previous] if previous is not None else "?"
+        chunk.starts[token] = worker
+        if previous is None:
+            return
+        fin, fail = self._alerted.pop(chunk.offset, (0, 0))
+        self._finished -= fin
+        self._failed -= fail
+        indices = range(chunk.offset, chunk.offset + len(chunk.items))
+        _log.warning(
+            "batchkit: worker %s was lost; %d item(s) (input %d..%d) re-run on %s "
+            "(re-run %d of this chunk)",
+            lost_on,
+            len(indices),
+            indices.start,
+            indices.stop - 1,
+            worker,
+            len(chunk.starts) - 1,
+        )
+        assert self._loop is not None
+        self._event(
+            ChunkRerun(
+                name=self._o.name,
+                lost=lost_on,
+                worker=worker,
+                indices=indices,
+                reruns=len(chunk.starts) - 1,
+                time=self._loop.time(),
+            )
+        )
 
     def _check_thresholds(self) -> None:
         o = self._o
@@ -665,11 +841,13 @@ class DaskRun(Generic[T, R]):
                     time=loop.time(),
                 )
             )
-        self._spawn(self._broadcast(worker_side.stop_run, self._run_id, reason))
+        if self._outage is None:
+            self._spawn(self._broadcast(worker_side.stop_run, self._run_id, reason))
         if self._force_handle is None:
             # Chunks whose results have not come back within the grace are given up as
             # cancelled (a worker that does not answer cannot hold the call past it).
             self._force_handle = loop.call_later(self._grace, self._force.set)
+            self._return_by = loop.time() + self._grace + _MESSAGES_SLACK
 
     def _on_deadline(self) -> None:
         if self._stop_reason is not None:
@@ -680,10 +858,20 @@ class DaskRun(Generic[T, R]):
         )
         self._stop("deadline")
 
+    def _time_left(self) -> float:
+        """How long the call may still wait on the cluster: until a stop's grace + half the
+        SLACK, else that from now."""
+        assert self._loop is not None
+        if self._return_by is None:
+            return self._grace + _MESSAGES_SLACK
+        return max(0.0, self._return_by - self._loop.time())
+
     async def _broadcast(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._outage is not None and self._outage[1] == "scheduler":
+            return None  # it cannot be reached; waiting for it would only delay the call
         try:
             # A worker whose loop is blocked would never answer: bound the wait.
-            async with asyncio.timeout(self._grace + _BROADCAST_SLACK):
+            async with asyncio.timeout(self._time_left()):
                 return await self._client.run(fn, *args)
         except Exception:  # a worker that is going away cannot be told; its chunks are lost
             _log.debug("batchkit: broadcast %s failed", fn.__name__, exc_info=True)
@@ -706,17 +894,63 @@ class DaskRun(Generic[T, R]):
         )
         self._shares = dict.fromkeys(addresses, per_second)
 
-    async def _watch_workers(self, rate: RateLimit) -> None:
+    async def _watch_cluster(self, rate: RateLimit | None) -> None:
+        """Every ``_SHARE_POLL_SECONDS``: which workers are there. Re-split the rate when
+        they change, tell of each worker that left, and when no worker (or no scheduler) was
+        there for ``lost_after`` seconds, end what is out as ``lost``."""
+        assert self._loop is not None
+        lost_after: float | None = getattr(self._backend, "lost_after", None)
         while True:
             await asyncio.sleep(_SHARE_POLL_SECONDS)
             try:
-                _, _, addresses = await self._workers()
-                if set(addresses) != set(self._shares):
-                    await self._share_rate(rate, addresses)
+                async with asyncio.timeout(_PROBE_SECONDS):
+                    _, _, addresses = await self._workers()
+                missing = None if addresses else "worker"
             except asyncio.CancelledError:
                 raise
             except Exception:
-                _log.debug("batchkit: re-splitting the rate limit failed", exc_info=True)
+                addresses, missing = [], "scheduler"
+            now = self._loop.time()
+            if missing is None:
+                self._outage = None
+                self._tell_left(addresses, now)
+                if rate is not None and set(addresses) != set(self._shares):
+                    try:
+                        await self._share_rate(rate, addresses)
+                    except Exception:
+                        _log.debug("batchkit: re-splitting the rate limit failed", exc_info=True)
+                continue
+            if self._outage is None or self._outage[1] != missing:
+                self._outage = (now, missing)
+                self._tell_left(addresses, now)
+            if lost_after is not None and now - self._outage[0] >= lost_after:
+                self._cluster_gone(missing, lost_after)
+                return
+
+    def _tell_left(self, addresses: list[str], now: float) -> None:
+        left = self._workers_seen - set(addresses)
+        self._workers_seen = set(addresses)
+        for worker in sorted(left):
+            _log.warning("batchkit: Dask worker %s left the cluster during the run", worker)
+            self._event(WorkerLost(name=self._o.name, worker=worker, time=now))
+
+    def _cluster_gone(self, missing: str, waited: float) -> None:
+        """No worker (or no scheduler) for ``waited`` seconds: what is out is lost."""
+        what = (
+            "no Dask worker was left"
+            if missing == "worker"
+            else "the Dask scheduler could not be reached"
+        )
+        self._gone = ItemError(
+            f"lost: {what} for {waited:g} s (DaskBackend(lost_after=...)); the item may have "
+            "run, in part or wholly, on a worker that is gone"
+        )
+        n = sum(len(c.items) for c in self._pending.values())
+        _log.warning("batchkit: %s for %g s; %d item(s) out end as lost", what, waited, n)
+        self._stopping = True
+        assert self._loop is not None
+        self._return_by = self._loop.time() + _MESSAGES_SLACK
+        self._force.set()
 
     # --------------------------------------------------------------------- leaving
     async def __aexit__(
@@ -746,20 +980,35 @@ class DaskRun(Generic[T, R]):
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
         if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+            # Bounded: a scheduler that is gone never answers a cancel or a stop message.
+            _, late = await asyncio.wait(self._background, timeout=self._time_left())
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         if self._client is not None:
             if self._subscribed:
-                self._client.unsubscribe_topic(self._topic)
-            await self._broadcast(worker_side.end_run, self._run_id, self._grace)
+                try:
+                    self._client.unsubscribe_topic(self._topic)
+                except Exception:  # pragma: no cover - a client already closing
+                    _log.debug("batchkit: unsubscribing failed", exc_info=True)
+            grace = min(self._grace, self._time_left())
+            await self._broadcast(worker_side.end_run, self._run_id, grace)
+        await self._close_input()
+        if self._announced:
+            assert self._loop is not None
+            report = self.report
+            self._event(RunFinished(name=self._o.name, report=report, time=self._loop.time()))
+
+    async def _close_input(self) -> None:
+        pull, self._pull = self._pull, None
+        if pull is not None:
+            pull.cancel()
+            await asyncio.gather(pull, return_exceptions=True)
         if self._ait is not None and hasattr(self._ait, "aclose"):
             try:
                 await self._ait.aclose()
             except Exception:  # pragma: no cover
                 _log.exception("batchkit: closing the async input failed")
-        if self._announced:
-            assert self._loop is not None
-            report = self.report
-            self._event(RunFinished(name=self._o.name, report=report, time=self._loop.time()))
 
     # ---------------------------------------------------------------------- report
     @property
@@ -773,9 +1022,14 @@ class DaskRun(Generic[T, R]):
                 "Stream.report is available once the stream is entered: read it inside or "
                 "after the `async with` block"
             )
+        if self._final is not None:
+            return self._final
         outcomes = sorted(self._outcomes, key=lambda o: o.index) if self._keep else []
-        return BatchReport(
-            outcomes=outcomes,
+        # The store is built here with each index's re-runs: reading them back from the
+        # envelopes would cost a raised AttributeError per item (see _outcomes.set_reruns).
+        store = OutcomeStore[T, R].from_outcomes(outcomes, self._rerun_of)
+        report = BatchReport(
+            outcomes=store.view(),
             wall_time=self._loop.time() - self._start,
             concurrency=self._effective,
             peak_concurrency=self._peak_from_intervals(),
@@ -785,10 +1039,17 @@ class DaskRun(Generic[T, R]):
             key=self._o.key,
             abandoned=tuple(sorted(self._abandoned)),
             tally=None if self._keep else dict(self._counts),
+            reruns=self._reruns,
         )
+        if self._closed and not self._background and self._watch_done():
+            self._final = report  # nothing can change it any more
+        return report
+
+    def _watch_done(self) -> bool:
+        return self._watch is None or self._watch.done()
 
     def _peak_from_intervals(self) -> int:
-        """The most items whose (first start, end) spans overlapped, from worker timestamps."""
+        """The most attempts whose (start, end) spans overlapped, from worker timestamps."""
         return max(self._peak, _peak(self._intervals))
 
     def _fold_intervals(self) -> None:
@@ -798,8 +1059,20 @@ class DaskRun(Generic[T, R]):
         self._intervals.sort(key=lambda span: span[1])
         del self._intervals[: len(self._intervals) - _MAX_INTERVALS // 10]
 
-    def _event(self, event: Event) -> None:
-        notify(self._observers, event, _log)
+    def _event(self, event: Event | ChunkRerun | WorkerLost) -> None:
+        # The cluster's own events go to the same observers; they are not in the core's
+        # Event union (observers that do not know them ignore them).
+        notify(self._observers, cast("Event", event), _log)
+
+
+_END = object()  # the end of an async input
+
+
+async def _next_of(ait: AsyncIterator[Any]) -> Any:
+    try:
+        return await anext(ait)
+    except StopAsyncIteration:
+        return _END
 
 
 def _peak(spans: list[tuple[float, float]]) -> int:

@@ -19,6 +19,7 @@ import asyncio
 import contextvars
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,18 @@ from .._engine.meters.rate_math import TokenBucket
 from .._model.errors import ItemCancelled, ItemSkipped, StopReason
 from .._model.events import AttemptFailed, Event, ItemStarted
 from .._model.outcomes import Success
-from .wire import ChunkResult, Record, RunSpec, dumps, loads, safe_error, to_wire_records
+from .wire import (
+    ChunkResult,
+    Record,
+    RunSpec,
+    dumps,
+    find_broken,
+    load_records,
+    loads,
+    safe_error,
+    salvage_loads,
+    to_wire_records,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -270,36 +282,43 @@ class _Collector:
 
 
 def _tracked(fn: Callable[..., Any], collector: _Collector) -> Callable[..., Any]:
-    """``fn`` over ``(index, item)`` pairs, noting each attempt's start and end. Sync stays
-    sync (the local engine runs it in its thread pool), async stays async. ``time.monotonic``
-    is the loop's clock."""
+    """``fn`` over ``(index, item)`` pairs, noting each attempt's start and end: the span of
+    every attempt (what ``report.peak_concurrency`` counts: items running ``fn``, not waiting
+    out a backoff), each item's first start and attempt count, and its last end. Sync stays
+    sync (the local engine runs it in its thread pool), async stays async.
+    ``time.monotonic`` is the loop's clock."""
     from .._model.options import is_async_callable
 
     started, finished = collector.started, collector.finished
+    spans = collector.spans
     to_wall = collector.loop_to_wall
     clock = time.monotonic
 
-    def begin(i: int) -> None:
+    def begin(i: int) -> float:
+        now = clock()
         s = started.get(i)
-        started[i] = (clock(), 1) if s is None else (s[0], s[1] + 1)
+        started[i] = (now, 1) if s is None else (s[0], s[1] + 1)
+        return now + to_wall
 
     if is_async_callable(fn):
 
         async def call_async(pair: tuple[int, Any], *ctx: Any) -> Any:
-            begin(pair[0])
+            start = begin(pair[0])
             try:
                 return await fn(pair[1], *ctx)
             finally:
-                finished[pair[0]] = clock() + to_wall
+                end = finished[pair[0]] = clock() + to_wall
+                spans.append((start, end))
 
         return call_async
 
     def call(pair: tuple[int, Any], *ctx: Any) -> Any:
-        begin(pair[0])
+        start = begin(pair[0])
         try:
             return fn(pair[1], *ctx)
         finally:
-            finished[pair[0]] = clock() + to_wall
+            end = finished[pair[0]] = clock() + to_wall
+            spans.append((start, end))
 
     return call
 
@@ -323,10 +342,10 @@ class _ChunkKey:
         return f"{self.run_id}:{self.offset + pair[0]}"
 
 
-def _record(outcome: Any, finished_wall: float) -> Record:
+def _record(outcome: Any, i: int, finished_wall: float) -> Record:
     if type(outcome) is Success:
         return (
-            outcome.index,
+            i,
             "success",
             outcome.value,
             outcome.attempts,
@@ -336,7 +355,7 @@ def _record(outcome: Any, finished_wall: float) -> Record:
         )
     errors = tuple(safe_error(e) for e in outcome.errors)
     return (
-        outcome.index,
+        i,
         outcome.kind,
         safe_error(outcome.error),
         outcome.attempts,
@@ -348,32 +367,36 @@ def _record(outcome: Any, finished_wall: float) -> Record:
 
 class _Alerts:
     """Tells the driver of each failure at once, with the outcomes finished since the last
-    alert, through Dask's event log (the driver subscribes to ``topic``)."""
+    alert, through Dask's event log (the driver subscribes to ``topic``). ``token`` names
+    this run of the chunk: a chunk re-run after its worker died counts afresh."""
 
-    __slots__ = ("finished", "offset", "topic", "worker")
+    __slots__ = ("finished", "offset", "token", "topic", "worker")
 
-    def __init__(self, topic: str, offset: int) -> None:
+    def __init__(self, topic: str, offset: int, token: str) -> None:
         from distributed import get_worker
 
         self.worker = get_worker()
         self.topic = topic
         self.offset = offset
+        self.token = token
         self.finished = 0
 
     def add(self, failed: bool) -> None:
         self.finished += 1
         if failed:
-            self.worker.log_event(self.topic, {"o": self.offset, "f": self.finished, "x": 1})
+            msg = {"o": self.offset, "s": self.token, "f": self.finished, "x": 1}
+            self.worker.log_event(self.topic, msg)
             self.finished = 0
 
 
 async def _consume(
     run: _WorkerRun,
     offset: int,
-    items: list[Any],
+    pairs: list[tuple[int, Any]],
     collector: _Collector,
     records: list[Record],
     gate: bool,
+    token: str,
 ) -> None:
     from .._api import stream
     from .._model.policies import Deadline
@@ -392,7 +415,7 @@ async def _consume(
     if spec.context is not None:
         kwargs["context"] = spec.context
     async with stream(
-        list(enumerate(items)),
+        pairs,
         _tracked(spec.fn, collector),
         concurrency=spec.concurrency,
         timeout=spec.timeout,
@@ -403,31 +426,32 @@ async def _consume(
         max_failures=spec.max_failures,
         observers=[collector] if collector.keep_events else [],
         name=spec.name,
-        buffer=max(len(items), 1),  # the chunk is in memory already: never wait for room
+        buffer=max(len(pairs), 1),  # the chunk is in memory already: never wait for room
         key=_ChunkKey(spec.run_id, offset, spec.key),
         **kwargs,
     ) as outcomes:
-        finished, started = collector.finished, collector.started
-        spans, to_wall = collector.spans, collector.loop_to_wall
-        alert = _Alerts(spec.topic, offset) if spec.alerts else None
+        finished = collector.finished
+        alert = _Alerts(spec.topic, offset, token) if spec.alerts else None
         async for outcome in outcomes:
-            at = finished.pop(outcome.index, None)
-            records.append(_record(outcome, time.time() if at is None else at))
-            first = started.get(outcome.index)
-            if first is not None and at is not None:
-                spans.append((first[0] + to_wall, at))
+            i = outcome.item[0]
+            at = finished.pop(i, None)
+            records.append(_record(outcome, i, time.time() if at is None else at))
             if alert is not None:
                 alert.add(type(outcome) is not Success and outcome.kind in ("error", "timeout"))
         collector.stop_reason = outcomes.report.stop_reason
 
 
 def _close_records(
-    records: list[Record], n: int, collector: _Collector, reason: StopReason, loop_now: float
+    records: list[Record],
+    indices: list[int],
+    collector: _Collector,
+    reason: StopReason,
+    loop_now: float,
 ) -> None:
     """After a stop: ``cancelled`` for items that started here, ``skipped`` for the rest."""
     done = {r[0] for r in records}
     now_wall = time.time()
-    for i in range(n):
+    for i in indices:
         if i in done:
             continue
         started = collector.started.get(i)
@@ -438,11 +462,50 @@ def _close_records(
             err = ItemCancelled(reason)
             first, attempt = started
             records.append((i, "cancelled", err, attempt, loop_now - first, (err,), now_wall))
-            collector.spans.append((first + collector.loop_to_wall, now_wall))
 
 
-async def run_chunk(blob: bytes, run_id: str, offset: int, items: list[Any]) -> bytes:
-    """A Dask task: run ``items`` (input indices from ``offset``) and return their records."""
+def _unpack(blob: bytes, positions: list[int] | None, records: list[Record]) -> list[Any]:
+    """The chunk's ``(local index, item)`` pairs. An item that cannot be unpickled here does
+    not run: its record is an ``error`` with the unpickling error."""
+    try:
+        items = loads(blob)
+        broken = False
+    except Exception:
+        items, marks = salvage_loads(blob)
+        broken = bool(marks)
+    indices = positions if positions is not None else range(len(items))
+    pairs = list(zip(indices, items, strict=True))
+    if not broken:
+        return pairs
+    good: list[Any] = []
+    now = time.time()
+    for i, item in pairs:
+        bad = find_broken(item)
+        if bad is None:
+            good.append((i, item))
+            continue
+        err = safe_error(bad.error)
+        err.add_note("batchkit: this item cannot be unpickled on the worker")
+        records.append((i, "error", err, 0, 0.0, (err,), now))
+    return good
+
+
+def _announce(topic: str, offset: int, token: str, worker: Any) -> None:
+    """Tell the driver this chunk starts here (a second start means a worker was lost)."""
+    if worker is not None:
+        worker.log_event(topic, {"o": offset, "s": token, "w": worker.address})
+
+
+async def run_chunk(
+    blob: bytes,
+    run_id: str,
+    offset: int,
+    items_blob: bytes,
+    positions: list[int] | None = None,
+    topic: str = "",
+) -> bytes:
+    """A Dask task: run the chunk's items (input indices from ``offset``; ``positions``:
+    which of the chunk's items the blob holds, ``None`` for all) and return their records."""
     from distributed import get_worker
 
     loop = asyncio.get_running_loop()
@@ -450,15 +513,20 @@ async def run_chunk(blob: bytes, run_id: str, offset: int, items: list[Any]) -> 
     collector = _Collector(False, time.time() - loop.time())
     records: list[Record] = []
     logs: list[logging.LogRecord] = []
+    run_token = uuid.uuid4().hex[:12]
     try:
-        dask_worker = get_worker()
+        dask_worker: Any = get_worker()
         worker, threads = dask_worker.address, dask_worker.state.nthreads
     except ValueError:  # pragma: no cover - called outside a worker
-        worker, threads = "", 1
+        dask_worker, worker, threads = None, "", 1
+    if topic:
+        _announce(topic, offset, run_token, dask_worker)
+    pairs = _unpack(items_blob, positions, records)
+    indices = [i for i, _ in pairs]
     if run_id in _ENDED:
         reason: StopReason = "fail_fast"
-        _close_records(records, len(items), collector, reason, loop.time())
-        return _encode(offset, records, collector, logs, worker, reason)
+        _close_records(records, indices, collector, reason, loop.time())
+        return _encode(offset, records, collector, logs, worker, reason, token=run_token)
     run = _run_state(run_id)
     if run.spec is None:
         run.spec = loads(blob)
@@ -466,8 +534,8 @@ async def run_chunk(blob: bytes, run_id: str, offset: int, items: list[Any]) -> 
     spec = run.spec
     collector.keep_events = spec.events
     if run.stop_reason is not None:
-        _close_records(records, len(items), collector, run.stop_reason, loop.time())
-        return _encode(offset, records, collector, logs, worker, run.stop_reason)
+        _close_records(records, indices, collector, run.stop_reason, loop.time())
+        return _encode(offset, records, collector, logs, worker, run.stop_reason, token=run_token)
     if spec.logs:
         _install_capture()
     token = _CURRENT.set(run)
@@ -476,7 +544,7 @@ async def run_chunk(blob: bytes, run_id: str, offset: int, items: list[Any]) -> 
         # The gate holds per_worker across chunks running at once here and this worker's
         # rate share; with one chunk at a time and no rate limit it has nothing to do.
         gate = spec.rate is not None or threads > 1
-        task = loop.create_task(_consume(run, offset, items, collector, records, gate))
+        task = loop.create_task(_consume(run, offset, pairs, collector, records, gate, run_token))
     finally:
         _CURRENT.reset(token)
         _LOGS.reset(logs_token)
@@ -487,9 +555,10 @@ async def run_chunk(blob: bytes, run_id: str, offset: int, items: list[Any]) -> 
         run.chunks.discard(task)
     # A stop message may have come while we awaited (mypy narrowed it to None above).
     stopped = _stop_reason_of(run) or collector.stop_reason
-    if len(records) < len(items):
-        _close_records(records, len(items), collector, stopped or "fail_fast", loop.time())
-    return _encode(offset, records, collector, logs, worker, stopped, loop.time() - began)
+    if len(records) < len(indices):
+        _close_records(records, indices, collector, stopped or "fail_fast", loop.time())
+    seconds = loop.time() - began
+    return _encode(offset, records, collector, logs, worker, stopped, seconds, run_token)
 
 
 def _stop_reason_of(run: _WorkerRun) -> StopReason | None:
@@ -518,6 +587,7 @@ def _encode(
     worker: str,
     reason: StopReason | None,
     seconds: float = 0.0,
+    token: str = "",
 ) -> bytes:
     body = to_wire_records(records)
     result = ChunkResult(
@@ -529,13 +599,20 @@ def _encode(
         stop_reason=reason,
         seconds=seconds,
         spans=collector.spans,
+        token=token,
     )
     return dumps((body, result))
 
 
 def decode(blob: bytes) -> ChunkResult:
-    """On the driver: the chunk's result with its records."""
-    body, result = loads(blob)
-    result.records = loads(body)
+    """On the driver: the chunk's result with its records. What does not unpickle here is
+    its own item's failure (records) or left out (an event or log record)."""
+    try:
+        body, result = loads(blob)
+    except Exception:
+        (body, result), _ = salvage_loads(blob)
+        result.events = [e for e in result.events if find_broken(e) is None]
+        result.logs = [r for r in result.logs if find_broken(r) is None]
+    result.records = load_records(body)
     assert isinstance(result, ChunkResult)
     return result

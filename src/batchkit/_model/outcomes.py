@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import (
-    Generic,
-    Literal,
-    TypeAlias,
-    TypeVar,
-    final,
-    get_args,
-)
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypeVar, final, get_args
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = [
     "KINDS",
@@ -46,6 +42,8 @@ class Success(Generic[T_co, R_co]):
 
     ``index`` is the item's position in the input, ``attempts`` how many attempts it took
     (1 without retries), ``elapsed`` the seconds from its first attempt's start to its end.
+    ``reruns``: how many times a cluster backend sent the item to run again because the
+    worker running it was lost (0 on the local engine); see :attr:`BatchReport.reruns`.
     """
 
     item: T_co
@@ -53,6 +51,7 @@ class Success(Generic[T_co, R_co]):
     index: int
     attempts: int = 1
     elapsed: float = 0.0
+    reruns: int = field(default=0, repr=False)
 
     @property
     def ok(self) -> Literal[True]:
@@ -84,6 +83,9 @@ class Failure(Generic[T_co]):
     attempts: int = 1
     elapsed: float = 0.0
     errors: tuple[BaseException, ...] = ()
+    reruns: int = field(default=0, repr=False)
+    """How many times a cluster backend sent the item to run again after losing the worker
+    running it (0 on the local engine)."""
 
     @property
     def ok(self) -> Literal[False]:
@@ -93,6 +95,39 @@ class Failure(Generic[T_co]):
 
 Outcome: TypeAlias = Success[T, R] | Failure[T]
 """What every item ends in: exactly one of :class:`Success` or :class:`Failure`."""
+
+
+def _default_zero(cls: type[Any], name: str) -> Any:
+    """Make the slot ``name`` read 0 while unset. The engine builds envelopes with their
+    slots set one by one (``make_success``) and never sets ``reruns``, so the local hot path
+    pays nothing for a field only a cluster backend fills in."""
+    slot = vars(cls)[name]
+
+    def get(self: Any) -> int:
+        try:
+            value: int = slot.__get__(self, cls)
+        except AttributeError:
+            return 0
+        return value
+
+    get.__doc__ = (
+        "How many times a cluster backend sent the item to run again because the worker "
+        "running it was lost (0 on the local engine)."
+    )
+    setattr(cls, name, property(get, slot.__set__))
+    return slot.__set__
+
+
+_set_reruns: dict[type, Callable[[Any, int], None]] = {
+    Success: _default_zero(Success, "reruns"),
+    Failure: _default_zero(Failure, "reruns"),
+}
+
+
+def set_reruns(outcome: Success[Any, Any] | Failure[Any], reruns: int) -> None:
+    """Set ``reruns`` on an envelope built by ``make_success`` or ``make_failure``."""
+    _set_reruns[type(outcome)](outcome, reruns)
+
 
 # The engine builds envelopes on its hot path; a frozen dataclass's __init__ goes through
 # object.__setattr__ per field (about 1.7 µs). Setting the slots directly costs a third.

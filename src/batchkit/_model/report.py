@@ -91,13 +91,19 @@ class BatchReport(Generic[T, R]):
     """Each item's key, computed once (by input index), when ``key=`` was given."""
     tally: Mapping[str, int] | None = field(default=None, repr=False, compare=False)
     """Outcomes by kind when the outcomes themselves are not kept (a stream's report)."""
+    reruns: int = 0
+    """Re-executions a cluster backend caused by losing workers: the sum of every item's
+    ``reruns`` (0 on the local engine). Items of a lost worker's chunk run again elsewhere,
+    so this many item runs happened (at least in part) more than once."""
 
     def __post_init__(self) -> None:
         from .store import OutcomeStore, OutcomeView
 
         if not isinstance(self.outcomes, OutcomeView):
-            view = OutcomeStore[T, R].from_outcomes(self.outcomes).view()
-            object.__setattr__(self, "outcomes", view)
+            store = OutcomeStore[T, R].from_outcomes(self.outcomes)
+            object.__setattr__(self, "outcomes", store.view())
+            if not self.reruns:
+                object.__setattr__(self, "reruns", store.reruns())
 
     @property
     def _store(self) -> OutcomeStore[T, R]:
@@ -239,6 +245,8 @@ class BatchReport(Generic[T, R]):
                 "attempts": o.attempts,
                 "elapsed": o.elapsed,
             }
+            if o.reruns:  # only a cluster backend re-runs items: local rows stay as they were
+                row["reruns"] = o.reruns
             if type(o) is Failure:
                 row["error"] = describe(o.error)
             rows.append(row)
@@ -256,6 +264,7 @@ class BatchReport(Generic[T, R]):
             "concurrency": self.concurrency,
             "peak_concurrency": self.peak_concurrency,
             "retries": self.retries,
+            "reruns": self.reruns,
             "latency": {
                 "p50": self.latency(0.5),
                 "p95": self.latency(0.95),

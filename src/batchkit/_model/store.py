@@ -29,10 +29,10 @@ from itertools import compress
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, final, overload
 
 from .errors import ItemSkipped
-from .outcomes import KINDS, Failure, Success, make_failure, make_success
+from .outcomes import KINDS, Failure, Success, make_failure, make_success, set_reruns
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Iterable, Iterator, Mapping
 
     from .errors import StopReason
     from .outcomes import FailureKind, Outcome
@@ -75,6 +75,7 @@ class OutcomeStore(Generic[T, R]):
         "_items",
         "_kinds",
         "_ranges",
+        "_reruns",
         "_values",
     )
 
@@ -92,17 +93,38 @@ class OutcomeStore(Generic[T, R]):
         # Bulk skips: (start, stop, reason, items, first); the item of index i is
         # items[first + i - start].
         self._ranges: list[tuple[int, int, StopReason, Sequence[Any], int]] = []
+        # Envelopes' ``reruns`` (a cluster backend's), only the non-zero ones: the local
+        # engine never writes here.
+        self._reruns: dict[int, int] = {}
+
+    def __setstate__(self, state: tuple[None, dict[str, Any]]) -> None:
+        """Unpickle; a store pickled before a column existed gets that column empty (a
+        report pickled before re-runs were counted has none)."""
+        self._reruns = {}
+        for name, value in state[1].items():
+            setattr(self, name, value)
 
     @classmethod
-    def from_outcomes(cls, outcomes: Iterable[Outcome[T, R]]) -> OutcomeStore[T, R]:
-        """A store holding ``outcomes`` (for a report built by hand)."""
+    def from_outcomes(
+        cls, outcomes: Iterable[Outcome[T, R]], reruns: Mapping[int, int] | None = None
+    ) -> OutcomeStore[T, R]:
+        """A store holding ``outcomes`` (for a report built by hand, or by a cluster backend,
+        which passes each index's ``reruns`` when it knows them: then the envelopes' are not
+        read)."""
         store: OutcomeStore[T, R] = cls()
         given = list(outcomes)
         if any(o.index != pos for pos, o in enumerate(given)):
             store._index = [o.index for o in given]
             given = [_at(o, pos) for pos, o in enumerate(given)]
+        if reruns is not None:
+            for o in given:
+                store.append(o)
+            store._reruns = {i: n for i, n in reruns.items() if n}
+            return store
         for o in given:
             store.append(o)
+            if o.reruns:
+                store._reruns[o.index] = o.reruns
         return store
 
     # ------------------------------------------------------------------ writing
@@ -187,9 +209,20 @@ class OutcomeStore(Generic[T, R]):
     def outcome(self, index: int) -> Outcome[T, R]:
         """Build the envelope of input index ``index`` (a new object on every call)."""
         k = self._kinds[index] if 0 <= index < self._cap else _HOLE
+        if self._reruns:
+            return self._with_reruns(index, k)
         if self._index is not None and k != _HOLE:
             return _at(self._build(index, k), self._index[index])
         return self._build(index, k)
+
+    def _with_reruns(self, index: int, k: int) -> Outcome[T, R]:
+        out = self._build(index, k)
+        if self._index is not None and k != _HOLE:
+            out = _at(out, self._index[index])
+        n = self._reruns.get(index)
+        if n:
+            set_reruns(out, n)
+        return out
 
     def _build(self, index: int, k: int) -> Outcome[T, R]:
         if k == _SUCCESS:
@@ -261,6 +294,9 @@ class OutcomeStore(Generic[T, R]):
 
     def item_time(self) -> float:
         return math.fsum(self._elapsed)
+
+    def reruns(self) -> int:
+        return sum(self._reruns.values())
 
     def retries(self) -> int:
         att = self._attempts
