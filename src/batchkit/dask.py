@@ -25,14 +25,18 @@ from ._model.errors import RemoteError as RemoteError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
+    from types import TracebackType
 
     from ._model.options import Options
+    from ._model.outcomes import Outcome
     from ._model.report import BatchReport
     from ._model.seams import Stream
 
 __all__ = ["ChunkRerun", "DaskBackend", "RemoteError", "WorkerLost", "WorkerResource", "per_worker"]
 
 V = TypeVar("V")
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def _require_distributed() -> Any:
@@ -164,10 +168,8 @@ class DaskBackend:
             await _close(client)
 
     def open_stream(self, items: Any, fn: Callable[..., Any], options: Options) -> Stream[Any, Any]:
-
-        # A DaskRun has the whole interface of Stream (async with, async for, report,
-        # consumed); Stream is @final, so the type is asserted here.
-        return cast("Stream[Any, Any]", _AddressStream(self, items, fn, options))
+        """A :class:`~batchkit.Stream` of the run on the cluster (``stream(backend=...)``)."""
+        return _AddressStream(self, items, fn, options)
 
 
 class _Bound:
@@ -184,9 +186,9 @@ class _Bound:
         return self._client
 
 
-class _AddressStream:
-    """``open_stream``'s result: a DaskRun, with a client opened and closed around it when the
-    backend was given an address."""
+class _AddressStream(Generic[T, R]):
+    """``open_stream``'s result, a :class:`~batchkit.Stream`: a DaskRun (itself one), with a
+    client opened and closed around it when the backend was given an address."""
 
     def __init__(
         self, backend: DaskBackend, items: Any, fn: Callable[..., Any], options: Options
@@ -198,9 +200,9 @@ class _AddressStream:
         bound: Any = backend
         if backend._client is None:
             bound = _Lazy(backend, self)
-        self._run: DaskRun[Any, Any] = DaskRun(bound, items, fn, options, keep=False)
+        self._run: DaskRun[T, R] = DaskRun(bound, items, fn, options, keep=False)
 
-    async def __aenter__(self) -> Any:
+    async def __aenter__(self) -> Stream[T, R]:
         try:
             await self._run.__aenter__()
         except BaseException:
@@ -208,7 +210,12 @@ class _AddressStream:
             raise
         return self._run
 
-    async def __aexit__(self, *exc_info: Any) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         try:
             await self._run.aclose()
         finally:
@@ -219,11 +226,14 @@ class _AddressStream:
             client, self._client = self._client, None
             await _close(client)
 
-    def __aiter__(self) -> Any:
+    def __aiter__(self) -> Stream[T, R]:
         return self._run
 
+    async def __anext__(self) -> Outcome[T, R]:
+        return await self._run.__anext__()
+
     @property
-    def report(self) -> Any:
+    def report(self) -> BatchReport[T, R]:
         return self._run.report
 
     @property
@@ -232,7 +242,7 @@ class _AddressStream:
 
 
 class _Lazy:
-    def __init__(self, backend: DaskBackend, owner: _AddressStream) -> None:
+    def __init__(self, backend: DaskBackend, owner: _AddressStream[Any, Any]) -> None:
         self.per_worker = backend.per_worker
         self.chunk_size = backend.chunk_size
         self.forward_logs = backend.forward_logs

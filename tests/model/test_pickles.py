@@ -118,3 +118,12 @@ def test_public_classes_and_functions_say_batchkit() -> None:
         obj = getattr(batchkit, name)
         if isinstance(obj, type) or inspect.isfunction(obj):
             assert obj.__module__ == "batchkit", name
+
+
+def test_the_public_classes_of_batchkit_dask_say_batchkit_dask() -> None:
+    import batchkit.dask
+
+    for name in batchkit.dask.__all__:
+        obj = getattr(batchkit.dask, name)
+        if (isinstance(obj, type) or inspect.isfunction(obj)) and name != "RemoteError":
+            assert obj.__module__ == "batchkit.dask", name

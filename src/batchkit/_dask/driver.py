@@ -29,10 +29,11 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Sized
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from .._dask import worker as worker_side
+from .._engine.intake import Intake
+from .._engine.ledger import Ledger
 from .._engine.plan import make_plan
 from .._model.errors import (
     BatchkitError,
@@ -43,15 +44,11 @@ from .._model.errors import (
 )
 from .._model.events import (
     AttemptFailed,
-    DeadlineHit,
     Event,
     ItemFinished,
-    ItemsSkipped,
     ItemStarted,
     RunFinished,
     RunStarted,
-    RunStopping,
-    notify,
 )
 from .._model.outcomes import Failure, Outcome, make_success, set_reruns
 from .._model.report import BatchReport, InputFailed
@@ -60,12 +57,11 @@ from .events import ChunkRerun, WorkerLost
 from .wire import ChunkResult, Record, RunSpec, check_picklable, dumps, pack_items
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterator
+    from collections.abc import AsyncIterator, Callable
     from types import TracebackType
 
     from .._engine.plan import Plan
     from .._model.errors import StopReason
-    from .._model.events import Observer
     from .._model.options import Options
     from .._model.policies import Adaptive, RateLimit
 
@@ -175,21 +171,23 @@ class DaskRun(Generic[T, R]):
         self._keep = keep
         self._outcomes: list[Outcome[T, R]] = []
         self._run_id = uuid.uuid4().hex
-        self._observers: list[Observer] = list(self._o.observers)  # progress=True included
-        self._sized = isinstance(items, Sized)
+        o = self._o
+        self._ledger: Ledger[T, R] = Ledger(
+            put=_no_sink, name=o.name, fail_fast=o.fail_fast, max_failures=o.max_failures,
+            max_failure_ratio=o.max_failure_ratio, observers=o.observers,  # progress=True too
+            clock=self._now, in_flight=self._in_flight,
+        )  # fmt: skip
+        self._observers = self._ledger.observers  # the same list: a raising one is dropped
         self._skip_announced = False
-        self._total = len(items) if isinstance(items, Sized) else None
-        self._it: Iterator[Any] | None = None
-        self._ait: AsyncIterator[Any] | None = None
-        self._exhausted = False
-        self._input_error: BaseException | None = None
-        self._taken = 0
+        # The local engine's bookkeeping: the intake (numbering, keys, the unread rest) and
+        # the ledger (counts, the threshold decision, the observers).
+        self._intake: Intake[T] = Intake(items, key=self._o.key)
+        if self._intake.error is not None:
+            raise self._intake.error  # the input's own __len__ raised: at the call, as before
         self._ready: deque[Outcome[T, R]] = deque()
         self._stop_reason: StopReason | None = None
         self._stopping = False
         # Threshold counts: settled chunks' true counts plus in-flight chunks' alerts.
-        self._finished = 0
-        self._failed = 0
         self._alerted: dict[int, tuple[int, int]] = {}
         self._settled: set[int] = set()
         self._topic = f"batchkit-{self._run_id}"
@@ -298,14 +296,14 @@ class DaskRun(Generic[T, R]):
             await self._share_rate(rate, addresses)
         self._watch = asyncio.ensure_future(self._watch_cluster(rate))
         if self._is_async_input():
-            self._ait = aiter(self._items)
+            self._intake.ait = aiter(self._items)
         else:
-            self._it = iter(self._items)
+            self._intake.it = iter(self._items)
         if self._deadline_at is not None:
             self._deadline_handle = loop.call_at(self._deadline_at, self._on_deadline)
         self._event(
             RunStarted(
-                name=o.name, concurrency=self._effective, total=self._total, time=self._start
+                name=o.name, concurrency=self._effective, total=self._intake.total, time=self._start
             )
         )
         self._announced = True
@@ -333,7 +331,7 @@ class DaskRun(Generic[T, R]):
         cap = o.slots
         per_chunk, in_flight = plan_chunks(cap, per_worker, n_workers, threads)
         self._effective = min(cap, per_chunk * threads)
-        self._sizer = _Sizer(self._backend.chunk_size, per_chunk, threads, self._total)
+        self._sizer = _Sizer(self._backend.chunk_size, per_chunk, threads, self._intake.total)
         chunk_concurrency: int | Adaptive = per_chunk
         if o.adaptive is not None:
             a = o.adaptive
@@ -372,39 +370,39 @@ class DaskRun(Generic[T, R]):
     # ------------------------------------------------------------------- chunks
     async def _chunks(self) -> AsyncIterator[_Chunk]:
         assert self._sizer is not None
-        while not self._stopping and not self._exhausted and self._input_error is None:
-            size = self._sizer.next_size(self._taken)
+        while not self._stopping and not self._intake.exhausted and self._intake.error is None:
+            size = self._sizer.next_size(self._intake.next_index)
             batch: list[Any] = []
             try:
-                if self._it is not None:
-                    batch.extend(itertools.islice(self._it, size))
+                if self._intake.it is not None:
+                    batch.extend(itertools.islice(self._intake.it, size))
                     if len(batch) < size:
-                        self._exhausted = True
+                        self._intake.exhausted = True
                 else:
                     await self._fill(batch, size)
             except Exception as e:
-                self._input_error = e  # what was read before it still runs
+                self._intake.error = e  # what was read before it still runs
             except BaseException:
                 # Closed while reading (a stop's grace ran out): what was read is skipped.
                 if batch:
-                    self._skip_unsent(_Chunk(self._taken, batch))
+                    self._skip_unsent(_Chunk(self._intake.next_index, batch))
                 raise
             if not batch:
                 return
-            chunk = _Chunk(self._taken, batch)
-            self._taken += len(batch)
+            chunk = _Chunk(self._intake.next_index, batch)
+            self._intake.next_index += len(batch)
             yield chunk
 
     async def _fill(self, batch: list[Any], size: int) -> None:
         """Read up to ``size`` items of the async input into ``batch``; once it holds one,
         wait at most ``PARTIAL_WAIT`` for the rest. The pending read is kept for the next
         chunk (cancelling it would break the input's generator)."""
-        assert self._ait is not None
+        assert self._intake.ait is not None
         assert self._loop is not None
         send_by: float | None = None
         while len(batch) < size and not self._stopping:
             if self._pull is None:
-                self._pull = asyncio.ensure_future(_next_of(self._ait))
+                self._pull = asyncio.ensure_future(_next_of(self._intake.ait))
             if not self._pull.done():
                 timeout = None if send_by is None else max(0.0, send_by - self._loop.time())
                 await asyncio.wait({self._pull}, timeout=timeout)
@@ -413,14 +411,14 @@ class DaskRun(Generic[T, R]):
             pull, self._pull = self._pull, None
             item = pull.result()  # the input's own error propagates
             if item is _END:
-                self._exhausted = True
+                self._intake.exhausted = True
                 return
             batch.append(item)
             if send_by is None:
                 send_by = self._loop.time() + PARTIAL_WAIT
 
     def _skip_unsent(self, chunk: _Chunk) -> None:
-        self._taken = max(self._taken, chunk.offset + len(chunk.items))
+        self._intake.next_index = max(self._intake.next_index, chunk.offset + len(chunk.items))
         self._emit_chunk(chunk, self._closed_chunk(chunk, "skipped"))
 
     async def _run_chunk(self, chunk: _Chunk) -> ChunkResult | None:
@@ -613,13 +611,7 @@ class DaskRun(Generic[T, R]):
         return when, 1, ev
 
     def _key(self, index: int, item: Any) -> str:
-        key = self._o.key
-        if key is None:
-            return f"#{index}"
-        try:
-            return str(key(item))
-        except Exception:
-            return f"#{index}"
+        return f"#{index}" if self._o.key is None else self._intake.key_of(index, item)
 
     # ------------------------------------------------------------------- iterating
     def __aiter__(self) -> DaskRun[T, R]:
@@ -642,8 +634,8 @@ class DaskRun(Generic[T, R]):
             if drained is not None:
                 self._ready.append(drained)
                 continue
-            if self._input_error is not None:
-                raise InputFailed(self.report) from self._input_error
+            if self._intake.error is not None:
+                raise InputFailed(self.report) from self._intake.error
             raise StopAsyncIteration
 
     async def _next_chunk(self) -> None:
@@ -705,39 +697,33 @@ class DaskRun(Generic[T, R]):
 
     def _drain_one(self) -> Outcome[T, R] | None:
         """After a stop: the next unread item of a sized input, as skipped."""
-        if self._exhausted or not self._sized or self._it is None:
+        if self._intake.exhausted or not self._intake.sized or self._intake.it is None:
             return None
         if self._stop_reason is None and self._gone is None:
             return None
         if not self._skip_announced:
             # Observers hear of the whole rest in one ItemsSkipped, as on the local engine.
             self._skip_announced = True
-            rest = range(self._taken, self._total or 0)
+            rest = range(self._intake.next_index, self._intake.total or 0)
             if self._observers and rest and self._stop_reason is not None:
-                assert self._loop is not None
-                self._event(
-                    ItemsSkipped(
-                        name=self._o.name,
-                        reason=self._stop_reason,
-                        indices=rest,
-                        time=self._loop.time(),
-                    )
-                )
-        for item in self._it:
-            index = self._taken
-            self._taken += 1
-            self._finished += 1
-            if self._stop_reason is None:  # the cluster is gone: nothing can run it
-                assert self._gone is not None
-                self._counts["lost"] = self._counts.get("lost", 0) + 1
-                lost: Failure[Any] = Failure(item, self._gone, "lost", index, 0, 0.0, (self._gone,))
-                if self._observers:
-                    self._event(self._finished_event(lost, item, 0.0)[2])
-                return lost
-            err = ItemSkipped(self._stop_reason)
-            self._counts["skipped"] = self._counts.get("skipped", 0) + 1
-            return Failure(item, err, "skipped", index, 0, 0.0, (err,))
-        self._exhausted = True
+                self._ledger.items_skipped(self._stop_reason, rest)
+        if self._stop_reason is not None:
+            skipped = self._intake.drain_one(self._stop_reason)
+            if skipped is not None:
+                self._ledger.count_skipped(1)
+                self._counts["skipped"] = self._counts.get("skipped", 0) + 1
+            return skipped
+        assert self._gone is not None  # the cluster is gone: nothing can run the rest
+        for item in self._intake.it:
+            index = self._intake.next_index
+            self._intake.next_index += 1
+            self._ledger.finished += 1
+            self._counts["lost"] = self._counts.get("lost", 0) + 1
+            lost: Failure[Any] = Failure(item, self._gone, "lost", index, 0, 0.0, (self._gone,))
+            if self._observers:
+                self._event(self._finished_event(lost, item, 0.0)[2])
+            return lost
+        self._intake.exhausted = True
         return None
 
     # -------------------------------------------------------------------- stopping
@@ -745,8 +731,8 @@ class DaskRun(Generic[T, R]):
         """A chunk's true counts replace what its alerts had said so far."""
         alerted = self._alerted.pop(offset, (0, 0))
         self._settled.add(offset)
-        self._finished += finished - alerted[0]
-        self._failed += failed - alerted[1]
+        self._ledger.finished += finished - alerted[0]
+        self._ledger.failed += failed - alerted[1]
 
     def _on_alert(self, event: tuple[float, dict[str, Any]]) -> None:
         """A message from a worker on the run's topic: a chunk started there (``"w"``), or a
@@ -766,8 +752,8 @@ class DaskRun(Generic[T, R]):
             return  # from a run of this chunk on a worker that was lost since
         fin, fail = self._alerted.get(offset, (0, 0))
         self._alerted[offset] = (fin + msg["f"], fail + msg["x"])
-        self._finished += msg["f"]
-        self._failed += msg["x"]
+        self._ledger.finished += msg["f"]
+        self._ledger.failed += msg["x"]
         self._check_thresholds()
 
     def _on_start(self, chunk: _Chunk, token: str, worker: str) -> None:
@@ -782,8 +768,8 @@ class DaskRun(Generic[T, R]):
         if previous is None:
             return
         fin, fail = self._alerted.pop(chunk.offset, (0, 0))
-        self._finished -= fin
-        self._failed -= fail
+        self._ledger.finished -= fin
+        self._ledger.failed -= fail
         indices = range(chunk.offset, chunk.offset + len(chunk.items))
         _log.warning(
             "batchkit: worker %s was lost; %d item(s) (input %d..%d) re-run on %s "
@@ -808,20 +794,12 @@ class DaskRun(Generic[T, R]):
         )
 
     def _check_thresholds(self) -> None:
-        o = self._o
+        """The ledger decides (the same decision as the local engine's); the driver acts."""
         if self._stopping:
             return
-        ratio = o.max_failure_ratio
-        if o.max_failures is not None and self._failed >= o.max_failures:
-            self._stop("max_failures")
-        elif o.fail_fast and self._failed:
-            self._stop("fail_fast")
-        elif (
-            ratio is not None
-            and self._finished >= ratio.min_sample
-            and self._failed / self._finished > ratio.ratio
-        ):
-            self._stop("max_failure_ratio")
+        reason = self._ledger.threshold_reached()
+        if reason is not None:
+            self._stop(reason)
 
     def _stop(self, reason: StopReason) -> None:
         """Start no more chunks; tell every worker to stop this run's coroutines."""
@@ -832,15 +810,8 @@ class DaskRun(Generic[T, R]):
         self._stopping = True
         loop = self._loop
         assert loop is not None
-        if reason != "deadline":
-            self._event(
-                RunStopping(
-                    name=self._o.name,
-                    reason=reason,
-                    in_flight=self._in_flight_items,
-                    time=loop.time(),
-                )
-            )
+        if reason != "deadline" and self._observers:
+            self._ledger.run_stopping(reason)
         if self._outage is None:
             self._spawn(self._broadcast(worker_side.stop_run, self._run_id, reason))
         if self._force_handle is None:
@@ -853,9 +824,8 @@ class DaskRun(Generic[T, R]):
         if self._stop_reason is not None:
             return
         assert self._loop is not None
-        self._event(
-            DeadlineHit(name=self._o.name, in_flight=self._in_flight_items, time=self._loop.time())
-        )
+        if self._observers:
+            self._ledger.deadline_hit()
         self._stop("deadline")
 
     def _time_left(self) -> float:
@@ -1004,9 +974,9 @@ class DaskRun(Generic[T, R]):
         if pull is not None:
             pull.cancel()
             await asyncio.gather(pull, return_exceptions=True)
-        if self._ait is not None and hasattr(self._ait, "aclose"):
+        if self._intake.ait is not None and hasattr(self._intake.ait, "aclose"):
             try:
-                await self._ait.aclose()
+                await self._intake.ait.aclose()
             except Exception:  # pragma: no cover
                 _log.exception("batchkit: closing the async input failed")
 
@@ -1034,7 +1004,7 @@ class DaskRun(Generic[T, R]):
             concurrency=self._effective,
             peak_concurrency=self._peak_from_intervals(),
             stop_reason=self._stop_reason,
-            input_exhausted=self._exhausted,
+            input_exhausted=self._intake.exhausted,
             name=self._o.name,
             key=self._o.key,
             abandoned=tuple(sorted(self._abandoned)),
@@ -1060,12 +1030,23 @@ class DaskRun(Generic[T, R]):
         del self._intervals[: len(self._intervals) - _MAX_INTERVALS // 10]
 
     def _event(self, event: Event | ChunkRerun | WorkerLost) -> None:
-        # The cluster's own events go to the same observers; they are not in the core's
-        # Event union (observers that do not know them ignore them).
-        notify(self._observers, cast("Event", event), _log)
+        # The cluster's own events go to the same observers, through the ledger; they are not
+        # in the core's Event union (observers that do not know them ignore them).
+        self._ledger.event(cast("Event", event))
+
+    def _now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    def _in_flight(self) -> int:
+        return self._in_flight_items
 
 
 _END = object()  # the end of an async input
+
+
+def _no_sink(outcome: Any) -> None:  # the driver puts outcomes in its own queue
+    raise AssertionError("the Dask driver records envelopes itself")
 
 
 async def _next_of(ait: AsyncIterator[Any]) -> Any:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import final
 
+from .._model.public import publish
+
 __all__ = ["ChunkRerun", "WorkerLost"]
 
 
@@ -41,3 +43,6 @@ class ChunkRerun:
     reruns: int
     """How many times these items have now been re-run."""
     time: float
+
+
+publish(globals(), __all__, "batchkit.dask")  # users import them from batchkit.dask
