@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypeVar, final, get_args
 
@@ -10,6 +11,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "KINDS",
+    "NOT_IN_ROWS",
+    "ROW_FIELDS",
     "Failure",
     "FailureKind",
     "Outcome",
@@ -96,6 +99,22 @@ class Failure(Generic[T_co]):
 Outcome: TypeAlias = Success[T, R] | Failure[T]
 """What every item ends in: exactly one of :class:`Success` or :class:`Failure`."""
 
+# -- the envelopes' fields, and where each goes -------------------------------------------
+# The dataclasses above declare the fields; this says how a ``to_dict()`` row carries each
+# one (``report.py`` builds rows from it), and ``tests/model/test_envelope_fields.py`` checks
+# that every field is here and that each survives pickling and the report's column store.
+# A new field fails that test until it is placed.
+ROW_FIELDS: tuple[tuple[str, Literal["always", "if_set", "described"]], ...] = (
+    ("index", "always"),
+    ("kind", "always"),
+    ("attempts", "always"),
+    ("elapsed", "always"),
+    ("reruns", "if_set"),  # only a cluster backend re-runs items: local rows stay as they were
+    ("error", "described"),  # ``describe(error)``: a failure's only
+)
+NOT_IN_ROWS: frozenset[str] = frozenset({"item", "value", "errors"})
+"""Fields a ``to_dict()`` row leaves out: any objects of the user's, not JSON-safe."""
+
 
 def _default_zero(cls: type[Any], name: str) -> Any:
     """Make the slot ``name`` read 0 while unset. The engine builds envelopes with their
@@ -153,9 +172,8 @@ def make_success(item: T, value: R, index: int, attempts: int, elapsed: float) -
 
 _fslots = vars(Failure)
 _set_f = tuple(
-    _fslots[name].__set__
-    for name in ("item", "error", "kind", "index", "attempts", "elapsed", "errors")
-)
+    _fslots[f.name].__set__ for f in dataclasses.fields(Failure) if f.name != "reruns"
+)  # item, error, kind, index, attempts, elapsed, errors: make_failure's arguments
 
 
 def make_failure(

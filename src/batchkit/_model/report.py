@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, final, overload
 
 from .errors import BatchkitError, describe
-from .outcomes import KINDS, Failure
+from .outcomes import KINDS, ROW_FIELDS, Failure
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -237,18 +237,15 @@ class BatchReport(Generic[T, R]):
         """A JSON-safe summary (``json.dumps`` works on it): counts, times and one row per item."""
         rows: list[dict[str, Any]] = []
         for o in self.outcomes:
-            row: dict[str, Any] = {
-                "index": o.index,
-                "key": self.item_key(o),
-                "ok": o.ok,
-                "kind": o.kind,
-                "attempts": o.attempts,
-                "elapsed": o.elapsed,
-            }
-            if o.reruns:  # only a cluster backend re-runs items: local rows stay as they were
-                row["reruns"] = o.reruns
-            if type(o) is Failure:
-                row["error"] = describe(o.error)
+            row: dict[str, Any] = {"index": o.index, "key": self.item_key(o), "ok": o.ok}
+            for name, how in ROW_FIELDS[1:]:  # (index is first, before key and ok)
+                if how == "always":
+                    row[name] = getattr(o, name)
+                elif how == "if_set":
+                    if value := getattr(o, name):
+                        row[name] = value
+                elif type(o) is Failure:  # "described"
+                    row[name] = describe(getattr(o, name))
             rows.append(row)
         return {
             "name": self.name,
