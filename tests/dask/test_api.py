@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sys
+import threading
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, cast
 
@@ -147,3 +148,19 @@ async def test_the_worker_gate_paces_real_starts_after_a_stalled_loop(
     assert not [t for t in starts if 1.0 + 1e-6 < t < 1.5]
     after = [t for t in starts if t >= 1.5]
     assert after == pytest.approx([1.5 + 0.1 * k for k in range(len(after))])
+
+
+async def test_an_fn_that_cannot_be_pickled_is_refused_with_where_to_put_it() -> None:
+    """The hint says what works for a script: a module the workers import, not "module level"
+    (a script's functions are at module level and are still sent by value)."""
+    lock = threading.Lock()
+
+    async def holds_a_lock(x: int) -> int:
+        with lock:
+            return x
+
+    backend = DaskBackend(_AsyncClientStandIn())
+    with pytest.raises(InvalidArgument, match="cannot be pickled") as caught:
+        await batchkit.batch_process([1], holds_a_lock, backend=backend)
+    assert "a module the workers can import" in str(caught.value)
+    assert "client.upload_file" in str(caught.value)

@@ -252,3 +252,68 @@ def test_reruns_default_to_zero_and_round_trip() -> None:
     assert [o.reruns for o in report] == [0, 1]
     assert report.reruns == 1
     assert pickle.loads(pickle.dumps(report)).reruns == 1
+
+
+# ------------------------------------------- a caller's cancel is told, as on the local engine
+async def _until_running(client: Any, n: int) -> None:
+    while await _total(client, "running") < n:  # a condition on the workers, not a margin
+        await asyncio.sleep(0.01)
+
+
+async def test_a_callers_cancel_counts_every_item_with_stop_reason_cancelled(
+    client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    events: list[Any] = []
+    caplog.set_level(logging.INFO, logger="batchkit")
+    call = asyncio.ensure_future(
+        batchkit.batch_process(
+            range(20),
+            _work.hang,
+            concurrency=4,
+            backend=DaskBackend(client, per_worker=2, chunk_size=2),
+            observers=[events.append, batchkit.LoggingObserver()],
+        )
+    )
+    await _until_running(client, 4)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    (finished,) = [e for e in events if isinstance(e, batchkit.RunFinished)]
+    report = finished.report
+    _one_envelope_each(report, 20)
+    assert report.stop_reason == "cancelled"
+    assert report.counts["cancelled"] == 4
+    assert report.counts["skipped"] == 16
+    assert all(o.kind in ("cancelled", "skipped") for o in report)
+    (line,) = [r for r in caplog.records if r.getMessage().startswith("batch finished")]
+    assert line.levelno == logging.WARNING
+    assert "total=20" in line.getMessage()
+    assert "stop_reason=cancelled" in line.getMessage()
+    assert "unfinished=20" in line.getMessage()
+
+
+async def test_leaving_a_stream_early_counts_every_item_in_its_report(client: Any) -> None:
+    async with batchkit.stream(
+        range(20),
+        _work.hang_unless_small,
+        concurrency=4,
+        backend=DaskBackend(client, per_worker=2, chunk_size=1),
+    ) as outcomes:
+        async for first in outcomes:
+            assert first.ok
+            break
+    report = outcomes.report
+    assert report.total == 20
+    assert report.stop_reason == "cancelled"
+    assert report.counts["success"] >= 1
+    assert report.counts["cancelled"] + report.counts["skipped"] >= 15  # items 5-19 hang
+    assert sum(report.counts.values()) == 20
+
+
+async def test_leaving_a_stream_after_every_item_ended_is_no_cancel(client: Any) -> None:
+    async with batchkit.stream(
+        range(3), _work.quick, backend=DaskBackend(client, chunk_size=1)
+    ) as outcomes:
+        seen = [o async for o in outcomes]
+    assert len(seen) == 3
+    assert outcomes.report.stop_reason is None

@@ -659,11 +659,17 @@ class DaskRun(Generic[T, R]):
             return
         self._expand(outcome)
 
-    async def _give_up(self) -> None:
+    async def _give_up(self, *, abandon: bool = True) -> None:
         """A stop's grace ran out (or the cluster is gone): drain what already came back,
         then end every chunk still out — ``lost`` if the cluster is gone, else
-        ``cancelled`` and listed in ``report.abandoned``."""
-        await self._close_outer()  # cancels the chunk tasks; a pending chunk stays pending
+        ``cancelled`` and (unless the caller cancelled) listed in ``report.abandoned``."""
+        try:
+            await self._close_outer()  # cancels the chunk tasks; a pending chunk stays pending
+        finally:
+            self._end_chunks_out(abandon=abandon)
+
+    def _end_chunks_out(self, *, abandon: bool) -> None:
+        """Every chunk still out or returned but unread -> its items' envelopes."""
         left: dict[int, tuple[_Chunk, ChunkResult | None]] = {
             offset: (chunk, None) for offset, chunk in self._pending.items()
         }
@@ -675,13 +681,13 @@ class DaskRun(Generic[T, R]):
             chunk, result = left[offset]
             if result is None:
                 given_up += len(chunk.items)
-                if self._gone is None:
+                if self._gone is None and abandon:
                     self._abandoned.extend(
                         offset + i for i in range(len(chunk.items)) if i not in chunk.bad
                     )
                 result = self._closed_chunk(chunk, "cancelled")
             self._emit_chunk(chunk, result)
-        if given_up:
+        if given_up and abandon:
             _log.warning(
                 "batchkit: %d item(s) did not report back within %.3g s of the run stopping; "
                 "recorded as %s",
@@ -937,10 +943,32 @@ class DaskRun(Generic[T, R]):
         self._closed = True
         try:
             if self._outer is not None and not self._outer_done:
-                self._outer_done = True
-                await self._outer.__aexit__(None, None, None)
+                await self._left_early()
         finally:
             await asyncio.shield(self._shutdown())
+
+    async def _left_early(self) -> None:
+        """The caller cancelled the call, or left a stream block, before the run ended: as on
+        the local engine, items out end ``cancelled``, items not started ``skipped``, the
+        report counts every item, and the stop reason is ``"cancelled"`` unless every item
+        had already ended."""
+        if self._stop_reason is None:
+            self._stop_reason = "cancelled"
+            self._stopping = True
+        before = self._counts.get("cancelled", 0) + self._counts.get("skipped", 0)
+        try:
+            # Closing the chunk stream re-raises the caller's cancel once it has cleaned up.
+            await self._give_up(abandon=False)
+        finally:
+            while (drained := self._drain_one()) is not None:
+                self._ready.append(drained)
+            after = self._counts.get("cancelled", 0) + self._counts.get("skipped", 0)
+            if self._stop_reason == "cancelled" and after == before:
+                self._stop_reason = None  # nothing was left to cancel
+            if self._keep:
+                # Nobody will iterate any more: what is ready belongs in the report.
+                self._outcomes.extend(self._ready)
+                self._ready.clear()
 
     async def _shutdown(self) -> None:
         for handle in (self._deadline_handle, self._force_handle):

@@ -198,9 +198,11 @@ def check_picklable(what: str, obj: object) -> None:
         name = getattr(obj, "__qualname__", None) or repr(obj)
         raise InvalidArgument(
             f"{what} {name!r} cannot be pickled to send it to the Dask workers: "
-            f"{type(e).__name__}: {e}\nHINT: define it at module level and let it create "
-            "unpicklable resources (locks, clients, engines) on the worker, e.g. with "
-            "batchkit.dask.per_worker(...)"
+            f"{type(e).__name__}: {e}\nHINT: put it, and the classes it uses (e.g. "
+            "SQLAlchemy models), in a module the workers can import (a script's own "
+            "functions are sent by value with all they refer to; client.upload_file(...) "
+            "ships a module), and let it create unpicklable resources (locks, clients, "
+            "engines) on the worker, e.g. with batchkit.dask.per_worker(...)"
         ) from e
 
 
