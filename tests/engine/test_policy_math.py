@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from batchkit import Adaptive, Backoff
@@ -28,6 +28,10 @@ backoffs = st.builds(
 )
 
 
+@example(  # found by Hypothesis: exp(log(initial) + log(multiplier)) < initial
+    Backoff(initial=0.02734375, maximum=1.02734375, multiplier=1.0000000000000002, jitter=False),
+    1,
+)
 @given(backoffs, st.integers(1, 2000))
 def test_backoff_ceiling_is_monotonic_and_capped(backoff: Backoff, retry: int) -> None:
     c = backoff_ceiling(backoff, retry)

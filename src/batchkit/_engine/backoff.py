@@ -29,7 +29,8 @@ def backoff_ceiling(backoff: Backoff, retry: int) -> float:
     log_wait = math.log(backoff.initial) + exponent * math.log(backoff.multiplier)
     if log_wait >= math.log(backoff.maximum):
         return backoff.maximum
-    return math.exp(log_wait)
+    # exp(log(initial)) may round a hair below initial: never below the first retry's wait.
+    return max(backoff.initial, math.exp(log_wait))
 
 
 def _parse_hint(hint: str, now: float | None) -> float | None:
