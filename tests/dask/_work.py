@@ -88,16 +88,21 @@ async def timed_in_context(x: int, ctx: str) -> tuple[int, float, float]:
     return await timed(x)
 
 
+def first_time_anywhere(marker: str) -> bool:
+    """True for the first caller in any process on this machine: it creates ``marker``
+    atomically (a re-run on another worker finds it and behaves)."""
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
 async def kill_worker_once(x: int, marker: str) -> int:
     """The first item 7 to run anywhere kills its worker process; the re-run succeeds."""
-    if x == 7:
-        try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            pass
-        else:
-            os.close(fd)
-            os._exit(1)
+    if x == 7 and first_time_anywhere(marker):
+        os._exit(1)
     await asyncio.sleep(0.01)
     return x
 
@@ -319,31 +324,19 @@ async def fail_three_then_die_once(x: int, marker: str) -> int:
     kills its worker the first time it runs anywhere; the rest succeed."""
     if x < 3:
         raise PlannedError(f"item {x}")
-    if x == 3:
-        try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            pass
-        else:
-            os.close(fd)
-            await _failures_announced(3)
-            os._exit(1)
+    if x == 3 and first_time_anywhere(marker):
+        await _failures_announced(3)
+        os._exit(1)
     return x
 
 
 async def die_once_after_others_finish(x: int, marker: str, others: int) -> int:
     """The first run of item 0 anywhere waits until ``others`` items finished in this
     process, then kills its worker; every other run returns at once."""
-    if x == 0:
-        try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            pass
-        else:
-            os.close(fd)
-            while STATE.get("done", 0) < others:
-                await asyncio.sleep(0.005)
-            os._exit(1)
+    if x == 0 and first_time_anywhere(marker):
+        while STATE.get("done", 0) < others:
+            await asyncio.sleep(0.005)
+        os._exit(1)
     _add("done")
     return x
 
@@ -382,11 +375,8 @@ async def chaotic(item: Any, ctx: str, marker: str = "") -> Any:
     if behaviour == "unloadable":
         return DriverUnloadable(index)
     assert behaviour == "die"
-    try:
-        fd = os.open(f"{marker}-{index}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
+    if not first_time_anywhere(f"{marker}-{index}"):
         return index
-    os.close(fd)
     os._exit(1)
 
 
