@@ -6,6 +6,14 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from batchkit import Backoff
+
+# Virtual-time budget for a call that should take at most a minute: a hang fails at once
+# (virtual time jumps) instead of waiting for pytest-timeout. Deadline tests use less.
+HANG = 600.0
+
+NO_BACKOFF = Backoff(initial=0, maximum=0, jitter=False)
+
 
 def now() -> float:
     return asyncio.get_running_loop().time()

@@ -42,7 +42,7 @@ from batchkit import (
 )
 from batchkit.testing import ContextProbe
 
-from ..helpers import now
+from ..helpers import HANG, NO_BACKOFF, now
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -52,11 +52,6 @@ pytestmark = [pytest.mark.looptime, pytest.mark.timeout(10)]
 
 T = TypeVar("T")
 
-# Virtual-time budget for a call that should take at most a minute: a hang fails at once
-# (virtual time jumps) instead of waiting for pytest-timeout. Deadline tests use less.
-HANG = 600.0
-
-NO_BACKOFF = Backoff(initial=0, maximum=0, jitter=False)
 BACKOFF_2S = Backoff(initial=2, maximum=2, jitter=False)
 
 

@@ -36,7 +36,7 @@ from batchkit import (
     transient,
 )
 
-from ..helpers import now
+from ..helpers import HANG, now
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Iterator
@@ -46,8 +46,6 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.looptime, pytest.mark.timeout(10)]
 
 T = TypeVar("T")
-HANG = 600.0
-NO_BACKOFF = Backoff(initial=0, maximum=0, jitter=False)
 
 
 async def within(seconds: float, aw: Awaitable[T], what: str) -> T:
