@@ -13,7 +13,7 @@ import pytest
 
 import batchkit
 from batchkit import InvalidArgument, MissingExtra
-from batchkit._dask.driver import _Sizer, plan_chunks
+from batchkit._dask.chunks import ChunkSizer, plan_chunks
 from batchkit._dask.worker import _RUNS, _Gate, _run_state, set_share
 from batchkit.dask import DaskBackend, WorkerResource, per_worker
 
@@ -104,13 +104,13 @@ def test_chunk_plan_never_exceeds_the_global_limit(
 
 
 def test_chunk_sizes_follow_worker_time_and_shrink_toward_the_end() -> None:
-    sizer = _Sizer(None, per_chunk=16, threads=2, total=10_000)
+    sizer = ChunkSizer(None, per_chunk=16, threads=2, total=10_000)
     assert sizer.next_size(0) == 64  # nothing observed yet
     sizer.observe(64, 0.08)  # 1.25 ms per item: 0.5 s is 400 items
     assert sizer.next_size(64) == 400
     assert sizer.next_size(9_800) == 160  # 0.2 s of work at least
     assert sizer.next_size(9_990) == 160
-    assert _Sizer(250, per_chunk=16, threads=2, total=None).next_size(0) == 250
+    assert ChunkSizer(250, per_chunk=16, threads=2, total=None).next_size(0) == 250
 
 
 @pytest.mark.looptime

@@ -1,0 +1,95 @@
+"""What a Dask run may be asked, and what every worker gets to run its chunks.
+
+:func:`check_options` is the one place that refuses the options the Dask backend does not
+support (and what cannot be sent to a worker); a new refusal goes there. :func:`plan_run`
+turns the plan and the cluster's size into the chunks in flight and the :class:`RunSpec`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from .._model.errors import InvalidArgument
+from .chunks import ChunkSizer, plan_chunks
+from .wire import RunSpec, check_picklable, dumps
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .._engine.plan import Plan
+    from .._model.policies import Adaptive
+    from .state import RunState
+
+__all__ = ["check_options", "plan_run"]
+
+
+def check_options(o: Plan, fn: Callable[..., Any]) -> None:
+    """Refuse what the Dask backend does not support, at the call (``InvalidArgument`` with a
+    HINT), and what cannot be pickled to send it to the workers."""
+    if o.limiter is not None:
+        raise InvalidArgument(
+            "rate_limit on a Dask cluster must be batchkit.RateLimit(...): a limiter "
+            f"object ({o.limiter!r}) would be copied to every worker and limit each "
+            "alone\nHINT: pass RateLimit(per_second=...); batchkit splits it among workers"
+        )
+    if o.cost is not None:
+        raise InvalidArgument(
+            "cost= is not supported with the Dask backend yet\nHINT: sort the input by "
+            "cost yourself, most expensive first"
+        )
+    check_picklable("fn", fn)
+    if o.context is not None:
+        check_picklable("the context factory", o.context)
+    if o.retry is not None:
+        check_picklable("retry", o.retry)
+    if o.key is not None:
+        check_picklable("key", o.key)
+
+
+def plan_run(s: RunState[Any, Any], n_workers: int, threads: int) -> int:
+    """Reads the deadline and the grace, sizes chunks and pickles the run's spec into
+    ``s``; returns how many chunks may be in flight."""
+    o = s.plan
+    s.grace = o.grace
+    if o.deadline_seconds is not None:
+        s.deadline_at = s.start + o.deadline_seconds
+    else:
+        s.deadline_at = o.deadline_at
+    per_worker = s.backend.per_worker
+    cap = o.slots
+    per_chunk, in_flight = plan_chunks(cap, per_worker, n_workers, threads)
+    s.effective = min(cap, per_chunk * threads)
+    s.sizer = ChunkSizer(s.backend.chunk_size, per_chunk, threads, s.intake.total)
+    chunk_concurrency: int | Adaptive = per_chunk
+    if o.adaptive is not None:
+        a = o.adaptive
+        chunk_concurrency = dataclasses.replace(
+            a, max=per_chunk, initial=min(a.initial, per_chunk), min=min(a.min, per_chunk)
+        )
+    rate = o.rate_limit
+    dl = s.deadline_at
+    spec = RunSpec(
+        run_id=s.run_id,
+        name=o.name,
+        fn=s.fn,
+        context=o.context,
+        concurrency=chunk_concurrency,
+        per_worker=per_worker,
+        timeout=o.timeout,
+        retry=o.retry,
+        rate=rate.per_second if rate else None,
+        burst=rate.burst if rate else 1,
+        deadline_wall=dl + s.wall_offset if dl is not None else None,
+        key=o.key,
+        fit_timeout=o.fit_timeout,
+        grace=s.grace,
+        fail_fast=o.fail_fast,
+        max_failures=o.max_failures,
+        events=bool(s.observers),
+        logs=s.backend.forward_logs,
+        alerts=o.max_failures is not None or o.max_failure_ratio is not None,
+        topic=s.topic,
+    )
+    s.spec_blob = dumps(spec)
+    return in_flight
