@@ -31,6 +31,9 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
 """The public modules (``batchkit``, ``batchkit.dask``, ``.testing``, ...) and the pytest
 plugin are the front and side doors: they may import any room."""
 
+MAX_CLASS_LINES = 300
+"""A class a reader can hold: past this, split it into parts (as ``Engine`` and ``DaskRun``)."""
+
 RUNTIME_FREE_OF = {"_model": frozenset({"asyncio"})}
 """Modules a room must not import at run time (type checking may name them)."""
 
@@ -147,6 +150,19 @@ def import_circles(src: Path = SRC) -> list[list[str]]:
     return circles
 
 
+def long_classes(src: Path = SRC, limit: int = MAX_CLASS_LINES) -> list[str]:
+    """Every class in ``src/batchkit`` longer than ``limit`` lines (from its ``class`` line to
+    the last line of its body), as ``file:line: Name (n lines)``."""
+    found = []
+    for path in sorted((src / "batchkit").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef):
+                n = (node.end_lineno or node.lineno) - node.lineno + 1
+                if n > limit:
+                    found.append(f"{path.relative_to(src)}:{node.lineno}: {node.name} ({n} lines)")
+    return found
+
+
 def test_every_import_follows_the_map() -> None:
     wrong = wrong_imports()
     assert not wrong, "imports that cross a room the wrong way:\n" + "\n".join(wrong)
@@ -160,6 +176,11 @@ def test_no_import_circle_not_even_for_type_checking() -> None:
 def test_at_most_a_dozen_modules_at_the_top() -> None:
     top = sorted(p.name for p in (SRC / "batchkit").glob("*.py"))
     assert len(top) <= 12, top
+
+
+def test_no_class_over_300_lines() -> None:
+    long = long_classes()
+    assert not long, "classes to split into parts:\n" + "\n".join(long)
 
 
 def test_the_map_in_design_md_names_every_room() -> None:
@@ -206,3 +227,16 @@ def test_a_value_that_imports_asyncio_at_run_time_fails(tree: Path) -> None:
         "batchkit/_model/values.py:2: batchkit._model.values -> asyncio "
         "(_model must not import asyncio at run time)"
     ]
+
+
+def _class_of(lines: int) -> str:
+    """A class of exactly ``lines`` lines, its ``class`` line included."""
+    return "class Big:\n" + "".join(f"    a{i} = {i}\n" for i in range(lines - 1))
+
+
+def test_the_class_size_check_passes_300_lines_and_fails_301(tree: Path) -> None:
+    values = tree / "batchkit/_model/values.py"
+    values.write_text(_class_of(300))
+    assert long_classes(tree) == []
+    values.write_text("import os\n\n" + _class_of(301))
+    assert long_classes(tree) == ["batchkit/_model/values.py:3: Big (301 lines)"]
