@@ -97,7 +97,7 @@ def assert_one_envelope_each(outcomes: Iterable[batchkit.Outcome[Any, Any]], n: 
 
 
 # -- 1. stream + Retry deadlocks ----------------------------------------------------------
-async def test_item01_stream_with_retry_ordered_concurrency_1_does_not_deadlock() -> None:
+async def test_stream_with_retry_ordered_concurrency_1_does_not_deadlock() -> None:
     attempts: Counter[int] = Counter()
 
     async def flaky(i: int) -> int:
@@ -128,7 +128,7 @@ async def test_item01_stream_with_retry_ordered_concurrency_1_does_not_deadlock(
     [(4, True, {0}), (2, False, {0, 1, 2, 3})],
     ids=["ordered-c4", "unordered-c2-4-failing"],
 )
-async def test_item01_stream_with_retry_does_not_deadlock(
+async def test_stream_with_retry_does_not_deadlock(
     concurrency: int, ordered: bool, failing: set[int]
 ) -> None:
     attempts: Counter[int] = Counter()
@@ -153,7 +153,7 @@ async def test_item01_stream_with_retry_does_not_deadlock(
     assert {o.index: o.attempts for o in got if o.attempts > 1} == dict.fromkeys(failing, 2)
 
 
-async def test_item01_batch_process_with_retry_is_fine() -> None:
+async def test_batch_process_with_retry_does_not_deadlock() -> None:
     attempts: Counter[int] = Counter()
 
     async def flaky(i: int) -> int:
@@ -173,7 +173,7 @@ async def test_item01_batch_process_with_retry_is_fine() -> None:
 
 # -- 2. leaving a stream early when fn swallows a cancellation ---------------------------
 @pytest.mark.parametrize("ordered", [False, True], ids=["unordered", "ordered"])
-async def test_item02_leaving_a_stream_early_with_a_swallowed_cancel(ordered: bool) -> None:
+async def test_leaving_a_stream_early_with_a_swallowed_cancel(ordered: bool) -> None:
     swallowed: list[int] = []
 
     async def fn(i: int) -> int:
@@ -211,7 +211,7 @@ async def _identity(i: int) -> int:
     return i
 
 
-async def test_item03a_deadline_returns_when_the_async_input_hangs_batch() -> None:
+async def test_deadline_returns_when_the_async_input_hangs_batch() -> None:
     report = await within(
         10, batch_process(_three_then_hang(), _identity, deadline=0.5), "batch_process"
     )
@@ -221,7 +221,7 @@ async def test_item03a_deadline_returns_when_the_async_input_hangs_batch() -> No
     assert not report.input_exhausted
 
 
-async def test_item03a_deadline_returns_when_the_async_input_hangs_stream() -> None:
+async def test_deadline_returns_when_the_async_input_hangs_stream() -> None:
     got = await within(10, collect(_three_then_hang(), _identity, deadline=0.5), "stream")
     assert now() == 0.5
     assert sorted(o.index for o in got) == [0, 1, 2]
@@ -256,7 +256,7 @@ async def _hang(i: int, _ctx: object) -> int:
     return i
 
 
-async def test_item03b_deadline_returns_when_a_context_exit_hangs_after_a_timeout() -> None:
+async def test_deadline_returns_when_a_context_exit_hangs_after_a_timeout() -> None:
     ctx = _HangingExit()
     report = await within(
         10,
@@ -272,7 +272,7 @@ async def test_item03b_deadline_returns_when_a_context_exit_hangs_after_a_timeou
     assert ctx.exited_with == [asyncio.CancelledError]
 
 
-async def test_item03c_timeout_then_slow_cleanup_returns_within_the_deadline_grace() -> None:
+async def test_timeout_then_slow_cleanup_returns_within_the_deadline_grace() -> None:
     probe = ContextProbe(exit_latency=3.0)  # cleanup takes 3 s
     report = await within(
         10,
@@ -287,7 +287,7 @@ async def test_item03c_timeout_then_slow_cleanup_returns_within_the_deadline_gra
 
 
 @pytest.mark.parametrize("stop", ["max_failures", "deadline"])
-async def test_item03_a_stop_does_not_cut_the_cleanup_of_a_timed_out_attempt(stop: str) -> None:
+async def test_a_stop_does_not_cut_the_cleanup_of_a_timed_out_attempt(stop: str) -> None:
     """A stop while a timed-out attempt cleans up does not cancel it a second time at once
     (only after its grace): the cleanup — a rollback, a connection's close — is allowed to
     end. Cut, SQLAlchemy's aiosqlite adapter leaves a close task that never ends (found by
@@ -336,7 +336,7 @@ async def test_item03_a_stop_does_not_cut_the_cleanup_of_a_timed_out_attempt(sto
     assert not new_api(report, "abandoned")
 
 
-async def test_item03_work_that_ignores_cancellation_is_abandoned_visibly(
+async def test_work_that_ignores_cancellation_is_abandoned_visibly(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     cancels = 0
@@ -372,7 +372,7 @@ async def test_item03_work_that_ignores_cancellation_is_abandoned_visibly(
     assert asyncio.all_tasks() == before
 
 
-async def test_item03_deadline_grace_is_configurable() -> None:
+async def test_deadline_grace_is_configurable() -> None:
     assert new_api(Deadline(seconds=55), "grace") == 1.0
     ctx = _HangingExit()
     deadline = build(Deadline, seconds=1.0, grace=0.25)
@@ -387,7 +387,7 @@ async def test_item03_deadline_grace_is_configurable() -> None:
 
 
 # -- 4. a caller's cancel is honoured ------------------------------------------------------
-async def test_item04_callers_cancel_is_honoured_when_fn_swallows_one() -> None:
+async def test_callers_cancel_is_honoured_when_fn_swallows_one() -> None:
     starts: list[tuple[int, float]] = []
 
     async def fn(i: int) -> int:
@@ -432,7 +432,7 @@ def _throttled_once(hint: object) -> Callable[[int], Awaitable[int]]:
 
 
 @pytest.mark.parametrize("hint", [math.inf, 1e9], ids=["inf", "1e9"])
-async def test_item05_retry_after_hint_is_capped_by_max_retry_after(hint: float) -> None:
+async def test_retry_after_hint_is_capped_by_max_retry_after(hint: float) -> None:
     retry = Retry(attempts=2, backoff=NO_BACKOFF, retry_on=Throttled)
     report = await within(
         HANG, batch_process([0], _throttled_once(hint), retry=retry), "batch_process"
@@ -442,7 +442,7 @@ async def test_item05_retry_after_hint_is_capped_by_max_retry_after(hint: float)
     assert report[0].attempts == 2
 
 
-async def test_item05_max_retry_after_caps_the_hint() -> None:
+async def test_max_retry_after_caps_the_hint() -> None:
     retry = Retry(attempts=2, backoff=NO_BACKOFF, retry_on=Throttled)
     assert new_api(retry, "max_retry_after") == 60.0
     capped = build(Retry, attempts=2, backoff=NO_BACKOFF, retry_on=Throttled, max_retry_after=5.0)
@@ -454,7 +454,7 @@ async def test_item05_max_retry_after_caps_the_hint() -> None:
 
 
 @pytest.mark.parametrize(("hint", "waited"), [("7", 7.0), ("120", 60.0)])
-async def test_item05_a_string_retry_after_is_parsed(hint: str, waited: float) -> None:
+async def test_a_string_retry_after_is_parsed(hint: str, waited: float) -> None:
     retry = Retry(attempts=2, backoff=NO_BACKOFF, retry_on=Throttled)
     report = await within(
         HANG, batch_process([0], _throttled_once(hint), retry=retry), "batch_process"
@@ -463,7 +463,7 @@ async def test_item05_a_string_retry_after_is_parsed(hint: str, waited: float) -
     assert isinstance(report[0], Success)
 
 
-async def test_item05_a_hint_past_the_deadline_ends_the_item_with_its_last_error() -> None:
+async def test_a_hint_past_the_deadline_ends_the_item_with_its_last_error() -> None:
     retry = Retry(attempts=2, backoff=NO_BACKOFF, retry_on=Throttled)
     report = await within(
         HANG,
@@ -482,7 +482,7 @@ async def test_item05_a_hint_past_the_deadline_ends_the_item_with_its_last_error
     assert not report.deadline_hit
 
 
-async def test_item05_default_retry_does_not_rerun_a_bug() -> None:
+async def test_default_retry_does_not_rerun_a_bug() -> None:
     calls = 0
 
     async def buggy(i: int) -> int:
@@ -540,7 +540,7 @@ class ConnectError(Exception):
     ],
     ids=repr,
 )
-def test_item05_transient(error: BaseException, expected: bool) -> None:
+def test_transient_tells_retryable_errors_from_bugs(error: BaseException, expected: bool) -> None:
     transient = new_api(batchkit, "transient")
     assert transient(error) is expected
 
@@ -550,7 +550,7 @@ def test_item05_transient(error: BaseException, expected: bool) -> None:
 # itself, which trivial functions meet by a wide one; the blocking items wait on an event
 # the test sets once their timeouts are reported, never on a sleep.
 @pytest.mark.looptime(False)
-async def test_item06_sync_fn_timeout_starts_when_the_work_starts() -> None:
+async def test_sync_fn_timeout_starts_when_the_work_starts() -> None:
     release = threading.Event()
     ran: set[int] = set()
     lock = threading.Lock()
@@ -590,7 +590,7 @@ async def test_item06_sync_fn_timeout_starts_when_the_work_starts() -> None:
 
 
 @pytest.mark.looptime(False)
-async def test_item06_report_counts_threads_still_running() -> None:
+async def test_report_counts_threads_still_running() -> None:
     release = threading.Event()
 
     def blocking(i: int) -> int:
@@ -617,7 +617,7 @@ async def _odd_fails(i: int) -> int:
     return i
 
 
-async def test_item07_stream_report_counts_every_outcome_and_what_was_consumed() -> None:
+async def test_stream_report_counts_every_outcome_and_what_was_consumed() -> None:
     async with stream(range(6), _odd_fails, concurrency=2, ordered=True) as outcomes:
         taken = 0
         async for _ in outcomes:
@@ -634,7 +634,7 @@ async def test_item07_stream_report_counts_every_outcome_and_what_was_consumed()
     assert outcomes.report.counts == report.counts  # still readable after the block
 
 
-async def test_item07_stream_report_read_too_early_says_why() -> None:
+async def test_stream_report_read_too_early_says_why() -> None:
     s = stream(range(3), _odd_fails)
     with pytest.raises(RuntimeError, match="async with"):
         _ = s.report
@@ -661,7 +661,7 @@ async def _first_fails(i: int) -> int:
     return i
 
 
-async def test_item08_batch_observers_see_skipped_items() -> None:
+async def test_batch_observers_see_skipped_items() -> None:
     events: list[Event] = []
     report = await within(
         HANG,
@@ -676,7 +676,7 @@ async def test_item08_batch_observers_see_skipped_items() -> None:
 
 
 @pytest.mark.parametrize("ordered", [False, True], ids=["unordered", "ordered"])
-async def test_item08_stream_observers_see_skipped_items(ordered: bool) -> None:
+async def test_stream_observers_see_skipped_items(ordered: bool) -> None:
     events: list[Event] = []
     got = await within(
         HANG,
@@ -697,7 +697,7 @@ async def test_item08_stream_observers_see_skipped_items(ordered: bool) -> None:
 
 # -- 9. a retry that cannot fit ends with its last error ----------------------------------
 # (Since issue 22: it ends "skipped" for out_of_time, its last error as the cause.)
-async def test_item09_retry_that_cannot_fit_is_skipped_with_its_last_error() -> None:
+async def test_retry_that_cannot_fit_is_skipped_with_its_last_error() -> None:
     boom = OSError("item 0 failed")
 
     async def fn(i: int) -> int:
@@ -735,7 +735,7 @@ async def test_item09_retry_that_cannot_fit_is_skipped_with_its_last_error() -> 
     assert report.stop_reason != "deadline"
 
 
-async def test_item09_an_admitted_retry_cut_by_the_deadline_is_cancelled_with_history() -> None:
+async def test_an_admitted_retry_cut_by_the_deadline_is_cancelled_with_history() -> None:
     boom = OSError("first attempt")
     attempts = 0
 
@@ -764,7 +764,7 @@ async def test_item09_an_admitted_retry_cut_by_the_deadline_is_cancelled_with_hi
 
 
 # -- 10. deadline admission by what the run observed -------------------------------------
-async def test_item10_thirty_10s_items_timeout_20_deadline_55_finish_15() -> None:
+async def test_thirty_10s_items_timeout_20_deadline_55_finish_15() -> None:
     async def fn(i: int) -> int:
         await asyncio.sleep(10)
         return i
@@ -782,7 +782,7 @@ async def test_item10_thirty_10s_items_timeout_20_deadline_55_finish_15() -> Non
     assert not report.deadline_hit
 
 
-async def test_item10_the_cron_job_configuration_finishes_at_least_12_markets() -> None:
+async def test_the_cron_job_configuration_finishes_at_least_12_markets() -> None:
     durations = [10, 15, 12, 13, 11, 14]
 
     async def market(i: int) -> int:
@@ -797,7 +797,7 @@ async def test_item10_the_cron_job_configuration_finishes_at_least_12_markets() 
     assert new_api(Deadline(seconds=55), "fit_timeout") is False
 
 
-async def test_item10_fit_timeout_true_keeps_the_worst_case_rule() -> None:
+async def test_fit_timeout_true_keeps_the_worst_case_rule() -> None:
     async def fn(i: int) -> int:
         await asyncio.sleep(10)
         return i
@@ -819,7 +819,7 @@ async def test_item10_fit_timeout_true_keeps_the_worst_case_rule() -> None:
 
 
 # -- 11. a raising key= -----------------------------------------------------------------
-async def test_item11_a_raising_key_falls_back_to_the_index_everywhere() -> None:
+async def test_a_raising_key_falls_back_to_the_index_everywhere() -> None:
     calls: Counter[int] = Counter()
 
     def key(i: int) -> str:
@@ -858,13 +858,13 @@ async def _aborts(i: int) -> int:
     return i
 
 
-async def test_item12_custom_base_exception_propagates_once_batch() -> None:
+async def test_custom_base_exception_propagates_once_batch() -> None:
     with pytest.raises(Abort) as info:
         await within(HANG, batch_process(range(5), _aborts, concurrency=2), "batch_process")
     assert type(info.value) is Abort
 
 
-async def test_item12_custom_base_exception_propagates_once_stream() -> None:
+async def test_custom_base_exception_propagates_once_stream() -> None:
     with pytest.raises(Abort) as info:
         await within(HANG, collect(range(5), _aborts, concurrency=2), "stream")
     assert type(info.value) is Abort
@@ -875,19 +875,19 @@ async def _agen_fn(i: int) -> AsyncIterator[int]:
     yield i
 
 
-async def test_item13_an_async_generator_fn_is_rejected_before_any_work() -> None:
+async def test_an_async_generator_fn_is_rejected_before_any_work() -> None:
     with pytest.raises(InvalidArgument, match="generator"):
         await batch_process(range(3), _agen_fn)
     with pytest.raises(InvalidArgument, match="generator"):
         stream(range(3), _agen_fn)
 
 
-async def test_item13_a_huge_timeout_is_invalid_argument() -> None:
+async def test_a_huge_timeout_is_invalid_argument() -> None:
     with pytest.raises(InvalidArgument, match="timeout"):
         await batch_process(range(3), _identity, timeout=10**400)
 
 
-async def test_item13_a_tiny_rate_limit_limits() -> None:
+async def test_a_tiny_rate_limit_limits() -> None:
     try:
         limit = RateLimit(per_second=1e-320)
     except InvalidArgument:
@@ -906,7 +906,7 @@ async def test_item13_a_tiny_rate_limit_limits() -> None:
     assert now() <= 10
 
 
-async def test_item13_stream_input_failed_counts_the_items_consumed() -> None:
+async def test_stream_input_failed_counts_the_items_consumed() -> None:
     def items() -> Iterable[int]:
         yield from range(5)
         raise OSError("source broke")
@@ -925,7 +925,7 @@ async def test_item13_stream_input_failed_counts_the_items_consumed() -> None:
     assert isinstance(info.value.__cause__, OSError)
 
 
-async def test_item13_workers_start_lazily_never_more_than_there_is_work_for() -> None:
+async def test_workers_start_lazily_never_more_than_there_is_work_for() -> None:
     tasks_seen: list[int] = []
     baseline = len(asyncio.all_tasks())
 
@@ -954,7 +954,7 @@ def _literal_values(tp: object) -> set[str]:
     return {v for a in args for v in _literal_values(a)}
 
 
-async def test_item14_every_outcome_has_a_kind_from_one_list() -> None:
+async def test_every_outcome_has_a_kind_from_one_list() -> None:
     async def fn(i: int) -> int:
         if i == 1:
             raise ValueError(i)
@@ -974,7 +974,7 @@ _rid: ContextVar[str] = ContextVar("rid", default="unset")
 
 
 @pytest.mark.parametrize("entry", ["batch_process", "stream"])
-async def test_item15_each_attempt_runs_in_a_copy_of_the_callers_context(entry: str) -> None:
+async def test_each_attempt_runs_in_a_copy_of_the_callers_context(entry: str) -> None:
     seen: dict[tuple[int, int], str] = {}
     attempts: Counter[int] = Counter()
 
