@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from .._model.policies import Adaptive, Retry
 
 __all__ = [
+    "NOT_IN_RECORDS",
+    "RECORD_PLACES",
     "ChunkResult",
     "Record",
     "RunSpec",
@@ -243,6 +245,25 @@ class RunSpec:
 
 # One outcome: (local index, kind, value or error, attempts, elapsed, errors, finished at).
 Record = tuple[int, str, Any, int, float, tuple[BaseException, ...], float]
+RECORD_PLACES: dict[str, int] = {
+    "index": 0,  # the item's place in its chunk (the driver adds the chunk's offset)
+    "kind": 1,
+    "value": 2,  # a success's
+    "error": 2,  # a failure's
+    "attempts": 3,
+    "elapsed": 4,
+    "errors": 5,
+}
+"""Where a :data:`Record` carries each envelope field (place 6 is when it finished, for the
+events). The worker writes records (``worker._record``), the driver reads them
+(``envelopes.Envelopes``); ``tests/dask/test_wire_fields.py`` fails on a field of ``Success``
+or ``Failure`` that is neither here nor in :data:`NOT_IN_RECORDS`, or that does not survive
+the round trip."""
+NOT_IN_RECORDS: dict[str, str] = {
+    "item": "the driver holds the chunk's items; they are not sent back",
+    "reruns": "the driver counts a chunk's starts on workers (Alerts)",
+}
+"""Envelope fields the driver fills in itself, and why."""
 
 
 @dataclass(slots=True, kw_only=True)

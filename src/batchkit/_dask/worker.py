@@ -343,6 +343,7 @@ class _ChunkKey:
 
 
 def _record(outcome: Any, i: int, finished_wall: float) -> Record:
+    # Places as declared in wire.RECORD_PLACES (tests/dask/test_wire_fields.py checks them).
     if type(outcome) is Success:
         return (
             i,
