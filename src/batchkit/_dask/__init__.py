@@ -1,1 +1,2 @@
-"""The Dask backend behind ``batchkit.dask``: driver, wire, worker."""
+"""The Dask backend behind ``batchkit.dask``: the driver (``driver.py``, built from its parts),
+the wire, the worker side (docs/design.md, "The map")."""
