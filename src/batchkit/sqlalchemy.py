@@ -533,7 +533,7 @@ class SQLAlchemyStateStore:
         text = encode(value)
         await self._ensure_table()
         t = self._table
-        now = self._clock()
+        now = float(self._clock())
         stmt: sa.Insert | sa.Update
         if expected == 0:
             stmt = (
@@ -561,7 +561,7 @@ class SQLAlchemyStateStore:
             return
         await self._ensure_table()
         t = self._table
-        now = self._clock()
+        now = float(self._clock())
         rows = [
             {"key": k, "value": texts[k], "version": 1, "updated_at": now} for k in sorted(texts)
         ]

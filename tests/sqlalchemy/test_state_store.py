@@ -508,3 +508,13 @@ def test_a_value_round_trips(value: JsonValue) -> None:
     store = MemoryStateStore()
     entry = now(store.compare_and_set("k", value, expected=0))
     assert entry.value == value
+
+
+async def test_a_clock_that_gives_ints_is_fine(store: StateStore, clock: Clock) -> None:
+    clock.now = 1_234  # e.g. int(time.time())
+    entry = await store.compare_and_set("a", 1, expected=0)
+    await store.set_many({"b": 2})
+    for got in (entry, await store.get("a"), await store.get("b")):
+        assert got is not None
+        assert type(got.updated_at) is float
+        assert got.updated_at == 1_234.0

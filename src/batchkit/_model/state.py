@@ -186,7 +186,7 @@ class MemoryStateStore:
         row = self._entries.get(key)
         if (0 if row is None else row[1]) != expected:
             return None
-        new = (text, expected + 1, self._clock())
+        new = (text, expected + 1, float(self._clock()))
         self._entries[key] = new
         return self._entry(key, new)
 
@@ -194,7 +194,7 @@ class MemoryStateStore:
         """See :meth:`StateStore.set_many`."""
         # Every key and value is checked before the first write: all or nothing.
         texts = {check_key(k): encode(v) for k, v in values.items()}
-        now = self._clock()
+        now = float(self._clock())
         for key in sorted(texts):
             row = self._entries.get(key)
             self._entries[key] = (texts[key], 1 if row is None else row[1] + 1, now)
