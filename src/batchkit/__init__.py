@@ -40,6 +40,10 @@ from ._model.report import BatchReport as BatchReport
 from ._model.report import InputFailed as InputFailed
 from ._model.report import LimitChange as LimitChange
 from ._model.seams import Stream as Stream
+from ._model.state import JsonValue as JsonValue
+from ._model.state import MemoryStateStore as MemoryStateStore
+from ._model.state import StateEntry as StateEntry
+from ._model.state import StateStore as StateStore
 from ._model.transient import RetryOn as RetryOn
 from ._model.transient import transient as transient
 
@@ -128,9 +132,11 @@ __all__ = [
     "ItemStarted",
     "ItemTimeout",
     "ItemsSkipped",
+    "JsonValue",
     "LimitChange",
     "LimitChanged",
     "LoggingObserver",
+    "MemoryStateStore",
     "MissingExtra",
     "Observer",
     "Outcome",
@@ -143,6 +149,8 @@ __all__ = [
     "RunFinished",
     "RunStarted",
     "RunStopping",
+    "StateEntry",
+    "StateStore",
     "StopReason",
     "Stream",
     "Success",

@@ -8,6 +8,9 @@ for the database work. Needs the ``sqlalchemy`` extra (``pip install 'aio-batchk
   (or an error) when ``concurrency`` can ask for more connections than the pool can give.
 * :func:`release` — end the session's transaction so its connection goes back to the pool
   before a slow external call; the session checks a connection out again for the writes.
+* :class:`SQLAlchemyStateStore` — a :class:`~batchkit.StateStore` in a table of your own
+  database (SQLite or PostgreSQL), safe for several processes at once; :func:`state_table`
+  declares that table for your own migrations.
 
 The commit is the point of no return
 ------------------------------------
@@ -31,19 +34,31 @@ Before ``fn`` returns nothing is committed, so any failure rolls everything back
 from __future__ import annotations
 
 import asyncio
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
 
 from ._model.errors import InvalidArgument, MissingExtra
 from ._model.policies import Adaptive
+from ._model.state import (
+    JsonValue,
+    StateEntry,
+    check_expected,
+    check_key,
+    check_time,
+    decode,
+    encode,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine
+    from collections.abc import Callable, Coroutine, Mapping
     from types import TracebackType
 
 try:
+    import sqlalchemy as sa
     from sqlalchemy import Engine
+    from sqlalchemy.dialects import postgresql, sqlite
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
     from sqlalchemy.pool import (
         AssertionPool,
@@ -59,12 +74,14 @@ except ImportError as e:  # sqlalchemy itself, or its asyncio support (greenlet)
 __all__ = [
     "PoolStats",
     "PoolTooSmall",
+    "SQLAlchemyStateStore",
     "SessionScope",
     "Sessions",
     "check_pool",
     "pool_stats",
     "release",
     "sessions",
+    "state_table",
 ]
 
 S = TypeVar("S", bound=AsyncSession)
@@ -371,3 +388,221 @@ def check_pool(
         raise PoolTooSmall(message)
     warnings.warn(message, PoolTooSmall, stacklevel=2)
     return stats
+
+
+# ---------------------------------------------------------------------------------- state
+def state_table(
+    metadata: sa.MetaData, name: str = "batchkit_state", *, schema: str | None = None
+) -> sa.Table:
+    """The table a :class:`SQLAlchemyStateStore` keeps its entries in, added to ``metadata``.
+
+    For your own migrations (Alembic's autogenerate sees it once it is in your metadata);
+    then pass the table to the store with ``create=False``. One row per key: ``key``
+    (``VARCHAR(512)``, the primary key), ``value`` (JSON text), ``version`` and
+    ``updated_at`` (seconds since the epoch, indexed for pruning).
+    """
+    return sa.Table(
+        name,
+        metadata,
+        sa.Column("key", sa.String(512), primary_key=True),
+        sa.Column("value", sa.Text, nullable=False),
+        sa.Column("version", sa.BigInteger, nullable=False),
+        sa.Column("updated_at", sa.Double, nullable=False, index=True),
+        schema=schema,
+    )
+
+
+_Upsert = postgresql.Insert | sqlite.Insert
+_DIALECTS: dict[str, Callable[[sa.Table], _Upsert]] = {
+    "postgresql": postgresql.insert,
+    "sqlite": sqlite.insert,
+}
+
+# Rows per INSERT in set_many: four parameters each stays far below SQLite's 32766 and
+# PostgreSQL's 32767 bind parameters per statement.
+_ROWS_PER_STATEMENT = 500
+
+
+@final
+class SQLAlchemyStateStore:
+    """A :class:`~batchkit.StateStore` in a table of your own database, shared by every
+    process that opens the same table: SQLite or PostgreSQL, through an async engine.
+
+    Each method is one short transaction of its own, on a connection from ``engine``'s pool,
+    so the store never holds a connection between calls. Two processes at once are safe:
+    :meth:`compare_and_set` is a conditional ``UPDATE ... WHERE version = expected`` (or an
+    ``INSERT ... ON CONFLICT DO NOTHING`` for ``expected=0``), so of two writers that read the
+    same version exactly one wins; :meth:`set_many` upserts its keys in sorted order, so two
+    transactions locking overlapping keys never wait on each other in a circle.
+
+    Args:
+        engine: An :class:`~sqlalchemy.ext.asyncio.AsyncEngine` (``sqlite+aiosqlite``,
+            ``postgresql+asyncpg``, ``postgresql+psycopg``).
+        table: The table's name, or a table made by :func:`state_table`.
+        create: Create the table (and its index) on first use if it does not exist. Pass
+            ``False`` when your migrations create it.
+        clock: Seconds since the epoch for ``updated_at`` (``time.time``). Processes sharing
+            a store should share a clock: pruning compares their times.
+    """
+
+    __slots__ = ("_clock", "_create_lock", "_engine", "_insert", "_ready", "_table")
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        table: str | sa.Table = "batchkit_state",
+        create: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not isinstance(engine, AsyncEngine):
+            raise InvalidArgument(
+                f"engine must be a sqlalchemy AsyncEngine, got {engine!r}\n"
+                "HINT: sqlalchemy.ext.asyncio.create_async_engine('sqlite+aiosqlite:///state.db')"
+            )
+        insert = _DIALECTS.get(engine.dialect.name)
+        if insert is None:
+            raise InvalidArgument(
+                f"SQLAlchemyStateStore supports SQLite and PostgreSQL, not "
+                f"{engine.dialect.name!r}\n"
+                "HINT: use a SQLite file or a PostgreSQL database for the state"
+            )
+        if isinstance(table, str):
+            if not table:
+                raise InvalidArgument("table must be a non-empty name or a Table")
+            table = state_table(sa.MetaData(), table)
+        elif not isinstance(table, sa.Table):
+            raise InvalidArgument(
+                f"table must be a name or a sqlalchemy Table from state_table(), got {table!r}"
+            )
+        if not isinstance(create, bool):
+            raise InvalidArgument(f"create must be a bool, got {create!r}")
+        if not callable(clock):
+            raise InvalidArgument(f"clock must be a callable returning seconds, got {clock!r}")
+        self._engine = engine
+        self._table = table
+        self._insert = insert
+        self._clock = clock
+        self._ready = not create
+        self._create_lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"SQLAlchemyStateStore({self._engine.url!r}, table={self._table.fullname!r})"
+
+    async def _ensure_table(self) -> None:
+        if self._ready:
+            return
+        async with self._create_lock:
+            if self._ready:
+                return
+            try:
+                async with self._engine.begin() as conn:
+                    await conn.run_sync(self._table.create, checkfirst=True)
+            except sa.exc.DBAPIError:
+                # Another process created it between our check and our CREATE TABLE.
+                if not await self._table_exists():
+                    raise
+            self._ready = True
+
+    async def _table_exists(self) -> bool:
+        table = self._table
+        async with self._engine.connect() as conn:
+            exists: bool = await conn.run_sync(
+                lambda c: sa.inspect(c).has_table(table.name, schema=table.schema)
+            )
+        return exists
+
+    def _entry(self, row: sa.Row[Any]) -> StateEntry:
+        return StateEntry(row.key, decode(row.value), row.version, row.updated_at)
+
+    async def get(self, key: str) -> StateEntry | None:
+        """See :meth:`batchkit.StateStore.get`."""
+        check_key(key)
+        await self._ensure_table()
+        t = self._table
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(sa.select(t).where(t.c.key == key))).one_or_none()
+        return None if row is None else self._entry(row)
+
+    async def compare_and_set(
+        self, key: str, value: JsonValue, *, expected: int
+    ) -> StateEntry | None:
+        """See :meth:`batchkit.StateStore.compare_and_set`."""
+        check_key(key)
+        check_expected(expected)
+        text = encode(value)
+        await self._ensure_table()
+        t = self._table
+        now = float(self._clock())
+        stmt: sa.Insert | sa.Update
+        if expected == 0:
+            stmt = (
+                self._insert(t)
+                .values(key=key, value=text, version=1, updated_at=now)
+                .on_conflict_do_nothing(index_elements=[t.c.key])
+            )
+        else:
+            # Under PostgreSQL's READ COMMITTED a concurrent writer waits for our row lock and
+            # then re-checks the version, so it cannot overwrite what we wrote.
+            stmt = (
+                sa.update(t)
+                .where(t.c.key == key, t.c.version == expected)
+                .values(value=text, version=expected + 1, updated_at=now)
+            )
+        async with self._engine.begin() as conn:
+            won = (await conn.execute(stmt.returning(t.c.version))).one_or_none()
+        return None if won is None else StateEntry(key, decode(text), expected + 1, now)
+
+    async def set_many(self, values: Mapping[str, JsonValue]) -> None:
+        """See :meth:`batchkit.StateStore.set_many`."""
+        # Every key and value is checked before the transaction: all or nothing.
+        texts = {check_key(k): encode(v) for k, v in values.items()}
+        if not texts:
+            return
+        await self._ensure_table()
+        t = self._table
+        now = float(self._clock())
+        rows = [
+            {"key": k, "value": texts[k], "version": 1, "updated_at": now} for k in sorted(texts)
+        ]
+        async with self._engine.begin() as conn:
+            # Sorted keys, in sorted chunks: every writer locks rows in the same order. (In
+            # any other order two overlapping set_many deadlock on PostgreSQL.)
+            for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+                ins = self._insert(t).values(rows[start : start + _ROWS_PER_STATEMENT])
+                await conn.execute(
+                    ins.on_conflict_do_update(
+                        index_elements=[t.c.key],
+                        set_={
+                            "value": ins.excluded.value,
+                            "version": t.c.version + 1,
+                            "updated_at": ins.excluded.updated_at,
+                        },
+                    )
+                )
+
+    async def scan(self, prefix: str) -> list[StateEntry]:
+        """See :meth:`batchkit.StateStore.scan`."""
+        if not isinstance(prefix, str):
+            raise InvalidArgument(f"prefix must be a str, got {prefix!r}")
+        await self._ensure_table()
+        t = self._table
+        query = sa.select(t)
+        if prefix:
+            query = query.where(t.c.key.startswith(prefix, autoescape=True))
+        async with self._engine.connect() as conn:
+            found = (await conn.execute(query)).all()
+        # SQLite's LIKE ignores ASCII case and each database sorts by its own collation: the
+        # exact prefix and Python's order are applied here.
+        return sorted(
+            (self._entry(r) for r in found if r.key.startswith(prefix)), key=lambda e: e.key
+        )
+
+    async def prune(self, older_than: float) -> int:
+        """See :meth:`batchkit.StateStore.prune`."""
+        cutoff = check_time("older_than", older_than)
+        await self._ensure_table()
+        t = self._table
+        async with self._engine.begin() as conn:
+            result = await conn.execute(sa.delete(t).where(t.c.updated_at < cutoff))
+        return result.rowcount
