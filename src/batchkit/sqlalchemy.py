@@ -436,8 +436,8 @@ class SQLAlchemyStateStore:
     transactions locking overlapping keys never wait on each other in a circle.
 
     Args:
-        engine: An :class:`~sqlalchemy.ext.asyncio.AsyncEngine` (``sqlite+aiosqlite``,
-            ``postgresql+asyncpg``, ``postgresql+psycopg``).
+        engine: An :class:`~sqlalchemy.ext.asyncio.AsyncEngine` on SQLite or PostgreSQL
+            (tested with ``sqlite+aiosqlite`` and ``postgresql+asyncpg``).
         table: The table's name, or a table made by :func:`state_table`.
         create: Create the table (and its index) on first use if it does not exist. Pass
             ``False`` when your migrations create it.
