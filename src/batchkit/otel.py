@@ -100,6 +100,8 @@ class OpenTelemetry:
         max_child_spans: int = DEFAULT_MAX_CHILD_SPANS,
     ) -> None:
         try:
+            # Both now, not at a run's start: the import is the user's set-up, not the run's.
+            import opentelemetry.metrics
             import opentelemetry.trace  # noqa: F401
         except ImportError:
             raise MissingExtra("OpenTelemetry", "otel", "opentelemetry-api") from None
