@@ -319,6 +319,11 @@ def get(name: str) -> Contender:
         from batchkit.otel import OpenTelemetry
 
         return _with(observers=[OpenTelemetry()])  # the API's default providers: no SDK
+    if name == "bp_otel_imported":
+        import opentelemetry.metrics
+        import opentelemetry.trace  # noqa: F401 - the API's modules in memory, no observer
+
+        return batch_process
     if name == "bp_otel_sdk":
         return _with(observers=[_otel_sdk()])
     if name == "bp_key":
@@ -366,6 +371,7 @@ LABELS: dict[str, str] = {
     "bp_rate_limit": "batch_process + rate_limit=RateLimit(1e9/s, burst 1e6)",
     "bp_observer": "batch_process + observers=[lambda e: None]",
     "bp_context": "batch_process + context= trivial async context manager",
+    "bp_otel_imported": "batch_process, the OpenTelemetry API imported, no observer",
     "bp_otel_nosdk": "batch_process + observers=[OpenTelemetry()], no SDK configured",
     "bp_otel_sdk": "batch_process + OpenTelemetry(), SDK with in-memory exporter and reader",
     "bp_key": "batch_process + key=str (keys kept in the report)",

@@ -123,7 +123,7 @@ _STREAMING = (
 _UVLOOP = ("pool_uvloop", "batch_process_uvloop", "stream_uvloop")
 # Over 10x slower than the pool per item: measured on a tenth of the overhead items.
 _SLOW = ("aiometer", "aiostream", "aiostream_unordered", "anyio")
-_OTEL = ("batch_process", "bp_observer", "bp_otel_nosdk", "bp_otel_sdk")
+_OTEL = ("batch_process", "bp_observer", "bp_otel_imported", "bp_otel_nosdk", "bp_otel_sdk")
 _POLICIES = (
     "pool",
     "batch_process",

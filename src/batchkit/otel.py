@@ -52,6 +52,7 @@ from ._model.events import (
     RunStarted,
     RunStopping,
 )
+from ._model.outcomes import KINDS
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -193,9 +194,6 @@ class _Instruments:
         )
 
 
-_KINDS: Final = ("success", "error", "timeout", "cancelled", "skipped")
-
-
 @final
 class _Run:
     """One run's spans and metrics: the observer of its events and the hook of its attempts
@@ -238,8 +236,8 @@ class _Run:
         """Failed attempts' spans, ended when their ``AttemptFailed`` says if a retry follows."""
         self._in_flight = 0
         self._attrs = {"batchkit.name": name or "unnamed"}
-        self._by_kind = {k: {**self._attrs, "batchkit.outcome": k} for k in _KINDS}
-        self._result = {k: {**self._attrs, "batchkit.result": k} for k in _KINDS}
+        self._by_kind = {k: {**self._attrs, "batchkit.outcome": k} for k in KINDS}
+        self._result = {k: {**self._attrs, "batchkit.result": k} for k in KINDS}
 
     # -- the hook, in the attempt's task ------------------------------------------------
     def enter_attempt(self, job: Job) -> object:
