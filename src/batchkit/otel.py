@@ -69,6 +69,8 @@ DEFAULT_MAX_CHILD_SPANS: Final = 1000
 """How many items' attempt spans are children of the run span before items get own traces."""
 
 ItemSpans = Literal["children", "linked"]
+"""Where items' attempt spans go: under the run span (up to ``max_child_spans`` items), or
+each item in a trace of its own, linked to the run span."""
 
 SCOPE: Final = "batchkit"
 """The instrumentation scope's name (tracer and meter)."""
@@ -158,7 +160,8 @@ class OpenTelemetry:
     def __call__(self, event: Event) -> None:
         # The local engine hears each run through its own start_run hook, not here. A
         # backend that calls observers directly (Dask, on the client) comes here: a run is
-        # told apart by its name.
+        # told apart by its name, so concurrent Dask runs sharing one observer need names
+        # of their own.
         if type(event) is RunStarted:
             run = self.start_run(event.name, {})
             if run is None:
