@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -20,7 +22,7 @@ from opentelemetry.trace import StatusCode
 
 from batchkit import InvalidArgument, MissingExtra, Retry, batch_process, stream
 from batchkit.otel import OpenTelemetry
-from batchkit.testing import instant
+from batchkit.testing import instant, run_virtual
 from tests.helpers import HANG
 
 if TYPE_CHECKING:
@@ -389,3 +391,72 @@ def test_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "opentelemetry.trace", None)
     with pytest.raises(MissingExtra, match=r"pip install 'aio-batchkit\[otel\]'"):
         OpenTelemetry()
+
+
+@st.composite
+def _plans(draw: st.DrawFn) -> list[tuple[float, str]]:
+    """Per item: how long its attempts take and what they do."""
+    n = draw(st.integers(1, 12))
+    return [
+        (
+            draw(st.sampled_from([0.0, 0.5, 1.0, 3.0])),
+            draw(st.sampled_from(["ok", "ok", "flaky", "fail", "hang", "sets"])),
+        )
+        for _ in range(n)
+    ]
+
+
+@settings(max_examples=60, deadline=None)
+@given(plan=_plans(), concurrency=st.integers(1, 4), linked=st.integers(0, 6))
+def test_every_attempt_is_one_span_current_only_in_its_own_attempt(
+    plan: list[tuple[float, str]], concurrency: int, linked: int
+) -> None:
+    """Whatever the mix (retries, timeouts, items that set a context variable) and
+    concurrency: one span per attempt; each attempt sees its own span as current (never
+    another item's); the caller's context is untouched; every span ended."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    var: contextvars.ContextVar[int] = contextvars.ContextVar("var", default=-1)
+    tries: dict[int, int] = {}
+    seen: dict[tuple[int, int], int] = {}
+    leaked: list[int] = []
+
+    async def work(n: int) -> int:
+        tries[n] = tries.get(n, 0) + 1
+        seen[(n, tries[n])] = trace.get_current_span().get_span_context().span_id
+        if var.get() != -1:
+            leaked.append(n)
+        delay, does = plan[n]
+        await asyncio.sleep(delay)
+        if (does == "flaky" and tries[n] == 1) or does == "fail":
+            raise Flaky
+        if does == "hang":
+            await asyncio.sleep(HANG)
+        if does == "sets":
+            var.set(n)
+        return n
+
+    async def main() -> Any:
+        report = await batch_process(
+            range(len(plan)), work, concurrency=concurrency, timeout=5,
+            retry=Retry(attempts=2, retry_on=Flaky, timeouts=False),
+            observers=[OpenTelemetry(tracer_provider=provider, max_child_spans=linked)],
+        )  # fmt: skip
+        assert not trace.get_current_span().get_span_context().is_valid
+        return report
+
+    with instant():
+        report = run_virtual(main)
+    spans = exporter.get_finished_spans()
+    attempts = {
+        (attr(s, "batchkit.item.index"), attr(s, "batchkit.attempt")): span_id(s)
+        for s in spans
+        if s.name == "batchkit.attempt"
+    }
+    assert attempts == seen
+    assert sum(o.attempts for o in report) == len(attempts)
+    assert not leaked
+    (run,) = [s for s in spans if s.name == "batchkit.run"]
+    in_run = [s for s in spans if s.name == "batchkit.attempt" and parent_id(s) == span_id(run)]
+    assert len({attr(s, "batchkit.item.index") for s in in_run}) == min(linked, len(plan))
