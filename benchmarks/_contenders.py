@@ -286,6 +286,23 @@ async def _with_context(job: Job, out: Collector) -> None:
     out.keep_report(report)
 
 
+def _otel_sdk() -> object:
+    """OpenTelemetry with the SDK: spans to an in-memory exporter (exported as each ends),
+    metrics to an in-memory reader."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from batchkit.otel import OpenTelemetry
+
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    return OpenTelemetry(tracer_provider=tracer_provider, meter_provider=meter_provider)
+
+
 def get(name: str) -> Contender:
     """The contender called ``name`` (see ``LABELS``)."""
     from batchkit import RateLimit, Retry
@@ -298,6 +315,17 @@ def get(name: str) -> Contender:
         return _with(observers=[lambda event: None])
     if name == "bp_context":
         return _with_context
+    if name == "bp_otel_nosdk":
+        from batchkit.otel import OpenTelemetry
+
+        return _with(observers=[OpenTelemetry()])  # the API's default providers: no SDK
+    if name == "bp_otel_imported":
+        import opentelemetry.metrics
+        import opentelemetry.trace  # noqa: F401 - the API's modules in memory, no observer
+
+        return batch_process
+    if name == "bp_otel_sdk":
+        return _with(observers=[_otel_sdk()])
     if name == "bp_key":
         return _with(key=str)
     if name == "bp_deadline":
@@ -343,6 +371,9 @@ LABELS: dict[str, str] = {
     "bp_rate_limit": "batch_process + rate_limit=RateLimit(1e9/s, burst 1e6)",
     "bp_observer": "batch_process + observers=[lambda e: None]",
     "bp_context": "batch_process + context= trivial async context manager",
+    "bp_otel_imported": "batch_process, the OpenTelemetry API imported, no observer",
+    "bp_otel_nosdk": "batch_process + observers=[OpenTelemetry()], no SDK configured",
+    "bp_otel_sdk": "batch_process + OpenTelemetry(), SDK with in-memory exporter and reader",
     "bp_key": "batch_process + key=str (keys kept in the report)",
     "bp_deadline": f"batch_process + deadline={DEADLINE}",
     "import": "import batchkit (after import asyncio)",

@@ -123,6 +123,7 @@ _STREAMING = (
 _UVLOOP = ("pool_uvloop", "batch_process_uvloop", "stream_uvloop")
 # Over 10x slower than the pool per item: measured on a tenth of the overhead items.
 _SLOW = ("aiometer", "aiostream", "aiostream_unordered", "anyio")
+_OTEL = ("batch_process", "bp_observer", "bp_otel_imported", "bp_otel_nosdk", "bp_otel_sdk")
 _POLICIES = (
     "pool",
     "batch_process",
@@ -140,6 +141,7 @@ SCENARIOS: tuple[str, ...] = (
     "hung",
     "stream_memory",
     "policy_costs",
+    "otel_overhead",
     "report_1m",
     "deadline_1m",
     "deadline_5m",
@@ -160,13 +162,15 @@ SLOW_FN_S = 0.05
 
 def scenario(name: str, mode: Mode) -> Scenario:
     """The scenario ``name`` at the size used in ``mode``."""
-    if name in ("overhead_immediate", "overhead_sleep0", "policy_costs"):
+    if name in ("overhead_immediate", "overhead_sleep0", "policy_costs", "otel_overhead"):
         n = _OVERHEAD_N[mode]
-        immediate = name == "overhead_immediate"
+        immediate = name in ("overhead_immediate", "otel_overhead")
         return Scenario(
             name=name,
             title=(
-                f"overhead, fn returns at once ({n:,} items, C=100)"
+                f"OpenTelemetry's cost, overhead_immediate's run ({n:,} items, C=100)"
+                if name == "otel_overhead"
+                else f"overhead, fn returns at once ({n:,} items, C=100)"
                 if immediate
                 else f"overhead, fn awaits sleep(0) ({n:,} items, C=100)"
                 if name == "overhead_sleep0"
@@ -177,7 +181,13 @@ def scenario(name: str, mode: Mode) -> Scenario:
             n=n,
             concurrency=100,
             timeout=60.0,
-            contenders=(_POLICIES if name == "policy_costs" else (*_EVERYONE, "floor", *_UVLOOP)),
+            contenders=(
+                _POLICIES
+                if name == "policy_costs"
+                else _OTEL
+                if name == "otel_overhead"
+                else (*_EVERYONE, "floor", *_UVLOOP)
+            ),
             note="" if mode == "full" else f"{mode} mode: {n:,} items instead of 100,000",
             reduced=tuple((c, n // 10) for c in _SLOW),
         )

@@ -1,6 +1,7 @@
 """The built distribution: wheel and sdist install and import in fresh venvs, the `testing`
 extra runs the testing how-to's example as written in a fresh project (pytest-asyncio strict
-mode), and the pytest plugin is harmless without the extra.
+mode), the `otel` extra (the API only, plus the SDK) prints the OpenTelemetry how-to's trace,
+and the pytest plugin is harmless without the extra.
 
 Slow (fresh venvs, pip): marked ``packaging``; nox's runs on other Pythons leave it out.
 """
@@ -142,3 +143,32 @@ def test_sdist_without_extras_plugin_is_harmless(dist: dict[str, Path], tmp_path
     )
     assert done.returncode == 1, done.stdout
     assert "pip install 'aio-batchkit[testing]'" in done.stdout
+
+
+def test_wheel_with_otel_extra_prints_the_how_to_trace(
+    dist: dict[str, Path], tmp_path: Path
+) -> None:
+    """The ``otel`` extra brings the API only; with the SDK the application adds, the
+    how-to's example prints the trace the page shows (on a real event loop here)."""
+    python = _venv(tmp_path / "venv")
+    _run(python, "-m", "pip", "install", "--quiet", f"{dist['wheel']}[otel]")
+    installed = _run(python, "-m", "pip", "list", "--format=freeze")
+    assert "opentelemetry-api==" in installed
+    assert "opentelemetry-sdk" not in installed
+    _run(python, "-m", "pip", "install", "--quiet", "opentelemetry-sdk")
+    page = blocks(ROOT / "docs" / "how-to" / "opentelemetry.md")
+    at = next(i for i, b in enumerate(page) if "InMemorySpanExporter()" in b.code)
+    expected = next(b.code for b in page[at + 1 :] if b.language == "text")
+    script = tmp_path / "howto.py"
+    script.write_text(
+        "import ast, asyncio\n"
+        f"CODE = {page[at].code!r}\n"
+        "async def main():\n"
+        "    code = compile(CODE, 'howto', 'exec', flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)\n"
+        "    pending = eval(code, {'__name__': '__main__'})\n"
+        "    if pending is not None:\n"
+        "        await pending\n"
+        "asyncio.run(main())\n",
+        encoding="utf-8",
+    )
+    assert _run(python, script, cwd=tmp_path) == expected

@@ -399,3 +399,10 @@ class WorkerUnloadable:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild_on_the_driver_only, (self.x,))
+
+
+async def sees_a_span(x: int) -> bool:
+    """Whether an OpenTelemetry span is current in ``fn`` on the worker."""
+    from opentelemetry import trace
+
+    return bool(trace.get_current_span().get_span_context().is_valid)

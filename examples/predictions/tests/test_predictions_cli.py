@@ -328,3 +328,33 @@ def test_demo_json_on_database_url_from_the_environment(workdir: Path) -> None:
     assert "database: sqlite+aiosqlite:///" in done.stderr
     assert len(runs(url)) == 2
     assert list(workdir.iterdir()) == []
+
+
+def test_otel_exports_batchkits_spans_and_metrics_to_stderr(tmp_path: Path) -> None:
+    """``--otel`` with no OTLP environment: one JSON span or metrics batch a line on stderr;
+    the run span's attempts are its children, and stdout stays the summary alone."""
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    assert predictions("--database-url", url, "seed", "--markets", "2").returncode == 0
+    quiet = env(OTEL_EXPORTER_OTLP_ENDPOINT="", OTEL_EXPORTER_OTLP_TRACES_ENDPOINT="")
+    done = predictions(
+        "--database-url", url, "run", *FAST, *QUIET_SIM, "--otel", "--json", environ=quiet
+    )
+    assert done.returncode == 0, done.stderr
+    json.loads(done.stdout)  # stdout is still the summary only
+    assert "otel: spans and metrics to the console" in done.stderr
+    docs = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    spans = [d for d in docs if "context" in d and "name" in d]
+    (run,) = [s for s in spans if s["name"] == "batchkit.run predictions"]
+    attempts = [s for s in spans if s["name"] == "batchkit.attempt"]
+    assert len(attempts) >= 2
+    assert {a["parent_id"] for a in attempts} == {run["context"]["span_id"]}
+    assert run["attributes"]["batchkit.items.success"] == 2
+    assert run["resource"]["attributes"]["service.name"] == "predictions"
+    names = {
+        m["name"]
+        for d in docs
+        for rm in d.get("resource_metrics", [])
+        for sm in rm["scope_metrics"]
+        for m in sm["metrics"]
+    }
+    assert {"batchkit.items", "batchkit.attempts", "batchkit.item.duration"} <= names

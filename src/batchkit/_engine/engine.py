@@ -24,7 +24,7 @@ from .._model.report import BatchReport, InputFailed
 from .intake import Intake
 from .ledger import Ledger
 from .meters import open_meters
-from .runner import Runner, loop_clock
+from .runner import Runner, loop_clock, open_hooks
 from .sinks import BatchSink, Sink
 from .stopper import Stopper
 from .waits import Waits
@@ -58,10 +58,11 @@ class Engine(Generic[T, R]):
             items, key=plan.key, keep_keys=self._sink.keeps, cost=plan.cost,
             read_ahead=plan.read_ahead,
         )  # fmt: skip
+        self._hooks, observers = open_hooks(plan)
         self._ledger: Ledger[T, R] = Ledger(
             put=self._sink.put, name=plan.name, fail_fast=plan.fail_fast,
             max_failures=plan.max_failures, max_failure_ratio=plan.max_failure_ratio,
-            observers=plan.observers, clock=self._now, in_flight=self._in_flight_now,
+            observers=observers, clock=self._now, in_flight=self._in_flight_now,
         )  # fmt: skip
         slots: list[Slot] = []
         self._stopper = Stopper(slots, plan.grace)
@@ -117,7 +118,7 @@ class Engine(Generic[T, R]):
         ledger = self._ledger
         self._runner = Runner(
             p, loop, meters=meters, watchdog=watchdog, executor=self._executor,
-            on_start=window.on_start if ledger.emit_events else None,
+            on_start=window.on_start if ledger.emit_events else None, hooks=self._hooks,
         )  # fmt: skip
         window.start(loop, self._run, self._runner, self._deadline)
         if ledger.emit_events:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
     from .._model.events import Observer
+    from .._model.seams import AttemptHook
 
 __all__ = ["Plan", "make_plan"]
 
@@ -56,6 +57,8 @@ class Plan:
     ordered: bool = False
     window: int = 0
     """For a stream: how many items may be pulled and not yet consumed."""
+    attempt_hooks: tuple[AttemptHook, ...] = ()
+    """Observers that also hook into every attempt (``batchkit.otel.OpenTelemetry``)."""
 
 
 def _check_timeout_fits(timeout: float | None, deadline: Deadline | None) -> None:
@@ -118,4 +121,5 @@ def make_plan(items: object, fn: object, options: Options) -> Plan:
         name=v["name"],
         ordered=v["ordered"],
         window=window,
+        attempt_hooks=tuple(o for o in observers if hasattr(o, "start_run")),
     )

@@ -28,11 +28,13 @@ if TYPE_CHECKING:
 
     from .._model.attempt import Job, Slot
     from .._model.errors import StopReason
+    from .._model.events import Observer
+    from .._model.seams import RunHook
     from .meters.base import Meter
     from .plan import Plan
     from .watchdog import Watchdog
 
-__all__ = ["Runner", "loop_clock"]
+__all__ = ["Runner", "loop_clock", "open_hooks"]
 
 _FIRST: Any = object()
 
@@ -47,6 +49,34 @@ def loop_clock(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
     return time.monotonic if stock else loop.time
 
 
+def open_hooks(plan: Plan) -> tuple[tuple[RunHook, ...], tuple[Observer, ...]]:
+    """Ask each attempt hook for this run's hook; the run's observers, with each hook that
+    takes part replaced by its run's hook (one that sits the run out is dropped)."""
+    if not plan.attempt_hooks:
+        return (), plan.observers
+    retry = plan.retry
+    settings: dict[str, object] = {
+        "concurrency": plan.slots,
+        "timeout": plan.timeout,
+        "retry.attempts": retry.attempts if retry is not None else 1,
+        "deadline": plan.deadline_seconds,
+        "fail_fast": plan.fail_fast,
+        "max_failures": plan.max_failures,
+    }
+    settings = {k: v for k, v in settings.items() if v is not None}
+    hooks: list[RunHook] = []
+    observers: list[Observer] = []
+    for observer in plan.observers:
+        if observer in plan.attempt_hooks:
+            hook = observer.start_run(plan.name, settings)
+            if hook is not None:
+                hooks.append(hook)
+                observers.append(hook)
+        else:
+            observers.append(observer)
+    return tuple(hooks), tuple(observers)
+
+
 @final
 class Runner:
     """Runs attempts for one run. ``on_start``/``on_end`` let the scheduler keep its counts
@@ -56,9 +86,11 @@ class Runner:
         "_call",
         "_clock",
         "_executor",
+        "_hooks",
         "_loop",
         "_meters",
         "_on_start",
+        "_one",
         "_plan",
         "_slots",
         "_watchdog",
@@ -77,6 +109,7 @@ class Runner:
         watchdog: Watchdog | None = None,
         executor: ThreadPoolExecutor | None = None,
         on_start: Callable[[Slot, Job, float], None] | None = None,
+        hooks: tuple[RunHook, ...] = (),
     ) -> None:
         self._plan = plan
         self._loop = loop
@@ -90,8 +123,12 @@ class Runner:
         """Attempts running now."""
         self.peak = 0
         """The most attempts that ever ran at once."""
+        self._hooks = hooks
+        self._one: Callable[[Slot, Job], Awaitable[AttemptResult]] = (
+            self._hooked if hooks else self.attempt
+        )
         self.run: Callable[[Slot, Job], Awaitable[AttemptResult]] = (
-            self._run_metered if meters else self.attempt
+            self._run_metered if meters else self._one
         )
         """Admission, then one attempt of a job in a slot (on ``slot.task``)."""
         self.threads: set[Future[Any]] = set()
@@ -151,7 +188,7 @@ class Runner:
             meter.notify_task_started(slot, job, self._loop.time())
         result: AttemptResult | None = None
         try:
-            result = await self.attempt(slot, job)
+            result = await self._one(slot, job)
         finally:
             released = await self._release(slot, job, admitted, result)
         if released is not None:
@@ -215,6 +252,23 @@ class Runner:
         # tuple.__new__ directly: a NamedTuple's own __new__ is a Python function (inline for
         # speed: this is once per item).
         return _new_tuple(AttemptResult, ("success", value, None, now, clock(), None))
+
+    async def _hooked(self, slot: Slot, job: Job) -> AttemptResult:
+        """One attempt inside the run's hooks (only runs that have some come here). What a
+        hook sets in the context (a current span) is the attempt's starting context: the
+        pollution check compares against it, and it is undone before the slot goes on."""
+        baseline = slot.baseline
+        tokens = [hook.enter_attempt(job) for hook in self._hooks]
+        if baseline is not None:
+            slot.baseline = contextvars.copy_context()
+        result = None
+        try:
+            result = await self.attempt(slot, job)
+        finally:
+            slot.baseline = baseline
+            for hook, token in zip(reversed(self._hooks), reversed(tokens), strict=True):
+                hook.exit_attempt(token, result)
+        return result
 
     def _uncancel(self, slot: Slot, task: asyncio.Task[Any]) -> None:
         for _ in range(slot.cancels):

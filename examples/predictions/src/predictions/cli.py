@@ -38,6 +38,7 @@ from .lock import LEASE_SECONDS, LeaseLost, RunInProgress, default_holder
 from .models import Run, count_markets, create_schema, seed_markets
 from .pipeline import RunConfig, RunResult, Stop, describe_error, run_job
 from .simulator import SimulatorConfig, create_simulator, serve_simulator
+from .telemetry import telemetry
 from .upstream import SignalsUnavailable, UpstreamClient, UpstreamURLs
 
 if TYPE_CHECKING:
@@ -240,6 +241,12 @@ def _log_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--log-all", action="store_true", help="also other libraries' INFO records (httpx, ...)"
+    )
+    g.add_argument(
+        "--otel",
+        action="store_true",
+        help="OpenTelemetry spans and metrics to stderr, or OTLP when OTEL_EXPORTER_OTLP_* is "
+        "set (the app's otel extra)",
     )
 
 
@@ -451,6 +458,18 @@ async def _seed(url: str, n: int, out: TextIO) -> int:
 
 async def _run(url: str, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     observers = _configure_logging(args)
+    with telemetry(args.otel, err) as traced:
+        return await _run_with(url, args, out, err, observers, traced)
+
+
+async def _run_with(
+    url: str,
+    args: argparse.Namespace,
+    out: TextIO,
+    err: TextIO,
+    observers: list[batchkit.Observer],
+    traced: list[batchkit.Observer],
+) -> int:
     engine = make_engine(url)
     stop = Stop()
     try:
@@ -465,7 +484,7 @@ async def _run(url: str, args: argparse.Namespace, out: TextIO, err: TextIO) -> 
                 sf,
                 client,
                 _config(args),
-                observers=observers,
+                observers=[*observers, *traced],
                 progress=err.isatty(),
                 stop=stop,
                 holder=default_holder("predictions run"),
@@ -533,10 +552,21 @@ def _loopback(host: str) -> bool:
 
 
 async def _serve(url: str, args: argparse.Namespace, err: TextIO) -> int:
+    observers = _configure_logging(args)
+    with telemetry(args.otel, err) as traced:
+        return await _serve_with(url, args, err, observers, traced)
+
+
+async def _serve_with(
+    url: str,
+    args: argparse.Namespace,
+    err: TextIO,
+    observers: list[batchkit.Observer],
+    traced: list[batchkit.Observer],
+) -> int:
     from .service import create_app, serve
     from .worker import RunThread
 
-    observers = _configure_logging(args)
     token = os.environ.get(TOKEN_ENV) or None
 
     @asynccontextmanager
@@ -563,7 +593,7 @@ async def _serve(url: str, args: argparse.Namespace, err: TextIO) -> int:
                 health_engine=health_engine,
                 lease_seconds=args.lease_seconds,
                 runs=runs,
-                observers=observers,
+                observers=[*observers, *traced],
             )
 
             def started(base: str) -> None:
