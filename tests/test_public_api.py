@@ -30,6 +30,7 @@ PUBLIC = [
     "ItemsSkipped",
     "LimitChange",
     "LimitChanged",
+    "LimitGroup",
     "LoggingObserver",
     "MissingExtra",
     "Observer",

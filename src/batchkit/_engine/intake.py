@@ -9,6 +9,7 @@ drives it with no event loop for a plain iterable.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import heapq
 import logging
 from collections.abc import AsyncIterator, Iterator, Sequence, Sized
@@ -155,9 +156,18 @@ class Intake(Generic[T]):
             self.failed(e)
         return None
 
-    async def pull(self, bad_cost: Callable[[Job, Exception], None]) -> Job | None:
+    async def pull(
+        self,
+        bad_cost: Callable[[Job, Exception], None],
+        pick: Callable[[Job], bool] | None = None,
+    ) -> Job | None:
         """The next job to start; with cost hints, the most expensive of the read-ahead (an
-        item whose hint raises goes to ``bad_cost`` instead: its failure, not the run's)."""
+        item whose hint raises goes to ``bad_cost`` instead: its failure, not the run's).
+        With ``pick`` (limit groups), the first of the read-ahead — in input order, or by cost
+        — that ``pick`` takes; ``None`` while none can start (``buffer`` then says whether
+        items wait)."""
+        if pick is not None:
+            return await self._pick(bad_cost, pick)
         cost = self.cost
         if cost is None:
             got = await self.next_item()
@@ -172,6 +182,28 @@ class Intake(Generic[T]):
                 continue
             heapq.heappush(buffer, (-c, job.index, job))
         return heapq.heappop(buffer)[2] if buffer else None
+
+    async def _pick(
+        self, bad_cost: Callable[[Job, Exception], None], pick: Callable[[Job], bool]
+    ) -> Job | None:
+        """The read-ahead as a sorted list (most expensive first, then input order; a sorted
+        list is a heap too, for :meth:`unstarted`): at most ``read_ahead`` items are held."""
+        buffer, cost = self.buffer, self.cost
+        while len(buffer) < self.read_ahead and (got := await self.next_item()):
+            job = self.take(got[0])
+            c = 0.0
+            if cost is not None:
+                try:
+                    c = float(cost(job.item))
+                except Exception as e:
+                    bad_cost(job, e)
+                    continue
+            bisect.insort(buffer, (-c, job.index, job))
+        for i, entry in enumerate(buffer):
+            if pick(entry[2]):
+                del buffer[i]
+                return entry[2]
+        return None
 
     def failed(self, error: Exception) -> None:
         self.error = error

@@ -17,7 +17,15 @@ from .._model.options import (
     is_async_callable,
     validate,
 )
-from .._model.policies import Adaptive, AsyncLimiter, Deadline, FailureRatio, RateLimit, Retry
+from .._model.policies import (
+    Adaptive,
+    AsyncLimiter,
+    Deadline,
+    FailureRatio,
+    LimitGroup,
+    RateLimit,
+    Retry,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -54,6 +62,7 @@ class Plan:
     observers: tuple[Observer, ...]
     name: str | None
     ordered: bool = False
+    groups: tuple[LimitGroup, ...] = ()
     window: int = 0
     """For a stream: how many items may be pulled and not yet consumed."""
 
@@ -92,8 +101,8 @@ def make_plan(items: object, fn: object, options: Options) -> Plan:
     extra = v["buffer"]
     default = ORDERED_BUFFER_PER_SLOT * slots if v["ordered"] else slots
     window = slots + (extra if extra is not None else default)
-    if v["cost"] is not None:
-        window += read_ahead  # cost ordering needs its read-ahead inside the window
+    if v["cost"] is not None or v["groups"]:
+        window += read_ahead  # cost ordering and groups pick among the read-ahead
     return Plan(
         fn=fn,  # type: ignore[arg-type]
         fn_is_async=is_async_callable(fn),
@@ -117,5 +126,6 @@ def make_plan(items: object, fn: object, options: Options) -> Plan:
         observers=tuple(observers),
         name=v["name"],
         ordered=v["ordered"],
+        groups=v["groups"],
         window=window,
     )

@@ -225,12 +225,25 @@ class Retries:
         job.ready = ready
         heapq.heappush(self.heap, job)
 
-    def ready(self, now: float) -> Job | None:
-        """The first parked job whose time has come (within the clock's resolution)."""
+    def ready(self, now: float, pick: Callable[[Job], bool] | None = None) -> Job | None:
+        """The first parked job whose time has come (within the clock's resolution); with
+        ``pick`` (limit groups), the first of those that ``pick`` takes."""
         heap = self.heap
-        if heap and heap[0].ready <= now + SLACK:
-            return heapq.heappop(heap)
-        return None
+        if pick is None:
+            if heap and heap[0].ready <= now + SLACK:
+                return heapq.heappop(heap)
+            return None
+        passed: list[Job] = []
+        found = None
+        while heap and heap[0].ready <= now + SLACK:
+            job = heapq.heappop(heap)
+            if pick(job):
+                found = job
+                break
+            passed.append(job)
+        for job in passed:
+            heapq.heappush(heap, job)
+        return found
 
     def next_at(self) -> float | None:
         """When the first parked job is due, if any."""

@@ -80,7 +80,18 @@ class RunInfo:
 class Job:
     """One item and its history across attempts (also an entry of the retry heap)."""
 
-    __slots__ = ("attempt", "errors", "first_start", "index", "item", "key", "last_kind", "ready")
+    __slots__ = (
+        "attempt",
+        "errors",
+        "first_start",
+        "groups",
+        "holds",
+        "index",
+        "item",
+        "key",
+        "last_kind",
+        "ready",
+    )
 
     def __init__(self, index: int, item: Any, key: str | None = None) -> None:
         self.index = index
@@ -90,6 +101,10 @@ class Job:
         """The number of the attempt that runs next (or is running), from 1."""
         self.first_start: float | None = None
         self.errors: list[BaseException] | None = None
+        self.groups: Any = None
+        """With ``groups=``: the item's key in each group (or the error ``by`` raised)."""
+        self.holds = False
+        """With ``groups=``: whether the item holds its places in its groups now."""
         # Set when an attempt fails (with ``errors``) and when it enters the retry heap:
         self.last_kind: str
         self.ready: float
