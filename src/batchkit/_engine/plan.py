@@ -62,6 +62,7 @@ class Plan:
     observers: tuple[Observer, ...]
     name: str | None
     ordered: bool = False
+    item_budget: float | None = None
     groups: tuple[LimitGroup, ...] = ()
     window: int = 0
     """For a stream: how many items may be pulled and not yet consumed."""
@@ -127,5 +128,6 @@ def make_plan(items: object, fn: object, options: Options) -> Plan:
         name=v["name"],
         ordered=v["ordered"],
         groups=v["groups"],
+        item_budget=v["item_budget"],
         window=window,
     )

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .._model.outcomes import Outcome
     from .intake import Intake
     from .ledger import Ledger
+    from .meters.budget import BudgetMeter
     from .meters.deadline import DeadlineMeter
     from .meters.groups import Groups
     from .plan import Plan
@@ -94,9 +95,11 @@ class Window(Generic[T, R]):
         runner: Runner,
         deadline: DeadlineMeter | None,
         groups: Groups | None = None,
+        budget: BudgetMeter | None = None,
     ) -> None:
         """Each worker runs in a fresh copy of the caller's context (see the runner)."""
         self._loop, self._run, self._runner, self._deadline = loop, run, runner, deadline
+        self.retries.budget = budget
         if groups is not None:
             self._groups, self._pick = groups, groups.try_take
             groups.on_release = self._wake
@@ -359,7 +362,10 @@ class Window(Generic[T, R]):
             _log.warning(
                 "batchkit: item #%d did not stop after being cancelled twice; abandoned", job.index
             )
-            if slot.cancel_kind is CancelKind.STOP or stopper.stopping or self._p.timeout is None:
+            budget = self._p.item_budget
+            if slot.cancel_kind is CancelKind.BUDGET and budget is not None:
+                self._record(envelopes.timed_out(job, budget, self._clock(), budget=True), job)
+            elif slot.cancel_kind is CancelKind.STOP or stopper.stopping or self._p.timeout is None:
                 self.stopped(job, running=slot.in_attempt)
             else:
                 self._record(envelopes.timed_out(job, self._p.timeout, self._clock()), job)

@@ -40,6 +40,8 @@ class CancelKind(IntEnum):
     """The attempt ran past its ``timeout`` (the watchdog)."""
     STOP = 2
     """The run is stopping (a threshold, the deadline, the caller's cancel)."""
+    BUDGET = 3
+    """The item's ``item_budget`` ran out during the attempt."""
 
 
 AttemptKind = Literal["success", "error", "timeout", "cancelled", "refused"]

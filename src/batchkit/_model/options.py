@@ -58,6 +58,7 @@ class Options:
 
     concurrency: int | Adaptive = DEFAULT_CONCURRENCY
     timeout: float | None = None
+    item_budget: float | None = None
     context: Callable[[], AbstractAsyncContextManager[Any]] | None = None
     key: Callable[[Any], object] | None = None
     batch_size: int | None = None
@@ -112,6 +113,12 @@ class RunOptions(TypedDict, Generic[T], total=False):
     timeout: float | None
     """Seconds per attempt, covering the context's enter and exit. The attempt is cancelled; the
     outcome is ``"timeout"``. ``None``: no timeout. Default: ``None``."""
+
+    item_budget: float | None
+    """Seconds per item across all its attempts and the waits between them, from its first
+    attempt's start: no attempt or backoff goes past it, a running attempt is cancelled at
+    it, and the item fails ``"timeout"`` (its error's ``budget`` is true). ``None``: no budget.
+    Default: ``None``."""
 
     key: Callable[[T], object] | None
     """Names items in logs, events and report tables; ``None``: ``#index``. Default: ``None``."""
@@ -233,6 +240,10 @@ def check_concurrency(value: object) -> int | Adaptive:
 
 def check_timeout(value: object) -> float | None:
     return None if value is None else _seconds("timeout", value)
+
+
+def check_item_budget(value: object) -> float | None:
+    return None if value is None else _seconds("item_budget", value)
 
 
 def check_context(value: object) -> Any:
@@ -365,6 +376,7 @@ def check_backend(value: object) -> Any:
 VALIDATORS: Final[dict[str, Callable[[object], object]]] = {
     "concurrency": check_concurrency,
     "timeout": check_timeout,
+    "item_budget": check_item_budget,
     "context": check_context,
     "key": check_key,
     "batch_size": check_batch_size,
