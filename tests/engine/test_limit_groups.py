@@ -4,6 +4,7 @@ within the read-ahead, all-or-nothing places, state forgotten when idle — in v
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -143,6 +144,47 @@ def test_every_limit_holds_and_the_schedule_is_the_greedy_one(
         assert [o.value for o in report.successes] == list(range(len(items)))
 
     run_virtual(main)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 3), st.integers(0, 2)), max_size=25),
+    st.integers(1, 6),
+    st.sampled_from([0.5, 1.0, 2.0, 4.0]),
+    st.integers(1, 3),
+    st.booleans(),
+)
+def test_group_rate_limits_hold_and_every_item_ends(
+    items: list[tuple[int, int]], concurrency: int, per_second: float, burst: int, sleeps: bool
+) -> None:
+    """Each group's starts keep to its token bucket (GCRA: no more than ``burst`` at once,
+    then one per interval), with a group concurrency too, and the run ends."""
+    starts: dict[int, list[float]] = {}
+    running: Counter[int] = Counter()
+
+    async def fn(item: tuple[int, int]) -> None:
+        duration, key = item
+        starts.setdefault(key, []).append(now())
+        running[key] += 1
+        assert running[key] <= 2
+        if sleeps:
+            await asyncio.sleep(duration)
+        running[key] -= 1
+
+    paced = LimitGroup(
+        by=lambda i: i[1], concurrency=2, rate_limit=RateLimit(per_second=per_second, burst=burst)
+    )
+
+    async def main() -> None:
+        report = await batch_process(items, fn, concurrency=concurrency, groups=[paced])
+        assert report.ok
+        interval = 1 / per_second
+        for times in starts.values():
+            # GCRA: n starts after a burst span at least (n - burst) intervals, at any time.
+            for j, i in itertools.combinations(range(len(times)), 2):
+                assert times[i] - times[j] >= (i - j - (burst - 1)) * interval - 1e-9
+
+    run_virtual(asyncio.wait_for(main(), 3600))
 
 
 @pytest.mark.looptime
@@ -333,9 +375,14 @@ def test_a_refilling_bucket_keeps_its_limit_across_idleness() -> None:
     first, second = Job(0, 0), Job(1, 1)
     assert groups.try_take(first)
     groups.release(first)  # idle at once, but its bucket is empty
+    groups.epoch()
     assert not groups.try_take(second)
     assert groups.wait_for(("api",)) == 1.0
+    loop.now = 0.5
+    epoch = groups.epoch()
+    assert not groups.try_take(second)
     loop.now = 1.0
+    assert groups.epoch() != epoch  # the bucket refilled: refusals no longer stand
     assert groups.try_take(second)
 
 

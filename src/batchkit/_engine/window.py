@@ -85,7 +85,7 @@ class Window(Generic[T, R]):
         self._runner: Runner | None = None
         self._deadline: DeadlineMeter | None = None
         self._groups: Groups | None = None
-        self._pick: Callable[[Job], bool] | None = None
+        self._pick: Callable[[Job], bool] | None = None  # groups.try_take
         self._base_context = contextvars.copy_context()
 
     def start(
@@ -111,7 +111,7 @@ class Window(Generic[T, R]):
         """The next item to start (waiting for an async input is cancellable by a stop)."""
         slot.cancellable = True
         try:
-            return await self._intake.pull(self._bad_cost, self._pick)
+            return await self._intake.pull(self._bad_cost, self._groups)
         finally:
             slot.cancellable = False
 
@@ -183,6 +183,8 @@ class Window(Generic[T, R]):
                 # back before any worker picks, whatever order the loop resumes them in, so
                 # the picks are the greedy schedule's (tests/engine/test_limit_groups.py).
                 await asyncio.sleep(0)
+                assert self._groups is not None
+                self._groups.epoch()  # a bucket may have refilled since the last round
             job = retries.ready(loop.time(), pick) if heap else None
             if job is None and (room is None or room(intake.next_index)):
                 job = pull_now() if pull_now is not None else await self._pull(slot)
@@ -268,6 +270,8 @@ class Window(Generic[T, R]):
         # A retry not due yet wakes the workers when it is; one due waits for its groups.
         later = [job.ready for job in self.retries.heap if job.ready > due_by]
         soonest = min(later) if later else None
+        if not groups.paced:
+            return soonest  # without buckets, only a release (it wakes the workers) makes room
         due = [job for _, _, job in self._intake.buffer]
         due += [job for job in self.retries.heap if job.ready <= due_by]
         for job in due:

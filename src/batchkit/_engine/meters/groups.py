@@ -25,6 +25,7 @@ import math
 from collections import deque
 from typing import TYPE_CHECKING, Any, final
 
+from ..watchdog import SLACK
 from .rate_math import TokenBucket, reserve
 
 if TYPE_CHECKING:
@@ -52,7 +53,18 @@ class _State:
 class Groups:
     """The limit groups of one run, as a meter (the first the runner asks)."""
 
-    __slots__ = ("_changed", "_idle", "_loop", "_policies", "_states", "on_release")
+    __slots__ = (
+        "_changed",
+        "_epoch",
+        "_full",
+        "_idle",
+        "_loop",
+        "_policies",
+        "_refill_at",
+        "_states",
+        "on_release",
+        "paced",
+    )
 
     def __init__(self, policies: tuple[LimitGroup, ...], loop: asyncio.AbstractEventLoop) -> None:
         self._policies = policies
@@ -61,6 +73,14 @@ class Groups:
         self._idle: deque[tuple[float, int, Hashable]] = deque()
         """Groups left idle with a bucket still refilling: (refilled at, group, key)."""
         self._changed: asyncio.Future[None] | None = None
+        self._full: set[tuple[int, Hashable]] = set()
+        """Groups found without room in this epoch: a scan of the read-ahead skips their
+        items at a set lookup's cost."""
+        self._epoch = 0
+        self._refill_at = math.inf
+        """The soonest a bucket found empty has a token again (a new epoch then)."""
+        self.paced = any(g.rate_limit is not None for g in policies)
+        """Whether a group has a rate limit (a bucket's refill is then a time to wake at)."""
         self.on_release: Callable[[], None] = _nothing
         """Called when places are given back (the window wakes its waiting workers)."""
 
@@ -86,28 +106,55 @@ class Groups:
         keys = self.keys(job)
         if isinstance(keys, BaseException):
             return True
+        full = self._full
+        for i, key in enumerate(keys):
+            if (i, key) in full:
+                return False
         if self.wait_for(keys) > 0.0:
             return False
         self._take(keys)
         job.holds = True
         return True
 
-    def wait_for(self, keys: tuple[Hashable, ...]) -> float:
+    def epoch(self) -> object:
+        """Changes when room may have appeared: a place given back, or a bucket found empty
+        has refilled. Refusals stand until it changes (takes only use room up); call it
+        before a round of :meth:`try_take`."""
+        if self._loop.time() + SLACK >= self._refill_at:
+            self._new_epoch()
+        return self._epoch
+
+    def _new_epoch(self) -> None:
+        self._epoch += 1
+        self._full.clear()
+        self._refill_at = math.inf
+
+    def wait_for(self, keys: tuple[Hashable, ...], now: float | None = None) -> float:
         """0.0 if every group has room now; else the seconds until the buckets allow it
-        (``inf`` if a group is full: only a release makes room)."""
-        now = self._loop.time()
+        (``inf`` if a group is full: only a release makes room). A group found without room
+        is remembered for the scan (``_full``)."""
+        if now is None:
+            now = self._loop.time()
         wait = 0.0
-        for policy, states, key in zip(self._policies, self._states, keys, strict=True):
+        full = self._full
+        for i, (policy, states, key) in enumerate(
+            zip(self._policies, self._states, keys, strict=True)
+        ):
             state = states.get(key)
             if state is None:
                 # Not in this group (None), or a fresh group: room (concurrency >= 1, a full
                 # bucket).
                 continue
             if policy.concurrency is not None and state.held >= policy.concurrency:
+                full.add((i, key))
                 return math.inf
             bucket = state.bucket
             if bucket is not None:
-                wait = max(wait, reserve(bucket.tat, now, bucket.interval, bucket.tolerance)[1])
+                turn = reserve(bucket.tat, now, bucket.interval, bucket.tolerance)[1]
+                if turn > 0.0:
+                    full.add((i, key))
+                    self._refill_at = min(self._refill_at, now + turn)
+                wait = max(wait, turn)
         return wait
 
     def _take(self, keys: tuple[Hashable, ...]) -> None:
@@ -144,6 +191,7 @@ class Groups:
                 else:
                     self._idle.append((refilled, i, key))
         self._forget(now)
+        self._new_epoch()  # places were given back
         fut = self._changed
         if fut is not None and not fut.done():
             fut.set_result(None)
@@ -173,9 +221,11 @@ class Groups:
         keys = self.keys(job)
         if isinstance(keys, BaseException):
             raise keys
-        while not self.try_take(job):
+        while True:
+            self.epoch()
+            if self.try_take(job):
+                return None
             await self._until_room(self.wait_for(keys))
-        return None
 
     async def _until_room(self, wait: float) -> None:
         fut = self._changed
