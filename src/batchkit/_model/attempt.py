@@ -103,10 +103,11 @@ class Job:
         """The number of the attempt that runs next (or is running), from 1."""
         self.first_start: float | None = None
         self.errors: list[BaseException] | None = None
-        self.groups: Any = None
-        """With ``groups=``: the item's key in each group (or the error ``by`` raised)."""
-        self.holds = False
-        """With ``groups=``: whether the item holds its places in its groups now."""
+        # Set with ``groups=`` only (unset otherwise, so a run without groups pays nothing
+        # per item): ``groups``, the item's key in each group (or the error ``by`` raised);
+        # ``holds``, whether it holds its places in its groups now.
+        self.groups: Any
+        self.holds: bool
         # Set when an attempt fails (with ``errors``) and when it enters the retry heap:
         self.last_kind: str
         self.ready: float

@@ -88,20 +88,20 @@ class Groups:
     def keys(self, job: Job) -> tuple[Hashable, ...] | BaseException:
         """The item's key in each group, computed once; the error if ``by`` raised (or
         returned something that cannot be a key)."""
-        keys = job.groups
+        keys: tuple[Hashable, ...] | BaseException | None = getattr(job, "groups", None)
         if keys is None:
             try:
                 keys = tuple(_hashable(g.by(job.item)) for g in self._policies)
             except Exception as e:
                 keys = e
             job.groups = keys
-        return keys  # type: ignore[no-any-return]
+        return keys
 
     def try_take(self, job: Job) -> bool:
         """Take a place in every group of ``job`` if all have room now (True), else take
         nothing. An item whose ``by`` raised is let through: its attempt fails with that
         error (in :meth:`wait_task_can_start`)."""
-        if job.holds:
+        if getattr(job, "holds", False):
             return True
         keys = self.keys(job)
         if isinstance(keys, BaseException):
@@ -173,7 +173,7 @@ class Groups:
 
     def release(self, job: Job) -> None:
         """Give back ``job``'s places (its attempt ended, or never started)."""
-        if not job.holds:
+        if not getattr(job, "holds", False):
             return
         job.holds = False
         keys = job.groups
