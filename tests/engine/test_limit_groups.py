@@ -400,3 +400,41 @@ def test_all_or_nothing_takes_no_partial_places() -> None:
 def test_limit_group_is_public() -> None:
     assert batchkit.LimitGroup is LimitGroup
     assert LimitGroup.__module__ == "batchkit"
+
+
+@pytest.mark.looptime
+async def test_with_cost_the_most_expensive_item_with_room_starts_first() -> None:
+    """cost= orders the read-ahead; groups skip what has no room: item 1 (cost 9, group 0)
+    waits for item 0's group, so item 3 (cost 5, group 1) starts before item 2 (cost 1)."""
+    items = [Item(0, 4, 0, 0), Item(1, 9, 0, 1), Item(2, 1, 1, 2), Item(3, 5, 1, 3)]
+    watch = Watch(2, 1, 9)
+    order: list[int] = []
+
+    async def fn(item: Item) -> None:
+        order.append(item.index)
+        watch.enter(item)
+        await asyncio.sleep(item.duration)
+        watch.exit(item)
+
+    report = await batch_process(
+        items, fn, concurrency=2, cost=lambda i: i.duration, groups=groups_of(1, 9)
+    )
+    assert report.ok
+    # At 0: item 1 (most expensive, group a=0) and item 3 (a=1); at 5 item 2; at 9 item 0.
+    assert order == [1, 3, 2, 0]
+    assert [watch.starts[i] for i in (1, 3, 2, 0)] == [[0], [0], [5], [9]]
+
+
+@pytest.mark.looptime
+async def test_at_the_deadline_items_waiting_for_their_group_are_skipped() -> None:
+    """Exactly one envelope per item: running ones cancelled, those waiting in the read-ahead
+    for their group skipped, and the call returns at the deadline."""
+
+    async def fn(item: Item) -> None:
+        await asyncio.sleep(item.duration)
+
+    items = [Item(0, 4, 0, 0), *(Item(i, 20, 0, i) for i in range(1, 5))]
+    report = await batch_process(items, fn, concurrency=4, deadline=15, groups=groups_of(1, 9))
+    assert report.wall_time == 15
+    assert [o.kind for o in report] == ["success", "cancelled", "skipped", "skipped", "skipped"]
+    assert report.stop_reason == "deadline"
