@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import batchkit
 from batchkit import (
+    Backoff,
     Failure,
     InvalidArgument,
     LimitGroup,
@@ -183,6 +184,42 @@ def test_group_rate_limits_hold_and_every_item_ends(
             # GCRA: n starts after a burst span at least (n - burst) intervals, at any time.
             for j, i in itertools.combinations(range(len(times)), 2):
                 assert times[i] - times[j] >= (i - j - (burst - 1)) * interval - 1e-9
+
+    run_virtual(asyncio.wait_for(main(), 3600))
+
+
+@settings(max_examples=100, deadline=None)
+@given(cases(), st.frozensets(st.integers(0, 29)), st.booleans(), st.sampled_from([0, 1, 3]))
+def test_limits_hold_with_retries_and_every_item_ends_once(
+    case: tuple[list[Item], int, int, int], failing: frozenset[int], hold_slot: bool, wait: int
+) -> None:
+    """Items in ``failing`` fail their first attempt; their retries (in the slot or released
+    to the heap, after a backoff) take their groups again: the limits hold at every start, and
+    every item ends in one success."""
+    items, concurrency, limit_a, limit_b = case
+    watch = Watch(concurrency, limit_a, limit_b)
+
+    async def fn(item: Item) -> int:
+        watch.enter(item)
+        try:
+            await asyncio.sleep(item.duration)
+        finally:
+            watch.exit(item)
+        if item.index in failing and len(watch.starts[item.index]) == 1:
+            raise ConnectionError(item.index)
+        return item.index
+
+    retry = Retry(
+        attempts=2, hold_slot=hold_slot, backoff=Backoff(initial=wait, maximum=wait, jitter=False)
+    )
+
+    async def main() -> None:
+        report = await batch_process(
+            items, fn, concurrency=concurrency, retry=retry, groups=groups_of(limit_a, limit_b)
+        )
+        assert [o.value for o in report.successes] == list(range(len(items)))
+        assert all(len(watch.starts[i]) == 1 + (i in failing) for i in range(len(items)))
+        assert watch.running["all"] == 0
 
     run_virtual(asyncio.wait_for(main(), 3600))
 
@@ -438,3 +475,23 @@ async def test_at_the_deadline_items_waiting_for_their_group_are_skipped() -> No
     assert report.wall_time == 15
     assert [o.kind for o in report] == ["success", "cancelled", "skipped", "skipped", "skipped"]
     assert report.stop_reason == "deadline"
+
+
+@pytest.mark.looptime
+async def test_an_item_waiting_out_its_backoff_holds_no_place() -> None:
+    """Item 0 fails at 1 and waits 5 s for its retry: its group's one place goes to item 1
+    meanwhile; the retry takes it back at 6 (when item 1 has ended)."""
+    items = [Item(0, 1, 0, 0), Item(1, 3, 0, 1)]
+    watch = Watch(2, 1, 9)
+
+    async def fn(item: Item) -> None:
+        watch.enter(item)
+        await asyncio.sleep(item.duration)
+        watch.exit(item)
+        if item.index == 0 and len(watch.starts[0]) == 1:
+            raise ConnectionError("once")
+
+    retry = Retry(attempts=2, backoff=Backoff(initial=5, maximum=5, jitter=False))
+    report = await batch_process(items, fn, concurrency=2, retry=retry, groups=groups_of(1, 9))
+    assert report.ok
+    assert watch.starts == {0: [0, 6], 1: [1]}

@@ -11,6 +11,12 @@ workers pick, among the read-ahead, the first item whose groups all have room
 head-of-line blocking within the read-ahead. A retry that holds its slot (``hold_slot=True``)
 waits in :meth:`Groups.wait_task_can_start` instead, as the user asked it to hold the slot.
 
+Scans stay cheap when the read-ahead is full of waiting items: a refusal stands until the
+:meth:`Groups.epoch` changes (a place given back, or a bucket found empty refilled; taking
+places only uses room up), so a scan resumes after the items already refused and a group found
+full is skipped at a set lookup's cost (20,000 items over 4 saturated groups, 64 workers: 1.7 s
+of CPU instead of 160 s for a full scan per waking worker).
+
 The places are given back when the attempt ends (``notify_task_finished``, whatever its
 result, also when a later meter refused it). A group's state is forgotten once no attempt
 holds a place and its bucket has refilled: a fresh state is then the same as the old one, so
