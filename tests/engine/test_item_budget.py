@@ -56,7 +56,8 @@ async def test_a_running_attempt_is_cut_when_the_budget_runs_out() -> None:
     assert report.wall_time == 5
 
 
-async def test_the_budget_spans_attempts_and_cuts_the_last_one() -> None:
+@pytest.mark.parametrize("hold_slot", [False, True])
+async def test_the_budget_spans_attempts_and_cuts_the_last_one(hold_slot: bool) -> None:
     starts: list[float] = []
 
     async def fn(x: int) -> None:
@@ -64,7 +65,7 @@ async def test_the_budget_spans_attempts_and_cuts_the_last_one() -> None:
         await asyncio.sleep(2)
         raise Flaky("upstream down")
 
-    retry = Retry(attempts=10, backoff=fixed(1))
+    retry = Retry(attempts=10, backoff=fixed(1), hold_slot=hold_slot)
     report = await batch_process([1], fn, item_budget=7, retry=retry)
     failure = only_failure(report)
     assert starts == [0, 3, 6]
@@ -76,7 +77,8 @@ async def test_the_budget_spans_attempts_and_cuts_the_last_one() -> None:
     assert failure.error.budget
 
 
-async def test_no_backoff_waits_past_the_budget() -> None:
+@pytest.mark.parametrize("hold_slot", [False, True])
+async def test_no_backoff_waits_past_the_budget(hold_slot: bool) -> None:
     """The retry would start at 7, past the budget of 6: the item ends at once, at 2, a
     timeout caused by its last error, with its history."""
 
@@ -84,7 +86,8 @@ async def test_no_backoff_waits_past_the_budget() -> None:
         await asyncio.sleep(2)
         raise Flaky("upstream down")
 
-    report = await batch_process([1], fn, item_budget=6, retry=Retry(backoff=fixed(5)))
+    retry = Retry(backoff=fixed(5), hold_slot=hold_slot)
+    report = await batch_process([1], fn, item_budget=6, retry=retry)
     failure = only_failure(report)
     assert report.wall_time == 2
     assert failure.kind == "timeout"
