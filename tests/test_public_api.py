@@ -31,6 +31,7 @@ PUBLIC = [
     "JsonValue",
     "LimitChange",
     "LimitChanged",
+    "LimitGroup",
     "LoggingObserver",
     "MemoryStateStore",
     "MissingExtra",

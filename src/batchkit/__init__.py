@@ -34,6 +34,7 @@ from ._model.policies import AsyncLimiter as AsyncLimiter
 from ._model.policies import Backoff as Backoff
 from ._model.policies import Deadline as Deadline
 from ._model.policies import FailureRatio as FailureRatio
+from ._model.policies import LimitGroup as LimitGroup
 from ._model.policies import RateLimit as RateLimit
 from ._model.policies import Retry as Retry
 from ._model.report import BatchReport as BatchReport
@@ -135,6 +136,7 @@ __all__ = [
     "JsonValue",
     "LimitChange",
     "LimitChanged",
+    "LimitGroup",
     "LoggingObserver",
     "MemoryStateStore",
     "MissingExtra",

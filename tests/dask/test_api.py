@@ -18,6 +18,8 @@ from batchkit._dask.worker import _RUNS, _Gate, _run_state, set_share
 from batchkit.dask import DaskBackend, WorkerResource, per_worker
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from batchkit._dask.wire import RunSpec
 
 
@@ -76,6 +78,28 @@ async def test_options_that_cannot_hold_across_a_cluster_are_refused() -> None:
         await batchkit.batch_process([1], quick, rate_limit=Limiter(), backend=backend)
     with pytest.raises(InvalidArgument, match="cost= is not supported"):
         await batchkit.batch_process([1], quick, cost=float, backend=backend)
+
+
+async def test_groups_and_item_budget_are_refused_on_dask_before_any_work() -> None:
+    """Not yet supported on a cluster: said before a client is used or an item is read."""
+    backend = DaskBackend(_AsyncClientStandIn())
+    groups = [batchkit.LimitGroup(by=str, concurrency=1)]
+    read: list[int] = []
+
+    def items() -> Iterator[int]:
+        read.append(1)
+        yield 1
+
+    with pytest.raises(InvalidArgument, match="groups= is not supported with the Dask backend"):
+        await batchkit.batch_process(items(), quick, groups=groups, backend=backend)
+    with pytest.raises(InvalidArgument, match="groups= is not supported with the Dask backend"):
+        batchkit.stream(items(), quick, groups=groups, backend=backend)
+    assert read == []
+    with pytest.raises(InvalidArgument, match="item_budget= is not supported with the Dask"):
+        await batchkit.batch_process(items(), quick, item_budget=5, backend=backend)
+    with pytest.raises(InvalidArgument, match="item_budget= is not supported with the Dask"):
+        batchkit.stream(items(), quick, item_budget=5, backend=backend)
+    assert read == []
 
 
 def test_worker_resources_are_only_for_code_running_in_a_dask_run() -> None:

@@ -37,7 +37,9 @@ if TYPE_CHECKING:
     from .._model.outcomes import Outcome
     from .meters.adaptive import AdaptiveMeter
     from .meters.base import Meter
+    from .meters.budget import BudgetMeter
     from .meters.deadline import DeadlineMeter
+    from .meters.groups import Groups
     from .plan import Plan
 
 __all__ = ["Engine"]
@@ -83,6 +85,8 @@ class Engine(Generic[T, R]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: Runner | None = None
         self._run: RunInfo | None = None
+        self.groups: Groups | None = None
+        self._budget: BudgetMeter | None = None
 
     def _setup(self, loop: asyncio.AbstractEventLoop) -> tuple[Meter, ...]:
         p = self._p
@@ -96,6 +100,18 @@ class Engine(Generic[T, R]):
         meters, self._adaptive, self._deadline = open_meters(
             p, loop, deadline_at, self._ledger.limit_changed
         )
+        if p.groups:
+            from .meters.groups import Groups  # lazy: start-up time
+
+            # First: an item takes its groups before it waits for the run's own limits.
+            self.groups = Groups(p.groups, loop)
+            meters = (self.groups, *meters)
+        if p.item_budget is not None:
+            from .meters.budget import BudgetMeter  # lazy: start-up time
+
+            # Last: after every wait, an attempt whose budget is spent does not start.
+            self._budget = BudgetMeter(p.item_budget, loop, p.grace, self._window.abandon)
+            meters = (*meters, self._budget)
         if not p.fn_is_async:
             from concurrent.futures import ThreadPoolExecutor  # lazy: start-up time
 
@@ -120,7 +136,7 @@ class Engine(Generic[T, R]):
             p, loop, meters=meters, watchdog=watchdog, executor=self._executor,
             on_start=window.on_start if ledger.emit_events else None, hooks=self._hooks,
         )  # fmt: skip
-        window.start(loop, self._run, self._runner, self._deadline)
+        window.start(loop, self._run, self._runner, self._deadline, self.groups, self._budget)
         if ledger.emit_events:
             limit = self._adaptive.limit if self._adaptive else p.slots
             ledger.run_started(limit, self._intake.total, self._start)

@@ -9,10 +9,11 @@ drives it with no event loop for a plain iterable.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import heapq
 import logging
 from collections.abc import AsyncIterator, Iterator, Sequence, Sized
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, final
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, final
 
 from .._model.attempt import Job
 from .._model.errors import ItemSkipped, safe_repr
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from .._model.errors import StopReason
     from .sinks import Sink
 
-__all__ = ["Intake"]
+__all__ = ["Intake", "Picker"]
 
 T = TypeVar("T")
 
@@ -33,6 +34,15 @@ _log = logging.getLogger("batchkit")
 
 def _nothing() -> None:
     pass
+
+
+class Picker(Protocol):
+    """Chooses among the read-ahead (limit groups): ``try_take`` takes what ``job`` needs to
+    start now, or nothing (False); a refusal holds until ``epoch()`` changes."""
+
+    def try_take(self, job: Job) -> bool: ...
+
+    def epoch(self) -> object: ...
 
 
 @final
@@ -75,6 +85,8 @@ class Intake(Generic[T]):
         self.keys: list[str] | None = [] if key is not None and keep_keys else None
         self._key_failed = False
         self.buffer: list[tuple[float, int, Job]] = []  # the cost-ordered read-ahead
+        self._scanned = 0  # with a picker: the read-ahead before this index was refused
+        self._scan_epoch: object = None
         self.on_error: Callable[[], None] = _nothing
 
     def open(self) -> bool:
@@ -155,9 +167,18 @@ class Intake(Generic[T]):
             self.failed(e)
         return None
 
-    async def pull(self, bad_cost: Callable[[Job, Exception], None]) -> Job | None:
+    async def pull(
+        self,
+        bad_cost: Callable[[Job, Exception], None],
+        pick: Picker | None = None,
+    ) -> Job | None:
         """The next job to start; with cost hints, the most expensive of the read-ahead (an
-        item whose hint raises goes to ``bad_cost`` instead: its failure, not the run's)."""
+        item whose hint raises goes to ``bad_cost`` instead: its failure, not the run's).
+        With ``pick`` (limit groups), the first of the read-ahead — in input order, or by cost
+        — that ``pick`` takes; ``None`` while none can start (``buffer`` then says whether
+        items wait)."""
+        if pick is not None:
+            return await self._pick(bad_cost, pick)
         cost = self.cost
         if cost is None:
             got = await self.next_item()
@@ -173,6 +194,40 @@ class Intake(Generic[T]):
             heapq.heappush(buffer, (-c, job.index, job))
         return heapq.heappop(buffer)[2] if buffer else None
 
+    async def _pick(self, bad_cost: Callable[[Job, Exception], None], pick: Picker) -> Job | None:
+        """The read-ahead as a sorted list (most expensive first, then input order; a sorted
+        list is a heap too, for :meth:`unstarted`): at most ``read_ahead`` items are held.
+
+        Items the picker refused stay refused until its ``epoch`` changes (a place given
+        back, the clock moved): the next scan starts after them, so a read-ahead full of
+        waiting items costs one scan per release, not one per worker that looks."""
+        buffer, cost = self.buffer, self.cost
+        while len(buffer) < self.read_ahead and (got := await self.next_item()):
+            job = self.take(got[0])
+            c = 0.0
+            if cost is not None:
+                try:
+                    c = float(cost(job.item))
+                except Exception as e:
+                    bad_cost(job, e)
+                    continue
+            entry = (-c, job.index, job)
+            at = bisect.bisect_right(buffer, entry)
+            buffer.insert(at, entry)
+            self._scanned = min(self._scanned, at)
+        epoch = pick.epoch()
+        start = self._scanned if epoch == self._scan_epoch else 0
+        self._scan_epoch = epoch
+        take = pick.try_take
+        for i in range(start, len(buffer)):
+            job = buffer[i][2]
+            if take(job):
+                del buffer[i]
+                self._scanned = i
+                return job
+        self._scanned = len(buffer)
+        return None
+
     def failed(self, error: Exception) -> None:
         self.error = error
         self.on_error()
@@ -187,6 +242,7 @@ class Intake(Generic[T]):
     def unstarted(self) -> list[Job]:
         """Empty the read-ahead: the jobs taken that never started, most expensive first."""
         buffer, self.buffer = self.buffer, []
+        self._scanned = 0
         return [heapq.heappop(buffer)[2] for _ in range(len(buffer))]
 
     def rest_is_known(self) -> bool:

@@ -268,12 +268,25 @@ def stopped(job: Job, reason: StopReason, now: float, *, running: bool) -> Failu
     return cancelled(job, reason, now) if running else skipped(job, reason, now)
 
 
-def timed_out(job: Job, timeout: float, now: float) -> Failure[Any]:
-    """An attempt that did not stop after its timeout's two cancellations (abandoned)."""
-    err = ItemTimeout(timeout)
+def timed_out(job: Job, timeout: float, now: float, *, budget: bool = False) -> Failure[Any]:
+    """An attempt that did not stop after its timeout's (or the item budget's, ``budget``)
+    two cancellations (abandoned)."""
+    err = ItemTimeout(timeout, budget=budget)
     history = (*job.errors, err) if job.errors else (err,)
     assert job.first_start is not None
     return Failure(job.item, err, "timeout", job.index, job.attempt, now - job.first_start, history)
+
+
+def budget_spent(job: Job, budget: float, now: float) -> Failure[Any]:
+    """The item's next attempt would start at or past its ``item_budget``: a ``timeout``
+    whose error says so, caused by the last attempt's error (kept in the history too)."""
+    assert job.errors
+    assert job.first_start is not None
+    err = ItemTimeout(budget, budget=True)
+    err.__cause__ = job.errors[-1]
+    history = (*job.errors, err)
+    return Failure(job.item, err, "timeout", job.index, len(job.errors), now - job.first_start,
+                   history)  # fmt: skip
 
 
 def bad_cost(job: Job, error: Exception) -> Failure[Any]:

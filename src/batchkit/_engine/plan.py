@@ -17,7 +17,15 @@ from .._model.options import (
     is_async_callable,
     validate,
 )
-from .._model.policies import Adaptive, AsyncLimiter, Deadline, FailureRatio, RateLimit, Retry
+from .._model.policies import (
+    Adaptive,
+    AsyncLimiter,
+    Deadline,
+    FailureRatio,
+    LimitGroup,
+    RateLimit,
+    Retry,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -55,6 +63,8 @@ class Plan:
     observers: tuple[Observer, ...]
     name: str | None
     ordered: bool = False
+    item_budget: float | None = None
+    groups: tuple[LimitGroup, ...] = ()
     window: int = 0
     """For a stream: how many items may be pulled and not yet consumed."""
     attempt_hooks: tuple[AttemptHook, ...] = ()
@@ -95,8 +105,8 @@ def make_plan(items: object, fn: object, options: Options) -> Plan:
     extra = v["buffer"]
     default = ORDERED_BUFFER_PER_SLOT * slots if v["ordered"] else slots
     window = slots + (extra if extra is not None else default)
-    if v["cost"] is not None:
-        window += read_ahead  # cost ordering needs its read-ahead inside the window
+    if v["cost"] is not None or v["groups"]:
+        window += read_ahead  # cost ordering and groups pick among the read-ahead
     return Plan(
         fn=fn,  # type: ignore[arg-type]
         fn_is_async=is_async_callable(fn),
@@ -120,6 +130,8 @@ def make_plan(items: object, fn: object, options: Options) -> Plan:
         observers=tuple(observers),
         name=v["name"],
         ordered=v["ordered"],
+        groups=v["groups"],
+        item_budget=v["item_budget"],
         window=window,
         attempt_hooks=tuple(o for o in observers if hasattr(o, "start_run")),
     )

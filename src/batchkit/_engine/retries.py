@@ -15,7 +15,7 @@ import asyncio
 import heapq
 from typing import TYPE_CHECKING, Any, final
 
-from .._model.errors import add_note, describe
+from .._model.errors import ItemTimeout, add_note, describe
 from .._model.outcomes import make_success
 from . import ledger as envelopes
 from .decide import next_retry, too_late
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .._model.policies import Retry
     from .intake import Intake
     from .ledger import Ledger
+    from .meters.budget import BudgetMeter
     from .meters.deadline import DeadlineMeter
     from .runner import Runner
     from .sinks import Sink
@@ -56,6 +57,7 @@ class Retries:
         "_stopped",
         "_stopper",
         "_wake",
+        "budget",
         "heap",
         "policy",
     )
@@ -86,6 +88,8 @@ class Retries:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: Runner | None = None
         self._deadline: DeadlineMeter | None = None
+        self.budget: BudgetMeter | None = None
+        """The ``item_budget`` meter: no retry whose backoff would reach the budget."""
 
     def start(
         self, loop: asyncio.AbstractEventLoop, runner: Runner, deadline: DeadlineMeter | None
@@ -167,6 +171,8 @@ class Retries:
         job.errors.append(error)
         job.last_kind = kind
         delay = self.delay(job, kind, error) if not self._stopper.stopping else None
+        if isinstance(error, ItemTimeout) and error.budget:
+            delay = None  # the item's budget ran out: that is its end
         deadline = self._deadline
         dropped = (
             delay is not None
@@ -176,15 +182,36 @@ class Retries:
                 expected=deadline.expected(job),
             )
         )  # fmt: skip
-        if dropped:
+        spent = self._budget_spent(job, delay, result.ended)
+        if spent and dropped:
+            # The earlier of the item's budget and the run's deadline decides.
+            assert deadline is not None
+            budget_ends = self.budget.ends_at(job) if self.budget is not None else 0.0
+            dropped = budget_ends > deadline.deadline_at
+            spent = not dropped
+        if dropped or spent:
             delay = None  # AttemptFailed does not announce a retry that will not happen
         if self._ledger.emit_events:
             self._ledger.attempt_failed(job, error, kind, delay, result.ended)
         if dropped:
             self._record(envelopes.skipped(job, "out_of_time", self._now()), job)
+        elif spent:
+            self._record(envelopes.budget_spent(job, self._budget_seconds(), result.ended), job)
         elif delay is None:
             self._record(envelopes.last_error(job, result.ended), job)
         return delay
+
+    def _budget_spent(self, job: Job, delay: float | None, now: float) -> bool:
+        """Whether a retry in ``delay`` seconds would start at or past the item's budget
+        (False when it is not retried anyway, or has no budget)."""
+        budget = self.budget
+        return (
+            delay is not None and budget is not None and now + delay + SLACK >= budget.ends_at(job)
+        )
+
+    def _budget_seconds(self) -> float:
+        assert self.budget is not None
+        return self.budget.seconds
 
     def _another_fits(self) -> bool:
         """An item was refused for ``out_of_time`` by its own ``cost=`` hint: whether an item
@@ -225,12 +252,25 @@ class Retries:
         job.ready = ready
         heapq.heappush(self.heap, job)
 
-    def ready(self, now: float) -> Job | None:
-        """The first parked job whose time has come (within the clock's resolution)."""
+    def ready(self, now: float, pick: Callable[[Job], bool] | None = None) -> Job | None:
+        """The first parked job whose time has come (within the clock's resolution); with
+        ``pick`` (limit groups), the first of those that ``pick`` takes."""
         heap = self.heap
-        if heap and heap[0].ready <= now + SLACK:
-            return heapq.heappop(heap)
-        return None
+        if pick is None:
+            if heap and heap[0].ready <= now + SLACK:
+                return heapq.heappop(heap)
+            return None
+        passed: list[Job] = []
+        found = None
+        while heap and heap[0].ready <= now + SLACK:
+            job = heapq.heappop(heap)
+            if pick(job):
+                found = job
+                break
+            passed.append(job)
+        for job in passed:
+            heapq.heappush(heap, job)
+        return found
 
     def next_at(self) -> float | None:
         """When the first parked job is due, if any."""

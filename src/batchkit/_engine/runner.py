@@ -175,10 +175,13 @@ class Runner:
         try:
             admitted, refused = await self._admit(slot, job)
         except Exception as e:
-            # A limiter's __aenter__ (user code) raised: the item's error, fn never ran.
+            # A limiter's __aenter__ (user code) raised: the item's error, fn never ran. Or
+            # the item's budget ran out before this attempt could start (a timeout).
             now = self._loop.time()
             if job.first_start is None:
                 job.first_start = now
+            if isinstance(e, ItemTimeout):
+                return AttemptResult("timeout", None, e, now, now)
             return AttemptResult("error", None, e, now, now)
         if refused is not None:
             await self._release(slot, job, admitted, None)
@@ -287,9 +290,11 @@ class Runner:
         if task.cancelling() > base:
             raise error  # ours, but the caller is cancelling too
         ended = self._loop.time()
-        if slot.cancel_kind is CancelKind.TIMEOUT:
-            assert self._plan.timeout is not None
-            timeout_error = ItemTimeout(self._plan.timeout)
+        if slot.cancel_kind is CancelKind.TIMEOUT or slot.cancel_kind is CancelKind.BUDGET:
+            budget = slot.cancel_kind is CancelKind.BUDGET
+            seconds = self._plan.item_budget if budget else self._plan.timeout
+            assert seconds is not None
+            timeout_error = ItemTimeout(seconds, budget=budget)
             timeout_error.__cause__ = error
             return AttemptResult("timeout", None, timeout_error, started, ended)
         return AttemptResult("cancelled", None, None, started, ended)
@@ -365,5 +370,7 @@ def _timed_out() -> bool:
     """Whether the attempt running in this task has been cancelled by its timeout."""
     slot = _SLOT.get()
     return (
-        slot is not None and slot.cancel_gen == slot.gen and slot.cancel_kind is CancelKind.TIMEOUT
+        slot is not None
+        and slot.cancel_gen == slot.gen
+        and slot.cancel_kind in (CancelKind.TIMEOUT, CancelKind.BUDGET)
     )

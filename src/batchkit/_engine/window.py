@@ -13,20 +13,26 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import math
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from .._model.attempt import _SLOT, CancelKind, Slot
 from . import ledger as envelopes
 from .retries import Retries
 from .waits import YIELD_EVERY_SECONDS
+from .watchdog import SLACK
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .._model.attempt import Job, RunInfo
     from .._model.errors import StopReason
     from .._model.outcomes import Outcome
     from .intake import Intake
     from .ledger import Ledger
+    from .meters.budget import BudgetMeter
     from .meters.deadline import DeadlineMeter
+    from .meters.groups import Groups
     from .plan import Plan
     from .runner import Runner
     from .sinks import Sink
@@ -78,6 +84,8 @@ class Window(Generic[T, R]):
         self._run: RunInfo | None = None
         self._runner: Runner | None = None
         self._deadline: DeadlineMeter | None = None
+        self._groups: Groups | None = None
+        self._pick: Callable[[Job], bool] | None = None  # groups.try_take
         self._base_context = contextvars.copy_context()
 
     def start(
@@ -86,9 +94,15 @@ class Window(Generic[T, R]):
         run: RunInfo,
         runner: Runner,
         deadline: DeadlineMeter | None,
+        groups: Groups | None = None,
+        budget: BudgetMeter | None = None,
     ) -> None:
         """Each worker runs in a fresh copy of the caller's context (see the runner)."""
         self._loop, self._run, self._runner, self._deadline = loop, run, runner, deadline
+        self.retries.budget = budget
+        if groups is not None:
+            self._groups, self._pick = groups, groups.try_take
+            groups.on_release = self._wake
         self.retries.start(loop, runner, deadline)
         self._base_context = contextvars.copy_context()
         self.quiet = loop.create_future()
@@ -97,7 +111,7 @@ class Window(Generic[T, R]):
         """The next item to start (waiting for an async input is cancellable by a stop)."""
         slot.cancellable = True
         try:
-            return await self._intake.pull(self._bad_cost)
+            return await self._intake.pull(self._bad_cost, self._groups)
         finally:
             slot.cancellable = False
 
@@ -150,7 +164,8 @@ class Window(Generic[T, R]):
         locals: an attribute of a local costs what an attribute of ``self`` does."""
         intake, ledger, stopper, waits = self._intake, self._ledger, self._stopper, self._waits
         grow = intake.total is None
-        pull_now = intake.pull_now if intake.it is not None and self._p.cost is None else None
+        plain = intake.it is not None and self._p.cost is None and self._pick is None
+        pull_now = intake.pull_now if plain else None
         room = None if self._sink.keeps else self._sink.room  # a batch never waits for room
         retries = self.retries
         heap = retries.heap
@@ -161,8 +176,16 @@ class Window(Generic[T, R]):
         wake_after = self._p.retry is not None
         clock = waits.clock
         put_success = self._put_success
+        pick = self._pick
         while not stopper.stopping and not slot.abandoned:
-            job = retries.ready(loop.time()) if heap else None
+            if pick is not None:
+                # Limit groups: every attempt that ends in this loop turn gives its places
+                # back before any worker picks, whatever order the loop resumes them in, so
+                # the picks are the greedy schedule's (tests/engine/test_limit_groups.py).
+                await asyncio.sleep(0)
+                assert self._groups is not None
+                self._groups.epoch()  # a bucket may have refilled since the last round
+            job = retries.ready(loop.time(), pick) if heap else None
             if job is None and (room is None or room(intake.next_index)):
                 job = pull_now() if pull_now is not None else await self._pull(slot)
                 if job is not None and grow:
@@ -213,6 +236,9 @@ class Window(Generic[T, R]):
         assert self._loop is not None
         heap = self.retries.heap
         no_room = not self._sink.room(self._intake.next_index)
+        if self._groups is not None and not no_room and self._blocked():
+            await self._waits.idle(self._groups_ready_at())
+            return True
         more_retries = self._p.retry is not None and not self._p.retry.hold_slot and self.active
         if not (heap or no_room or more_retries):
             self._wake()  # others parked for retries: the input is done, so may they be
@@ -222,6 +248,38 @@ class Window(Generic[T, R]):
             return True
         await self._waits.idle(self.retries.next_at())
         return True
+
+    def _blocked(self) -> bool:
+        """With limit groups: items wait whose groups are full (read ahead, or retries due)."""
+        assert self._loop is not None
+        heap = self.retries.heap
+        return bool(self._intake.buffer) or bool(heap and heap[0].ready <= self._now_slack())
+
+    def _now_slack(self) -> float:
+        """Now, within the clock's resolution (as the retry heap says a retry is due)."""
+        assert self._loop is not None
+        return self._loop.time() + SLACK
+
+    def _groups_ready_at(self) -> float | None:
+        """When a waiting item's groups' buckets allow it (a release wakes the workers too),
+        or a retry is due: the soonest, loop time."""
+        groups = self._groups
+        assert groups is not None
+        assert self._loop is not None
+        now, due_by = self._loop.time(), self._now_slack()
+        # A retry not due yet wakes the workers when it is; one due waits for its groups.
+        later = [job.ready for job in self.retries.heap if job.ready > due_by]
+        soonest = min(later) if later else None
+        if not groups.paced:
+            return soonest  # without buckets, only a release (it wakes the workers) makes room
+        due = [job for _, _, job in self._intake.buffer]
+        due += [job for job in self.retries.heap if job.ready <= due_by]
+        for job in due:
+            keys = groups.keys(job)
+            wait = 0.0 if isinstance(keys, BaseException) else groups.wait_for(keys)
+            if wait != math.inf and (soonest is None or now + wait < soonest):
+                soonest = now + wait
+        return soonest
 
     async def _outlive(self, slot: Slot) -> None:
         """A sync ``fn``'s thread outlived its timeout: it keeps counting against the
@@ -308,7 +366,10 @@ class Window(Generic[T, R]):
             _log.warning(
                 "batchkit: item #%d did not stop after being cancelled twice; abandoned", job.index
             )
-            if slot.cancel_kind is CancelKind.STOP or stopper.stopping or self._p.timeout is None:
+            budget = self._p.item_budget
+            if slot.cancel_kind is CancelKind.BUDGET and budget is not None:
+                self._record(envelopes.timed_out(job, budget, self._clock(), budget=True), job)
+            elif slot.cancel_kind is CancelKind.STOP or stopper.stopping or self._p.timeout is None:
                 self.stopped(job, running=slot.in_attempt)
             else:
                 self._record(envelopes.timed_out(job, self._p.timeout, self._clock()), job)

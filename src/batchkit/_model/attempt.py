@@ -40,6 +40,8 @@ class CancelKind(IntEnum):
     """The attempt ran past its ``timeout`` (the watchdog)."""
     STOP = 2
     """The run is stopping (a threshold, the deadline, the caller's cancel)."""
+    BUDGET = 3
+    """The item's ``item_budget`` ran out during the attempt."""
 
 
 AttemptKind = Literal["success", "error", "timeout", "cancelled", "refused"]
@@ -80,7 +82,18 @@ class RunInfo:
 class Job:
     """One item and its history across attempts (also an entry of the retry heap)."""
 
-    __slots__ = ("attempt", "errors", "first_start", "index", "item", "key", "last_kind", "ready")
+    __slots__ = (
+        "attempt",
+        "errors",
+        "first_start",
+        "groups",
+        "holds",
+        "index",
+        "item",
+        "key",
+        "last_kind",
+        "ready",
+    )
 
     def __init__(self, index: int, item: Any, key: str | None = None) -> None:
         self.index = index
@@ -90,6 +103,11 @@ class Job:
         """The number of the attempt that runs next (or is running), from 1."""
         self.first_start: float | None = None
         self.errors: list[BaseException] | None = None
+        # Set with ``groups=`` only (unset otherwise, so a run without groups pays nothing
+        # per item): ``groups``, the item's key in each group (or the error ``by`` raised);
+        # ``holds``, whether it holds its places in its groups now.
+        self.groups: Any
+        self.holds: bool
         # Set when an attempt fails (with ``errors``) and when it enters the retry heap:
         self.last_kind: str
         self.ready: float

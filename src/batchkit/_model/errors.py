@@ -122,11 +122,18 @@ class ItemError(BatchkitError):
 
 
 class ItemTimeout(ItemError, TimeoutError):
-    """An attempt did not finish within the per-item ``timeout``."""
+    """An attempt did not finish within the per-item ``timeout`` — or, with ``budget`` true,
+    the item's ``item_budget`` (seconds across all its attempts) ran out: ``timeout`` is then
+    the budget."""
 
-    def __init__(self, timeout: float) -> None:
-        super().__init__(f"attempt timed out after {timeout:g} s")
+    def __init__(self, timeout: float, *, budget: bool = False) -> None:
+        if budget:
+            message = f"the item's time budget ran out: item_budget={timeout:g} s, all attempts"
+        else:
+            message = f"attempt timed out after {timeout:g} s"
+        super().__init__(message)
         self.timeout = timeout
+        self.budget = budget
 
 
 def _why(reason: StopReason) -> str:

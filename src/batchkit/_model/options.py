@@ -16,7 +16,15 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypedDict, TypeVar
 
 from .errors import InvalidArgument
-from .policies import Adaptive, AsyncLimiter, Deadline, FailureRatio, RateLimit, Retry
+from .policies import (
+    Adaptive,
+    AsyncLimiter,
+    Deadline,
+    FailureRatio,
+    LimitGroup,
+    RateLimit,
+    Retry,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterable, Iterable
@@ -50,6 +58,7 @@ class Options:
 
     concurrency: int | Adaptive = DEFAULT_CONCURRENCY
     timeout: float | None = None
+    item_budget: float | None = None
     context: Callable[[], AbstractAsyncContextManager[Any]] | None = None
     key: Callable[[Any], object] | None = None
     batch_size: int | None = None
@@ -60,6 +69,7 @@ class Options:
     max_failures: int | None = None
     max_failure_ratio: float | FailureRatio | None = None
     cost: Callable[[Any], float] | None = None
+    groups: Sequence[LimitGroup] = ()
     observers: Sequence[Observer] = ()
     progress: bool = False
     name: str | None = None
@@ -104,6 +114,12 @@ class RunOptions(TypedDict, Generic[T], total=False):
     """Seconds per attempt, covering the context's enter and exit. The attempt is cancelled; the
     outcome is ``"timeout"``. ``None``: no timeout. Default: ``None``."""
 
+    item_budget: float | None
+    """Seconds per item across all its attempts and the waits between them, from its first
+    attempt's start: no attempt or backoff goes past it, a running attempt is cancelled at
+    it, and the item fails ``"timeout"`` (its error's ``budget`` is true). ``None``: no budget.
+    Default: ``None``."""
+
     key: Callable[[T], object] | None
     """Names items in logs, events and report tables; ``None``: ``#index``. Default: ``None``."""
 
@@ -136,6 +152,13 @@ class RunOptions(TypedDict, Generic[T], total=False):
     cost: Callable[[T], float] | None
     """An estimated duration per item: among the read-ahead, the most expensive starts first. A
     ``cost`` that raises fails that item. Default: ``None``."""
+
+    groups: Sequence[LimitGroup]
+    """Limits per upstream: one ``LimitGroup(by=..., concurrency=..., rate_limit=...)`` per
+    upstream an item touches. An item starts when all its groups have room and takes them
+    together; among the next ``batch_size`` items read (default 1024, the read-ahead), the
+    first whose groups have room starts, so a saturated group never holds a slot. Default:
+    ``()``."""
 
     observers: Sequence[Observer]
     """Plain callables receiving events (an ``async def`` one is refused: it would never run).
@@ -219,6 +242,10 @@ def check_timeout(value: object) -> float | None:
     return None if value is None else _seconds("timeout", value)
 
 
+def check_item_budget(value: object) -> float | None:
+    return None if value is None else _seconds("item_budget", value)
+
+
 def check_context(value: object) -> Any:
     return _callable(
         "context",
@@ -284,6 +311,23 @@ def check_cost(value: object) -> Any:
     return _callable("cost", value, "a callable taking an item")
 
 
+def check_groups(value: object) -> tuple[LimitGroup, ...]:
+    if isinstance(value, LimitGroup):
+        raise InvalidArgument(
+            "groups must be a sequence of LimitGroup, got one LimitGroup\n"
+            "HINT: groups=[LimitGroup(...)]"
+        )
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+        raise InvalidArgument(f"groups must be a sequence of batchkit.LimitGroup, got {value!r}")
+    for g in value:
+        if not isinstance(g, LimitGroup):
+            raise InvalidArgument(
+                f"every entry of groups must be batchkit.LimitGroup(...), got {g!r}\n"
+                "HINT: groups=[LimitGroup(by=lambda item: item.host, concurrency=4)]"
+            )
+    return tuple(value)
+
+
 def check_observers(value: object) -> tuple[Observer, ...]:
     if isinstance(value, str | bytes) or not isinstance(value, Sequence):
         raise InvalidArgument(f"observers must be a sequence of callables, got {value!r}")
@@ -332,6 +376,7 @@ def check_backend(value: object) -> Any:
 VALIDATORS: Final[dict[str, Callable[[object], object]]] = {
     "concurrency": check_concurrency,
     "timeout": check_timeout,
+    "item_budget": check_item_budget,
     "context": check_context,
     "key": check_key,
     "batch_size": check_batch_size,
@@ -342,6 +387,7 @@ VALIDATORS: Final[dict[str, Callable[[object], object]]] = {
     "max_failures": check_max_failures,
     "max_failure_ratio": check_max_failure_ratio,
     "cost": check_cost,
+    "groups": check_groups,
     "observers": check_observers,
     "progress": check_progress,
     "name": check_name,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, final, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, final, runtime_checkable
 
 from .errors import InvalidArgument
 from .transient import RetryOn, matches, transient
 
 if TYPE_CHECKING:
     import random  # imported when an rng is given (start-up time)
+    from collections.abc import Callable
 
 __all__ = [
     "Adaptive",
@@ -18,6 +19,7 @@ __all__ = [
     "Backoff",
     "Deadline",
     "FailureRatio",
+    "LimitGroup",
     "RateLimit",
     "Retry",
     "RetryOn",
@@ -160,6 +162,44 @@ class RateLimit:
                 "HINT: for fewer than one start a day, schedule the job instead"
             )
         _check_int("RateLimit.burst", self.burst, minimum=1)
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimitGroup:
+    """Limits per upstream (a host, a tenant, an API), for ``groups=``.
+
+    ``by(item)`` names the group an item belongs to (e.g. ``lambda m: m.exchange``), or
+    returns ``None`` for an item outside every group of this kind. Each group it names gets its
+    own ``concurrency`` (attempts of its items at once) and its own ``rate_limit`` (attempt
+    starts, as the run's ``RateLimit``), on top of the run's limits. Give one ``LimitGroup``
+    per upstream an item touches: an item starts only when every one of its groups has room,
+    and takes them all together (no partial holds). ``by`` is called once per item; if it
+    raises (or returns an unhashable key), that item fails with its error.
+    """
+
+    by: Callable[[Any], object]
+    concurrency: int | None = None
+    rate_limit: RateLimit | None = None
+
+    def __post_init__(self) -> None:
+        if not callable(self.by):
+            raise InvalidArgument(
+                f"LimitGroup.by must be a callable taking an item, got {self.by!r}\n"
+                "HINT: LimitGroup(by=lambda item: item.host, concurrency=4)"
+            )
+        if self.concurrency is not None:
+            _check_int("LimitGroup.concurrency", self.concurrency, minimum=1)
+        if self.rate_limit is not None and not isinstance(self.rate_limit, RateLimit):
+            raise InvalidArgument(
+                f"LimitGroup.rate_limit must be batchkit.RateLimit(...) or None, got "
+                f"{self.rate_limit!r}"
+            )
+        if self.concurrency is None and self.rate_limit is None:
+            raise InvalidArgument(
+                "LimitGroup limits nothing: give concurrency=, rate_limit= or both\n"
+                "HINT: LimitGroup(by=lambda item: item.host, concurrency=4)"
+            )
 
 
 @runtime_checkable
