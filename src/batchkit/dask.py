@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast, final
 
 from ._dask.events import ChunkRerun as ChunkRerun
 from ._dask.events import WorkerLost as WorkerLost
+from ._dask.spec import refuse_unsupported
 from ._dask.worker import current_run
 from ._model.errors import InvalidArgument, MissingExtra
 from ._model.errors import RemoteError as RemoteError
@@ -59,24 +60,6 @@ async def _close(client: Any) -> None:
             await client.close()
     except TimeoutError:
         logging.getLogger("batchkit.dask").debug("closing the Dask client timed out")
-
-
-def _refuse_unsupported(options: Options) -> None:
-    """Options the cluster does not honour yet, refused before any work: ``groups=`` needs
-    one place that sees every attempt of a group; ``item_budget=`` is not yet on the worker
-    side's wire."""
-    if options.item_budget is not None:
-        raise InvalidArgument(
-            "item_budget= is not supported with the Dask backend yet\nHINT: use timeout= "
-            "with Retry(attempts=...) to bound an item's time, or run without backend="
-        )
-    if options.groups:
-        raise InvalidArgument(
-            "groups= is not supported with the Dask backend yet: a group's limits would "
-            "hold per worker, not across the cluster\nHINT: run the call without backend= "
-            "(limit groups hold in this process), or split the input by upstream and pass "
-            "each part with its own concurrency="
-        )
 
 
 def _is_seconds(value: object) -> bool:
@@ -176,7 +159,7 @@ class DaskBackend:
         from ._dask.driver import run_batch
         from ._engine.plan import make_plan
 
-        _refuse_unsupported(options)
+        refuse_unsupported(options)
         if self._client is not None:
             return await run_batch(self, items, fn, options)
         make_plan(items, fn, options)  # bad arguments raise before a client is opened
@@ -188,7 +171,7 @@ class DaskBackend:
 
     def open_stream(self, items: Any, fn: Callable[..., Any], options: Options) -> Stream[Any, Any]:
         """A :class:`~batchkit.Stream` of the run on the cluster (``stream(backend=...)``)."""
-        _refuse_unsupported(options)
+        refuse_unsupported(options)
         return _AddressStream(self, items, fn, options)
 
 

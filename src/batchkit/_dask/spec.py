@@ -1,7 +1,8 @@
 """What a Dask run may be asked, and what every worker gets to run its chunks.
 
-:func:`check_options` is the one place that refuses the options the Dask backend does not
-support (and what cannot be sent to a worker); a new refusal goes there. :func:`plan_run`
+:func:`refuse_unsupported` (at the call, from the options) and :func:`check_options` (from the
+plan, with what cannot be sent to a worker) are the one place that refuses what the Dask
+backend does not support; a new refusal goes there. :func:`plan_run`
 turns the plan and the cluster's size into the chunks in flight and the :class:`RunSpec`.
 """
 
@@ -18,10 +19,29 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from .._engine.plan import Plan
+    from .._model.options import Options
     from .._model.policies import Adaptive
     from .state import RunState
 
-__all__ = ["check_options", "plan_run"]
+__all__ = ["check_options", "plan_run", "refuse_unsupported"]
+
+
+def refuse_unsupported(options: Options) -> None:
+    """Options the cluster does not honour yet, refused at the call before a client is
+    opened: ``groups=`` needs one place that sees every attempt of a group;
+    ``item_budget=`` is not yet on the worker side's wire."""
+    if options.item_budget is not None:
+        raise InvalidArgument(
+            "item_budget= is not supported with the Dask backend yet\nHINT: use timeout= "
+            "with Retry(attempts=...) to bound an item's time, or run without backend="
+        )
+    if options.groups:
+        raise InvalidArgument(
+            "groups= is not supported with the Dask backend yet: a group's limits would "
+            "hold per worker, not across the cluster\nHINT: run the call without backend= "
+            "(limit groups hold in this process), or split the input by upstream and pass "
+            "each part with its own concurrency="
+        )
 
 
 def check_options(o: Plan, fn: Callable[..., Any]) -> None:
