@@ -46,6 +46,13 @@ async def quick(x: int) -> int:
     return x
 
 
+async def slow_head(x: int) -> int:
+    """Item 0 takes a second, the rest return at once: an ordered stream waits on its chunk."""
+    if x == 0:
+        await asyncio.sleep(1.0)
+    return x
+
+
 async def hang(x: int) -> int:
     """Never ends by itself; counts how many run now and how many were cancelled."""
     _add("running")

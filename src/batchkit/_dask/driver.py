@@ -127,7 +127,11 @@ class DaskRun(Generic[T, R]):
         from .._api import stream
 
         chunks, run_chunk = self._reader.chunks(), self._inflight.run_chunk
-        outer = stream(chunks, run_chunk, concurrency=in_flight, ordered=o.ordered)
+        # buffer=in_flight: an ordered stream waiting on a slow chunk holds at most twice the
+        # chunks in flight (the default reorder buffer, 8 per slot, would hold 36 chunks).
+        outer = stream(
+            chunks, run_chunk, concurrency=in_flight, ordered=o.ordered, buffer=in_flight
+        )
         await outer.__aenter__()
         self._outer = outer
 
