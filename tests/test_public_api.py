@@ -39,6 +39,7 @@ PUBLIC = [
     "OutcomeKind",
     "ProgressObserver",
     "RateLimit",
+    "Remembered",
     "RemoteError",
     "Retry",
     "RetryOn",

@@ -76,6 +76,11 @@ async def test_options_that_cannot_hold_across_a_cluster_are_refused() -> None:
         await batchkit.batch_process([1], quick, rate_limit=Limiter(), backend=backend)
     with pytest.raises(InvalidArgument, match="cost= is not supported"):
         await batchkit.batch_process([1], quick, cost=float, backend=backend)
+    remembered = batchkit.Adaptive(
+        remember=batchkit.Remembered(store=batchkit.MemoryStateStore(), name="job")
+    )
+    with pytest.raises(InvalidArgument, match=r"Adaptive\(remember=\.\.\.\) is not supported"):
+        await batchkit.batch_process([1], quick, concurrency=remembered, backend=backend)
 
 
 def test_worker_resources_are_only_for_code_running_in_a_dask_run() -> None:
