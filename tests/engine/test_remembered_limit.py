@@ -19,6 +19,7 @@ from batchkit import (
     StateEntry,
     StateStore,
     batch_process,
+    stream,
 )
 
 from ..helpers import now
@@ -168,6 +169,17 @@ async def test_a_cancelled_run_writes_its_limit_and_the_cancel_goes_on() -> None
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    assert await remembered(store) == {"limit": 16.0}
+
+
+async def test_a_stream_left_early_writes_its_limit() -> None:
+    store = MemoryStateStore()
+    read = 0
+    async with stream(range(100), one_second, concurrency=policy(store, max=64)) as outcomes:
+        async for _ in outcomes:
+            read += 1
+            if read == 10:  # at t=2: slow start has taken the limit 4 -> 8 -> 16
+                break
     assert await remembered(store) == {"limit": 16.0}
 
 
