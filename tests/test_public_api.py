@@ -40,6 +40,7 @@ PUBLIC = [
     "OutcomeKind",
     "ProgressObserver",
     "RateLimit",
+    "Remembered",
     "RemoteError",
     "Retry",
     "RetryOn",

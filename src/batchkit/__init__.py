@@ -36,6 +36,7 @@ from ._model.policies import Deadline as Deadline
 from ._model.policies import FailureRatio as FailureRatio
 from ._model.policies import LimitGroup as LimitGroup
 from ._model.policies import RateLimit as RateLimit
+from ._model.policies import Remembered as Remembered
 from ._model.policies import Retry as Retry
 from ._model.report import BatchReport as BatchReport
 from ._model.report import InputFailed as InputFailed
@@ -145,6 +146,7 @@ __all__ = [
     "OutcomeKind",
     "ProgressObserver",
     "RateLimit",
+    "Remembered",
     "RemoteError",
     "Retry",
     "RetryOn",

@@ -78,6 +78,11 @@ async def test_options_that_cannot_hold_across_a_cluster_are_refused() -> None:
         await batchkit.batch_process([1], quick, rate_limit=Limiter(), backend=backend)
     with pytest.raises(InvalidArgument, match="cost= is not supported"):
         await batchkit.batch_process([1], quick, cost=float, backend=backend)
+    remembered = batchkit.Adaptive(
+        remember=batchkit.Remembered(store=batchkit.MemoryStateStore(), name="job")
+    )
+    with pytest.raises(InvalidArgument, match=r"Adaptive\(remember=\.\.\.\) is not supported"):
+        await batchkit.batch_process([1], quick, concurrency=remembered, backend=backend)
 
 
 async def test_groups_and_item_budget_are_refused_on_dask_before_any_work() -> None:

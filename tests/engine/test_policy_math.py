@@ -11,9 +11,11 @@ from batchkit import Adaptive, Backoff
 from batchkit._engine.backoff import backoff_ceiling, retry_after_hint, retry_delay
 from batchkit._engine.meters.adaptive_math import (
     AimdState,
+    blend,
     is_stuck,
     on_overload,
     on_success,
+    resumed,
 )
 from batchkit._engine.meters.rate_math import reserve
 
@@ -139,3 +141,21 @@ def test_a_stale_signal_does_not_cut_twice(policy: Adaptive, latency: float) -> 
     assert on_overload(cut, policy, started=5.5, now=6.5) == cut
     assert not is_stuck(cut, policy, started=5.5, now=100.0)
     assert is_stuck(cut, policy, started=6.0, now=6.0 + policy.latency_factor * latency * 1.01)
+
+
+limits = st.floats(0.01, 1e6)
+
+
+@given(st.integers(1, 100), st.integers(0, 100), limits, limits, st.floats(0.01, 1))
+def test_a_remembered_start_stays_in_bounds_and_a_run_moves_it_by_weight(
+    low: int, extra: int, before: float, final: float, weight: float
+) -> None:
+    policy = Adaptive(initial=low, min=low, max=low + extra)
+    start = resumed(policy, before)
+    assert policy.min <= start.limit <= policy.max
+    assert start.ceiling == math.inf  # no slow start
+    after = blend(before, final, weight)
+    # Between the two, and never more than weight of the way: one bad run cannot erase it.
+    assert min(before, final) - 1e-9 <= after <= max(before, final) + 1e-9
+    assert abs(after - before) <= weight * abs(final - before) * (1 + 1e-9) + 1e-9
+    assert blend(None, final, weight) == final

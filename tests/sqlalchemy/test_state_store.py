@@ -21,7 +21,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from batchkit import InvalidArgument, JsonValue, MemoryStateStore, StateEntry, StateStore
+from batchkit import (
+    Adaptive,
+    InvalidArgument,
+    JsonValue,
+    MemoryStateStore,
+    Remembered,
+    StateEntry,
+    StateStore,
+    batch_process,
+)
 from batchkit.sqlalchemy import SQLAlchemyStateStore, state_table
 
 from ._db import HANG_GUARD, dispose, make_engine
@@ -518,3 +527,40 @@ async def test_a_clock_that_gives_ints_is_fine(store: StateStore, clock: Clock) 
         assert got is not None
         assert type(got.updated_at) is float
         assert got.updated_at == 1_234.0
+
+
+# ------------------------------------------------------------------- remembered limits
+async def test_adaptive_remembers_its_limit_in_a_sql_store(db_url: str) -> None:
+    """Two cron ticks, each with its own engine (as two processes would have): the second
+    starts from the limit the first ended at. A fixed limit in the first keeps it exact in
+    real time."""
+
+    async def fn(i: int) -> int:
+        return i
+
+    def adaptive(store: StateStore, initial: int, min: int = 1, max: int = 8) -> Adaptive:
+        return Adaptive(
+            remember=Remembered(store=store, name="prices"), initial=initial, min=min, max=max
+        )
+
+    first_engine = make_engine(db_url)
+    try:
+        store = SQLAlchemyStateStore(first_engine)
+        first = await batch_process(
+            range(10), fn, concurrency=adaptive(store, initial=5, min=5, max=5)
+        )
+    finally:
+        await dispose(first_engine)
+    assert first.concurrency == 5
+
+    second_engine = make_engine(db_url)
+    try:
+        store = SQLAlchemyStateStore(second_engine)
+        no_items: list[int] = []
+        second = await batch_process(no_items, fn, concurrency=adaptive(store, initial=1, max=8))
+        entry = await store.get("batchkit/adaptive/prices")
+    finally:
+        await dispose(second_engine)
+    assert second.concurrency == 5
+    assert entry is not None
+    assert (entry.value, entry.version) == ({"limit": 5.0}, 2)

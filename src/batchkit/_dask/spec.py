@@ -53,6 +53,12 @@ def check_options(o: Plan, fn: Callable[..., Any]) -> None:
             f"object ({o.limiter!r}) would be copied to every worker and limit each "
             "alone\nHINT: pass RateLimit(per_second=...); batchkit splits it among workers"
         )
+    if o.adaptive is not None and o.adaptive.remember is not None:
+        raise InvalidArgument(
+            "Adaptive(remember=...) is not supported with the Dask backend: each chunk adapts "
+            "its own limit on a worker, so there is no one limit to remember\nHINT: drop "
+            "remember= on Dask, or run the job with the local engine"
+        )
     if o.cost is not None:
         raise InvalidArgument(
             "cost= is not supported with the Dask backend yet\nHINT: sort the input by "

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
 
     from .._model.outcomes import Outcome
+    from .._model.policies import Remembered
     from .meters.adaptive import AdaptiveMeter
     from .meters.base import Meter
     from .meters.budget import BudgetMeter
@@ -81,6 +82,7 @@ class Engine(Generic[T, R]):
         self._executor: ThreadPoolExecutor | None = None
         self._deadline: DeadlineMeter | None = None
         self._adaptive: AdaptiveMeter | None = None
+        self._first_limit = plan.adaptive.initial if plan.adaptive else plan.slots
         self._start = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: Runner | None = None
@@ -124,8 +126,21 @@ class Engine(Generic[T, R]):
 
     async def run(self) -> BatchReport[T, R]:
         p = self._p
+        memory = p.adaptive.remember if p.adaptive is not None else None
+        remembered = None
+        if memory is not None:
+            from .meters.adaptive import recall  # lazy: start-up time
+
+            remembered = await recall(memory)  # before any item starts
         loop = self._loop = asyncio.get_running_loop()
         meters = self._setup(loop)
+        if remembered is not None:
+            from .meters.adaptive_math import resumed
+
+            assert self._adaptive is not None
+            assert p.adaptive is not None
+            self._adaptive.resume(resumed(p.adaptive, remembered))
+            self._first_limit = self._adaptive.limit
         window = self._window
         assert self._run is not None
         watchdog = None
@@ -148,8 +163,19 @@ class Engine(Generic[T, R]):
             await self._supervise()
             completed = True
         finally:
-            await self._teardown(watch_task, completed)
+            try:
+                await self._teardown(watch_task, completed)
+            finally:
+                if memory is not None:
+                    await self._remember(memory)
         return self._finish()
+
+    async def _remember(self, memory: Remembered) -> None:
+        """On every way out (a caller's cancel goes on after it): the final limit."""
+        from .meters.adaptive import remember  # lazy: start-up time
+
+        assert self._adaptive is not None
+        await remember(memory, self._adaptive.state.limit)
 
     async def _supervise(self) -> None:
         """Start the workers and wait until every one has ended or been abandoned."""
@@ -216,7 +242,7 @@ class Engine(Generic[T, R]):
         return BatchReport(
             outcomes=self._sink.outcomes(),
             wall_time=wall,
-            concurrency=self._p.adaptive.initial if self._p.adaptive else self._p.slots,
+            concurrency=self._first_limit,
             peak_concurrency=runner.peak if runner else 0,
             stop_reason=self._stopper.reason,
             input_exhausted=self._intake.exhausted,

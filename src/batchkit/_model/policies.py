@@ -7,11 +7,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, final, runtime_checkable
 
 from .errors import InvalidArgument
+from .state import check_key
 from .transient import RetryOn, matches, transient
 
 if TYPE_CHECKING:
     import random  # imported when an rng is given (start-up time)
     from collections.abc import Callable
+
+    from .state import StateStore
 
 __all__ = [
     "Adaptive",
@@ -21,6 +24,7 @@ __all__ = [
     "FailureRatio",
     "LimitGroup",
     "RateLimit",
+    "Remembered",
     "Retry",
     "RetryOn",
 ]
@@ -265,6 +269,66 @@ class FailureRatio:
 
 @final
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Remembered:
+    """Where :class:`Adaptive` keeps its limit between runs: ``Adaptive(remember=...)``.
+
+    Before the first item starts, the run reads the remembered limit from ``store`` and starts
+    there (kept within the run's ``[min, max]``, and without slow start), instead of at
+    ``initial``. When the run ends — completed, stopped, or cancelled by the caller — it
+    moves the remembered limit ``weight`` of the way towards its own final limit, so one bad
+    tick (an outage that cut the limit to ``min``) moves the next start only part of the way.
+    The first run, with nothing remembered, starts at ``initial`` and remembers its final
+    limit as it is.
+
+    A store that fails (a read or a write raising an ``Exception``) never fails the run: the
+    run logs a warning on the ``batchkit`` logger and starts from ``initial`` (read) or keeps
+    its report (write). A cancellation is never swallowed.
+
+    Attributes:
+        store: Any :class:`~batchkit.StateStore`, e.g. ``SQLAlchemyStateStore(engine)`` for
+            cron jobs (a new process every tick).
+        name: The job's name; the limit is kept under the key ``"batchkit/adaptive/<name>"``.
+            Runs with the same name share one remembered limit.
+        weight: How far one run's final limit moves the remembered one, in ``(0, 1]``:
+            ``remembered + weight * (final - remembered)``. ``1`` remembers the last run only.
+    """
+
+    store: StateStore
+    name: str
+    weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        missing = [
+            m for m in ("get", "compare_and_set") if not callable(getattr(self.store, m, None))
+        ]
+        if missing:
+            raise InvalidArgument(
+                f"Remembered.store must be a StateStore, got {self.store!r} (no "
+                f"{', '.join(missing)})\nHINT: pass MemoryStateStore() or "
+                "batchkit.sqlalchemy.SQLAlchemyStateStore(engine)"
+            )
+        name: object = self.name
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument(
+                f"Remembered.name must be a non-empty str, got {self.name!r}\n"
+                "HINT: name the job, e.g. name='prices'"
+            )
+        check_key(self.key)
+        w: object = self.weight
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 0 < w <= 1:
+            raise InvalidArgument(
+                f"Remembered.weight must be a number in (0, 1], got {w!r}\n"
+                "HINT: 0.5 moves the remembered limit half way to each run's final one"
+            )
+
+    @property
+    def key(self) -> str:
+        """The store key that holds the limit."""
+        return f"batchkit/adaptive/{self.name}"
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Adaptive:
     """An adaptive concurrency limit (AIMD), for ``concurrency=``.
 
@@ -277,6 +341,9 @@ class Adaptive:
     by ``decrease``, once per round: signals from attempts launched before the last cut are
     not counted again. The limit always stays within ``[min, max]``; the report's
     ``limit_changes`` records every move.
+
+    With ``remember=Remembered(store=..., name=...)`` a run starts from the limit earlier runs
+    ended at (see :class:`Remembered`), and the report's ``concurrency`` is that start.
     """
 
     initial: int = 4
@@ -285,6 +352,7 @@ class Adaptive:
     decrease: float = 0.75
     latency_factor: float = 2.0
     overload_on: RetryOn | None = None
+    remember: Remembered | None = None
 
     def __post_init__(self) -> None:
         _check_int("Adaptive.min", self.min, minimum=1)
@@ -303,6 +371,11 @@ class Adaptive:
                 "Adaptive.overload_on",
                 self.overload_on,
                 "overload_on=(RateLimited,) or a predicate, e.g. lambda e: isinstance(e, Busy)",
+            )
+        if self.remember is not None and not isinstance(self.remember, Remembered):
+            raise InvalidArgument(
+                f"Adaptive.remember must be a Remembered, got {self.remember!r}\n"
+                "HINT: remember=Remembered(store=store, name='prices')"
             )
 
     def is_overload(self, error: Exception) -> bool:

@@ -66,7 +66,8 @@ class BatchReport(Generic[T, R]):
     wall_time: float
     """Seconds from the call's start to its end (loop time)."""
     concurrency: int
-    """The concurrency limit the run started with (for adaptive limits: the initial one)."""
+    """The concurrency limit the run started with (for adaptive limits: ``initial``, or the
+    remembered limit with ``Adaptive(remember=...)``)."""
     peak_concurrency: int
     """The most items that were ever in flight at once."""
     stop_reason: StopReason | None = None

@@ -1,13 +1,16 @@
 """``Adaptive`` concurrency as a meter: a gate that lets at most ``limit`` attempts run, and
-moves the limit by the AIMD math of ``_adaptive`` as attempts end (or get stuck)."""
+moves the limit by the AIMD math of ``_adaptive`` as attempts end (or get stuck); and the
+limit remembered between runs (``Adaptive(remember=...)``): :func:`recall` before a run,
+:func:`remember` after it."""
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from typing import TYPE_CHECKING, final
 
 from ..._model.errors import add_note, describe
-from .adaptive_math import AimdState, is_stuck, on_overload, on_success
+from .adaptive_math import AimdState, blend, is_stuck, on_overload, on_success, recalled
 
 if TYPE_CHECKING:
     import asyncio
@@ -15,9 +18,16 @@ if TYPE_CHECKING:
 
     from ..._model.attempt import AttemptResult, Job, Slot
     from ..._model.errors import StopReason
-    from ..._model.policies import Adaptive
+    from ..._model.policies import Adaptive, Remembered
+    from ..._model.state import JsonValue
 
-__all__ = ["AdaptiveMeter"]
+__all__ = ["AdaptiveMeter", "recall", "remember"]
+
+_log = logging.getLogger("batchkit")
+
+# Writers of one key that race (overlapping ticks) each re-read and blend again; after this
+# many lost races the run gives up writing (and logs it) rather than delay its return.
+_WRITE_TRIES = 5
 
 
 @final
@@ -96,6 +106,11 @@ class AdaptiveMeter:
         if len(starts) > 2 * self._policy.max + 64:
             self._starts = deque(s for s in starts if s[1].gen == s[2])
 
+    def resume(self, state: AimdState) -> None:
+        """Start from a remembered limit instead of ``initial`` (before any attempt)."""
+        self.state = state
+        self.limit = int(state.limit)
+
     def _set(self, state: AimdState, now: float, reason: str) -> None:
         self.state = state
         new, old = int(state.limit), self.limit
@@ -122,3 +137,44 @@ def _is_overload(policy: Adaptive, error: Exception) -> bool:
         add_note(error, f"batchkit: Adaptive.overload_on raised {describe(e)}; not counted "
                         "as an overload")  # fmt: skip
         return False
+
+
+async def recall(memory: Remembered) -> float | None:
+    """The remembered limit, or ``None`` when there is none or the store fails (logged)."""
+    try:
+        entry = await memory.store.get(memory.key)
+    except Exception as e:
+        _log.warning(
+            "batchkit: could not read the remembered limit %r (%s); starting from initial",
+            memory.key, describe(e),
+        )  # fmt: skip
+        return None
+    if entry is None:
+        return None
+    limit = recalled(entry.value)
+    if limit is None:
+        _log.warning(
+            "batchkit: the remembered limit %r holds %r, not {'limit': <number>}; "
+            "starting from initial",
+            memory.key, entry.value,
+        )  # fmt: skip
+    return limit
+
+
+async def remember(memory: Remembered, final: float) -> None:
+    """Blend a run's final limit into the remembered one by compare-and-set (another process
+    may write the same key); a store that fails is logged, never raised."""
+    store, key = memory.store, memory.key
+    try:
+        for _ in range(_WRITE_TRIES):
+            entry = await store.get(key)
+            before = recalled(entry.value) if entry is not None else None
+            value: JsonValue = {"limit": blend(before, final, memory.weight)}
+            if await store.compare_and_set(key, value, expected=entry.version if entry else 0):
+                return
+        _log.warning(
+            "batchkit: the remembered limit %r was not written: %d other writers won the race",
+            key, _WRITE_TRIES,
+        )  # fmt: skip
+    except Exception as e:
+        _log.warning("batchkit: could not write the remembered limit %r (%s)", key, describe(e))

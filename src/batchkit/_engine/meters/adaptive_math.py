@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ..._model.policies import Adaptive
 
-__all__ = ["AimdState", "is_stuck", "on_overload", "on_success"]
+__all__ = ["AimdState", "blend", "is_stuck", "on_overload", "on_success", "recalled", "resumed"]
 
 # Near the limit where the upstream last broke down, grow this many times slower: probing
 # past a known cliff costs every request launched above it (32 measured best against a
@@ -73,3 +73,26 @@ def is_stuck(state: AimdState, policy: Adaptive, started: float, now: float) -> 
         and started >= state.last_decrease
         and now - started > policy.latency_factor * baseline
     )
+
+
+def recalled(value: object) -> float | None:
+    """The limit in a remembered value (``{"limit": 8.5}``), or ``None`` if it holds none."""
+    limit = value.get("limit") if isinstance(value, dict) else None
+    if isinstance(limit, bool) or not isinstance(limit, int | float) or not limit > 0:
+        return None
+    return float(limit) if limit < float("inf") else None
+
+
+def resumed(policy: Adaptive, remembered: float) -> AimdState:
+    """The state a run starts in from a remembered limit: within ``[min, max]``, and past
+    slow start (an infinite ceiling: +1 per round trip, no known cliff yet)."""
+    limit = min(float(policy.max), max(float(policy.min), remembered))
+    return AimdState(limit=limit, ceiling=float("inf"))
+
+
+def blend(remembered: float | None, final: float, weight: float) -> float:
+    """What to remember after a run that ended at ``final``: ``weight`` of the way from the
+    remembered limit, so one bad run moves the next start only part of the way."""
+    if remembered is None:
+        return final
+    return remembered + weight * (final - remembered)
