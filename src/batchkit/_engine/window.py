@@ -13,18 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import math
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from .._model.attempt import _SLOT, CancelKind, Slot
 from . import ledger as envelopes
+from .picks import GroupPicks
 from .retries import Retries
 from .waits import YIELD_EVERY_SECONDS
-from .watchdog import SLACK
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from .._model.attempt import Job, RunInfo
     from .._model.errors import StopReason
     from .._model.outcomes import Outcome
@@ -84,8 +81,7 @@ class Window(Generic[T, R]):
         self._run: RunInfo | None = None
         self._runner: Runner | None = None
         self._deadline: DeadlineMeter | None = None
-        self._groups: Groups | None = None
-        self._pick: Callable[[Job], bool] | None = None  # groups.try_take
+        self._picks: GroupPicks | None = None  # with limit groups (picks.py)
         self._base_context = contextvars.copy_context()
 
     def start(
@@ -101,7 +97,7 @@ class Window(Generic[T, R]):
         self._loop, self._run, self._runner, self._deadline = loop, run, runner, deadline
         self.retries.budget = budget
         if groups is not None:
-            self._groups, self._pick = groups, groups.try_take
+            self._picks = GroupPicks(groups, self._intake, self.retries, loop)
             groups.on_release = self._wake
         self.retries.start(loop, runner, deadline)
         self._base_context = contextvars.copy_context()
@@ -109,9 +105,10 @@ class Window(Generic[T, R]):
 
     async def _pull(self, slot: Slot) -> Job | None:
         """The next item to start (waiting for an async input is cancellable by a stop)."""
+        groups = self._picks.groups if self._picks is not None else None
         slot.cancellable = True
         try:
-            return await self._intake.pull(self._bad_cost, self._groups)
+            return await self._intake.pull(self._bad_cost, groups)
         finally:
             slot.cancellable = False
 
@@ -164,7 +161,8 @@ class Window(Generic[T, R]):
         locals: an attribute of a local costs what an attribute of ``self`` does."""
         intake, ledger, stopper, waits = self._intake, self._ledger, self._stopper, self._waits
         grow = intake.total is None
-        plain = intake.it is not None and self._p.cost is None and self._pick is None
+        picks = self._picks
+        plain = intake.it is not None and self._p.cost is None and picks is None
         pull_now = intake.pull_now if plain else None
         room = None if self._sink.keeps else self._sink.room  # a batch never waits for room
         retries = self.retries
@@ -176,15 +174,10 @@ class Window(Generic[T, R]):
         wake_after = self._p.retry is not None
         clock = waits.clock
         put_success = self._put_success
-        pick = self._pick
+        pick = picks.take if picks is not None else None
         while not stopper.stopping and not slot.abandoned:
-            if pick is not None:
-                # Limit groups: every attempt that ends in this loop turn gives its places
-                # back before any worker picks, whatever order the loop resumes them in, so
-                # the picks are the greedy schedule's (tests/engine/test_limit_groups.py).
-                await asyncio.sleep(0)
-                assert self._groups is not None
-                self._groups.epoch()  # a bucket may have refilled since the last round
+            if picks is not None:
+                await picks.round()  # the places of attempts ended this turn are back
             job = retries.ready(loop.time(), pick) if heap else None
             if job is None and (room is None or room(intake.next_index)):
                 job = pull_now() if pull_now is not None else await self._pull(slot)
@@ -236,8 +229,9 @@ class Window(Generic[T, R]):
         assert self._loop is not None
         heap = self.retries.heap
         no_room = not self._sink.room(self._intake.next_index)
-        if self._groups is not None and not no_room and self._blocked():
-            await self._waits.idle(self._groups_ready_at())
+        picks = self._picks
+        if picks is not None and not no_room and picks.blocked():
+            await self._waits.idle(picks.ready_at())
             return True
         more_retries = self._p.retry is not None and not self._p.retry.hold_slot and self.active
         if not (heap or no_room or more_retries):
@@ -248,38 +242,6 @@ class Window(Generic[T, R]):
             return True
         await self._waits.idle(self.retries.next_at())
         return True
-
-    def _blocked(self) -> bool:
-        """With limit groups: items wait whose groups are full (read ahead, or retries due)."""
-        assert self._loop is not None
-        heap = self.retries.heap
-        return bool(self._intake.buffer) or bool(heap and heap[0].ready <= self._now_slack())
-
-    def _now_slack(self) -> float:
-        """Now, within the clock's resolution (as the retry heap says a retry is due)."""
-        assert self._loop is not None
-        return self._loop.time() + SLACK
-
-    def _groups_ready_at(self) -> float | None:
-        """When a waiting item's groups' buckets allow it (a release wakes the workers too),
-        or a retry is due: the soonest, loop time."""
-        groups = self._groups
-        assert groups is not None
-        assert self._loop is not None
-        now, due_by = self._loop.time(), self._now_slack()
-        # A retry not due yet wakes the workers when it is; one due waits for its groups.
-        later = [job.ready for job in self.retries.heap if job.ready > due_by]
-        soonest = min(later) if later else None
-        if not groups.paced:
-            return soonest  # without buckets, only a release (it wakes the workers) makes room
-        due = [job for _, _, job in self._intake.buffer]
-        due += [job for job in self.retries.heap if job.ready <= due_by]
-        for job in due:
-            keys = groups.keys(job)
-            wait = 0.0 if isinstance(keys, BaseException) else groups.wait_for(keys)
-            if wait != math.inf and (soonest is None or now + wait < soonest):
-                soonest = now + wait
-        return soonest
 
     async def _outlive(self, slot: Slot) -> None:
         """A sync ``fn``'s thread outlived its timeout: it keeps counting against the
@@ -334,11 +296,6 @@ class Window(Generic[T, R]):
         reason = self._ledger.record(outcome, job)
         if reason is not None:
             self.stop(reason)
-
-    def _skip(self, job: Job, reason: StopReason) -> None:
-        """``job``'s next attempt does not start (its cost, or its retry, does not fit before
-        the deadline)."""
-        self._record(envelopes.skipped(job, reason, self._clock()), job)
 
     def stopped(self, job: Job, *, running: bool) -> None:
         """The run stopped around ``job``: ``cancelled`` if it was running, else ``skipped``."""
