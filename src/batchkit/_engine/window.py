@@ -14,7 +14,7 @@ import asyncio
 import contextvars
 import logging
 import math
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .._model.attempt import _SLOT, CancelKind, Slot
 from . import ledger as envelopes
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from .._model.attempt import Job, RunInfo
     from .._model.errors import StopReason
-    from .._model.outcomes import Outcome
+    from .._model.outcomes import Failure, Outcome
     from .intake import Intake
     from .ledger import Ledger
     from .meters.budget import BudgetMeter
@@ -236,9 +236,11 @@ class Window(Generic[T, R]):
         assert self._loop is not None
         heap = self.retries.heap
         no_room = not self._sink.room(self._intake.next_index)
-        if self._groups is not None and not no_room and self._blocked():
-            await self._waits.idle(self._groups_ready_at())
-            return True
+        if self._groups is not None and not no_room:
+            now, buffer = self._loop.time(), self._intake.buffer
+            if _blocked(heap, buffer, now):
+                await self._waits.idle(_groups_ready_at(self._groups, heap, buffer, now))
+                return True
         more_retries = self._p.retry is not None and not self._p.retry.hold_slot and self.active
         if not (heap or no_room or more_retries):
             self._wake()  # others parked for retries: the input is done, so may they be
@@ -248,38 +250,6 @@ class Window(Generic[T, R]):
             return True
         await self._waits.idle(self.retries.next_at())
         return True
-
-    def _blocked(self) -> bool:
-        """With limit groups: items wait whose groups are full (read ahead, or retries due)."""
-        assert self._loop is not None
-        heap = self.retries.heap
-        return bool(self._intake.buffer) or bool(heap and heap[0].ready <= self._now_slack())
-
-    def _now_slack(self) -> float:
-        """Now, within the clock's resolution (as the retry heap says a retry is due)."""
-        assert self._loop is not None
-        return self._loop.time() + SLACK
-
-    def _groups_ready_at(self) -> float | None:
-        """When a waiting item's groups' buckets allow it (a release wakes the workers too),
-        or a retry is due: the soonest, loop time."""
-        groups = self._groups
-        assert groups is not None
-        assert self._loop is not None
-        now, due_by = self._loop.time(), self._now_slack()
-        # A retry not due yet wakes the workers when it is; one due waits for its groups.
-        later = [job.ready for job in self.retries.heap if job.ready > due_by]
-        soonest = min(later) if later else None
-        if not groups.paced:
-            return soonest  # without buckets, only a release (it wakes the workers) makes room
-        due = [job for _, _, job in self._intake.buffer]
-        due += [job for job in self.retries.heap if job.ready <= due_by]
-        for job in due:
-            keys = groups.keys(job)
-            wait = 0.0 if isinstance(keys, BaseException) else groups.wait_for(keys)
-            if wait != math.inf and (soonest is None or now + wait < soonest):
-                soonest = now + wait
-        return soonest
 
     async def _outlive(self, slot: Slot) -> None:
         """A sync ``fn``'s thread outlived its timeout: it keeps counting against the
@@ -335,11 +305,6 @@ class Window(Generic[T, R]):
         if reason is not None:
             self.stop(reason)
 
-    def _skip(self, job: Job, reason: StopReason) -> None:
-        """``job``'s next attempt does not start (its cost, or its retry, does not fit before
-        the deadline)."""
-        self._record(envelopes.skipped(job, reason, self._clock()), job)
-
     def stopped(self, job: Job, *, running: bool) -> None:
         """The run stopped around ``job``: ``cancelled`` if it was running, else ``skipped``."""
         reason: StopReason = self._stopper.reason or "fail_fast"
@@ -366,13 +331,10 @@ class Window(Generic[T, R]):
             _log.warning(
                 "batchkit: item #%d did not stop after being cancelled twice; abandoned", job.index
             )
-            budget = self._p.item_budget
-            if slot.cancel_kind is CancelKind.BUDGET and budget is not None:
-                self._record(envelopes.timed_out(job, budget, self._clock(), budget=True), job)
-            elif slot.cancel_kind is CancelKind.STOP or stopper.stopping or self._p.timeout is None:
-                self.stopped(job, running=slot.in_attempt)
-            else:
-                self._record(envelopes.timed_out(job, self._p.timeout, self._clock()), job)
+            reason: StopReason = stopper.reason or "fail_fast"
+            self._record(
+                _abandoned(self._p, slot, job, reason, stopper.stopping, self._clock()), job
+            )
         self._live.discard(slot)
         self.check_quiet()
         if not stopper.stopping:
@@ -384,3 +346,42 @@ class Window(Generic[T, R]):
 
     def in_flight(self) -> int:
         return self._runner.in_flight if self._runner is not None else 0
+
+
+# Limit groups' waits, outside the Window: pure functions of the waiting jobs and the time.
+def _blocked(heap: list[Job], buffer: list[tuple[float, int, Job]], now: float) -> bool:
+    """With limit groups: items wait whose groups are full (read ahead, or retries due)."""
+    return bool(buffer) or bool(heap and heap[0].ready <= now + SLACK)
+
+
+def _groups_ready_at(
+    groups: Groups, heap: list[Job], buffer: list[tuple[float, int, Job]], now: float
+) -> float | None:
+    """When a waiting item's groups' buckets allow it (a release wakes the workers too),
+    or a retry is due: the soonest, loop time. ``now + SLACK`` is now within the clock's
+    resolution (as the retry heap says a retry is due)."""
+    due_by = now + SLACK
+    # A retry not due yet wakes the workers when it is; one due waits for its groups.
+    later = [job.ready for job in heap if job.ready > due_by]
+    soonest = min(later) if later else None
+    if not groups.paced:
+        return soonest  # without buckets, only a release (it wakes the workers) makes room
+    due = [job for _, _, job in buffer]
+    due += [job for job in heap if job.ready <= due_by]
+    for job in due:
+        keys = groups.keys(job)
+        wait = 0.0 if isinstance(keys, BaseException) else groups.wait_for(keys)
+        if wait != math.inf and (soonest is None or now + wait < soonest):
+            soonest = now + wait
+    return soonest
+
+
+def _abandoned(
+    plan: Plan, slot: Slot, job: Job, reason: StopReason, stopping: bool, now: float
+) -> Failure[Any]:
+    """The envelope of an item whose work did not stop: what its cancel was for."""
+    if slot.cancel_kind is CancelKind.BUDGET and plan.item_budget is not None:
+        return envelopes.timed_out(job, plan.item_budget, now, budget=True)
+    if slot.cancel_kind is CancelKind.STOP or stopping or plan.timeout is None:
+        return envelopes.stopped(job, reason, now, running=slot.in_attempt)
+    return envelopes.timed_out(job, plan.timeout, now)
