@@ -19,8 +19,8 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m predictions demo
 
-# .pre-commit-config.yaml's hooks over every tracked file (ruff, ruff format, codespell); mypy is
-# `make typecheck`. The hooks run the venv's tools, so they go first on PATH.
+# .pre-commit-config.yaml's hooks over every tracked file (ruff, ruff format, codespell, pylint's
+# duplicate-code check of _engine against _dask); mypy is `make typecheck`. The hooks run the venv's tools, so they go first on PATH.
 lint: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" SKIP=mypy $(PY) -m pre_commit run --all-files --show-diff-on-failure
 

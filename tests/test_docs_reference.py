@@ -4,11 +4,9 @@ errors and extras on a page is the code's list."""
 
 from __future__ import annotations
 
-import ast
 import builtins
 import dataclasses
 import inspect
-import itertools
 import re
 import tomllib
 from typing import Any, get_args
@@ -18,6 +16,7 @@ import pytest
 import batchkit
 from batchkit._model.options import Options, StreamOptions
 from batchkit._model.outcomes import KINDS
+from tests import options_table
 from tests.docs_examples import ROOT, pages
 from tests.docs_examples import no_implicit_loop as no_implicit_loop
 
@@ -75,24 +74,6 @@ def test_options_table_follows_the_signature_order() -> None:
     assert list(_table()) == list(_signature_defaults())
 
 
-def _key_docstrings() -> dict[str, str]:
-    """Each ``RunOptions`` / ``StreamOptions`` key's docstring (the string after it), read
-    from the source as an IDE reads it."""
-    source = (ROOT / "src" / "batchkit" / "_model" / "options.py").read_text(encoding="utf-8")
-    docs: dict[str, str] = {}
-    for node in ast.parse(source).body:
-        if isinstance(node, ast.ClassDef) and node.name in ("RunOptions", "StreamOptions"):
-            for field, doc in itertools.pairwise(node.body):
-                if (
-                    isinstance(field, ast.AnnAssign)
-                    and isinstance(field.target, ast.Name)
-                    and isinstance(doc, ast.Expr)
-                    and isinstance(doc.value, ast.Constant)
-                ):
-                    docs[field.target.id] = " ".join(str(doc.value.value).split())
-    return docs
-
-
 def _as_docstring(markdown: str) -> str:
     """A table cell as the docstring says it: links dropped, code in reST's double ticks."""
     text = re.sub(r"\[(`[^`]+`)\]\[[\w.]+\]", r"\1", markdown)
@@ -102,13 +83,36 @@ def _as_docstring(markdown: str) -> str:
 
 def test_every_keyword_is_documented_on_its_typeddict_key_as_in_the_table() -> None:
     """What an IDE shows on hover (the key's docstring) is the reference's row."""
-    docs = _key_docstrings()
+    docs = options_table.key_docstrings()
     assert set(docs) == set(StreamOptions.__annotations__), "a keyword without a docstring"
     for name, (default, meaning) in _table_rows().items():
         if name in ("items", "fn", "context"):
             continue  # parameters of the functions themselves, not TypedDict keys
         expected = f"{_as_docstring(meaning)} Default: {_as_docstring(default)}."
         assert docs[name] == expected, f"{name}: the docstring and options.md differ"
+
+
+def test_the_options_table_is_generated_from_the_typeddict_docstrings() -> None:
+    page = OPTIONS.read_text(encoding="utf-8")
+    assert options_table.render_table() in page, (
+        "docs/reference/options.md's table is not what the keywords' docstrings make: edit the "
+        "docstring in src/batchkit/_model/options.py, then run `python -m tests.options_table`"
+    )
+
+
+def test_a_changed_docstring_changes_the_generated_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = options_table.render_table()
+    real = options_table.key_docstrings
+
+    def changed() -> dict[str, str]:
+        docs = real()
+        docs["retry"] = docs["retry"].replace("one attempt", "two attempts")
+        return docs
+
+    monkeypatch.setattr(options_table, "key_docstrings", changed)
+    after = options_table.render_table()
+    assert after != before
+    assert "`None`: two attempts per item." in after
 
 
 def test_stream_takes_every_keyword_of_batch_process() -> None:

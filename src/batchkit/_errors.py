@@ -1,7 +1,7 @@
 """Where pickles made before the move to rooms look for the errors (``batchkit._errors``).
 
 Pickles made since name ``batchkit.ItemTimeout`` and so on; this module only lets older ones
-load (``tests/test_pickles.py`` loads a fixture made by the old layout). Import from
+load (``tests/model/test_pickles.py`` loads a fixture made by the old layout). Import from
 ``batchkit``.
 """
 

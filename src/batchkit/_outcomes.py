@@ -2,7 +2,7 @@
 (``batchkit._outcomes``).
 
 Pickles made since name ``batchkit.Success`` and so on; this module only lets older ones load
-(``tests/test_pickles.py`` loads a fixture made by the old layout). Import from ``batchkit``.
+(``tests/model/test_pickles.py`` loads a fixture made by the old layout). Import from ``batchkit``.
 """
 
 from ._model.outcomes import Failure as Failure

@@ -2,7 +2,7 @@
 (``batchkit._store``): a pickled :class:`~batchkit.BatchReport` holds its columns.
 
 Pickles made since name ``batchkit._model.store``; this module only lets older ones load
-(``tests/test_pickles.py`` loads a fixture made by the old layout).
+(``tests/model/test_pickles.py`` loads a fixture made by the old layout).
 """
 
 from ._model.store import OutcomeStore as OutcomeStore
