@@ -192,3 +192,18 @@ def test_without_weight_the_unweighted_meter_is_used() -> None:
         assert [type(m) for m in meters] == [WeightedRateMeter]
     finally:
         loop.close()
+
+
+@pytest.mark.looptime
+async def test_a_weight_that_raises_fails_only_that_item_with_its_error() -> None:
+    async def fn(item: dict[str, int]) -> int:
+        return item["tokens"]
+
+    policy = RateLimit(per_second=1, burst=5, weight=lambda item: item["tokens"])
+    report = await batch_process([{"tokens": 1}, {}, {"tokens": 2}], fn, rate_limit=policy)
+    outcomes = list(report)
+    assert [type(o) for o in outcomes] == [Success, Failure, Success]
+    failure = outcomes[1]
+    assert isinstance(failure, Failure)
+    assert failure.kind == "error"
+    assert isinstance(failure.error, KeyError)
