@@ -78,6 +78,9 @@ async def test_options_that_cannot_hold_across_a_cluster_are_refused() -> None:
         await batchkit.batch_process([1], quick, rate_limit=Limiter(), backend=backend)
     with pytest.raises(InvalidArgument, match="cost= is not supported"):
         await batchkit.batch_process([1], quick, cost=float, backend=backend)
+    weighted = batchkit.RateLimit(per_second=10, burst=100, weight=float)
+    with pytest.raises(InvalidArgument, match=r"RateLimit\(weight=\.\.\.\) is not supported"):
+        await batchkit.batch_process([1], quick, rate_limit=weighted, backend=backend)
     remembered = batchkit.Adaptive(
         remember=batchkit.Remembered(store=batchkit.MemoryStateStore(), name="job")
     )

@@ -53,6 +53,13 @@ def check_options(o: Plan, fn: Callable[..., Any]) -> None:
             f"object ({o.limiter!r}) would be copied to every worker and limit each "
             "alone\nHINT: pass RateLimit(per_second=...); batchkit splits it among workers"
         )
+    if o.rate_limit is not None and o.rate_limit.weight is not None:
+        raise InvalidArgument(
+            "RateLimit(weight=...) is not supported with the Dask backend yet: each worker "
+            "holds a share of the bucket, and a weight above a share could never start\n"
+            "HINT: run the call without backend= (the bucket is in this process), or drop "
+            "weight= and give per_second= in items"
+        )
     if o.adaptive is not None and o.adaptive.remember is not None:
         raise InvalidArgument(
             "Adaptive(remember=...) is not supported with the Dask backend: each chunk adapts "

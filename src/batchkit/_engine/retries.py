@@ -218,6 +218,9 @@ class Retries:
         read ahead (or waiting to retry) may still fit. Then only that item is skipped; else
         nothing more fits, judged on what was read (``batch_size=`` items ahead)."""
         deadline = self._deadline
+        if deadline is not None and deadline.by_weight:
+            deadline.by_weight = False
+            return True  # refused by its weight: each item's own weight decides for it
         if deadline is None or not deadline.by_hint:
             return False  # by the run's observed durations: nothing fits
         fits = deadline.fits

@@ -153,10 +153,17 @@ class RateLimit:
     A token bucket that starts with ``burst`` tokens (default 1: no start-up burst at all) and
     refills continuously. Applies to every attempt, retries included, judged on the times
     attempts really start (a busy event loop never releases a bunch of overdue turns at once).
+
+    ``weight(item)`` (e.g. ``lambda p: p.tokens``) makes each attempt start take that many
+    tokens instead of one: ``per_second`` and ``burst`` then count weight (LLM tokens, bytes).
+    It must return a number > 0 and at most ``burst``; otherwise that item fails with
+    ``InvalidArgument`` (it could never be granted). Under a ``Deadline``, an item whose
+    weight cannot be granted before the deadline is skipped (``out_of_time``).
     """
 
     per_second: float
     burst: int = 1
+    weight: Callable[[Any], float] | None = None
 
     def __post_init__(self) -> None:
         _check_number("RateLimit.per_second", self.per_second)
@@ -166,6 +173,11 @@ class RateLimit:
                 "HINT: for fewer than one start a day, schedule the job instead"
             )
         _check_int("RateLimit.burst", self.burst, minimum=1)
+        if self.weight is not None and not callable(self.weight):
+            raise InvalidArgument(
+                f"RateLimit.weight must be a callable taking an item, got {self.weight!r}\n"
+                "HINT: RateLimit(per_second=1500, burst=90_000, weight=lambda p: p.tokens)"
+            )
 
 
 @final
@@ -198,6 +210,11 @@ class LimitGroup:
             raise InvalidArgument(
                 f"LimitGroup.rate_limit must be batchkit.RateLimit(...) or None, got "
                 f"{self.rate_limit!r}"
+            )
+        if self.rate_limit is not None and self.rate_limit.weight is not None:
+            raise InvalidArgument(
+                "LimitGroup.rate_limit does not take weight= yet: a group's bucket counts "
+                "attempt starts\nHINT: put the weighted RateLimit on the call's rate_limit="
             )
         if self.concurrency is None and self.rate_limit is None:
             raise InvalidArgument(

@@ -38,16 +38,22 @@ def open_meters(
 
         adaptive = AdaptiveMeter(plan.adaptive, loop, on_limit)
         meters.append(adaptive)
-    if plan.rate_limit is not None:
-        from .rate import RateMeter
-
-        meters.append(RateMeter(plan.rate_limit, loop))
     if deadline_at is not None:
         from .deadline import DeadlineMeter
 
         deadline = DeadlineMeter(
             deadline_at, loop, timeout=plan.timeout, fit_timeout=plan.fit_timeout, cost=plan.cost
         )
+    if plan.rate_limit is not None:
+        if plan.rate_limit.weight is None:
+            from .rate import RateMeter
+
+            meters.append(RateMeter(plan.rate_limit, loop))
+        else:
+            from .rate import WeightedRateMeter
+
+            meters.append(WeightedRateMeter(plan.rate_limit, loop, deadline))
+    if deadline is not None:
         meters.append(deadline)
     if plan.limiter is not None:
         from .limiter import LimiterMeter

@@ -39,6 +39,7 @@ class DeadlineMeter:
         "_since",
         "_timeout",
         "by_hint",
+        "by_weight",
         "deadline_at",
     )
 
@@ -61,6 +62,9 @@ class DeadlineMeter:
         self._since = 0
         self.by_hint = False
         """Whether the last ``out_of_time`` refusal came from the item's own ``cost=``."""
+        self.by_weight = False
+        """Whether it came from the item's ``RateLimit.weight``, not granted in time (set by
+        the weighted rate meter): a lighter item may still go, so only this one is skipped."""
 
     def expected(self, job: Job) -> float:
         """How long the next attempt of ``job`` is expected to take (0: no idea)."""
@@ -91,6 +95,7 @@ class DeadlineMeter:
 
     async def wait_task_can_start(self, slot: Slot, job: Job) -> StopReason | None:
         now = self._loop.time()
+        self.by_weight = False
         if now + SLACK >= self.deadline_at:
             return "deadline"
         if now + self.expected(job) > self.deadline_at + SLACK:

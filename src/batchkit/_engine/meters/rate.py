@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, final
 
+from ..._model.errors import InvalidArgument, safe_repr
 from .rate_math import TokenBucket
 
 if TYPE_CHECKING:
@@ -12,8 +14,9 @@ if TYPE_CHECKING:
     from ..._model.attempt import AttemptResult, Job, Slot
     from ..._model.errors import StopReason
     from ..._model.policies import RateLimit
+    from .deadline import DeadlineMeter
 
-__all__ = ["RateMeter"]
+__all__ = ["RateMeter", "WeightedRateMeter"]
 
 
 @final
@@ -30,6 +33,64 @@ class RateMeter:
     async def wait_task_can_start(self, slot: Slot, job: Job) -> StopReason | None:
         await self._bucket.wait_turn(self._loop)
         return None
+
+    def notify_task_started(self, slot: Slot, job: Job, now: float) -> None:
+        return None
+
+    async def notify_task_finished(
+        self, slot: Slot, job: Job, result: AttemptResult | None
+    ) -> None:
+        return None
+
+
+@final
+class WeightedRateMeter:
+    """``RateLimit(weight=...)``: as :class:`RateMeter`, each start taking the item's weight
+    (a class of its own so that the unweighted path stays as it is)."""
+
+    __slots__ = ("_bucket", "_burst", "_deadline", "_loop", "_weight")
+
+    def __init__(
+        self, policy: RateLimit, loop: asyncio.AbstractEventLoop, deadline: DeadlineMeter | None
+    ) -> None:
+        assert policy.weight is not None
+        self._loop = loop
+        self._bucket = TokenBucket.of(policy, loop.time())
+        self._burst = policy.burst
+        self._weight = policy.weight
+        self._deadline = deadline
+
+    async def wait_task_can_start(self, slot: Slot, job: Job) -> StopReason | None:
+        weight = self.weigh(job.item)
+        deadline = self._deadline
+        until = deadline.deadline_at if deadline is not None else None
+        if await self._bucket.wait_weighted(self._loop, weight, until):
+            return None
+        assert deadline is not None
+        deadline.by_weight = True  # this item's own weight does not fit: a lighter one may
+        return "out_of_time"
+
+    def weigh(self, item: object) -> float:
+        """The item's weight; ``InvalidArgument`` (that item's error) if it is no number
+        > 0, or more than the bucket holds (it would wait forever)."""
+        weight: object = self._weight(item)  # user code: check what it really returned
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not math.isfinite(weight)
+            or weight <= 0
+        ):
+            raise InvalidArgument(
+                f"RateLimit.weight must return a finite number > 0, got {safe_repr(weight)} "
+                "for this item\nHINT: weigh each item by what the quota counts, e.g. its tokens"
+            )
+        if weight > self._burst:
+            raise InvalidArgument(
+                f"RateLimit.weight {weight!r} of this item is larger than RateLimit.burst="
+                f"{self._burst}: the bucket never holds that much, so it could never start\n"
+                "HINT: raise burst= to the largest weight, or split the item"
+            )
+        return float(weight)
 
     def notify_task_started(self, slot: Slot, job: Job, now: float) -> None:
         return None

@@ -4,6 +4,10 @@ The state is one number, ``tat``: the theoretical arrival time of the next start
 reserved at ``now`` may begin at ``max(tat, now) - tolerance``; each start pushes ``tat`` one
 ``interval`` further. ``tolerance = (burst - 1) * interval`` is what allows ``burst`` starts at
 once, and no more: a fresh bucket does not hand out a start-up burst beyond ``burst``.
+
+A start of weight ``w`` (``RateLimit(weight=...)``) is ``w`` starts at once: it may begin at
+``max(tat, now) + (w - 1) * interval - tolerance`` and pushes ``tat`` by ``w`` intervals;
+``w = 1`` is the rule above. A weight above ``burst`` could never begin.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ..._model.policies import RateLimit
 
-__all__ = ["TokenBucket", "reserve"]
+__all__ = ["TokenBucket", "reserve", "reserve_weighted"]
 
 _EPSILON = 1e-9
 
@@ -26,6 +30,16 @@ def reserve(tat: float, now: float, interval: float, tolerance: float) -> tuple[
     # Sums of intervals drift by ulps; a nanosecond early is on time.
     wait = allowed - now if allowed - now > _EPSILON else 0.0
     return base + interval, wait
+
+
+def reserve_weighted(
+    tat: float, now: float, interval: float, tolerance: float, weight: float
+) -> tuple[float, float]:
+    """Reserve a start of ``weight`` tokens (at most ``burst``). As :func:`reserve`."""
+    base = tat if tat > now else now
+    allowed = base + (weight - 1.0) * interval - tolerance
+    wait = allowed - now if allowed - now > _EPSILON else 0.0
+    return base + weight * interval, wait
 
 
 class TokenBucket:
@@ -69,4 +83,28 @@ class TokenBucket:
                 wait = self.take(loop.time())
                 if wait <= 0.0:
                     return
+                await asyncio.sleep(wait)
+
+    def take_weighted(self, now: float, weight: float) -> float:
+        """As :meth:`take`, for a start of ``weight`` tokens."""
+        tat, wait = reserve_weighted(self.tat, now, self.interval, self.tolerance, weight)
+        if wait <= 0.0:
+            self.tat = tat
+        return wait
+
+    async def wait_weighted(
+        self, loop: asyncio.AbstractEventLoop, weight: float, until: float | None
+    ) -> bool:
+        """As :meth:`wait_turn`, for a start of ``weight`` tokens; False (nothing taken) if
+        it could only be granted after ``until`` (the run's deadline)."""
+        if not self._lock.locked() and self.take_weighted(loop.time(), weight) <= 0.0:
+            return True
+        async with self._lock:
+            while True:
+                now = loop.time()
+                wait = self.take_weighted(now, weight)
+                if wait <= 0.0:
+                    return True
+                if until is not None and now + wait > until:
+                    return False
                 await asyncio.sleep(wait)
