@@ -23,6 +23,7 @@ from ._model.errors import ItemSkipped as ItemSkipped
 from ._model.errors import ItemTimeout as ItemTimeout
 from ._model.errors import MissingExtra as MissingExtra
 from ._model.errors import RemoteError as RemoteError
+from ._model.errors import SkipReason as SkipReason
 from ._model.errors import StopReason as StopReason
 from ._model.outcomes import Failure as Failure
 from ._model.outcomes import FailureKind as FailureKind
@@ -32,6 +33,7 @@ from ._model.outcomes import Success as Success
 from ._model.policies import Adaptive as Adaptive
 from ._model.policies import AsyncLimiter as AsyncLimiter
 from ._model.policies import Backoff as Backoff
+from ._model.policies import Breaker as Breaker
 from ._model.policies import Deadline as Deadline
 from ._model.policies import FailureRatio as FailureRatio
 from ._model.policies import LimitGroup as LimitGroup
@@ -118,6 +120,7 @@ __all__ = [
     "Backoff",
     "BatchReport",
     "BatchkitError",
+    "Breaker",
     "ContextFactory",
     "Deadline",
     "DeadlineHit",
@@ -153,6 +156,7 @@ __all__ = [
     "RunFinished",
     "RunStarted",
     "RunStopping",
+    "SkipReason",
     "StateEntry",
     "StateStore",
     "StopReason",

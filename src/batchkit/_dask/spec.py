@@ -66,6 +66,12 @@ def check_options(o: Plan, fn: Callable[..., Any]) -> None:
             "its own limit on a worker, so there is no one limit to remember\nHINT: drop "
             "remember= on Dask, or run the job with the local engine"
         )
+    if o.breaker is not None:
+        raise InvalidArgument(
+            "breaker= is not supported with the Dask backend yet: its circuits live in the "
+            "local engine's workers\nHINT: drop breaker= on Dask, or run the job with the "
+            "local engine"
+        )
     if o.cost is not None:
         raise InvalidArgument(
             "cost= is not supported with the Dask backend yet\nHINT: sort the input by "

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from .._model.policies import Remembered
     from .meters.adaptive import AdaptiveMeter
     from .meters.base import Meter
+    from .meters.breaker import BreakerMeter, Circuits
     from .meters.budget import BudgetMeter
     from .meters.deadline import DeadlineMeter
     from .meters.groups import Groups
@@ -89,8 +90,11 @@ class Engine(Generic[T, R]):
         self._run: RunInfo | None = None
         self.groups: Groups | None = None
         self._budget: BudgetMeter | None = None
+        self._breaker: BreakerMeter | None = None
 
-    def _setup(self, loop: asyncio.AbstractEventLoop) -> tuple[Meter, ...]:
+    def _setup(
+        self, loop: asyncio.AbstractEventLoop, circuits: Circuits | None = None
+    ) -> tuple[Meter, ...]:
         p = self._p
         self._start = start = loop.time()
         self._stopper.loop = loop
@@ -108,6 +112,12 @@ class Engine(Generic[T, R]):
             # First: an item takes its groups before it waits for the run's own limits.
             self.groups = Groups(p.groups, loop)
             meters = (self.groups, *meters)
+        if circuits is not None:
+            from .meters.breaker import BreakerMeter  # lazy: start-up time
+
+            # First of all: an item of an open circuit waits for nothing and takes nothing.
+            self._breaker = BreakerMeter(circuits, loop)
+            meters = (self._breaker, *meters)
         if p.item_budget is not None:
             from .meters.budget import BudgetMeter  # lazy: start-up time
 
@@ -132,8 +142,14 @@ class Engine(Generic[T, R]):
             from .meters.adaptive import recall  # lazy: start-up time
 
             remembered = await recall(memory)  # before any item starts
+        circuits = None
+        if p.breaker is not None:
+            from .meters.breaker import Circuits  # lazy: start-up time
+
+            circuits = Circuits(p.breaker)
+            await circuits.load()  # before any item starts
         loop = self._loop = asyncio.get_running_loop()
-        meters = self._setup(loop)
+        meters = self._setup(loop, circuits)
         if remembered is not None:
             from .meters.adaptive_math import resumed
 
@@ -168,6 +184,8 @@ class Engine(Generic[T, R]):
             finally:
                 if memory is not None:
                     await self._remember(memory)
+                if self._breaker is not None:
+                    await self._breaker.close()
         return self._finish()
 
     async def _remember(self, memory: Remembered) -> None:

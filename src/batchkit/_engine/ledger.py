@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     from .._model.attempt import Job
-    from .._model.errors import StopReason
+    from .._model.errors import SkipReason, StopReason
     from .._model.events import Event, Observer
     from .._model.outcomes import Outcome
     from .._model.policies import FailureRatio
@@ -237,7 +237,7 @@ def last_error(job: Job, now: float) -> Failure[Any]:
     )
 
 
-def skipped(job: Job, reason: StopReason, now: float) -> Failure[Any]:
+def skipped(job: Job, reason: SkipReason, now: float) -> Failure[Any]:
     """``job``'s next attempt does not start: ``skipped``, with the errors of the attempts
     it made (the last one is the new error's ``__cause__``)."""
     if not job.errors:

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
     from .._model.events import Observer
+    from .._model.policies import Breaker
     from .._model.seams import AttemptHook
 
 __all__ = ["Plan", "make_plan"]
@@ -68,6 +69,7 @@ class Plan:
     window: int = 0
     """For a stream: how many items may be pulled and not yet consumed."""
     attempt_hooks: tuple[AttemptHook, ...] = ()
+    breaker: Breaker | None = None
     """Observers that also hook into every attempt (``batchkit.otel.OpenTelemetry``)."""
 
 
@@ -134,4 +136,5 @@ def make_plan(items: object, fn: object, options: Options) -> Plan:
         item_budget=v["item_budget"],
         window=window,
         attempt_hooks=tuple(o for o in observers if hasattr(o, "start_run")),
+        breaker=v["breaker"],
     )

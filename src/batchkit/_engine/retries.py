@@ -155,6 +155,9 @@ class Retries:
         kind, error = result.kind, result.error
         if kind == "refused":
             assert result.reason is not None
+            if result.reason == "circuit_open":  # only this item: its circuit is open
+                self._record(envelopes.skipped(job, "circuit_open", self._now()), job)
+                return None
             if result.reason == "out_of_time" and self._another_fits():
                 # This item's own cost= does not fit: only it is skipped.
                 self._record(envelopes.skipped(job, "out_of_time", self._now()), job)

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from .._model.attempt import Job, Slot
-    from .._model.errors import StopReason
+    from .._model.errors import SkipReason
     from .._model.events import Observer
     from .._model.seams import RunHook
     from .meters.base import Meter
@@ -141,7 +141,7 @@ class Runner:
             self._call = self._sync_call
 
     # -- admission ---------------------------------------------------------------------
-    async def _admit(self, slot: Slot, job: Job) -> tuple[int, StopReason | None]:
+    async def _admit(self, slot: Slot, job: Job) -> tuple[int, SkipReason | None]:
         """Ask every meter in turn; returns how many admitted and why one refused."""
         admitted = 0
         try:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from concurrent.futures import Future
     from contextvars import Context
 
-    from .errors import StopReason
+    from .errors import SkipReason
 
 __all__ = [
     "Attempt",
@@ -56,7 +56,7 @@ class AttemptResult(NamedTuple):
     error: BaseException | None
     started: float
     ended: float
-    reason: StopReason | None = None
+    reason: SkipReason | None = None
 
 
 @final
@@ -84,6 +84,7 @@ class Job:
 
     __slots__ = (
         "attempt",
+        "circuit",
         "errors",
         "first_start",
         "groups",
@@ -108,6 +109,7 @@ class Job:
         # ``holds``, whether it holds its places in its groups now.
         self.groups: Any
         self.holds: bool
+        self.circuit: str  # its circuit, set with ``breaker=`` only (when first admitted)
         # Set when an attempt fails (with ``errors``) and when it enters the retry heap:
         self.last_kind: str
         self.ready: float

@@ -35,6 +35,7 @@ __all__ = [
     "ItemTimeout",
     "MissingExtra",
     "RemoteError",
+    "SkipReason",
     "StopReason",
     "add_note",
     "describe",
@@ -47,6 +48,10 @@ StopReason = Literal[
 """Why a run stopped starting items before its input was done. ``out_of_time``: before the
 deadline, nothing more could finish in time (see :class:`~batchkit.Deadline`); ``cancelled``:
 the caller cancelled the call (or left a ``stream`` block early)."""
+
+SkipReason = StopReason | Literal["circuit_open"]
+"""Why an item was skipped: the run stopped (a :data:`StopReason`), or, for that item alone,
+its circuit breaker was open (``circuit_open``; see :class:`~batchkit.Breaker`)."""
 
 
 # -- user objects that misbehave: text about them never raises ------------------------------
@@ -156,14 +161,16 @@ class ItemSkipped(ItemError):
     ``errors``; ``__cause__`` is the last one): a retry dropped for the deadline is
     ``ItemSkipped("out_of_time", attempts=n)``."""
 
-    def __init__(self, reason: StopReason, attempts: int = 0) -> None:
+    def __init__(self, reason: SkipReason, attempts: int = 0) -> None:
         if reason == "out_of_time":
             why = "it could not finish before the deadline (out_of_time)"
+        elif reason == "circuit_open":
+            why = "its circuit breaker is open (circuit_open)"
         else:
             why = _why(reason)
         what = f"attempt {attempts + 1} of this item" if attempts else "this item"
         super().__init__(f"skipped: {what} did not start: {why}")
-        self.reason: StopReason = reason
+        self.reason: SkipReason = reason
         self.attempts = attempts
 
 

@@ -19,6 +19,7 @@ from .errors import InvalidArgument
 from .policies import (
     Adaptive,
     AsyncLimiter,
+    Breaker,
     Deadline,
     FailureRatio,
     LimitGroup,
@@ -76,6 +77,7 @@ class Options:
     ordered: bool = False
     buffer: int | None = None
     backend: Backend | None = None
+    breaker: Breaker | None = None
 
 
 class Backend(Protocol):
@@ -174,6 +176,11 @@ class RunOptions(TypedDict, Generic[T], total=False):
     """Where the items run: ``None`` is this process's event loop; a backend object (the internal
     ``Backend`` protocol) runs them elsewhere with the same options and report. Default:
     ``None``."""
+
+    breaker: Breaker | None
+    """A ``Breaker``: circuits that open after consecutive failures and skip their items
+    (reason ``circuit_open``) until a probe succeeds, kept between runs in a state store.
+    Default: ``None``."""
 
 
 class StreamOptions(RunOptions[T], total=False):
@@ -373,6 +380,15 @@ def check_backend(value: object) -> Any:
     return value
 
 
+def check_breaker(value: object) -> Breaker | None:
+    if value is not None and not isinstance(value, Breaker):
+        raise InvalidArgument(
+            f"breaker must be batchkit.Breaker(...) or None, got {value!r}\n"
+            "HINT: breaker=Breaker(MemoryStateStore(), name='prices-api')"
+        )
+    return value
+
+
 VALIDATORS: Final[dict[str, Callable[[object], object]]] = {
     "concurrency": check_concurrency,
     "timeout": check_timeout,
@@ -394,6 +410,7 @@ VALIDATORS: Final[dict[str, Callable[[object], object]]] = {
     "ordered": check_ordered,
     "buffer": check_buffer,
     "backend": check_backend,
+    "breaker": check_breaker,
 }
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import time
+from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, final, runtime_checkable
 
 from .errors import InvalidArgument
@@ -20,6 +21,7 @@ __all__ = [
     "Adaptive",
     "AsyncLimiter",
     "Backoff",
+    "Breaker",
     "Deadline",
     "FailureRatio",
     "LimitGroup",
@@ -342,6 +344,86 @@ class Remembered:
     def key(self) -> str:
         """The store key that holds the limit."""
         return f"batchkit/adaptive/{self.name}"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Breaker:
+    """A circuit breaker kept between runs: ``breaker=Breaker(store, name=...)``.
+
+    A circuit (one per ``by(item)`` value, or one for the whole run when ``by`` is ``None``)
+    opens after ``open_after`` consecutive failed attempts of the kinds in ``on``. While it
+    is open its items end ``skipped`` with the reason ``circuit_open`` (not counted by
+    ``max_failures``, ``max_failure_ratio`` or ``fail_fast``). ``cool_down`` seconds after it
+    opened it is half-open: one probe attempt at a time; its success closes the circuit, its
+    failure opens it again for another ``cool_down``.
+
+    The circuits are read from ``store`` before the first item starts and written back when
+    one opens and when the run ends (merged by compare-and-set), so runs and processes that
+    share the store share the circuits, with no store round trip per item. A store that
+    fails never fails the run: a warning is logged and the run goes on with closed circuits
+    (read) or keeps its report (write).
+
+    Attributes:
+        store: Any :class:`~batchkit.StateStore`.
+        name: The breaker's name; its circuits are kept under ``"batchkit/breaker/<name>"``.
+        by: The circuit of an item (its value is turned into a ``str``); ``None``: one circuit.
+        open_after: Consecutive failed attempts that open a circuit (``>= 1``).
+        cool_down: Seconds an open circuit waits before its probe (``>= 0``).
+        on: The attempt kinds that count as failures: ``"error"``, ``"timeout"`` or both.
+        clock: Seconds since the epoch, what opening times are kept in (``time.time``; a
+            test passes its own).
+    """
+
+    store: StateStore
+    _: KW_ONLY
+    name: str
+    by: Callable[[Any], object] | None = None
+    open_after: int = 5
+    cool_down: float = 30.0
+    on: tuple[str, ...] = ("error", "timeout")
+    clock: Callable[[], float] = field(default=time.time, repr=False)
+
+    def __post_init__(self) -> None:
+        missing = [
+            m for m in ("get", "compare_and_set") if not callable(getattr(self.store, m, None))
+        ]
+        if missing:
+            raise InvalidArgument(
+                f"Breaker.store must be a StateStore, got {self.store!r} (no "
+                f"{', '.join(missing)})\nHINT: pass MemoryStateStore() or "
+                "batchkit.sqlalchemy.SQLAlchemyStateStore(engine)"
+            )
+        name: object = self.name
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument(
+                f"Breaker.name must be a non-empty str, got {self.name!r}\n"
+                "HINT: name the upstream, e.g. name='prices-api'"
+            )
+        check_key(self.key)
+        if self.by is not None and not callable(self.by):
+            raise InvalidArgument(f"Breaker.by must be a callable or None, got {self.by!r}")
+        n: object = self.open_after
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InvalidArgument(
+                f"Breaker.open_after must be an int >= 1, got {n!r}\n"
+                "HINT: open_after=5 opens after five failures in a row"
+            )
+        c: object = self.cool_down
+        if isinstance(c, bool) or not isinstance(c, int | float) or not 0 <= c < math.inf:
+            raise InvalidArgument(f"Breaker.cool_down must be seconds >= 0, got {c!r}")
+        on: object = self.on
+        if not isinstance(on, tuple) or not on or not all(k in ("error", "timeout") for k in on):
+            raise InvalidArgument(
+                f"Breaker.on must be a non-empty tuple of 'error' and 'timeout', got {on!r}"
+            )
+        if not callable(self.clock):
+            raise InvalidArgument(f"Breaker.clock must be a callable, got {self.clock!r}")
+
+    @property
+    def key(self) -> str:
+        """The store key that holds the circuits."""
+        return f"batchkit/breaker/{self.name}"
 
 
 @final

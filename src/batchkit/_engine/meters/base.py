@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from ..._model.attempt import AttemptResult, Job, Slot
-    from ..._model.errors import StopReason
+    from ..._model.errors import SkipReason
 
 __all__ = ["Meter"]
 
 
 class Meter(Protocol):
-    async def wait_task_can_start(self, slot: Slot, job: Job) -> StopReason | None: ...
+    async def wait_task_can_start(self, slot: Slot, job: Job) -> SkipReason | None: ...
 
     def notify_task_started(self, slot: Slot, job: Job, now: float) -> None: ...
 
