@@ -1,6 +1,6 @@
-"""The circuit breaker of a run, a meter (``breaker=Breaker(...)``): its circuits, read from the store
-before the first item and written back when one opens and when the run ends, held in memory
-in between (no store round trip per item)."""
+"""The circuit breaker of a run, a meter (``breaker=Breaker(...)``): its circuits, read from
+the store before the first item and written back when one opens and when the run ends, held
+in memory in between (no store round trip per item)."""
 
 from __future__ import annotations
 
