@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING
 
 import pytest
-from benchmarks import worker
+from benchmarks import simulated, worker
 from benchmarks.__main__ import main
 from benchmarks._report import evaluate
 from benchmarks._scenarios import greedy_makespan, scenario
@@ -161,3 +161,32 @@ async def test_rss_meter_sees_a_64mb_allocation(monkeypatch: pytest.MonkeyPatch)
     result = await worker.measure("stream_memory", "stream", "smoke")
     assert result["valid"], result
     assert result["rss_delta_mb"] >= ALLOC_MB * 0.95, result
+
+
+# -- the simulated scenarios (issue 25): virtual time, so exact and fast -------------------
+@pytest.mark.timeout(60)
+def test_limit_groups_keep_the_slow_upstream_at_4_and_a_global_limit_does_not() -> None:
+    rows = {r.setup: r for r in simulated.groups_rows(40)}
+    assert set(rows) == set(simulated.GROUP_SETUPS)
+    assert all(r.succeeded == r.n == 40 for r in rows.values())
+    assert rows["groups"].peak_slow == simulated.SLOW_LIMIT
+    assert rows["global_4"].peak_slow <= simulated.SLOW_LIMIT
+    assert rows["global_36"].peak_slow > simulated.SLOW_LIMIT
+    # Groups beat the global limit that keeps the slow upstream safe.
+    assert rows["groups"].makespan < rows["global_4"].makespan
+    assert rows["groups"].makespan >= rows["groups"].lower_bound
+
+
+@pytest.mark.timeout(60)
+def test_item_budget_scenario_accounts_for_every_item(capsys: pytest.CaptureFixture[str]) -> None:
+    rows = simulated.budget_rows(30)
+    assert [(r.upstream, r.setup) for r in rows] == [
+        (u, s) for u in ("sticky", "independent") for s in simulated.BUDGET_SETUPS
+    ]
+    for r in rows:
+        assert r.succeeded + r.failed + r.not_run == r.n == 30
+        assert r.attempts >= r.succeeded + r.failed
+    assert simulated.main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "limit 4 exceeded" in out
+    assert "item_budget=11" in out
