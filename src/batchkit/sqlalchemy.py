@@ -34,6 +34,7 @@ Before ``fn`` returns nothing is committed, so any failure rolls everything back
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -126,7 +127,15 @@ def _redeliver_if_unclaimed(task: asyncio.Task[Any], before: int) -> None:
 async def _commit_and_close(session: AsyncSession, commit: bool) -> None:
     try:
         if commit:
-            await session.commit()
+            try:
+                await session.commit()
+            except BaseException:
+                # A COMMIT that fails can leave the transaction open (SQLite's "database is
+                # locked"), and close() alone returns the connection to the pool without a
+                # ROLLBACK, still holding the lock. The commit's error is the one to report.
+                with contextlib.suppress(Exception):
+                    await session.rollback()
+                raise
     finally:
         await session.close()
 

@@ -7,13 +7,19 @@ fresh event loop from a synchronous test.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Literal
+import sqlite3
+from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 from batchkit import (
     Backoff,
@@ -42,6 +48,9 @@ from ._db import (
     run_fresh,
     success_indexes,
 )
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 class Boom(Exception):
@@ -492,6 +501,52 @@ async def test_a_failing_commit_without_timeout_is_an_error(engine: AsyncEngine)
     assert isinstance(failure.error, Boom)
     assert await committed_items(engine) == []
     assert checked_out(engine) == 0
+
+
+async def test_a_commit_failing_on_a_locked_sqlite_database_leaves_no_transaction_open(
+    tmp_path: Path,
+) -> None:
+    """SQLite keeps the transaction open when its COMMIT fails with "database is locked",
+    and SQLAlchemy's close() then returns the connection to the pool without a ROLLBACK: an
+    idle pooled connection would hold the write lock. The scope rolls back a failed commit."""
+    path = tmp_path / "locked.db"
+    engine = create_async_engine(
+        f"sqlite+aiosqlite:///{path}",
+        pool_size=2,
+        max_overflow=0,
+        connect_args={"timeout": 0.05},  # SQLite's busy wait: the commit fails quickly
+    )
+    try:
+        await create_schema(engine)
+
+        async def fn(i: int, session: AsyncSession) -> int:
+            await insert(session, i)
+            return i
+
+        # A reader's shared lock: the writer's COMMIT cannot get its exclusive lock.
+        reader = sqlite3.connect(path, isolation_level=None)
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM rows").fetchall()
+            report = await batch_process([0], fn, context=sessions(async_sessionmaker(engine)))
+            reader.execute("COMMIT")
+        finally:
+            reader.close()
+        failure = report[0]
+        assert isinstance(failure, Failure)
+        assert failure.kind == "error"
+        assert isinstance(failure.error, sa.exc.OperationalError)
+        assert checked_out(engine) == 0
+        # No pooled connection holds a lock: another writer gets the database at once.
+        other = sqlite3.connect(path, timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            assert other.execute("SELECT count(*) FROM rows").fetchone() == (0,)
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+    finally:
+        await dispose(engine)
 
 
 async def test_run_stopping_during_a_commit_keeps_the_committed_item(engine: AsyncEngine) -> None:
