@@ -13,6 +13,11 @@
 - ``deadline``: below the cron limit. When it comes, in-flight markets are cancelled, the rest
   skipped, and the run still ends on time with an honest record; skipped markets go first next run.
 - ``key``: the market symbol names items in logs, tables and the report.
+- ``groups`` (``upstream_concurrency``): a limit group per upstream host, so one host's quota
+  holds whatever the run's ``concurrency`` (off by default).
+- ``breaker`` (``breaker_open_after``): one circuit per upstream, kept in the app's own
+  database, so the ticks after an outage skip at once instead of rediscovering it (off by
+  default).
 
 A market holds a database connection only for database work: read the prior, give the
 connection back (``batchkit.sqlalchemy.release``), make the slow upstream calls with no
@@ -33,12 +38,13 @@ import dataclasses
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast, final, get_args
+from urllib.parse import urlsplit
 
 from sqlalchemy import delete, select, update
 
 import batchkit
-from batchkit import Backoff, BatchReport, Failure, Observer, Retry
-from batchkit.sqlalchemy import release, sessions
+from batchkit import Backoff, BatchReport, Breaker, Failure, LimitGroup, Observer, Retry
+from batchkit.sqlalchemy import SQLAlchemyStateStore, release, sessions
 
 from .forecast import Forecast, forecast
 from .lock import LEASE_SECONDS, Lease, fence, hold_run_lock
@@ -63,6 +69,7 @@ __all__ = [
     "generate_predictions",
     "run_job",
     "select_markets",
+    "upstream_hosts",
 ]
 
 
@@ -99,8 +106,20 @@ class RunConfig:
     backoff_max: float = 8.0
     min_success_ratio: float = 0.9
     time_factor: float = 1.0
+    upstream_concurrency: int | None = None
+    """Markets in flight at once per upstream host (a limit group each); None: no such limit."""
+    breaker_open_after: int = 0
+    """Failed attempts in a row that open the upstream's circuit; 0: no breaker."""
+    breaker_cool_down: float = 60.0
+    """Seconds an open circuit skips markets before one probe goes through."""
 
     def __post_init__(self) -> None:
+        if self.upstream_concurrency is not None and self.upstream_concurrency < 1:
+            raise ValueError(f"upstream_concurrency must be >= 1, got {self.upstream_concurrency}")
+        if self.breaker_open_after < 0:
+            raise ValueError(f"breaker_open_after must be >= 0, got {self.breaker_open_after}")
+        if self.breaker_cool_down < 0:
+            raise ValueError(f"breaker_cool_down must be >= 0, got {self.breaker_cool_down}")
         if self.limit < 0:
             raise ValueError(f"limit must be >= 0, got {self.limit}")
         if not 0 <= self.min_success_ratio <= 1:
@@ -324,6 +343,9 @@ async def generate_predictions(
     attempts: int = 3,
     min_success_ratio: float = 0.9,
     time_factor: float = 1.0,
+    upstream_concurrency: int | None = None,
+    breaker_open_after: int = 0,
+    breaker_cool_down: float = 60.0,
     observers: Sequence[Observer] = (),
     progress: bool = False,
 ) -> RunResult:
@@ -336,6 +358,9 @@ async def generate_predictions(
         attempts=attempts,
         min_success_ratio=min_success_ratio,
         time_factor=time_factor,
+        upstream_concurrency=upstream_concurrency,
+        breaker_open_after=breaker_open_after,
+        breaker_cool_down=breaker_cool_down,
     )
     return await run_job(session_factory, client, config, observers=observers, progress=progress)
 
@@ -405,6 +430,47 @@ def _bind(session_factory: async_sessionmaker[AsyncSession]) -> AsyncEngine:
     return cast("AsyncEngine", bind)
 
 
+def upstream_hosts(client: UpstreamClient) -> list[str]:
+    """The distinct hosts of the three upstream APIs, sorted (one for the bundled simulator)."""
+    urls = client.urls
+    return sorted({urlsplit(u).netloc for u in (urls.prices, urls.orderbook, urls.news)})
+
+
+def _always(key: str) -> Callable[[MarketRef], str]:
+    def by(_market: MarketRef) -> str:
+        return key
+
+    return by
+
+
+def _upstream_groups(client: UpstreamClient, config: RunConfig) -> list[LimitGroup]:
+    """One limit group per upstream host. Every market calls every upstream, so each market
+    takes all the groups at once (batchkit's groups are per item, all or nothing)."""
+    if config.upstream_concurrency is None:
+        return []
+    return [
+        LimitGroup(by=_always(host), concurrency=config.upstream_concurrency)
+        for host in upstream_hosts(client)
+    ]
+
+
+def _upstream_breaker(
+    session_factory: async_sessionmaker[AsyncSession], client: UpstreamClient, config: RunConfig
+) -> Breaker | None:
+    """A circuit for the upstream (named by its hosts), kept in the app's database: a cron
+    tick is a new process, and must know the previous tick found the upstream down."""
+    if not config.breaker_open_after:
+        return None
+    upstream = "+".join(upstream_hosts(client))
+    return Breaker(
+        SQLAlchemyStateStore(_bind(session_factory)),
+        name="predictions-upstream",
+        by=_always(upstream),
+        open_after=config.breaker_open_after,
+        cool_down=config.breaker_cool_down * config.time_factor,
+    )
+
+
 async def _run_locked(
     session_factory: async_sessionmaker[AsyncSession],
     client: UpstreamClient,
@@ -443,6 +509,8 @@ async def _run_locked(
                 backoff=Backoff(initial=config.backoff_initial * f, maximum=config.backoff_max * f),
                 retry_on=is_retryable,
             ),
+            groups=_upstream_groups(client, config),
+            breaker=_upstream_breaker(session_factory, client, config),
             observers=[*observers, collector],
             progress=progress,
             name="predictions",
