@@ -307,3 +307,22 @@ async def test_breaker_remembers_an_outage_in_the_database_across_runs(
         await check_record(session_factory, r, 20)
     stored = await SQLAlchemyStateStore(engine).get("batchkit/breaker/predictions-upstream")
     assert stored is not None
+
+
+async def test_adaptive_limit_is_remembered_in_the_database_between_runs(
+    engine: AsyncEngine, session_factory: async_sessionmaker[AsyncSession], simulate: Simulate
+) -> None:
+    store = SQLAlchemyStateStore(engine)
+    key = "batchkit/adaptive/predictions-upstream"
+    assert await store.get(key) is None
+    async with simulate(SimulatorConfig(time_factor=F)) as (client, _):
+        for run in (1, 2):
+            result = await generate_predictions(
+                session_factory, client, concurrency=4, adaptive_max=12, timeout=100,
+                deadline=300, time_factor=F,
+            )  # fmt: skip
+            assert result.report.counts["success"] == 20, _failures(result)
+            assert result.report.peak_concurrency <= 12
+            entry = await store.get(key)
+            assert entry is not None
+            assert entry.version == run  # written once per run

@@ -212,6 +212,13 @@ def _run_args(p: argparse.ArgumentParser) -> None:
         help="markets in flight per upstream host (a limit group each); default: no such limit",
     )
     g.add_argument(
+        "--adaptive-max",
+        type=_number(int, 1, 1000),
+        default=d.adaptive_max,
+        help="adapt markets in flight from --concurrency up to this, the limit remembered in "
+        "the database between runs; default: --concurrency is fixed",
+    )
+    g.add_argument(
         "--breaker-open-after",
         type=_number(int, 0, 1000),
         default=d.breaker_open_after,
@@ -299,6 +306,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
         upstream_concurrency=args.upstream_concurrency,
         breaker_open_after=args.breaker_open_after,
         breaker_cool_down=args.breaker_cool_down,
+        adaptive_max=args.adaptive_max,
     )
 
 

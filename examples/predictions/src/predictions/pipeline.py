@@ -18,6 +18,8 @@
 - ``breaker`` (``breaker_open_after``): one circuit per upstream, kept in the app's own
   database, so the ticks after an outage skip at once instead of rediscovering it (off by
   default).
+- ``concurrency`` as an ``Adaptive`` limit remembered in the database (``adaptive_max``; off
+  by default).
 
 A market holds a database connection only for database work: read the prior, give the
 connection back (``batchkit.sqlalchemy.release``), make the slow upstream calls with no
@@ -43,7 +45,17 @@ from urllib.parse import urlsplit
 from sqlalchemy import delete, select, update
 
 import batchkit
-from batchkit import Backoff, BatchReport, Breaker, Failure, LimitGroup, Observer, Retry
+from batchkit import (
+    Adaptive,
+    Backoff,
+    BatchReport,
+    Breaker,
+    Failure,
+    LimitGroup,
+    Observer,
+    Remembered,
+    Retry,
+)
 from batchkit.sqlalchemy import SQLAlchemyStateStore, release, sessions
 
 from .forecast import Forecast, forecast
@@ -112,12 +124,19 @@ class RunConfig:
     """Failed attempts in a row that open the upstream's circuit; 0: no breaker."""
     breaker_cool_down: float = 60.0
     """Seconds an open circuit skips markets before one probe goes through."""
+    adaptive_max: int | None = None
+    """If set, ``concurrency`` is where an adaptive limit starts (up to this), remembered in
+    the database between runs; None: ``concurrency`` is fixed."""
 
     def __post_init__(self) -> None:
         if self.upstream_concurrency is not None and self.upstream_concurrency < 1:
             raise ValueError(f"upstream_concurrency must be >= 1, got {self.upstream_concurrency}")
         if self.breaker_open_after < 0:
             raise ValueError(f"breaker_open_after must be >= 0, got {self.breaker_open_after}")
+        if self.adaptive_max is not None and self.adaptive_max < self.concurrency:
+            raise ValueError(
+                f"adaptive_max must be >= concurrency ({self.concurrency}), got {self.adaptive_max}"
+            )
         if self.breaker_cool_down < 0:
             raise ValueError(f"breaker_cool_down must be >= 0, got {self.breaker_cool_down}")
         if self.limit < 0:
@@ -346,6 +365,7 @@ async def generate_predictions(
     upstream_concurrency: int | None = None,
     breaker_open_after: int = 0,
     breaker_cool_down: float = 60.0,
+    adaptive_max: int | None = None,
     observers: Sequence[Observer] = (),
     progress: bool = False,
 ) -> RunResult:
@@ -361,6 +381,7 @@ async def generate_predictions(
         upstream_concurrency=upstream_concurrency,
         breaker_open_after=breaker_open_after,
         breaker_cool_down=breaker_cool_down,
+        adaptive_max=adaptive_max,
     )
     return await run_job(session_factory, client, config, observers=observers, progress=progress)
 
@@ -454,6 +475,22 @@ def _upstream_groups(client: UpstreamClient, config: RunConfig) -> list[LimitGro
     ]
 
 
+def _concurrency(
+    session_factory: async_sessionmaker[AsyncSession], config: RunConfig
+) -> int | Adaptive:
+    """Fixed, or an adaptive limit that starts where the last run (any process) left it: each
+    cron tick is a new process, and would otherwise learn the upstream again from scratch."""
+    if config.adaptive_max is None:
+        return config.concurrency
+    return Adaptive(
+        initial=config.concurrency,
+        max=config.adaptive_max,
+        remember=Remembered(
+            store=SQLAlchemyStateStore(_bind(session_factory)), name="predictions-upstream"
+        ),
+    )
+
+
 def _upstream_breaker(
     session_factory: async_sessionmaker[AsyncSession], client: UpstreamClient, config: RunConfig
 ) -> Breaker | None:
@@ -501,7 +538,7 @@ async def _run_locked(
             _predict_one(client, run_id, lease, _write_lock(session_factory)),
             context=sessions(session_factory),
             key=lambda m: m.symbol,
-            concurrency=config.concurrency,
+            concurrency=_concurrency(session_factory, config),
             timeout=config.timeout * f,
             deadline=batchkit.Deadline(seconds=max(remaining, 1e-3)),
             retry=Retry(
