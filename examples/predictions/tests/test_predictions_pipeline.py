@@ -9,9 +9,9 @@ import sqlalchemy.exc
 from sqlalchemy import event, select
 
 import batchkit
-from batchkit.sqlalchemy import pool_stats
+from batchkit.sqlalchemy import SQLAlchemyStateStore, pool_stats
 from predictions.models import Market, Prediction, Run
-from predictions.pipeline import MarketRef, generate_predictions, select_markets
+from predictions.pipeline import MarketRef, generate_predictions, select_markets, upstream_hosts
 from predictions.simulator import SimulatorConfig
 
 if TYPE_CHECKING:
@@ -255,3 +255,74 @@ async def test_a_retried_write_in_the_same_run_updates_its_row(
         session.add(Prediction(market_id=market.id, run_id=run_id, probability=0.5, confidence=0))
         with pytest.raises(sqlalchemy.exc.IntegrityError):
             await session.commit()
+
+
+async def test_upstream_concurrency_caps_markets_in_flight_per_host(
+    session_factory: async_sessionmaker[AsyncSession], simulate: Simulate
+) -> None:
+    async with simulate(SimulatorConfig(time_factor=F)) as (client, _):
+        result = await generate_predictions(
+            session_factory, client, concurrency=10, upstream_concurrency=3, timeout=100,
+            deadline=300, time_factor=F,
+        )  # fmt: skip
+    # The simulator serves the three APIs on one host: one group, at most 3 markets at once.
+    assert upstream_hosts(client) == ["simulator"]
+    assert result.report.peak_concurrency == 3
+    assert result.report.counts["success"] == 20, _failures(result)
+    assert result.config.upstream_concurrency == 3
+    await check_record(session_factory, result, 20)
+
+
+async def test_breaker_remembers_an_outage_in_the_database_across_runs(
+    engine: AsyncEngine, session_factory: async_sessionmaker[AsyncSession], simulate: Simulate
+) -> None:
+    # Every call answers 503: the upstream is down for the whole test.
+    async with simulate(SimulatorConfig(time_factor=F, error_rate=1.0)) as (client, _):
+        runs = []
+        for _ in range(2):
+            runs.append(
+                await generate_predictions(
+                    session_factory,
+                    client,
+                    concurrency=1,
+                    attempts=1,
+                    timeout=100,
+                    deadline=300,
+                    breaker_open_after=3,
+                    breaker_cool_down=3600,
+                    time_factor=F,
+                )
+            )
+    first, second = (r.report for r in runs)
+    # The first run finds the outage in 3 markets; the rest, and every market of the next
+    # run (a new process would read the same row), are skipped without a call.
+    assert first.counts["error"] == 3
+    assert first.counts["skipped"] == 17
+    assert second.counts["skipped"] == 20
+    for o in [*first.failures, *second.failures]:
+        if o.kind == "skipped":
+            assert isinstance(o.error, batchkit.ItemSkipped)
+            assert o.error.reason == "circuit_open"
+    for r in runs:
+        await check_record(session_factory, r, 20)
+    stored = await SQLAlchemyStateStore(engine).get("batchkit/breaker/predictions-upstream")
+    assert stored is not None
+
+
+async def test_adaptive_limit_is_remembered_in_the_database_between_runs(
+    engine: AsyncEngine, session_factory: async_sessionmaker[AsyncSession], simulate: Simulate
+) -> None:
+    store = SQLAlchemyStateStore(engine)
+    key = "batchkit/adaptive/predictions-upstream"
+    assert await store.get(key) is None
+    async with simulate(SimulatorConfig(time_factor=F)) as (client, _):
+        for run in (1, 2):
+            result = await generate_predictions(
+                session_factory, client, concurrency=4, adaptive_max=12, timeout=100,
+                deadline=300, time_factor=F,
+            )  # fmt: skip
+            assert result.report.counts["success"] == 20, _failures(result)
+            assert result.report.peak_concurrency <= 12
+            entry = await store.get(key)
+            assert entry is not None
+            assert entry.version == run  # written once per run

@@ -206,6 +206,32 @@ def _run_args(p: argparse.ArgumentParser) -> None:
         help="the goal: share of markets predicted, else exit code 1",
     )
     g.add_argument(
+        "--upstream-concurrency",
+        type=_number(int, 1, 1000),
+        default=d.upstream_concurrency,
+        help="markets in flight per upstream host (a limit group each); default: no such limit",
+    )
+    g.add_argument(
+        "--adaptive-max",
+        type=_number(int, 1, 1000),
+        default=d.adaptive_max,
+        help="adapt markets in flight from --concurrency up to this, the limit remembered in "
+        "the database between runs; default: --concurrency is fixed",
+    )
+    g.add_argument(
+        "--breaker-open-after",
+        type=_number(int, 0, 1000),
+        default=d.breaker_open_after,
+        help="failed attempts in a row that open the upstream's circuit, kept in the database "
+        "across runs (its markets are then skipped); 0 (default): no breaker",
+    )
+    g.add_argument(
+        "--breaker-cool-down",
+        type=_number(float, 0, None),
+        default=d.breaker_cool_down,
+        help="seconds an open circuit skips markets before one probe",
+    )
+    g.add_argument(
         "--lease-seconds",
         type=POSITIVE,
         default=LEASE_SECONDS,
@@ -277,6 +303,10 @@ def _config(args: argparse.Namespace) -> RunConfig:
         attempts=args.attempts,
         min_success_ratio=args.min_success,
         time_factor=args.time_factor,
+        upstream_concurrency=args.upstream_concurrency,
+        breaker_open_after=args.breaker_open_after,
+        breaker_cool_down=args.breaker_cool_down,
+        adaptive_max=args.adaptive_max,
     )
 
 

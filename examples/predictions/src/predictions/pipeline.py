@@ -13,6 +13,13 @@
 - ``deadline``: below the cron limit. When it comes, in-flight markets are cancelled, the rest
   skipped, and the run still ends on time with an honest record; skipped markets go first next run.
 - ``key``: the market symbol names items in logs, tables and the report.
+- ``groups`` (``upstream_concurrency``): a limit group per upstream host, so one host's quota
+  holds whatever the run's ``concurrency`` (off by default).
+- ``breaker`` (``breaker_open_after``): one circuit per upstream, kept in the app's own
+  database, so the ticks after an outage skip at once instead of rediscovering it (off by
+  default).
+- ``concurrency`` as an ``Adaptive`` limit remembered in the database (``adaptive_max``; off
+  by default).
 
 A market holds a database connection only for database work: read the prior, give the
 connection back (``batchkit.sqlalchemy.release``), make the slow upstream calls with no
@@ -33,12 +40,23 @@ import dataclasses
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast, final, get_args
+from urllib.parse import urlsplit
 
 from sqlalchemy import delete, select, update
 
 import batchkit
-from batchkit import Backoff, BatchReport, Failure, Observer, Retry
-from batchkit.sqlalchemy import release, sessions
+from batchkit import (
+    Adaptive,
+    Backoff,
+    BatchReport,
+    Breaker,
+    Failure,
+    LimitGroup,
+    Observer,
+    Remembered,
+    Retry,
+)
+from batchkit.sqlalchemy import SQLAlchemyStateStore, release, sessions
 
 from .forecast import Forecast, forecast
 from .lock import LEASE_SECONDS, Lease, fence, hold_run_lock
@@ -63,6 +81,7 @@ __all__ = [
     "generate_predictions",
     "run_job",
     "select_markets",
+    "upstream_hosts",
 ]
 
 
@@ -99,8 +118,27 @@ class RunConfig:
     backoff_max: float = 8.0
     min_success_ratio: float = 0.9
     time_factor: float = 1.0
+    upstream_concurrency: int | None = None
+    """Markets in flight at once per upstream host (a limit group each); None: no such limit."""
+    breaker_open_after: int = 0
+    """Failed attempts in a row that open the upstream's circuit; 0: no breaker."""
+    breaker_cool_down: float = 60.0
+    """Seconds an open circuit skips markets before one probe goes through."""
+    adaptive_max: int | None = None
+    """If set, ``concurrency`` is where an adaptive limit starts (up to this), remembered in
+    the database between runs; None: ``concurrency`` is fixed."""
 
     def __post_init__(self) -> None:
+        if self.upstream_concurrency is not None and self.upstream_concurrency < 1:
+            raise ValueError(f"upstream_concurrency must be >= 1, got {self.upstream_concurrency}")
+        if self.breaker_open_after < 0:
+            raise ValueError(f"breaker_open_after must be >= 0, got {self.breaker_open_after}")
+        if self.adaptive_max is not None and self.adaptive_max < self.concurrency:
+            raise ValueError(
+                f"adaptive_max must be >= concurrency ({self.concurrency}), got {self.adaptive_max}"
+            )
+        if self.breaker_cool_down < 0:
+            raise ValueError(f"breaker_cool_down must be >= 0, got {self.breaker_cool_down}")
         if self.limit < 0:
             raise ValueError(f"limit must be >= 0, got {self.limit}")
         if not 0 <= self.min_success_ratio <= 1:
@@ -324,6 +362,10 @@ async def generate_predictions(
     attempts: int = 3,
     min_success_ratio: float = 0.9,
     time_factor: float = 1.0,
+    upstream_concurrency: int | None = None,
+    breaker_open_after: int = 0,
+    breaker_cool_down: float = 60.0,
+    adaptive_max: int | None = None,
     observers: Sequence[Observer] = (),
     progress: bool = False,
 ) -> RunResult:
@@ -336,6 +378,10 @@ async def generate_predictions(
         attempts=attempts,
         min_success_ratio=min_success_ratio,
         time_factor=time_factor,
+        upstream_concurrency=upstream_concurrency,
+        breaker_open_after=breaker_open_after,
+        breaker_cool_down=breaker_cool_down,
+        adaptive_max=adaptive_max,
     )
     return await run_job(session_factory, client, config, observers=observers, progress=progress)
 
@@ -405,6 +451,63 @@ def _bind(session_factory: async_sessionmaker[AsyncSession]) -> AsyncEngine:
     return cast("AsyncEngine", bind)
 
 
+def upstream_hosts(client: UpstreamClient) -> list[str]:
+    """The distinct hosts of the three upstream APIs, sorted (one for the bundled simulator)."""
+    urls = client.urls
+    return sorted({urlsplit(u).netloc for u in (urls.prices, urls.orderbook, urls.news)})
+
+
+def _always(key: str) -> Callable[[MarketRef], str]:
+    def by(_market: MarketRef) -> str:
+        return key
+
+    return by
+
+
+def _upstream_groups(client: UpstreamClient, config: RunConfig) -> list[LimitGroup]:
+    """One limit group per upstream host. Every market calls every upstream, so each market
+    takes all the groups at once (batchkit's groups are per item, all or nothing)."""
+    if config.upstream_concurrency is None:
+        return []
+    return [
+        LimitGroup(by=_always(host), concurrency=config.upstream_concurrency)
+        for host in upstream_hosts(client)
+    ]
+
+
+def _concurrency(
+    session_factory: async_sessionmaker[AsyncSession], config: RunConfig
+) -> int | Adaptive:
+    """Fixed, or an adaptive limit that starts where the last run (any process) left it: each
+    cron tick is a new process, and would otherwise learn the upstream again from scratch."""
+    if config.adaptive_max is None:
+        return config.concurrency
+    return Adaptive(
+        initial=config.concurrency,
+        max=config.adaptive_max,
+        remember=Remembered(
+            store=SQLAlchemyStateStore(_bind(session_factory)), name="predictions-upstream"
+        ),
+    )
+
+
+def _upstream_breaker(
+    session_factory: async_sessionmaker[AsyncSession], client: UpstreamClient, config: RunConfig
+) -> Breaker | None:
+    """A circuit for the upstream (named by its hosts), kept in the app's database: a cron
+    tick is a new process, and must know the previous tick found the upstream down."""
+    if not config.breaker_open_after:
+        return None
+    upstream = "+".join(upstream_hosts(client))
+    return Breaker(
+        SQLAlchemyStateStore(_bind(session_factory)),
+        name="predictions-upstream",
+        by=_always(upstream),
+        open_after=config.breaker_open_after,
+        cool_down=config.breaker_cool_down * config.time_factor,
+    )
+
+
 async def _run_locked(
     session_factory: async_sessionmaker[AsyncSession],
     client: UpstreamClient,
@@ -435,7 +538,7 @@ async def _run_locked(
             _predict_one(client, run_id, lease, _write_lock(session_factory)),
             context=sessions(session_factory),
             key=lambda m: m.symbol,
-            concurrency=config.concurrency,
+            concurrency=_concurrency(session_factory, config),
             timeout=config.timeout * f,
             deadline=batchkit.Deadline(seconds=max(remaining, 1e-3)),
             retry=Retry(
@@ -443,6 +546,8 @@ async def _run_locked(
                 backoff=Backoff(initial=config.backoff_initial * f, maximum=config.backoff_max * f),
                 retry_on=is_retryable,
             ),
+            groups=_upstream_groups(client, config),
+            breaker=_upstream_breaker(session_factory, client, config),
             observers=[*observers, collector],
             progress=progress,
             name="predictions",
