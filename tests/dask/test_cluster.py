@@ -119,37 +119,13 @@ async def test_ten_thousand_items(client: Any) -> None:
     assert [o.index for o in report] == list(range(10_000))
 
 
-async def test_ordered_stream_holds_chunks_in_flight_not_the_input(client: Any) -> None:
-    pulled = 0
-
-    def items() -> Any:
-        nonlocal pulled
-        for i in range(3000):
-            pulled += 1
-            yield i
-
-    seen: list[int] = []
-    most_held = 0
-    async with batchkit.stream(
-        items(),
-        _work.quick,
-        concurrency=64,
-        ordered=True,
-        backend=DaskBackend(client, per_worker=16, chunk_size=50),
-    ) as outcomes:
-        async for outcome in outcomes:
-            seen.append(outcome.index)
-            most_held = max(most_held, pulled - len(seen))
-    assert seen == list(range(3000))
-    # 4 chunks in flight + 4 buffered (reordered or waiting for the driver), one read ahead by
-    # the driver's stream, and what is left of the chunk being handed out: 9 chunks of 50 + 49.
-    # A slow chunk under load reached 499 with the default ordered buffer (36 chunks) too, so the
-    # bound is checked against a stalled head below.
-    assert most_held <= 9 * 50 + 49
-
-
-async def test_ordered_stream_behind_a_slow_chunk_holds_twice_the_chunks_in_flight(
-    client: Any,
+@pytest.mark.parametrize(
+    "fn",
+    [_work.quick, _work.slow_head],
+    ids=["quick", "behind_a_slow_head_chunk"],
+)
+async def test_ordered_stream_holds_chunks_in_flight_not_the_input(
+    client: Any, fn: Callable[[int], Awaitable[int]]
 ) -> None:
     pulled = 0
 
@@ -163,7 +139,7 @@ async def test_ordered_stream_behind_a_slow_chunk_holds_twice_the_chunks_in_flig
     most_held = 0
     async with batchkit.stream(
         items(),
-        _work.slow_head,
+        fn,
         concurrency=64,
         ordered=True,
         backend=DaskBackend(client, per_worker=16, chunk_size=50),
@@ -172,8 +148,10 @@ async def test_ordered_stream_behind_a_slow_chunk_holds_twice_the_chunks_in_flig
             seen.append(outcome.index)
             most_held = max(most_held, pulled - len(seen))
     assert seen == list(range(3000))
-    # While chunk 0 sleeps the others finish and wait to be reordered; the driver's stream
-    # pulls no more than its window (4 in flight + 4 buffered + 1 read ahead) for them.
+    # 4 chunks in flight + 4 buffered (reordered or waiting for the driver), one read ahead by
+    # the driver's stream, and what is left of the chunk being handed out: 9 chunks of 50 + 49.
+    # With slow_head, chunk 0 sleeps while the others finish and wait to be reordered: the
+    # default ordered buffer (8 per slot, 36 chunks) held 1800 items here.
     assert most_held <= 9 * 50 + 49
 
 

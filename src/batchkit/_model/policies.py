@@ -317,22 +317,9 @@ class Remembered:
     weight: float = 0.5
 
     def __post_init__(self) -> None:
-        missing = [
-            m for m in ("get", "compare_and_set") if not callable(getattr(self.store, m, None))
-        ]
-        if missing:
-            raise InvalidArgument(
-                f"Remembered.store must be a StateStore, got {self.store!r} (no "
-                f"{', '.join(missing)})\nHINT: pass MemoryStateStore() or "
-                "batchkit.sqlalchemy.SQLAlchemyStateStore(engine)"
-            )
-        name: object = self.name
-        if not isinstance(name, str) or not name:
-            raise InvalidArgument(
-                f"Remembered.name must be a non-empty str, got {self.name!r}\n"
-                "HINT: name the job, e.g. name='prices'"
-            )
-        check_key(self.key)
+        _check_stored(
+            "Remembered", self.store, self.name, self.key, "name the job, e.g. name='prices'"
+        )
         w: object = self.weight
         if isinstance(w, bool) or not isinstance(w, int | float) or not 0 < w <= 1:
             raise InvalidArgument(
@@ -385,22 +372,9 @@ class Breaker:
     clock: Callable[[], float] = field(default=time.time, repr=False)
 
     def __post_init__(self) -> None:
-        missing = [
-            m for m in ("get", "compare_and_set") if not callable(getattr(self.store, m, None))
-        ]
-        if missing:
-            raise InvalidArgument(
-                f"Breaker.store must be a StateStore, got {self.store!r} (no "
-                f"{', '.join(missing)})\nHINT: pass MemoryStateStore() or "
-                "batchkit.sqlalchemy.SQLAlchemyStateStore(engine)"
-            )
-        name: object = self.name
-        if not isinstance(name, str) or not name:
-            raise InvalidArgument(
-                f"Breaker.name must be a non-empty str, got {self.name!r}\n"
-                "HINT: name the upstream, e.g. name='prices-api'"
-            )
-        check_key(self.key)
+        _check_stored(
+            "Breaker", self.store, self.name, self.key, "name the upstream, e.g. name='prices-api'"
+        )
         if self.by is not None and not callable(self.by):
             raise InvalidArgument(f"Breaker.by must be a callable or None, got {self.by!r}")
         n: object = self.open_after
@@ -487,3 +461,17 @@ def _is_random(rng: object) -> bool:
     import random  # lazy: start-up time; only a Retry given an rng gets here
 
     return isinstance(rng, random.Random)
+
+
+def _check_stored(owner: str, store: object, name: object, key: str, hint: str) -> None:
+    """What a policy kept in a state store needs: a store, a name, a valid key from the name."""
+    missing = [m for m in ("get", "compare_and_set") if not callable(getattr(store, m, None))]
+    if missing:
+        raise InvalidArgument(
+            f"{owner}.store must be a StateStore, got {store!r} (no "
+            f"{', '.join(missing)})\nHINT: pass MemoryStateStore() or "
+            "batchkit.sqlalchemy.SQLAlchemyStateStore(engine)"
+        )
+    if not isinstance(name, str) or not name:
+        raise InvalidArgument(f"{owner}.name must be a non-empty str, got {name!r}\nHINT: {hint}")
+    check_key(key)
