@@ -246,17 +246,10 @@ async def test_concurrent_increments_in_one_process_lose_nothing(store: StateSto
 
 
 # ---------------------------------------------------------------------- the SQL store only
-@pytest.fixture(
-    params=[
-        pytest.param("sqlite", id="sqlite"),
-        pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
-    ]
-)
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    return url
+@pytest.fixture
+def url(db_url: str) -> str:
+    """The suite's empty database, on SQLite and PostgreSQL (``conftest.db_url``)."""
+    return db_url
 
 
 async def test_a_table_from_your_own_migration(url: str) -> None:
