@@ -101,8 +101,10 @@ async def test_half_open_lets_one_probe_through_and_its_failure_reopens() -> Non
 
 async def test_only_one_probe_at_a_time_while_half_open() -> None:
     b = breaker(MemoryStateStore(), open_after=1, cool_down=5.0)
+    starts: list[float] = []
 
     async def probe(i: int) -> int:
+        starts.append(now())
         if now() < 1:
             await asyncio.sleep(1)
             raise ConnectionError(i)
@@ -115,12 +117,57 @@ async def test_only_one_probe_at_a_time_while_half_open() -> None:
             await asyncio.sleep(0.5)
 
     report = await batch_process(items(), probe, concurrency=10, breaker=b)
-    # t=0 and 0.5: closed, both fail (open at t=1); t=1..5.5 open; t=6 the probe (item 12);
-    # t=6.5..9.5: half-open with the probe in flight, skipped.
-    assert [o.kind for o in report] == (
-        ["error"] * 2 + ["skipped"] * 10 + ["success"] + ["skipped"] * 7
-    )
-    assert now() == 16.0
+    # t=0 and 0.5: closed, both fail (open at t=1); t=1..5.5 open, skipped; t=6 the probe
+    # (item 12); t=6.5..9.5: half-open with the probe in flight, so items 13..19 wait for its
+    # verdict and start when it succeeds, at t=16.
+    assert [o.kind for o in report] == ["error"] * 2 + ["skipped"] * 10 + ["success"] * 8
+    assert starts == [0.0, 0.5, 6.0] + [16.0] * 7
+    assert now() == 26.0
+
+
+async def test_a_tick_that_starts_half_open_waits_for_the_probe_then_runs_everything() -> None:
+    # The tick of a cron job after an outage: the first item probes, the others wait for its
+    # verdict instead of being skipped, so the tick that finds the upstream back does its work.
+    store = MemoryStateStore()
+    await batch_process(range(3), upstream, concurrency=1, breaker=breaker(store))  # opens
+    await asyncio.sleep(10)  # t=13, past the cool-down
+    starts: list[float] = []
+
+    async def back(i: int) -> int:
+        starts.append(now())
+        await asyncio.sleep(1)
+        return i
+
+    report = await batch_process(range(9), back, concurrency=4, breaker=breaker(store))
+    assert [o.kind for o in report] == ["success"] * 9
+    # Items 1..3 waited in their slots; item 4 takes the probe's slot when it ends.
+    assert starts == [13.0] + [14.0] * 4 + [15.0] * 4
+
+
+async def test_a_failed_probe_skips_the_items_that_waited_for_it() -> None:
+    store = MemoryStateStore()
+    await batch_process(range(3), upstream, concurrency=1, breaker=breaker(store))  # opens
+    await asyncio.sleep(10)  # t=13
+    report = await batch_process(range(9), upstream, concurrency=4, breaker=breaker(store))
+    assert [o.kind for o in report] == ["error"] + ["skipped"] * 8
+    assert now() == 14.0  # the waiters were skipped when the probe failed
+
+
+async def test_a_probe_that_does_not_count_hands_over_to_a_waiting_item() -> None:
+    store = MemoryStateStore()
+    b = breaker(store, on=("error",))
+    await batch_process(range(3), upstream, concurrency=1, breaker=b)  # opens at t=3
+    await asyncio.sleep(10)  # t=13
+    starts: list[float] = []
+
+    async def first_hangs(i: int) -> int:
+        starts.append(now())
+        await asyncio.sleep(5 if i == 0 else 1)  # item 0 times out: not a kind in ``on``
+        return i
+
+    report = await batch_process(range(4), first_hangs, concurrency=4, timeout=2, breaker=b)
+    assert [o.kind for o in report] == ["timeout"] + ["success"] * 3
+    assert starts == [13.0, 15.0, 16.0, 16.0]  # item 1 probed next, then 2 and 3
 
 
 async def test_state_and_cool_down_carry_to_the_next_run() -> None:

@@ -1,6 +1,12 @@
 """The circuit breaker of a run, a meter (``breaker=Breaker(...)``): its circuits, read from
 the store before the first item and written back when one opens and when the run ends, held
-in memory in between (no store round trip per item)."""
+in memory in between (no store round trip per item).
+
+While a half-open circuit's probe is in flight its other items wait for the probe's verdict
+rather than being skipped: a batch's tick that starts half-open (the usual case after an
+outage, when ``cool_down`` is shorter than the cron period) then does its work if the
+upstream is back, and skips it at the probe's end if not. Either way the tick lasts as long
+as the probe, which it would have waited for anyway."""
 
 from __future__ import annotations
 
@@ -46,16 +52,22 @@ class Circuits:
         by = self.by
         return "" if by is None else str(by(item))
 
-    def admit(self, name: str) -> bool:
+    def admit(self, name: str) -> bool | None:
         """May an attempt of this circuit start now? A cooled-down open circuit admits one
-        probe at a time (half-open)."""
+        probe at a time (half-open); ``None``: not yet, its probe is in flight."""
         c = self.circuits.get(name)
         if c is None or c.opened_at is None:
             return True
-        if c.probing or self.breaker.clock() < c.opened_at + self.breaker.cool_down:
+        if self.breaker.clock() < c.opened_at + self.breaker.cool_down:
             return False
+        if c.probing:
+            return None
         c.probing = True
         return True
+
+    def probing(self, name: str) -> bool:
+        c = self.circuits.get(name)
+        return c is not None and c.probing
 
     def ended(self, name: str, kind: str) -> bool:
         """An admitted attempt ended with ``kind``; True when this opened the circuit."""
@@ -135,13 +147,19 @@ class BreakerMeter:
         self.circuits = circuits
         self._loop = loop
         self.saving: set[asyncio.Task[None]] = set()  # circuits written as they open
+        self._verdicts: dict[str, asyncio.Future[None]] = {}  # half-open: a probe's end
 
     async def wait_task_can_start(self, slot: Slot, job: Job) -> SkipReason | None:
         try:
             name = job.circuit
         except AttributeError:  # the item's first attempt: ``by`` raising fails the item
             name = job.circuit = self.circuits.circuit_of(job.item)
-        return None if self.circuits.admit(name) else "circuit_open"
+        while (admitted := self.circuits.admit(name)) is None:
+            verdict = self._verdicts.get(name)
+            if verdict is None:
+                verdict = self._verdicts[name] = self._loop.create_future()
+            await asyncio.shield(verdict)  # one waiter cancelled leaves the others waiting
+        return None if admitted else "circuit_open"
 
     def notify_task_started(self, slot: Slot, job: Job, now: float) -> None:
         pass
@@ -151,10 +169,13 @@ class BreakerMeter:
     ) -> None:
         # None: a later meter refused, or the run stopped, before the attempt started.
         kind = result.kind if result is not None else "refused"
-        if self.circuits.ended(job.circuit, kind):
+        name = job.circuit
+        if self.circuits.ended(name, kind):
             task = self._loop.create_task(self.circuits.save())
             self.saving.add(task)
             task.add_done_callback(self.saving.discard)
+        if not self.circuits.probing(name) and (verdict := self._verdicts.pop(name, None)):
+            verdict.set_result(None)  # the waiters ask again: closed, open, or one probes
 
     async def close(self) -> None:
         """On every way out: the writes of circuits that opened, then this run's circuits."""
