@@ -287,7 +287,9 @@ def markdown(rows: list[OutageRow], sql_name: str = "SQLite") -> str:
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
-        setup = SETUPS[r.setup].replace("SQLAlchemyStateStore", f"SQLAlchemyStateStore ({sql_name})")
+        setup = SETUPS[r.setup].replace(
+            "Store", "Store" if r.setup == "memory" else f"Store ({sql_name})"
+        )
         stored = r.setup != "none"
         out.append(
             f"| {setup} | {r.tick} | {'down' if r.down else 'up'} | {r.attempts} | {r.timeouts} "
@@ -307,7 +309,6 @@ def markdown(rows: list[OutageRow], sql_name: str = "SQLite") -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sim_outage", description=__doc__)
     parser.add_argument("--url", help="a database URL for the SQL store (default: SQLite file)")
-    parser.parse_args(argv)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         url = args.url or f"sqlite+aiosqlite:///{Path(tmp) / 'state.db'}"

@@ -6,7 +6,7 @@ clock is the loop's, so a cool-down across runs is exact."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -16,6 +16,7 @@ from batchkit import (
     Failure,
     InvalidArgument,
     ItemSkipped,
+    JsonValue,
     MemoryStateStore,
     Retry,
     StateEntry,
@@ -25,6 +26,9 @@ from batchkit import (
 )
 
 from ..helpers import now
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 pytestmark = pytest.mark.looptime
 
@@ -296,3 +300,53 @@ async def test_stream_passes_the_breaker_too() -> None:
     entry = await store.get("batchkit/breaker/up")
     assert entry is not None
     assert entry.value == {"": {"failures": 3, "opened_at": 3.0}}
+
+
+class CountingStore:
+    """A memory store that counts the calls a run makes."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStateStore(clock=now)
+        self.calls = 0
+
+    async def get(self, key: str) -> StateEntry | None:
+        self.calls += 1
+        return await self.inner.get(key)
+
+    async def compare_and_set(
+        self, key: str, value: JsonValue, *, expected: int
+    ) -> StateEntry | None:
+        self.calls += 1
+        return await self.inner.compare_and_set(key, value, expected=expected)
+
+    async def set_many(self, values: Mapping[str, JsonValue]) -> None:
+        self.calls += 1
+        await self.inner.set_many(values)
+
+    async def scan(self, prefix: str) -> list[StateEntry]:
+        self.calls += 1
+        return await self.inner.scan(prefix)
+
+    async def prune(self, older_than: float) -> int:
+        self.calls += 1
+        return await self.inner.prune(older_than)
+
+
+@pytest.mark.parametrize("n", [40, 4000])
+async def test_store_calls_per_run_do_not_grow_with_the_items(n: int) -> None:
+    # Circuit "down" opens once (after 3 errors) and cools down past the run's end; "up"
+    # succeeds throughout. Then a second run, in which no circuit changes, writes nothing.
+    def by(i: int) -> str:
+        return "down" if i < DOWN else "up"
+
+    store = CountingStore()
+    items = [i % 2 * DOWN + i // 2 % DOWN for i in range(n)]  # alternating down / up
+    b = breaker(store, by=by, cool_down=3600.0)
+    first = await batch_process(items, upstream, concurrency=8, breaker=b)
+    assert [o.kind for o in first].count("error") == 4  # 3, and one in flight when it opened
+    # One read before the first item; one read + write when "down" opened; one read + write
+    # at the end.
+    assert store.calls == 5
+    store.calls = 0
+    await batch_process([200] * n, upstream, concurrency=8, breaker=b)
+    assert store.calls == 1  # the read: nothing this run did changed a circuit
