@@ -129,6 +129,33 @@ async def test_only_one_probe_at_a_time_while_half_open() -> None:
     assert now() == 26.0
 
 
+async def test_an_attempt_from_before_the_opening_is_no_verdict_on_the_probe() -> None:
+    # Item 1 started while the circuit was closed and fails at t=3, while the probe (item 2,
+    # t=2..4) is in flight: that is not the probe failing, so it neither reopens the circuit
+    # nor lets a second probe start half a second later.
+    b = breaker(MemoryStateStore(), open_after=1, cool_down=0.5)
+    attempts: list[tuple[int, float, float]] = []
+    latency = [1, 3, 2, 1, 1]
+
+    async def down(i: int) -> int:
+        start = now()
+        await asyncio.sleep(latency[i])
+        attempts.append((i, start, now()))
+        raise ConnectionError(i)
+
+    async def items() -> Any:
+        for i, at in enumerate([0, 0, 2, 3.5, 3.5]):
+            await asyncio.sleep(at - now())
+            yield i
+
+    report = await batch_process(items(), down, concurrency=2, breaker=b)
+    assert [o.kind for o in report] == ["error"] * 3 + ["skipped"] * 2
+    # Item 0 opens it at t=1; item 2 probes at 2 and fails at 4, reopening it; item 3 waited
+    # for that verdict from 3.5 and is skipped at 4, item 4 (no free slot before) too.
+    assert sorted(attempts) == [(0, 0.0, 1.0), (1, 0.0, 3.0), (2, 2.0, 4.0)]
+    assert now() == 4.0
+
+
 async def test_a_tick_that_starts_half_open_waits_for_the_probe_then_runs_everything() -> None:
     # The tick of a cron job after an outage: the first item probes, the others wait for its
     # verdict instead of being skipped, so the tick that finds the upstream back does its work.

@@ -32,11 +32,11 @@ _WRITE_TRIES = 5
 @dataclass(slots=True)
 class Circuit:
     """One circuit: consecutive failures, when it opened (the breaker's clock; ``None``:
-    closed) and whether its half-open probe is in flight."""
+    closed) and the job whose half-open probe is in flight (``None``: none)."""
 
     failures: int = 0
     opened_at: float | None = None
-    probing: bool = False
+    probe: object = None
 
 
 class Circuits:
@@ -52,41 +52,43 @@ class Circuits:
         by = self.by
         return "" if by is None else str(by(item))
 
-    def admit(self, name: str) -> bool | None:
-        """May an attempt of this circuit start now? A cooled-down open circuit admits one
-        probe at a time (half-open); ``None``: not yet, its probe is in flight."""
+    def admit(self, name: str, job: object) -> bool | None:
+        """May an attempt of ``job`` in this circuit start now? A cooled-down open circuit
+        admits one probe at a time (half-open); ``None``: not yet, its probe is in flight."""
         c = self.circuits.get(name)
         if c is None or c.opened_at is None:
             return True
         if self.breaker.clock() < c.opened_at + self.breaker.cool_down:
             return False
-        if c.probing:
+        if c.probe is not None:
             return None
-        c.probing = True
+        c.probe = job
         return True
 
     def probing(self, name: str) -> bool:
         c = self.circuits.get(name)
-        return c is not None and c.probing
+        return c is not None and c.probe is not None
 
-    def ended(self, name: str, kind: str) -> bool:
-        """An admitted attempt ended with ``kind``; True when this opened the circuit."""
+    def ended(self, name: str, kind: str, job: object) -> bool:
+        """An admitted attempt of ``job`` ended with ``kind``; True when this opened the
+        circuit. Only the probe's own end is its verdict: an attempt admitted before the
+        circuit opened may end while the probe is in flight."""
         c = self.circuits.get(name)
+        probe = False
+        if c is not None and c.probe is job:
+            probe, c.probe = True, None
         if kind == "success":
             if c is not None and (c.failures or c.opened_at is not None):
-                c.failures, c.opened_at, c.probing = 0, None, False
+                c.failures, c.opened_at, c.probe = 0, None, None
                 self.touched.add(name)
             return False
         if kind not in self.breaker.on:  # cancelled, refused, or a kind not counted
-            if c is not None:
-                c.probing = False
             return False
         if c is None:
             c = self.circuits[name] = Circuit()
         self.touched.add(name)
         c.failures += 1
-        if c.probing or (c.opened_at is None and c.failures >= self.breaker.open_after):
-            c.probing = False
+        if probe or (c.opened_at is None and c.failures >= self.breaker.open_after):
             c.opened_at = self.breaker.clock()
             return True
         return False
@@ -154,7 +156,7 @@ class BreakerMeter:
             name = job.circuit
         except AttributeError:  # the item's first attempt: ``by`` raising fails the item
             name = job.circuit = self.circuits.circuit_of(job.item)
-        while (admitted := self.circuits.admit(name)) is None:
+        while (admitted := self.circuits.admit(name, job)) is None:
             verdict = self._verdicts.get(name)
             if verdict is None:
                 verdict = self._verdicts[name] = self._loop.create_future()
@@ -170,7 +172,7 @@ class BreakerMeter:
         # None: a later meter refused, or the run stopped, before the attempt started.
         kind = result.kind if result is not None else "refused"
         name = job.circuit
-        if self.circuits.ended(name, kind):
+        if self.circuits.ended(name, kind, job):
             task = self._loop.create_task(self.circuits.save())
             self.saving.add(task)
             task.add_done_callback(self.saving.discard)
