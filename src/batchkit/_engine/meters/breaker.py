@@ -142,8 +142,9 @@ def _decode(value: JsonValue) -> dict[str, Circuit]:
 
 class BreakerMeter:
     """The breaker as a meter: it refuses an attempt of an open circuit (``circuit_open``:
-    the item ends ``skipped``) and counts what each attempt it admitted ended with. First
-    among the meters, so a refused item takes no rate-limit turn or place."""
+    the item ends ``skipped``) and counts what each attempt it admitted ended with. Asked
+    before the run's own limits, so a refused item takes no rate-limit turn or place; after
+    the limit groups, whose places the window took when it picked the item."""
 
     def __init__(self, circuits: Circuits, loop: asyncio.AbstractEventLoop) -> None:
         self.circuits = circuits
