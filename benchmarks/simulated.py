@@ -281,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     groups = groups_rows(40 if args.smoke else 1000)
     budget = budget_rows(30 if args.smoke else 400)
     print(markdown(groups, budget), end="")
-    return 0
+    from . import sim_outage  # issue 26: the breaker across cron ticks
+
+    return sim_outage.main([])
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING
 
 import pytest
-from benchmarks import simulated, worker
+from benchmarks import sim_outage, simulated, worker
 from benchmarks.__main__ import main
 from benchmarks._report import evaluate
 from benchmarks._scenarios import greedy_makespan, scenario
@@ -190,3 +190,20 @@ def test_item_budget_scenario_accounts_for_every_item(capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     assert "limit 4 exceeded" in out
     assert "item_budget=11" in out
+
+
+@pytest.mark.timeout(60)
+def test_outage_scenario_with_and_without_a_breaker(capsys: pytest.CaptureFixture[str]) -> None:
+    # The claims on SQL stores are in tests/sqlalchemy/test_breaker_outage.py.
+    without = sim_outage.outage_rows("none")
+    breaker = sim_outage.outage_rows("memory")
+    assert [r.tick for r in without] == [r.tick for r in breaker] == [1, 2, 3, 4, 5]
+    for r in without + breaker:
+        assert r.timeouts + r.skipped + r.succeeded == sim_outage.ITEMS
+    assert sum(r.timeouts for r in breaker) < sum(r.timeouts for r in without)
+    assert [r.store_calls for r in without] == [0] * 5
+    assert sim_outage.recovery_tick(breaker) == 4
+    assert sim_outage.main([]) == 0
+    out = capsys.readouterr().out
+    assert "SQLAlchemyStateStore (SQLite)" in out
+    assert "Recovery detected (the circuit closed) in" in out

@@ -6,7 +6,7 @@ clock is the loop's, so a cool-down across runs is exact."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -16,6 +16,8 @@ from batchkit import (
     Failure,
     InvalidArgument,
     ItemSkipped,
+    JsonValue,
+    LimitGroup,
     MemoryStateStore,
     Retry,
     StateEntry,
@@ -25,6 +27,9 @@ from batchkit import (
 )
 
 from ..helpers import now
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 pytestmark = pytest.mark.looptime
 
@@ -101,8 +106,10 @@ async def test_half_open_lets_one_probe_through_and_its_failure_reopens() -> Non
 
 async def test_only_one_probe_at_a_time_while_half_open() -> None:
     b = breaker(MemoryStateStore(), open_after=1, cool_down=5.0)
+    starts: list[float] = []
 
     async def probe(i: int) -> int:
+        starts.append(now())
         if now() < 1:
             await asyncio.sleep(1)
             raise ConnectionError(i)
@@ -115,12 +122,84 @@ async def test_only_one_probe_at_a_time_while_half_open() -> None:
             await asyncio.sleep(0.5)
 
     report = await batch_process(items(), probe, concurrency=10, breaker=b)
-    # t=0 and 0.5: closed, both fail (open at t=1); t=1..5.5 open; t=6 the probe (item 12);
-    # t=6.5..9.5: half-open with the probe in flight, skipped.
-    assert [o.kind for o in report] == (
-        ["error"] * 2 + ["skipped"] * 10 + ["success"] + ["skipped"] * 7
-    )
-    assert now() == 16.0
+    # t=0 and 0.5: closed, both fail (open at t=1); t=1..5.5 open, skipped; t=6 the probe
+    # (item 12); t=6.5..9.5: half-open with the probe in flight, so items 13..19 wait for its
+    # verdict and start when it succeeds, at t=16.
+    assert [o.kind for o in report] == ["error"] * 2 + ["skipped"] * 10 + ["success"] * 8
+    assert starts == [0.0, 0.5, 6.0] + [16.0] * 7
+    assert now() == 26.0
+
+
+async def test_an_attempt_from_before_the_opening_is_no_verdict_on_the_probe() -> None:
+    # Item 1 started while the circuit was closed and fails at t=3, while the probe (item 2,
+    # t=2..4) is in flight: that is not the probe failing, so it neither reopens the circuit
+    # nor lets a second probe start half a second later.
+    b = breaker(MemoryStateStore(), open_after=1, cool_down=0.5)
+    attempts: list[tuple[int, float, float]] = []
+    latency = [1, 3, 2, 1, 1]
+
+    async def down(i: int) -> int:
+        start = now()
+        await asyncio.sleep(latency[i])
+        attempts.append((i, start, now()))
+        raise ConnectionError(i)
+
+    async def items() -> Any:
+        for i, at in enumerate([0, 0, 2, 3.5, 3.5]):
+            await asyncio.sleep(at - now())
+            yield i
+
+    report = await batch_process(items(), down, concurrency=2, breaker=b)
+    assert [o.kind for o in report] == ["error"] * 3 + ["skipped"] * 2
+    # Item 0 opens it at t=1; item 2 probes at 2 and fails at 4, reopening it; item 3 waited
+    # for that verdict from 3.5 and is skipped at 4, item 4 (no free slot before) too.
+    assert sorted(attempts) == [(0, 0.0, 1.0), (1, 0.0, 3.0), (2, 2.0, 4.0)]
+    assert now() == 4.0
+
+
+async def test_a_tick_that_starts_half_open_waits_for_the_probe_then_runs_everything() -> None:
+    # The tick of a cron job after an outage: the first item probes, the others wait for its
+    # verdict instead of being skipped, so the tick that finds the upstream back does its work.
+    store = MemoryStateStore()
+    await batch_process(range(3), upstream, concurrency=1, breaker=breaker(store))  # opens
+    await asyncio.sleep(10)  # t=13, past the cool-down
+    starts: list[float] = []
+
+    async def back(i: int) -> int:
+        starts.append(now())
+        await asyncio.sleep(1)
+        return i
+
+    report = await batch_process(range(9), back, concurrency=4, breaker=breaker(store))
+    assert [o.kind for o in report] == ["success"] * 9
+    # Items 1..3 waited in their slots; item 4 takes the probe's slot when it ends.
+    assert starts == [13.0] + [14.0] * 4 + [15.0] * 4
+
+
+async def test_a_failed_probe_skips_the_items_that_waited_for_it() -> None:
+    store = MemoryStateStore()
+    await batch_process(range(3), upstream, concurrency=1, breaker=breaker(store))  # opens
+    await asyncio.sleep(10)  # t=13
+    report = await batch_process(range(9), upstream, concurrency=4, breaker=breaker(store))
+    assert [o.kind for o in report] == ["error"] + ["skipped"] * 8
+    assert now() == 14.0  # the waiters were skipped when the probe failed
+
+
+async def test_a_probe_that_does_not_count_hands_over_to_a_waiting_item() -> None:
+    store = MemoryStateStore()
+    b = breaker(store, on=("error",))
+    await batch_process(range(3), upstream, concurrency=1, breaker=b)  # opens at t=3
+    await asyncio.sleep(10)  # t=13
+    starts: list[float] = []
+
+    async def first_hangs(i: int) -> int:
+        starts.append(now())
+        await asyncio.sleep(5 if i == 0 else 1)  # item 0 times out: not a kind in ``on``
+        return i
+
+    report = await batch_process(range(4), first_hangs, concurrency=4, timeout=2, breaker=b)
+    assert [o.kind for o in report] == ["timeout"] + ["success"] * 3
+    assert starts == [13.0, 15.0, 16.0, 16.0]  # item 1 probed next, then 2 and 3
 
 
 async def test_state_and_cool_down_carry_to_the_next_run() -> None:
@@ -152,6 +231,20 @@ async def test_circuits_per_key() -> None:
     items = [1, 200, 2, 201, 3, 202, 4, 203]
     report = await batch_process(items, upstream, concurrency=1, breaker=b)
     assert [o.kind for o in report] == ["error", "success"] * 3 + ["skipped", "success"]
+
+
+@pytest.mark.timeout(10)  # the groups' places of a skipped item were never given back: a hang
+async def test_a_circuit_per_limit_group_through_the_group_s_by() -> None:
+    def host(i: int) -> str:
+        return "down" if i < DOWN else "up"
+
+    groups = [LimitGroup(by=host, concurrency=1)]
+    b = breaker(MemoryStateStore(), by=host)
+    items = [1, 200, 2, 201, 3, 202, 4, 203, 5, 204]
+    report = await batch_process(items, upstream, concurrency=2, groups=groups, breaker=b)
+    kinds = [o.kind for o in report]
+    assert kinds[1::2] == ["success"] * 5  # the other group's circuit stays closed
+    assert kinds[0::2] == ["error"] * 3 + ["skipped"] * 2
 
 
 @pytest.mark.parametrize("hold_slot", [True, False])
@@ -249,3 +342,53 @@ async def test_stream_passes_the_breaker_too() -> None:
     entry = await store.get("batchkit/breaker/up")
     assert entry is not None
     assert entry.value == {"": {"failures": 3, "opened_at": 3.0}}
+
+
+class CountingStore:
+    """A memory store that counts the calls a run makes."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStateStore(clock=now)
+        self.calls = 0
+
+    async def get(self, key: str) -> StateEntry | None:
+        self.calls += 1
+        return await self.inner.get(key)
+
+    async def compare_and_set(
+        self, key: str, value: JsonValue, *, expected: int
+    ) -> StateEntry | None:
+        self.calls += 1
+        return await self.inner.compare_and_set(key, value, expected=expected)
+
+    async def set_many(self, values: Mapping[str, JsonValue]) -> None:
+        self.calls += 1
+        await self.inner.set_many(values)
+
+    async def scan(self, prefix: str) -> list[StateEntry]:
+        self.calls += 1
+        return await self.inner.scan(prefix)
+
+    async def prune(self, older_than: float) -> int:
+        self.calls += 1
+        return await self.inner.prune(older_than)
+
+
+@pytest.mark.parametrize("n", [40, 4000])
+async def test_store_calls_per_run_do_not_grow_with_the_items(n: int) -> None:
+    # Circuit "down" opens once (after 3 errors) and cools down past the run's end; "up"
+    # succeeds throughout. Then a second run, in which no circuit changes, writes nothing.
+    def by(i: int) -> str:
+        return "down" if i < DOWN else "up"
+
+    store = CountingStore()
+    items = [i % 2 * DOWN + i // 2 % DOWN for i in range(n)]  # alternating down / up
+    b = breaker(store, by=by, cool_down=3600.0)
+    first = await batch_process(items, upstream, concurrency=8, breaker=b)
+    assert [o.kind for o in first].count("error") == 4  # 3, and one in flight when it opened
+    # One read before the first item; one read + write when "down" opened; one read + write
+    # at the end.
+    assert store.calls == 5
+    store.calls = 0
+    await batch_process([200] * n, upstream, concurrency=8, breaker=b)
+    assert store.calls == 1  # the read: nothing this run did changed a circuit

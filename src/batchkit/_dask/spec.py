@@ -68,9 +68,11 @@ def check_options(o: Plan, fn: Callable[..., Any]) -> None:
         )
     if o.breaker is not None:
         raise InvalidArgument(
-            "breaker= is not supported with the Dask backend yet: its circuits live in the "
-            "local engine's workers\nHINT: drop breaker= on Dask, or run the job with the "
-            "local engine"
+            "breaker= is not supported with the Dask backend yet: a chunk's attempts run in a "
+            "worker's local engine, out of the driver's sight until the chunk returns, so the "
+            "driver can neither let one probe through at a time nor stop a chunk's attempts "
+            "when a circuit opens\nHINT: run the job with the local engine (no backend=) to "
+            "use a breaker, or drop breaker= on Dask"
         )
     if o.cost is not None:
         raise InvalidArgument(

@@ -106,18 +106,21 @@ class Engine(Generic[T, R]):
         meters, self._adaptive, self._deadline = open_meters(
             p, loop, deadline_at, self._ledger.limit_changed
         )
-        if p.groups:
-            from .meters.groups import Groups  # lazy: start-up time
-
-            # First: an item takes its groups before it waits for the run's own limits.
-            self.groups = Groups(p.groups, loop)
-            meters = (self.groups, *meters)
         if circuits is not None:
             from .meters.breaker import BreakerMeter  # lazy: start-up time
 
-            # First of all: an item of an open circuit waits for nothing and takes nothing.
+            # Before the run's own limits: an item of an open circuit waits for none of them
+            # and takes no rate-limit turn.
             self._breaker = BreakerMeter(circuits, loop)
             meters = (self._breaker, *meters)
+        if p.groups:
+            from .meters.groups import Groups  # lazy: start-up time
+
+            # First of all: an item takes its groups before it waits for the run's own limits;
+            # the window took their places when it picked the item, so the groups meter must
+            # be told of every end, also when the breaker refuses.
+            self.groups = Groups(p.groups, loop)
+            meters = (self.groups, *meters)
         if p.item_budget is not None:
             from .meters.budget import BudgetMeter  # lazy: start-up time
 

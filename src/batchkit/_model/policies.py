@@ -342,8 +342,11 @@ class Breaker:
     opens after ``open_after`` consecutive failed attempts of the kinds in ``on``. While it
     is open its items end ``skipped`` with the reason ``circuit_open`` (not counted by
     ``max_failures``, ``max_failure_ratio`` or ``fail_fast``). ``cool_down`` seconds after it
-    opened it is half-open: one probe attempt at a time; its success closes the circuit, its
-    failure opens it again for another ``cool_down``.
+    opened it is half-open: one probe attempt at a time, while the circuit's other items wait
+    for its verdict (in their places); its success closes the circuit and lets them start,
+    its failure opens it again for another ``cool_down`` and skips them. For a cron job, a
+    ``cool_down`` shorter than the period minus a tick's length makes every tick of an
+    outage start half-open: it costs one probe, and the first tick after it does its work.
 
     The circuits are read from ``store`` before the first item starts and written back when
     one opens and when the run ends (merged by compare-and-set), so runs and processes that
@@ -356,7 +359,8 @@ class Breaker:
         name: The breaker's name; its circuits are kept under ``"batchkit/breaker/<name>"``.
         by: The circuit of an item (its value is turned into a ``str``); ``None``: one circuit.
         open_after: Consecutive failed attempts that open a circuit (``>= 1``).
-        cool_down: Seconds an open circuit waits before its probe (``>= 0``).
+        cool_down: Seconds an open circuit waits before its probe (``>= 0``); for a cron
+            job, at most the period minus a tick's longest run.
         on: The attempt kinds that count as failures: ``"error"``, ``"timeout"`` or both.
         clock: Seconds since the epoch, what opening times are kept in (``time.time``; a
             test passes its own).

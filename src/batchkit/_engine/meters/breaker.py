@@ -1,6 +1,12 @@
 """The circuit breaker of a run, a meter (``breaker=Breaker(...)``): its circuits, read from
 the store before the first item and written back when one opens and when the run ends, held
-in memory in between (no store round trip per item)."""
+in memory in between (no store round trip per item).
+
+While a half-open circuit's probe is in flight its other items wait for the probe's verdict
+rather than being skipped: a batch's tick that starts half-open (the usual case after an
+outage, when ``cool_down`` is shorter than the cron period) then does its work if the
+upstream is back, and skips it at the probe's end if not. Either way the tick lasts as long
+as the probe, which it would have waited for anyway."""
 
 from __future__ import annotations
 
@@ -26,11 +32,11 @@ _WRITE_TRIES = 5
 @dataclass(slots=True)
 class Circuit:
     """One circuit: consecutive failures, when it opened (the breaker's clock; ``None``:
-    closed) and whether its half-open probe is in flight."""
+    closed) and the job whose half-open probe is in flight (``None``: none)."""
 
     failures: int = 0
     opened_at: float | None = None
-    probing: bool = False
+    probe: object = None
 
 
 class Circuits:
@@ -46,35 +52,43 @@ class Circuits:
         by = self.by
         return "" if by is None else str(by(item))
 
-    def admit(self, name: str) -> bool:
-        """May an attempt of this circuit start now? A cooled-down open circuit admits one
-        probe at a time (half-open)."""
+    def admit(self, name: str, job: object) -> bool | None:
+        """May an attempt of ``job`` in this circuit start now? A cooled-down open circuit
+        admits one probe at a time (half-open); ``None``: not yet, its probe is in flight."""
         c = self.circuits.get(name)
         if c is None or c.opened_at is None:
             return True
-        if c.probing or self.breaker.clock() < c.opened_at + self.breaker.cool_down:
+        if self.breaker.clock() < c.opened_at + self.breaker.cool_down:
             return False
-        c.probing = True
+        if c.probe is not None:
+            return None
+        c.probe = job
         return True
 
-    def ended(self, name: str, kind: str) -> bool:
-        """An admitted attempt ended with ``kind``; True when this opened the circuit."""
+    def probing(self, name: str) -> bool:
         c = self.circuits.get(name)
+        return c is not None and c.probe is not None
+
+    def ended(self, name: str, kind: str, job: object) -> bool:
+        """An admitted attempt of ``job`` ended with ``kind``; True when this opened the
+        circuit. Only the probe's own end is its verdict: an attempt admitted before the
+        circuit opened may end while the probe is in flight."""
+        c = self.circuits.get(name)
+        probe = False
+        if c is not None and c.probe is job:
+            probe, c.probe = True, None
         if kind == "success":
             if c is not None and (c.failures or c.opened_at is not None):
-                c.failures, c.opened_at, c.probing = 0, None, False
+                c.failures, c.opened_at, c.probe = 0, None, None
                 self.touched.add(name)
             return False
         if kind not in self.breaker.on:  # cancelled, refused, or a kind not counted
-            if c is not None:
-                c.probing = False
             return False
         if c is None:
             c = self.circuits[name] = Circuit()
         self.touched.add(name)
         c.failures += 1
-        if c.probing or (c.opened_at is None and c.failures >= self.breaker.open_after):
-            c.probing = False
+        if probe or (c.opened_at is None and c.failures >= self.breaker.open_after):
             c.opened_at = self.breaker.clock()
             return True
         return False
@@ -128,20 +142,27 @@ def _decode(value: JsonValue) -> dict[str, Circuit]:
 
 class BreakerMeter:
     """The breaker as a meter: it refuses an attempt of an open circuit (``circuit_open``:
-    the item ends ``skipped``) and counts what each attempt it admitted ended with. First
-    among the meters, so a refused item takes no rate-limit turn or place."""
+    the item ends ``skipped``) and counts what each attempt it admitted ended with. Asked
+    before the run's own limits, so a refused item takes no rate-limit turn or place; after
+    the limit groups, whose places the window took when it picked the item."""
 
     def __init__(self, circuits: Circuits, loop: asyncio.AbstractEventLoop) -> None:
         self.circuits = circuits
         self._loop = loop
         self.saving: set[asyncio.Task[None]] = set()  # circuits written as they open
+        self._verdicts: dict[str, asyncio.Future[None]] = {}  # half-open: a probe's end
 
     async def wait_task_can_start(self, slot: Slot, job: Job) -> SkipReason | None:
         try:
             name = job.circuit
         except AttributeError:  # the item's first attempt: ``by`` raising fails the item
             name = job.circuit = self.circuits.circuit_of(job.item)
-        return None if self.circuits.admit(name) else "circuit_open"
+        while (admitted := self.circuits.admit(name, job)) is None:
+            verdict = self._verdicts.get(name)
+            if verdict is None:
+                verdict = self._verdicts[name] = self._loop.create_future()
+            await asyncio.shield(verdict)  # one waiter cancelled leaves the others waiting
+        return None if admitted else "circuit_open"
 
     def notify_task_started(self, slot: Slot, job: Job, now: float) -> None:
         pass
@@ -151,10 +172,13 @@ class BreakerMeter:
     ) -> None:
         # None: a later meter refused, or the run stopped, before the attempt started.
         kind = result.kind if result is not None else "refused"
-        if self.circuits.ended(job.circuit, kind):
+        name = job.circuit
+        if self.circuits.ended(name, kind, job):
             task = self._loop.create_task(self.circuits.save())
             self.saving.add(task)
             task.add_done_callback(self.saving.discard)
+        if not self.circuits.probing(name) and (verdict := self._verdicts.pop(name, None)):
+            verdict.set_result(None)  # the waiters ask again: closed, open, or one probes
 
     async def close(self) -> None:
         """On every way out: the writes of circuits that opened, then this run's circuits."""
