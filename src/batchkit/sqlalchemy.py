@@ -576,19 +576,22 @@ class SQLAlchemyStateStore:
         ]
         async with self._engine.begin() as conn:
             # Sorted keys, in sorted chunks: every writer locks rows in the same order. (In
-            # any other order two overlapping set_many deadlock on PostgreSQL.)
+            # any other order two overlapping set_many deadlock on PostgreSQL.) One statement
+            # for every chunk, its rows as parameters: compiled once, sent as multi-row
+            # INSERTs by SQLAlchemy ("insertmanyvalues").
             for start in range(0, len(rows), _ROWS_PER_STATEMENT):
-                await conn.execute(self._upsert_rows(rows[start : start + _ROWS_PER_STATEMENT]))
+                await conn.execute(self._upsert_stmt(), rows[start : start + _ROWS_PER_STATEMENT])
 
-    def _upsert(self, texts: Mapping[str, str]) -> Any:
+    async def _upsert_in(self, session: AsyncSession, texts: Mapping[str, str]) -> None:
         now = float(self._clock())
-        return self._upsert_rows(
-            [{"key": k, "value": texts[k], "version": 1, "updated_at": now} for k in sorted(texts)]
-        )
+        rows = [
+            {"key": k, "value": texts[k], "version": 1, "updated_at": now} for k in sorted(texts)
+        ]
+        await session.execute(self._upsert_stmt(), rows)
 
-    def _upsert_rows(self, rows: list[dict[str, Any]]) -> Any:
+    def _upsert_stmt(self) -> Any:
         t = self._table
-        ins = self._insert(t).values(rows)
+        ins = self._insert(t)
         return ins.on_conflict_do_update(
             index_elements=[t.c.key],
             set_={
@@ -646,4 +649,4 @@ class SQLAlchemyStateStore:
         if not texts:
             return
         await self._ensure_table()
-        await session.execute(self._upsert(texts))
+        await self._upsert_in(session, texts)

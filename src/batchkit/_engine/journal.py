@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["RunJournal"]
 
 _log = logging.getLogger("batchkit")
+_BIG = 2**63  # an int within this is short JSON for sure
 _ERROR_CHARS = 300  # a failure's row keeps the start of its error's description
 
 
@@ -163,7 +164,17 @@ class RunJournal:
             "time": self.policy.clock(),
         }
         p = self.policy
-        if p.values and value is not None:
+        if not p.values or value is None:
+            return row
+        kind = type(value)
+        if p.dump is None and (
+            (kind is int and -_BIG < value < _BIG)
+            or kind is bool
+            # JSON text of a str is ASCII (escaped): at most 12 bytes a character, quoted.
+            or (kind is str and 12 * len(value) + 2 <= p.max_value_bytes)
+        ):
+            row["value"] = value  # JSON for sure: not encoded twice (set_many encodes it)
+        else:
             try:
                 stored = p.dump(value) if p.dump is not None else value
                 text = encode(stored)

@@ -182,6 +182,7 @@ def make_success(item: T, value: R, index: int, attempts: int, elapsed: float) -
     _set_index(s, index)
     _set_attempts(s, attempts)
     _set_elapsed(s, elapsed)
+    _set_resumed(s, False)  # set, so reading it never raises (the hot path sets none)
     return s
 
 
