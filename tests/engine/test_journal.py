@@ -403,3 +403,23 @@ def test_every_item_once_and_no_committed_success_runs_again(
             assert {int(k) for k, v in (await journal.kinds()).items() if v == "success"} == done
 
     run_virtual(main())
+
+
+async def test_resumed_items_give_back_their_limit_group_places() -> None:
+    from batchkit import LimitGroup
+
+    store = MemoryStateStore()
+    await store.set_many({P + str(i): {"kind": "success", "attempts": 1} for i in range(0, 8, 2)})
+    fn = Counted()
+    report = await batch_process(
+        range(8),
+        fn,
+        key=str,
+        journal=Journal(store, "j"),
+        groups=[LimitGroup(by=lambda i: i % 2, concurrency=1)],
+        concurrency=4,
+    )
+    assert report.ok
+    assert report.resumed == 4
+    assert sorted(fn.calls) == [1, 3, 5, 7]
+    assert now() == 4.0  # group 1 one at a time; group 0's places were given back at once
