@@ -7,6 +7,7 @@ In virtual time, on the in-memory store (the SQL stores and the kill -9 loop are
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,7 @@ from batchkit.testing import run_virtual
 from ..helpers import now
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import AsyncIterator, Mapping
 
 pytestmark = pytest.mark.looptime
 
@@ -423,3 +424,33 @@ async def test_resumed_items_give_back_their_limit_group_places() -> None:
     assert report.resumed == 4
     assert sorted(fn.calls) == [1, 3, 5, 7]
     assert now() == 4.0  # group 1 one at a time; group 0's places were given back at once
+
+
+class InSession(Wrapped):
+    """A SessionWriter whose "session" writes at once (as a commit that went through)."""
+
+    async def set_in_session(self, session: object, values: Mapping[str, JsonValue]) -> None:
+        await self.inner.set_many(values)
+
+
+async def test_a_failure_after_the_commit_never_replaces_a_committed_success() -> None:
+    """Transactional: the item's row and its commit went through, then its timeout cut the
+    rest of the context's exit: the item is a timeout, but its committed success stands."""
+    store = InSession()
+    journal = Journal(store, "j", mode="transactional")
+
+    @contextlib.asynccontextmanager
+    async def slow_exit() -> AsyncIterator[str]:
+        yield "session"
+        await asyncio.sleep(10)  # the commit is done; closing hangs past the timeout
+
+    async def fn(i: int, session: str) -> int:
+        return i
+
+    report = await batch_process(
+        range(2), fn, key=str, journal=journal, context=slow_exit, timeout=2.0
+    )
+    assert [o.kind for o in report] == ["timeout", "timeout"]
+    assert await kinds(store) == {"0": "success", "1": "success"}
+    again = await batch_process(range(2), fn, key=str, journal=journal, context=slow_exit)
+    assert again.resumed == 2
