@@ -454,3 +454,20 @@ async def test_a_failure_after_the_commit_never_replaces_a_committed_success() -
     assert await kinds(store) == {"0": "success", "1": "success"}
     again = await batch_process(range(2), fn, key=str, journal=journal, context=slow_exit)
     assert again.resumed == 2
+
+
+async def test_log_lines_say_what_was_resumed(caplog: pytest.LogCaptureFixture) -> None:
+    from batchkit import LoggingObserver
+
+    store = MemoryStateStore()
+    await store.set_many({P + "0": {"kind": "success", "attempts": 1}})
+    with caplog.at_level(logging.DEBUG, logger="batchkit"):
+        await batch_process(
+            range(2), Counted(), key=str, journal=Journal(store, "j"),
+            observers=[LoggingObserver(level_items=logging.INFO)],
+        )  # fmt: skip
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("batchkit: journal 'j' holds 1 committed successes") for m in lines)
+    assert any(m.startswith("item finished") and "key=0" in m and "resumed=True" in m
+               for m in lines)  # fmt: skip
+    assert any(m.startswith("batch finished") and m.endswith("resumed=1") for m in lines)
