@@ -29,6 +29,7 @@ PUBLIC = [
     "ItemStarted",
     "ItemTimeout",
     "ItemsSkipped",
+    "Journal",
     "JsonValue",
     "LimitChange",
     "LimitChanged",

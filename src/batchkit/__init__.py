@@ -25,6 +25,7 @@ from ._model.errors import MissingExtra as MissingExtra
 from ._model.errors import RemoteError as RemoteError
 from ._model.errors import SkipReason as SkipReason
 from ._model.errors import StopReason as StopReason
+from ._model.journal import Journal as Journal
 from ._model.outcomes import Failure as Failure
 from ._model.outcomes import FailureKind as FailureKind
 from ._model.outcomes import Outcome as Outcome
@@ -137,6 +138,7 @@ __all__ = [
     "ItemStarted",
     "ItemTimeout",
     "ItemsSkipped",
+    "Journal",
     "JsonValue",
     "LimitChange",
     "LimitChanged",

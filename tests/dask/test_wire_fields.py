@@ -63,6 +63,8 @@ def test_the_sent_envelopes_set_every_field_away_from_its_default() -> None:
     # Else a forgotten field would cross as its default and the round trip could not tell.
     for o in _sent():
         for f in dataclasses.fields(o):
+            if f.name == "resumed":
+                continue  # a journal's success is never sent to a worker (wire.NOT_IN_RECORDS)
             if f.default is not dataclasses.MISSING:
                 assert getattr(o, f.name) != f.default, f"set {type(o).__name__}.{f.name}"
 

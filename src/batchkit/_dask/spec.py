@@ -74,6 +74,12 @@ def check_options(o: Plan, fn: Callable[..., Any]) -> None:
             "when a circuit opens\nHINT: run the job with the local engine (no backend=) to "
             "use a breaker, or drop breaker= on Dask"
         )
+    if o.journal is not None:
+        raise InvalidArgument(
+            "journal= is not supported with the Dask backend yet: a transactional journal "
+            "writes in each item's session, which lives on a worker\nHINT: drop journal= on "
+            "Dask, or run the job with the local engine"
+        )
     if o.cost is not None:
         raise InvalidArgument(
             "cost= is not supported with the Dask backend yet\nHINT: sort the input by "

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
     from .._model.outcomes import Outcome
     from .._model.policies import Remembered
+    from .journal import RunJournal
     from .meters.adaptive import AdaptiveMeter
     from .meters.base import Meter
     from .meters.breaker import BreakerMeter, Circuits
@@ -91,6 +92,7 @@ class Engine(Generic[T, R]):
         self.groups: Groups | None = None
         self._budget: BudgetMeter | None = None
         self._breaker: BreakerMeter | None = None
+        self._journal: RunJournal | None = None
 
     def _setup(
         self, loop: asyncio.AbstractEventLoop, circuits: Circuits | None = None
@@ -151,6 +153,8 @@ class Engine(Generic[T, R]):
 
             circuits = Circuits(p.breaker)
             await circuits.load()  # before any item starts
+        if p.journal is not None:
+            await self._open_journal(p)  # before any item starts
         loop = self._loop = asyncio.get_running_loop()
         meters = self._setup(loop, circuits)
         if remembered is not None:
@@ -171,6 +175,9 @@ class Engine(Generic[T, R]):
             on_start=window.on_start if ledger.emit_events else None, hooks=self._hooks,
         )  # fmt: skip
         window.start(loop, self._run, self._runner, self._deadline, self.groups, self._budget)
+        journal = self._journal
+        if journal is not None and journal.transactional:
+            self._runner.journal_tx = journal.write_in_session
         if ledger.emit_events:
             limit = self._adaptive.limit if self._adaptive else p.slots
             ledger.run_started(limit, self._intake.total, self._start)
@@ -189,7 +196,33 @@ class Engine(Generic[T, R]):
                     await self._remember(memory)
                 if self._breaker is not None:
                     await self._breaker.close()
+                if journal is not None:
+                    await self._close_journal(journal, completed)
         return self._finish()
+
+    async def _open_journal(self, p: Plan) -> None:
+        from .journal import RunJournal  # lazy: start-up time
+
+        assert p.journal is not None
+        journal = self._journal = RunJournal(p.journal, check_duplicates=not p.keys_checked)
+        await journal.load()
+        journal.record = self._journal_ended
+        self._window.journal = journal
+        self._ledger.journal = journal
+        self._ledger.careful = True  # every success is recorded as an envelope: it has a row
+
+    def _journal_ended(self, outcome: Outcome[T, R], job: Any) -> None:
+        """An item the journal ends without running it (resumed, or a duplicate key)."""
+        reason = self._ledger.record(outcome, job)
+        if reason is not None:
+            self._window.stop(reason)
+
+    async def _close_journal(self, journal: RunJournal, completed: bool) -> None:
+        """On every way out (a caller's cancel goes on after it): the rows still waiting;
+        the journal is cleared if every item of the input succeeded."""
+        intake = self._intake
+        whole = completed and self._stopper.reason is None and intake.exhausted
+        await journal.close(whole and intake.error is None and not self._window.fatal)
 
     async def _remember(self, memory: Remembered) -> None:
         """On every way out (a caller's cancel goes on after it): the final limit."""
@@ -274,6 +307,7 @@ class Engine(Generic[T, R]):
             threads_running=sum(1 for t in runner.threads if not t.done()) if runner else 0,
             keys=self._intake.keys,
             tally=self._sink.tally(),
+            resumed=self._journal.resumed if self._journal is not None else 0,
         )
 
     def partial_report(self) -> BatchReport[T, R]:

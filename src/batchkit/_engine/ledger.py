@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .._model.outcomes import Outcome
     from .._model.policies import FailureRatio
     from .._model.report import BatchReport
+    from .journal import RunJournal
 
 __all__ = ["Ledger", "cancelled", "last_error", "skipped", "stopped", "timed_out"]
 
@@ -55,6 +56,7 @@ class Ledger(Generic[T, R]):
         "fail_fast",
         "failed",
         "finished",
+        "journal",
         "limit_changes",
         "max_failure_ratio",
         "max_failures",
@@ -91,6 +93,9 @@ class Ledger(Generic[T, R]):
         self.ratio_armed = False
         self.careful = self.emit_events
         self.limit_changes: list[LimitChange] = []
+        self.journal: RunJournal | None = None
+        """With ``journal=``: told every recorded outcome (then ``careful`` stays True, so
+        every success is recorded as an envelope)."""
 
     # ------------------------------------------------------------------- decisions
     def threshold_reached(self) -> StopReason | None:
@@ -113,7 +118,7 @@ class Ledger(Generic[T, R]):
             return None
         if self.ratio_armed:
             self.ratio_armed = False
-            self.careful = self.emit_events
+            self.careful = self.emit_events or self.journal is not None
         if self.failed / self.finished > ratio.ratio:
             return "max_failure_ratio"
         return None
@@ -128,6 +133,8 @@ class Ledger(Generic[T, R]):
         reaches, if any (observers hear of the failure before the stop it causes)."""
         self.finished += 1
         self._put(outcome)
+        if self.journal is not None and job is not None and job.key is not None:
+            self.journal.ended(outcome, job.key)
         if self.emit_events:
             key = event_key(job) if job is not None else f"#{outcome.index}"
             from .._model.events import ItemFinished
@@ -217,7 +224,7 @@ class Ledger(Generic[T, R]):
 
         notify(self.observers, event, _log)
         self.emit_events = bool(self.observers)
-        self.careful = self.emit_events or self.ratio_armed
+        self.careful = self.emit_events or self.ratio_armed or self.journal is not None
 
 
 def event_key(job: Job) -> str:

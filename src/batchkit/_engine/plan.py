@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
     from .._model.events import Observer
+    from .._model.journal import Journal
     from .._model.policies import Breaker
     from .._model.seams import AttemptHook
 
@@ -71,6 +72,9 @@ class Plan:
     attempt_hooks: tuple[AttemptHook, ...] = ()
     breaker: Breaker | None = None
     """Observers that also hook into every attempt (``batchkit.otel.OpenTelemetry``)."""
+    journal: Journal | None = None
+    keys_checked: bool = False
+    """With ``journal=``: the input's keys were checked unique before the run (a sequence)."""
 
 
 def _check_timeout_fits(timeout: float | None, deadline: Deadline | None) -> None:
@@ -88,6 +92,22 @@ def _check_timeout_fits(timeout: float | None, deadline: Deadline | None) -> Non
         )
 
 
+def _check_journal(journal: Journal | None, key: object, context: object) -> None:
+    if journal is None:
+        return
+    if key is None:
+        raise InvalidArgument(
+            "journal= needs key=: the journal records each item's outcome by its key\n"
+            "HINT: key=lambda item: item.id (a value unique per item, stable between calls)"
+        )
+    if journal.mode == "transactional" and context is None:
+        raise InvalidArgument(
+            "Journal(mode='transactional') needs context=: a success's row is written in the "
+            "item's own session\nHINT: context=batchkit.sqlalchemy.sessions(async_sessionmaker("
+            "engine)), or Journal(mode='batched')"
+        )
+
+
 def make_plan(items: object, fn: object, options: Options) -> Plan:
     """Check every argument before anything runs; messages name the argument and the fix."""
     check_items(items)
@@ -95,6 +115,12 @@ def make_plan(items: object, fn: object, options: Options) -> Plan:
     check_fn(fn, v["context"] is not None)
     concurrency, deadline = v["concurrency"], v["deadline"]
     _check_timeout_fits(v["timeout"], deadline)
+    _check_journal(v["journal"], v["key"], v["context"])
+    keys_checked = False
+    if v["journal"] is not None:
+        from .._model.journal import check_unique_keys
+
+        keys_checked = check_unique_keys(items, v["key"])  # before any work
     adaptive = concurrency if isinstance(concurrency, Adaptive) else None
     slots = concurrency.max if isinstance(concurrency, Adaptive) else concurrency
     observers = list(v["observers"])
@@ -137,4 +163,6 @@ def make_plan(items: object, fn: object, options: Options) -> Plan:
         window=window,
         attempt_hooks=tuple(o for o in observers if hasattr(o, "start_run")),
         breaker=v["breaker"],
+        journal=v["journal"],
+        keys_checked=keys_checked,
     )

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .._model.errors import StopReason
     from .._model.outcomes import Outcome
     from .intake import Intake
+    from .journal import RunJournal
     from .ledger import Ledger
     from .meters.budget import BudgetMeter
     from .meters.deadline import DeadlineMeter
@@ -83,6 +84,7 @@ class Window(Generic[T, R]):
         self._deadline: DeadlineMeter | None = None
         self._picks: GroupPicks | None = None  # with limit groups (picks.py)
         self._base_context = contextvars.copy_context()
+        self.journal: RunJournal | None = None  # with journal=: it ends resumed items
 
     def start(
         self,
@@ -183,6 +185,8 @@ class Window(Generic[T, R]):
                 job = pull_now() if pull_now is not None else await self._pull(slot)
                 if job is not None and grow:
                     self._grow()
+                if self.journal is not None and job is not None and self.journal.takes(job, picks):
+                    continue  # resumed (or a duplicate key): it does not run
             if job is None:
                 if not await self._wait_for_work():
                     return

@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypedDict, TypeVar
 
 from .errors import InvalidArgument
+from .journal import Journal
 from .policies import (
     Adaptive,
     AsyncLimiter,
@@ -78,6 +79,7 @@ class Options:
     buffer: int | None = None
     backend: Backend | None = None
     breaker: Breaker | None = None
+    journal: Journal | None = None
 
 
 class Backend(Protocol):
@@ -181,6 +183,11 @@ class RunOptions(TypedDict, Generic[T], total=False):
     """A ``Breaker``: circuits that open after consecutive failures and skip their items
     (reason ``circuit_open``) until a probe succeeds, kept between runs in a state store.
     Default: ``None``."""
+
+    journal: Journal | None
+    """A ``Journal``: each item's final outcome recorded by its ``key=`` in a state store, so a
+    later call with the same journal resumes (items with a recorded success are not run again;
+    their ``Success.resumed`` is ``True``). Needs ``key=``, unique per item. Default: ``None``."""
 
 
 class StreamOptions(RunOptions[T], total=False):
@@ -380,6 +387,15 @@ def check_backend(value: object) -> Any:
     return value
 
 
+def check_journal(value: object) -> Journal | None:
+    if value is not None and not isinstance(value, Journal):
+        raise InvalidArgument(
+            f"journal must be batchkit.Journal(...) or None, got {value!r}\n"
+            "HINT: journal=Journal(MemoryStateStore(), 'nightly'), with key="
+        )
+    return value
+
+
 def check_breaker(value: object) -> Breaker | None:
     if value is not None and not isinstance(value, Breaker):
         raise InvalidArgument(
@@ -411,6 +427,7 @@ VALIDATORS: Final[dict[str, Callable[[object], object]]] = {
     "buffer": check_buffer,
     "backend": check_backend,
     "breaker": check_breaker,
+    "journal": check_journal,
 }
 
 

@@ -47,6 +47,9 @@ class Success(Generic[T_co, R_co]):
     (1 without retries), ``elapsed`` the seconds from its first attempt's start to its end.
     ``reruns``: how many times a cluster backend sent the item to run again because the
     worker running it was lost (0 on the local engine); see :attr:`BatchReport.reruns`.
+    ``resumed``: ``True`` when the item did not run in this call because its run journal
+    (``journal=``) holds its committed success from an earlier call; ``attempts`` and
+    ``value`` are then the journal's, and ``elapsed`` is ``0.0``.
     """
 
     item: T_co
@@ -55,6 +58,7 @@ class Success(Generic[T_co, R_co]):
     attempts: int = 1
     elapsed: float = 0.0
     reruns: int = field(default=0, repr=False)
+    resumed: bool = field(default=False, repr=False)
 
     @property
     def ok(self) -> Literal[True]:
@@ -110,29 +114,32 @@ ROW_FIELDS: tuple[tuple[str, Literal["always", "if_set", "described"]], ...] = (
     ("attempts", "always"),
     ("elapsed", "always"),
     ("reruns", "if_set"),  # only a cluster backend re-runs items: local rows stay as they were
+    ("resumed", "if_set"),  # only a journal's resumed successes: other rows stay as they were
     ("error", "described"),  # ``describe(error)``: a failure's only
 )
 NOT_IN_ROWS: frozenset[str] = frozenset({"item", "value", "errors"})
 """Fields a ``to_dict()`` row leaves out: any objects of the user's, not JSON-safe."""
 
 
-def _default_zero(cls: type[Any], name: str) -> Any:
-    """Make the slot ``name`` read 0 while unset. The engine builds envelopes with their
-    slots set one by one (``make_success``) and never sets ``reruns``, so the local hot path
-    pays nothing for a field only a cluster backend fills in."""
+_RERUNS_DOC = (
+    "How many times a cluster backend sent the item to run again because the worker "
+    "running it was lost (0 on the local engine)."
+)
+
+
+def _default_zero(cls: type[Any], name: str, default: Any = 0, doc: str = _RERUNS_DOC) -> Any:
+    """Make the slot ``name`` read ``default`` while unset. The engine builds envelopes with
+    their slots set one by one (``make_success``) and never sets ``reruns`` or ``resumed``, so
+    the local hot path pays nothing for fields only a cluster backend or a journal fills in."""
     slot = vars(cls)[name]
 
-    def get(self: Any) -> int:
+    def get(self: Any) -> Any:
         try:
-            value: int = slot.__get__(self, cls)
+            return slot.__get__(self, cls)
         except AttributeError:
-            return 0
-        return value
+            return default
 
-    get.__doc__ = (
-        "How many times a cluster backend sent the item to run again because the worker "
-        "running it was lost (0 on the local engine)."
-    )
+    get.__doc__ = doc
     setattr(cls, name, property(get, slot.__set__))
     return slot.__set__
 
@@ -141,11 +148,19 @@ _set_reruns: dict[type, Callable[[Any, int], None]] = {
     Success: _default_zero(Success, "reruns"),
     Failure: _default_zero(Failure, "reruns"),
 }
+_set_resumed: Callable[[Any, bool], None] = _default_zero(
+    Success, "resumed", False, "Whether the success was read from the run journal, not run."
+)
 
 
 def set_reruns(outcome: Success[Any, Any] | Failure[Any], reruns: int) -> None:
     """Set ``reruns`` on an envelope built by ``make_success`` or ``make_failure``."""
     _set_reruns[type(outcome)](outcome, reruns)
+
+
+def set_resumed(outcome: Success[Any, Any]) -> None:
+    """Mark a success built by ``make_success`` as read from the run journal."""
+    _set_resumed(outcome, True)
 
 
 # The engine builds envelopes on its hot path; a frozen dataclass's __init__ goes through
@@ -167,6 +182,7 @@ def make_success(item: T, value: R, index: int, attempts: int, elapsed: float) -
     _set_index(s, index)
     _set_attempts(s, attempts)
     _set_elapsed(s, elapsed)
+    _set_resumed(s, False)  # set, so reading it never raises (the hot path sets none)
     return s
 
 

@@ -96,6 +96,9 @@ class BatchReport(Generic[T, R]):
     """Re-executions a cluster backend caused by losing workers: the sum of every item's
     ``reruns`` (0 on the local engine). Items of a lost worker's chunk run again elsewhere,
     so this many item runs happened (at least in part) more than once."""
+    resumed: int = 0
+    """Successes read from the run journal (``journal=``) instead of run: the items whose
+    ``Success.resumed`` is ``True``."""
 
     def __post_init__(self) -> None:
         from .store import OutcomeStore, OutcomeView
@@ -105,6 +108,8 @@ class BatchReport(Generic[T, R]):
             object.__setattr__(self, "outcomes", store.view())
             if not self.reruns:
                 object.__setattr__(self, "reruns", store.reruns())
+            if not self.resumed:
+                object.__setattr__(self, "resumed", store.resumed())
 
     @property
     def _store(self) -> OutcomeStore[T, R]:
@@ -243,7 +248,7 @@ class BatchReport(Generic[T, R]):
                 if how == "always":
                     row[name] = getattr(o, name)
                 elif how == "if_set":
-                    if value := getattr(o, name):
+                    if value := getattr(o, name, None):  # (resumed: a Success's only)
                         row[name] = value
                 elif type(o) is Failure:  # "described"
                     row[name] = describe(getattr(o, name))
@@ -263,6 +268,7 @@ class BatchReport(Generic[T, R]):
             "peak_concurrency": self.peak_concurrency,
             "retries": self.retries,
             "reruns": self.reruns,
+            "resumed": self.resumed,
             "latency": {
                 "p50": self.latency(0.5),
                 "p95": self.latency(0.95),
@@ -279,6 +285,9 @@ class BatchReport(Generic[T, R]):
         """One line: ``20 items in 105.0s: 18 success, 2 timeout (peak concurrency 3)``."""
         counts = {k: v for k, v in self.counts.items() if v}
         parts = ", ".join(f"{v} {k}" for k, v in counts.items()) or "nothing to do"
+        if self.resumed:
+            n = counts["success"]
+            parts = parts.replace(f"{n} success", f"{n} success ({self.resumed} resumed)", 1)
         stop = f", stopped: {self.stop_reason}" if self.stop_reason else ""
         return (
             f"{self.total} items in {self.wall_time:.3f}s: {parts} "

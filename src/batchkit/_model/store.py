@@ -29,7 +29,15 @@ from itertools import compress
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, final, overload
 
 from .errors import ItemSkipped
-from .outcomes import KINDS, Failure, Success, make_failure, make_success, set_reruns
+from .outcomes import (
+    KINDS,
+    Failure,
+    Success,
+    make_failure,
+    make_success,
+    set_reruns,
+    set_resumed,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator, Mapping
@@ -76,6 +84,7 @@ class OutcomeStore(Generic[T, R]):
         "_kinds",
         "_ranges",
         "_reruns",
+        "_resumed",
         "_values",
     )
 
@@ -96,11 +105,14 @@ class OutcomeStore(Generic[T, R]):
         # Envelopes' ``reruns`` (a cluster backend's), only the non-zero ones: the local
         # engine never writes here.
         self._reruns: dict[int, int] = {}
+        # Successes read from a run journal (``Success.resumed``), by index.
+        self._resumed: set[int] = set()
 
     def __setstate__(self, state: tuple[None, dict[str, Any]]) -> None:
         """Unpickle; a store pickled before a column existed gets that column empty (a
         report pickled before re-runs were counted has none)."""
         self._reruns = {}
+        self._resumed = set()
         for name, value in state[1].items():
             setattr(self, name, value)
 
@@ -119,6 +131,7 @@ class OutcomeStore(Generic[T, R]):
         if reruns is not None:
             for o in given:
                 store.append(o)
+            store._resumed.clear()
             store._reruns = {i: n for i, n in reruns.items() if n}
             return store
         for o in given:
@@ -154,6 +167,8 @@ class OutcomeStore(Generic[T, R]):
         if type(outcome) is Success:
             self._kinds[i] = _SUCCESS
             self._values[i] = outcome.value
+            if outcome.resumed:
+                self._resumed.add(i)
         else:
             assert isinstance(outcome, Failure)
             self._kinds[i] = _CODE[outcome.kind]
@@ -209,7 +224,7 @@ class OutcomeStore(Generic[T, R]):
     def outcome(self, index: int) -> Outcome[T, R]:
         """Build the envelope of input index ``index`` (a new object on every call)."""
         k = self._kinds[index] if 0 <= index < self._cap else _HOLE
-        if self._reruns:
+        if self._reruns or self._resumed:
             return self._with_reruns(index, k)
         if self._index is not None and k != _HOLE:
             return _at(self._build(index, k), self._index[index])
@@ -222,6 +237,8 @@ class OutcomeStore(Generic[T, R]):
         n = self._reruns.get(index)
         if n:
             set_reruns(out, n)
+        if index in self._resumed and type(out) is Success:
+            set_resumed(out)
         return out
 
     def _build(self, index: int, k: int) -> Outcome[T, R]:
@@ -297,6 +314,9 @@ class OutcomeStore(Generic[T, R]):
 
     def reruns(self) -> int:
         return sum(self._reruns.values())
+
+    def resumed(self) -> int:
+        return len(self._resumed)
 
     def retries(self) -> int:
         att = self._attempts

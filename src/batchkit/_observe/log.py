@@ -128,6 +128,8 @@ class LoggingObserver:
             "in_flight": event.in_flight,
         }
         if type(outcome) is Success:
+            if outcome.resumed:
+                fields["resumed"] = True  # read from the run journal, not run
             self._log(level, "item finished", fields)
         else:
             fields["error"] = _error(outcome.error)
@@ -224,6 +226,8 @@ class LoggingObserver:
         }
         if early:
             fields["unfinished"] = unfinished
+        if report.resumed:
+            fields["resumed"] = report.resumed
         self._log(logging.WARNING if early else logging.INFO, "batch finished", fields)
 
     def _limit_changed(self, event: LimitChanged) -> None:
