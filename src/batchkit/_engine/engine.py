@@ -110,7 +110,7 @@ class Engine(Generic[T, R]):
             from .meters.groups import Groups  # lazy: start-up time
 
             # First: an item takes its groups before it waits for the run's own limits.
-            self.groups = Groups(p.groups, loop)
+            self.groups = Groups(p.groups, loop, self._deadline)
             meters = (self.groups, *meters)
         if circuits is not None:
             from .meters.breaker import BreakerMeter  # lazy: start-up time
