@@ -106,18 +106,20 @@ class Engine(Generic[T, R]):
         meters, self._adaptive, self._deadline = open_meters(
             p, loop, deadline_at, self._ledger.limit_changed
         )
-        if p.groups:
-            from .meters.groups import Groups  # lazy: start-up time
-
-            # First: an item takes its groups before it waits for the run's own limits.
-            self.groups = Groups(p.groups, loop, self._deadline)
-            meters = (self.groups, *meters)
         if circuits is not None:
             from .meters.breaker import BreakerMeter  # lazy: start-up time
 
-            # First of all: an item of an open circuit waits for nothing and takes nothing.
+            # First (after groups): an item of an open circuit waits for nothing more.
             self._breaker = BreakerMeter(circuits, loop)
             meters = (self._breaker, *meters)
+        if p.groups:
+            from .meters.groups import Groups  # lazy: start-up time
+
+            # First of all: a picked item already holds its groups' places, so the groups
+            # meter must be among the admitted ones whatever refuses next (else a breaker's
+            # refusal would keep its places for good).
+            self.groups = Groups(p.groups, loop, self._deadline)
+            meters = (self.groups, *meters)
         if p.item_budget is not None:
             from .meters.budget import BudgetMeter  # lazy: start-up time
 
