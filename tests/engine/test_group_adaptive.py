@@ -22,6 +22,7 @@ from batchkit import (
     MemoryStateStore,
     Remembered,
     batch_process,
+    stream,
 )
 from batchkit._engine.meters.groups import Groups
 from batchkit._model.attempt import AttemptResult, Job, RunInfo, Slot
@@ -224,3 +225,22 @@ def test_a_group_adaptive_limit_is_not_remembered() -> None:
     remember = Remembered(store=MemoryStateStore(), name="prices")
     with pytest.raises(InvalidArgument, match="not supported"):
         LimitGroup(by=str, concurrency=Adaptive(remember=remember))
+
+
+@pytest.mark.looptime
+async def test_adaptive_groups_work_with_stream() -> None:
+    """The same run as above through ``stream``: the same starts, one outcome per item."""
+    starts: dict[str, list[float]] = {"good": [], "bad": []}
+
+    async def fn(group: str) -> None:
+        starts[group].append(now())
+        await asyncio.sleep(1)
+        if group == "bad":
+            raise Busy
+
+    group = LimitGroup(by=lambda g: g, concurrency=Adaptive(initial=2, max=8, overload_on=(Busy,)))
+    items = ["bad"] * 5 + ["good"] * 8
+    async with stream(items, fn, concurrency=99, groups=[group]) as outcomes:
+        kinds = sorted([o.kind async for o in outcomes])
+    assert kinds == ["error"] * 5 + ["success"] * 8
+    assert starts == {"bad": [0, 0, 1, 2, 3], "good": [0, 0, 1, 1, 1, 1, 2, 2]}

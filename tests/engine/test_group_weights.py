@@ -3,6 +3,7 @@ its group's bucket, in virtual time with exact timestamps, against a reference t
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -16,12 +17,13 @@ from batchkit import (
     ItemSkipped,
     LimitGroup,
     RateLimit,
+    Retry,
     Success,
     batch_process,
 )
 from batchkit.testing import run_virtual
 
-from ..helpers import now
+from ..helpers import HANG, NO_BACKOFF, now
 from .test_weighted_rate import reference_starts
 
 pytestmark = pytest.mark.timeout(30)
@@ -162,3 +164,59 @@ async def test_weights_granted_within_the_deadline_wait_for_their_group() -> Non
     )
     assert report.ok
     assert starts == [0.0, 3.0]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 2), st.integers(1, 4), st.booleans()), max_size=20),
+    st.sampled_from([1.0, 2.0, 4.0]),
+    st.integers(4, 8),
+    st.booleans(),
+    st.integers(1, 6),
+)
+def test_weighted_groups_hold_with_retries_and_a_group_concurrency(
+    items: list[tuple[int, int, bool]],
+    per_second: float,
+    burst: int,
+    hold_slot: bool,
+    concurrency: int,
+) -> None:
+    """Items fail their first attempt when asked to; retries (in the slot or back to the
+    heap) pay their weight again. In every group, the weight started in any span of time is
+    at most ``burst`` plus what the bucket refilled in it; at most 2 attempts of a group run
+    at once; every item ends once, in a success."""
+    starts: dict[int, list[tuple[float, int]]] = {}
+    running: dict[int, int] = {}
+    tries: dict[int, int] = {}
+
+    async def fn(item: tuple[int, tuple[int, int, bool]]) -> int:
+        index, (key, weight, fails) = item
+        starts.setdefault(key, []).append((now(), weight))
+        running[key] = running.get(key, 0) + 1
+        assert running[key] <= 2
+        try:
+            await asyncio.sleep(1)
+        finally:
+            running[key] -= 1
+        tries[index] = tries.get(index, 0) + 1
+        if fails and tries[index] == 1:
+            raise ConnectionError(index)
+        return index
+
+    rate = RateLimit(per_second=per_second, burst=burst, weight=lambda item: item[1][1])
+    group = LimitGroup(by=lambda item: item[1][0], concurrency=2, rate_limit=rate)
+    retry = Retry(attempts=2, hold_slot=hold_slot, backoff=NO_BACKOFF)
+
+    async def main() -> None:
+        report = await batch_process(
+            list(enumerate(items)), fn, concurrency=concurrency, retry=retry, groups=[group]
+        )
+        assert [o.value for o in report.successes] == list(range(len(items)))
+
+    run_virtual(asyncio.wait_for(main(), HANG))
+    for times in starts.values():
+        for i in range(len(times)):
+            for j in range(i, len(times)):
+                spent = sum(w for _, w in times[i : j + 1])
+                span = times[j][0] - times[i][0]
+                assert spent <= burst + span * per_second + 1e-6, (times, i, j)
