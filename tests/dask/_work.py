@@ -413,3 +413,10 @@ async def sees_a_span(x: int) -> bool:
     from opentelemetry import trace
 
     return bool(trace.get_current_span().get_span_context().is_valid)
+
+
+async def always_down(x: int) -> int:
+    """An upstream that is always down: each attempt fails after 20 ms."""
+    _add("always_down")
+    await asyncio.sleep(0.02)
+    raise ConnectionError(f"down: {x}")

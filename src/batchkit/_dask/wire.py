@@ -241,6 +241,10 @@ class RunSpec:
     alerts: bool = False
     """Whether to tell the driver of every failure at once (``log_event`` on ``topic``)."""
     topic: str = ""
+    item_budget: float | None = None
+    """``item_budget=``: kept by the chunk's engine on the worker, from the item's first
+    attempt there (a chunk re-run after its worker was lost starts its items' budgets
+    again)."""
 
 
 # One outcome: (local index, kind, value or error, attempts, elapsed, errors, finished at).

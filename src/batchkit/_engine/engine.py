@@ -118,10 +118,10 @@ class Engine(Generic[T, R]):
         if p.groups:
             from .meters.groups import Groups  # lazy: start-up time
 
-            # First of all: an item takes its groups before it waits for the run's own limits;
-            # the window took their places when it picked the item, so the groups meter must
-            # be told of every end, also when the breaker refuses.
-            self.groups = Groups(p.groups, loop)
+            # First of all: a picked item already holds its groups' places, so the groups
+            # meter must be among the admitted ones whatever refuses next (else a breaker's
+            # refusal would keep its places for good).
+            self.groups = Groups(p.groups, loop, self._deadline)
             meters = (self.groups, *meters)
         if p.item_budget is not None:
             from .meters.budget import BudgetMeter  # lazy: start-up time

@@ -161,8 +161,10 @@ class RunOptions(TypedDict, Generic[T], total=False):
     """Limits per upstream: one ``LimitGroup(by=..., concurrency=..., rate_limit=...)`` per
     upstream an item touches. An item starts when all its groups have room and takes them
     together; among the next ``batch_size`` items read (default 1024, the read-ahead), the
-    first whose groups have room starts, so a saturated group never holds a slot. Default:
-    ``()``."""
+    first whose groups have room starts, so a saturated group never holds a slot.
+    ``concurrency=Adaptive(...)`` gives each group value its own adaptive limit; a weighted
+    ``rate_limit=RateLimit(..., weight=...)`` takes each item's weight from its group's bucket.
+    Default: ``()``."""
 
     observers: Sequence[Observer]
     """Plain callables receiving events (an ``async def`` one is refused: it would never run).

@@ -194,10 +194,22 @@ class LimitGroup:
     per upstream an item touches: an item starts only when every one of its groups has room,
     and takes them all together (no partial holds). ``by`` is called once per item; if it
     raises (or returns an unhashable key), that item fails with its error.
+
+    ``concurrency=Adaptive(...)`` gives each group its own adaptive limit, as the call's
+    ``concurrency=Adaptive(...)`` does for the run: every group starts at ``initial`` and finds
+    its own limit from its own items' attempts (one upstream's timeouts or ``overload_on``
+    errors cut only its group's limit). ``remember=`` is not taken here (a limit per group
+    value is not remembered between runs).
+
+    ``rate_limit=RateLimit(..., weight=...)`` makes each attempt start take the item's weight
+    from its group's bucket, as the call's weighted ``RateLimit`` does: a weight that is no
+    number > 0 or above ``burst`` fails that item with ``InvalidArgument`` before any attempt;
+    under a ``Deadline``, an item whose weight its group cannot grant in time is skipped
+    (``out_of_time``).
     """
 
     by: Callable[[Any], object]
-    concurrency: int | None = None
+    concurrency: int | Adaptive | None = None
     rate_limit: RateLimit | None = None
 
     def __post_init__(self) -> None:
@@ -206,17 +218,19 @@ class LimitGroup:
                 f"LimitGroup.by must be a callable taking an item, got {self.by!r}\n"
                 "HINT: LimitGroup(by=lambda item: item.host, concurrency=4)"
             )
-        if self.concurrency is not None:
+        if isinstance(self.concurrency, Adaptive):
+            if self.concurrency.remember is not None:
+                raise InvalidArgument(
+                    "LimitGroup.concurrency=Adaptive(remember=...) is not supported: each "
+                    "group value finds its own limit within the run, and none is remembered\n"
+                    "HINT: drop remember= here; the call's concurrency=Adaptive(...) may have one"
+                )
+        elif self.concurrency is not None:
             _check_int("LimitGroup.concurrency", self.concurrency, minimum=1)
         if self.rate_limit is not None and not isinstance(self.rate_limit, RateLimit):
             raise InvalidArgument(
                 f"LimitGroup.rate_limit must be batchkit.RateLimit(...) or None, got "
                 f"{self.rate_limit!r}"
-            )
-        if self.rate_limit is not None and self.rate_limit.weight is not None:
-            raise InvalidArgument(
-                "LimitGroup.rate_limit does not take weight= yet: a group's bucket counts "
-                "attempt starts\nHINT: put the weighted RateLimit on the call's rate_limit="
             )
         if self.concurrency is None and self.rate_limit is None:
             raise InvalidArgument(
