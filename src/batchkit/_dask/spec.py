@@ -29,7 +29,15 @@ __all__ = ["check_options", "plan_run", "refuse_unsupported"]
 def refuse_unsupported(options: Options) -> None:
     """Options the cluster does not honour yet, refused at the call before a client is
     opened: ``groups=`` needs one place that sees every attempt of a group;
-    ``item_budget=`` is not yet on the worker side's wire."""
+    ``item_budget=`` is not yet on the worker side's wire; ``hedge=`` would hedge within one
+    worker's chunk only, where its budget and latencies mean little (the driver re-runs what
+    a lost worker held instead)."""
+    if options.hedge is not None:
+        raise InvalidArgument(
+            "hedge= is not supported with the Dask backend: a hedge would run beside its "
+            "item on the same worker, which is what makes it slow\nHINT: run the call "
+            "without backend= to hedge stragglers, or use timeout= with Retry(...)"
+        )
     if options.item_budget is not None:
         raise InvalidArgument(
             "item_budget= is not supported with the Dask backend yet\nHINT: use timeout= "

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
     from .._model.events import Observer
-    from .._model.policies import Breaker
+    from .._model.policies import Breaker, Hedge
     from .._model.seams import AttemptHook
 
 __all__ = ["Plan", "make_plan"]
@@ -71,6 +71,7 @@ class Plan:
     attempt_hooks: tuple[AttemptHook, ...] = ()
     breaker: Breaker | None = None
     """Observers that also hook into every attempt (``batchkit.otel.OpenTelemetry``)."""
+    hedge: Hedge | None = None
 
 
 def _check_timeout_fits(timeout: float | None, deadline: Deadline | None) -> None:
@@ -88,6 +89,17 @@ def _check_timeout_fits(timeout: float | None, deadline: Deadline | None) -> Non
         )
 
 
+def _check_hedge_is_safe(hedge: Hedge | None, key: object) -> None:
+    """A hedge runs an item twice at once: only work marked safe to repeat, by its key."""
+    if hedge is not None and key is None:
+        raise InvalidArgument(
+            "hedge= runs a slow item's attempt twice at once, so it needs key=: the item's "
+            "idempotency key, which fn sends upstream (current_attempt().idempotency_key) "
+            "so a repeated write happens once\nHINT: pass key=lambda item: item.id, and "
+            "make fn idempotent by that key"
+        )
+
+
 def make_plan(items: object, fn: object, options: Options) -> Plan:
     """Check every argument before anything runs; messages name the argument and the fix."""
     check_items(items)
@@ -95,6 +107,7 @@ def make_plan(items: object, fn: object, options: Options) -> Plan:
     check_fn(fn, v["context"] is not None)
     concurrency, deadline = v["concurrency"], v["deadline"]
     _check_timeout_fits(v["timeout"], deadline)
+    _check_hedge_is_safe(v["hedge"], v["key"])
     adaptive = concurrency if isinstance(concurrency, Adaptive) else None
     slots = concurrency.max if isinstance(concurrency, Adaptive) else concurrency
     observers = list(v["observers"])
@@ -137,4 +150,5 @@ def make_plan(items: object, fn: object, options: Options) -> Plan:
         window=window,
         attempt_hooks=tuple(o for o in observers if hasattr(o, "start_run")),
         breaker=v["breaker"],
+        hedge=v["hedge"],
     )

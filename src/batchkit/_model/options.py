@@ -22,6 +22,7 @@ from .policies import (
     Breaker,
     Deadline,
     FailureRatio,
+    Hedge,
     LimitGroup,
     RateLimit,
     Retry,
@@ -78,6 +79,7 @@ class Options:
     buffer: int | None = None
     backend: Backend | None = None
     breaker: Breaker | None = None
+    hedge: Hedge | None = None
 
 
 class Backend(Protocol):
@@ -181,6 +183,12 @@ class RunOptions(TypedDict, Generic[T], total=False):
     """A ``Breaker``: circuits that open after consecutive failures and skip their items
     (reason ``circuit_open``) until a probe succeeds, kept between runs in a state store.
     Default: ``None``."""
+
+    hedge: Hedge | None
+    """A ``Hedge``: an attempt running longer than ``after`` (seconds, or a quantile of this
+    run's durations such as ``"p95"``) gets one more attempt beside it, within ``budget``
+    (a share of the items started); the first success wins, the other is cancelled. Needs
+    ``key=`` (the idempotency key: work safe to repeat). Default: ``None``."""
 
 
 class StreamOptions(RunOptions[T], total=False):
@@ -389,6 +397,15 @@ def check_breaker(value: object) -> Breaker | None:
     return value
 
 
+def check_hedge(value: object) -> Hedge | None:
+    if value is not None and not isinstance(value, Hedge):
+        raise InvalidArgument(
+            f"hedge must be batchkit.Hedge(...) or None, got {value!r}\n"
+            "HINT: hedge=Hedge(after='p95', budget=0.10)"
+        )
+    return value
+
+
 VALIDATORS: Final[dict[str, Callable[[object], object]]] = {
     "concurrency": check_concurrency,
     "timeout": check_timeout,
@@ -411,6 +428,7 @@ VALIDATORS: Final[dict[str, Callable[[object], object]]] = {
     "buffer": check_buffer,
     "backend": check_backend,
     "breaker": check_breaker,
+    "hedge": check_hedge,
 }
 
 

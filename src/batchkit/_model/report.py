@@ -96,6 +96,9 @@ class BatchReport(Generic[T, R]):
     """Re-executions a cluster backend caused by losing workers: the sum of every item's
     ``reruns`` (0 on the local engine). Items of a lost worker's chunk run again elsewhere,
     so this many item runs happened (at least in part) more than once."""
+    hedges: int = 0
+    """Hedged attempts that started (``hedge=``): the extra attempts the run spent on
+    stragglers. Each hedged item's envelope says which attempt won (``hedged``)."""
 
     def __post_init__(self) -> None:
         from .store import OutcomeStore, OutcomeView
@@ -263,6 +266,7 @@ class BatchReport(Generic[T, R]):
             "peak_concurrency": self.peak_concurrency,
             "retries": self.retries,
             "reruns": self.reruns,
+            "hedges": self.hedges,
             "latency": {
                 "p50": self.latency(0.5),
                 "p95": self.latency(0.95),
