@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING
 
 import pytest
-from benchmarks import simulated, worker
+from benchmarks import sim_hedging, simulated, worker
 from benchmarks.__main__ import main
 from benchmarks._report import evaluate
 from benchmarks._scenarios import greedy_makespan, scenario
@@ -190,3 +190,18 @@ def test_item_budget_scenario_accounts_for_every_item(capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     assert "limit 4 exceeded" in out
     assert "item_budget=11" in out
+    assert "Hedging stragglers" in out
+
+
+@pytest.mark.timeout(60)
+def test_hedging_scenario_accounts_for_every_item_and_keeps_its_budget() -> None:
+    rows = {r.setup: r for r in sim_hedging.hedge_rows(60)}
+    assert set(rows) == set(sim_hedging.HEDGE_SETUPS)
+    none, hedged = rows["none"], rows["p95"]
+    assert none.hedges == 0
+    assert none.attempts == none.n == 60
+    assert 0 < hedged.hedges <= 0.10 * hedged.n
+    assert hedged.attempts == hedged.n + hedged.hedges
+    assert hedged.finished >= none.finished
+    text = sim_hedging.hedge_markdown([none, hedged])
+    assert "Hedge(after='p95', budget=0.10)" in text

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from hypothesis import given, settings
@@ -32,6 +31,9 @@ from batchkit import (
 from batchkit.testing import run_virtual
 
 from ..helpers import NO_BACKOFF, now
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
 
 pytestmark = [pytest.mark.timeout(20)]
 virtual = pytest.mark.looptime
@@ -200,7 +202,7 @@ async def test_a_quantile_of_this_runs_durations_once_min_samples_ended(min_samp
 @virtual
 async def test_no_hedge_of_work_not_marked_safe_to_repeat() -> None:
     up = Upstream({})
-    with pytest.raises(InvalidArgument, match="hedge= .* needs key="):
+    with pytest.raises(InvalidArgument, match=r"hedge= .* needs key="):
         await batch_process([1], up.fn, hedge=Hedge(after=1.0))
     assert up.starts == []
 
@@ -246,9 +248,7 @@ async def test_both_failing_go_on_to_one_retry_and_one_envelope() -> None:
         return attempt
 
     retry = Retry(attempts=3, backoff=NO_BACKOFF)
-    report = await batch_process(
-        [0], fn, key=str, retry=retry, hedge=Hedge(after=1.0, budget=1.0)
-    )
+    report = await batch_process([0], fn, key=str, retry=retry, hedge=Hedge(after=1.0, budget=1.0))
     (outcome,) = report
     assert isinstance(outcome, Success)
     assert starts == [(1, 0.0), (2, 1.0), (3, 3.0)]
@@ -274,11 +274,25 @@ async def test_a_hedge_in_flight_at_the_deadline_ends_in_one_cancelled_envelope(
 
 
 @virtual
+async def test_a_hedge_still_queued_at_the_deadline_leaves_its_item_cancelled_not_skipped() -> None:
+    up = Upstream({}, default=100.0)
+    observed: list[Event] = []
+    report = await batch_process(
+        [0], up.fn, concurrency=1, key=str, deadline=Deadline(seconds=5, grace=1),
+        hedge=Hedge(after=1.0, budget=1.0), observers=[observed.append],
+    )  # fmt: skip
+    (outcome,) = report
+    # No slot was free for the hedge: it never started, and the item was in flight.
+    assert (outcome.kind, outcome.hedged, outcome.elapsed) == ("cancelled", None, 5.0)
+    assert report.hedges == 0
+    assert up.starts == [(0, 1, 0.0)]
+    assert [type(e).__name__ for e in observed].count("ItemFinished") == 1
+
+
+@virtual
 async def test_a_hedge_is_cut_by_its_own_timeout_and_the_first_still_wins() -> None:
     up = Upstream({(0, 1): 4.0, (0, 2): 100.0})
-    report = await batch_process(
-        [0], up.fn, key=str, timeout=5, hedge=Hedge(after=1.0, budget=1.0)
-    )
+    report = await batch_process([0], up.fn, key=str, timeout=5, hedge=Hedge(after=1.0, budget=1.0))
     (outcome,) = report
     assert isinstance(outcome, Success)
     assert (outcome.hedged, outcome.elapsed) == ("first", 4.0)
@@ -334,19 +348,23 @@ def test_exactly_one_envelope_per_item_and_limits_held_at_every_instant(
     n = len(plan)
     per_group: dict[int, int] = {}
     peaks = {"all": 0, "group": 0}
+    inside = 0
     entered = exited = 0
 
     @contextlib.asynccontextmanager
     async def context() -> AsyncIterator[int]:
-        nonlocal entered, exited
+        nonlocal entered, exited, inside
         index = current_attempt().index
         entered += 1
+        inside += 1
+        peaks["all"] = max(peaks["all"], inside)
         per_group[index % 2] = per_group.get(index % 2, 0) + 1
         peaks["group"] = max(peaks["group"], per_group[index % 2])
         try:
             yield index
         finally:
             exited += 1
+            inside -= 1
             per_group[index % 2] -= 1
 
     async def fn(item: int, ctx: int) -> int:
@@ -373,6 +391,7 @@ def test_exactly_one_envelope_per_item_and_limits_held_at_every_instant(
     finished = sorted(e.outcome.index for e in observed if isinstance(e, ItemFinished))
     assert finished == list(range(n))  # exactly one ItemFinished per item
     assert report.peak_concurrency <= concurrency
+    assert peaks["all"] <= concurrency  # at every instant, hedges included
     assert peaks["group"] <= 2
     assert entered == exited  # every loser's context exited
     assert report.hedges <= budget * n
