@@ -51,6 +51,9 @@ __all__ = ["SETTLED", "HedgeMeter", "Hedges", "Pair"]
 SAMPLES: Final = 1024
 """The quantile is taken over this many of the latest successful attempts (bounded memory)."""
 
+COMPACT_AT: Final = 4096
+"""Attempts watched (most of them ended) before the watch list is compacted."""
+
 _SETTLED_AT = 0.0
 SETTLED: Final = AttemptResult("settled", None, None, _SETTLED_AT, _SETTLED_AT)
 """What a member's attempt returns to its worker once the pair has taken it over: there is
@@ -210,7 +213,11 @@ class Hedges:
         if pair is None:
             if job.attempt == 1:
                 self.items += 1
-            self._timers.append((now, slot, slot.gen + 1, job))
+            timers = self._timers
+            if len(timers) > COMPACT_AT and self._handle is None:
+                # No quantile yet, so no check drops the entries of ended attempts: here.
+                self._timers = timers = deque(t for t in timers if t[1].gen == t[2])
+            timers.append((now, slot, slot.gen + 1, job))
             if self._handle is None:
                 self._arm()
         elif not pair.done:

@@ -178,7 +178,7 @@ class BatchReport(Generic[T, R]):
 
     @property
     def retries(self) -> int:
-        """Attempts beyond the first, over all items."""
+        """Attempts beyond the first, over all items (hedges included: see ``hedges``)."""
         return self._store.retries()
 
     @property
