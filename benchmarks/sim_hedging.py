@@ -24,16 +24,18 @@ from batchkit import Hedge
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
 
-__all__ = ["HEDGE_SETUPS", "HedgeRow", "hedge_markdown", "hedge_rows"]
+__all__ = ["HEDGE_SETUPS", "SIZES", "HedgeRow", "hedge_markdown", "hedge_rows"]
 
 MEDIAN_S = 0.5
 P99_S = 10.0
 HANG_SHARE = 0.01
 DEADLINE_S = 55.0
 CONCURRENCY = 32
-ITEMS = 1200
-"""Sized so that the deadline binds: about 43 s of work per slot on average, so the
-stragglers and hung attempts at the end decide what is finished by 55 s."""
+SIZES = (1200, 2000)
+"""Both make the deadline bind. 1200 items are about 43 s of work per slot on average: the
+stragglers and hung attempts at the end decide what is finished by 55 s. 2000 items are
+about 72 s per slot: the run cannot finish them all, and every hung attempt holds a slot
+until something cancels it."""
 SIGMA = math.log(P99_S / MEDIAN_S) / 2.3263  # the normal distribution's 99th percentile
 
 HEDGE_SETUPS: dict[str, Hedge | None] = {
@@ -92,24 +94,23 @@ def _virtual(make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
     return run_virtual(make)
 
 
-def hedge_rows(n: int = ITEMS, seed: int = 25) -> list[HedgeRow]:
+def hedge_rows(n: int, seed: int = 25) -> list[HedgeRow]:
     return [_virtual(functools.partial(_run, s, n=n, seed=seed)) for s in HEDGE_SETUPS]
 
 
 def hedge_markdown(rows: list[HedgeRow]) -> str:
-    r0 = rows[0]
     out = [
-        f"**Hedging stragglers** ({r0.n} items, concurrency={CONCURRENCY}, "
-        f"deadline={DEADLINE_S:g}; an attempt takes a log-normal time, median {MEDIAN_S:g} s, "
-        f"p99 {P99_S:g} s, and {HANG_SHARE:.0%} of attempts hang; no timeout):",
+        f"**Hedging stragglers** (concurrency={CONCURRENCY}, deadline={DEADLINE_S:g}; an "
+        f"attempt takes a log-normal time, median {MEDIAN_S:g} s, p99 {P99_S:g} s, and "
+        f"{HANG_SHARE:.0%} of attempts hang; no timeout):",
         "",
-        "| setup | finished before the deadline | p99 item latency (s) "
+        "| items | setup | finished before the deadline | p99 item latency (s) "
         "| extra attempts spent (hedges) | attempts made |",
-        "|---|---:|---:|---:|---:|",
+        "|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         what = "no hedging" if r.setup == "none" else "`Hedge(after='p95', budget=0.10)`"
         p99 = f"{r.p99:.2f}" if math.isfinite(r.p99) else "not finished"
         share = f"{r.hedges} ({r.hedges / r.n:.1%} of items)"
-        out.append(f"| {what} | {r.finished} | {p99} | {share} | {r.attempts} |")
+        out.append(f"| {r.n} | {what} | {r.finished} | {p99} | {share} | {r.attempts} |")
     return "\n".join(out) + "\n"

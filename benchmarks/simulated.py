@@ -282,9 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     groups = groups_rows(40 if args.smoke else 1000)
     budget = budget_rows(30 if args.smoke else 400)
     print(markdown(groups, budget), end="")
-    from .sim_hedging import ITEMS, hedge_markdown, hedge_rows
+    from .sim_hedging import SIZES, hedge_markdown, hedge_rows
 
-    print("\n" + hedge_markdown(hedge_rows(60 if args.smoke else ITEMS)), end="")
+    hedging = [row for n in ((60,) if args.smoke else SIZES) for row in hedge_rows(n)]
+    print("\n" + hedge_markdown(hedging), end="")
     return 0
 
 
