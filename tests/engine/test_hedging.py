@@ -290,6 +290,22 @@ async def test_a_hedge_still_queued_at_the_deadline_leaves_its_item_cancelled_no
 
 
 @virtual
+async def test_under_a_deadline_a_straggler_that_would_miss_it_is_hedged_first() -> None:
+    # Three slots. Item 0 straggles from 0 and is due a hedge at 3 (expected finish 6: in
+    # time for the deadline at 7.9); item 3 straggles from 2 and is due one at 5 (expected
+    # finish 8: it would miss). No slot is free until item 4 ends at 5.8: item 3's hedge
+    # goes first, though item 0's was queued earlier.
+    latency = {(0, 1): 100.0, (1, 1): 2.0, (2, 1): 2.9, (3, 1): 100.0, (4, 1): 2.9}
+    up = Upstream(latency, default=0.5)
+    report = await batch_process(
+        range(5), up.fn, concurrency=3, key=str, cost=lambda i: 0.5,
+        deadline=Deadline(seconds=7.9), hedge=Hedge(after=3.0, budget=1.0),
+    )  # fmt: skip
+    assert [(i, t) for i, a, t in up.starts if a == 2] == [(3, 5.8), (0, 6.3)]
+    assert [o.hedged for o in report] == ["hedge", None, None, "hedge", None]
+
+
+@virtual
 async def test_a_hedge_is_cut_by_its_own_timeout_and_the_first_still_wins() -> None:
     up = Upstream({(0, 1): 4.0, (0, 2): 100.0})
     report = await batch_process([0], up.fn, key=str, timeout=5, hedge=Hedge(after=1.0, budget=1.0))

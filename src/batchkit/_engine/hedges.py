@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import math
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final, cast, final
 
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
     from .retries import Retries
     from .runner import Runner
 
-__all__ = ["SETTLED", "HedgeMeter", "Hedges", "Pair"]
+__all__ = ["SETTLED", "HedgeMeter", "Hedges", "Pair", "Watch"]
 
 SAMPLES: Final = 1024
 """The quantile is taken over this many of the latest successful attempts (bounded memory)."""
@@ -116,130 +117,62 @@ class HedgeMeter:
 
 
 @final
-class Hedges:
-    """The hedging of one run: the timer that spots stragglers, the budget, and the pairs."""
+class Watch:
+    """Spots stragglers: a FIFO of running attempts ``(start, slot, gen, job)`` and one timer
+    at the head's start + ``after`` (the watchdog's trick: the same ``after`` holds for every
+    attempt at any moment). ``due`` hears of each attempt still running at its time."""
 
     __slots__ = (
         "_after",
-        "_grace",
+        "_due",
         "_handle",
         "_loop",
-        "_note",
-        "_own",
+        "_min_samples",
         "_quantile",
-        "_room",
         "_samples",
         "_sorted",
         "_timers",
-        "_wake",
-        "_where",
-        "abandon",
-        "items",
-        "on_start_next",
-        "park",
-        "policy",
-        "record",
-        "run_next",
-        "spawn",
-        "spent",
-        "started",
-        "stopping",
     )
 
-    def __init__(self, policy: Hedge, loop: asyncio.AbstractEventLoop, grace: float) -> None:
-        self.policy = policy
+    def __init__(
+        self,
+        policy: Hedge,
+        loop: asyncio.AbstractEventLoop,
+        due: Callable[[Slot, int, Job, float, float], None],
+    ) -> None:
         self._loop = loop
-        self._grace = grace
+        self._due = due
         self._quantile = policy.quantile
         self._after: float | None = None if self._quantile is not None else float(policy.after)
+        self._min_samples = policy.min_samples
         self._samples: deque[float] = deque()
         self._sorted: list[float] = []
         self._timers: deque[tuple[float, Slot, int, Job]] = deque()
         self._handle: asyncio.TimerHandle | None = None
-        self._where: dict[Job, tuple[Slot, int]] = {}  # members in an attempt: slot, gen
-        self.items = 0
-        """Items whose first attempt started: what the budget is a share of."""
-        self.spent = 0
-        """Hedges queued (the budget's count; one never taken is given back)."""
-        self.started = 0
-        """Hedge attempts that started (``report.hedges``)."""
-        self.on_start_next: Callable[[Slot, Job, float], None] | None = None
-        """The runner's ``on_start`` without hedging (events), called after ours."""
-        # Set by the window (connect):
-        self.run_next: Callable[[Slot, Job], Awaitable[AttemptResult]]
-        self.park: Retries
-        self._note: Callable[[Outcome[Any, Any]], None]
-        self._own: Outcome[Any, Any] | None = None  # the pair's own envelope, being recorded
-        self.record: Callable[[Outcome[Any, Any], Job], None]
-        self.stopping: Callable[[], bool]
-        self.spawn: Callable[[], None]
-        self._room: Callable[[], bool]
-        self.abandon: Callable[[Slot], None]
-        self._wake: Callable[[], None]
 
-    def connect(
-        self,
-        runner: Runner,
-        retries: Retries,
-        *,
-        wake: Callable[[], None],
-        record: Callable[[Outcome[Any, Any], Job], None],
-        stopping: Callable[[], bool],
-        spawn: Callable[[], None],
-        room: Callable[[], bool],
-        abandon: Callable[[Slot], None],
-        note: Callable[[Outcome[Any, Any]], None],
-    ) -> None:
-        """The run's parts (the engine wires them before any worker starts): every attempt
-        runs through :meth:`run` (the runner's ``run`` is replaced, so the workers' and the
-        retries' attempts do); a hedge waits in the retry heap, where an idle worker takes it
-        before new input; ``spawn`` starts one more worker when ``room`` says fewer than the
-        limit run (workers leave when they find nothing to do)."""
-        self.run_next = runner.run
-        runner.run = self.run
-        self.park = retries
-        self._wake = wake
-        self.record = record
-        self.stopping = stopping
-        self.spawn = spawn
-        self._room = room
-        self.abandon = abandon
-        self._note = note
-
-    # -- spotting stragglers ---------------------------------------------------------
-    def on_start(self, slot: Slot, job: Job, now: float) -> None:
-        """The runner's ``on_start``: an attempt begins (its ``gen`` is ``slot.gen + 1``)."""
-        pair: Pair | None = getattr(job, "pair", None)
-        if pair is None:
-            if job.attempt == 1:
-                self.items += 1
-            timers = self._timers
-            if len(timers) > COMPACT_AT and self._handle is None:
-                # No quantile yet, so no check drops the entries of ended attempts: here.
-                self._timers = timers = deque(t for t in timers if t[1].gen == t[2])
-            timers.append((now, slot, slot.gen + 1, job))
-            if self._handle is None:
-                self._arm()
-        elif not pair.done:
-            self._where[job] = (slot, slot.gen + 1)
-            if job is pair.hedge:
-                pair.started = True
-                self.started += 1
-        if self.on_start_next is not None:
-            self.on_start_next(slot, job, now)
+    def watch(self, slot: Slot, job: Job, now: float) -> None:
+        """An attempt of ``job`` starts in ``slot`` (its ``gen`` will be ``slot.gen + 1``)."""
+        timers = self._timers
+        if len(timers) > COMPACT_AT and self._handle is None:
+            # No quantile yet, so no check drops the entries of ended attempts: here.
+            self._timers = timers = deque(t for t in timers if t[1].gen == t[2])
+        timers.append((now, slot, slot.gen + 1, job))
+        if self._handle is None:
+            self._arm()
 
     def _threshold(self) -> float | None:
         """Seconds after which a running attempt is hedged (None: not enough samples)."""
         if self._after is not None:
             return self._after
         ordered = self._sorted
-        if len(ordered) < self.policy.min_samples:
+        if len(ordered) < self._min_samples:
             return None
         q = self._quantile
         assert q is not None
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        return ordered[max(1, math.ceil(q * len(ordered))) - 1]  # nearest rank, as latency()
 
-    def _sample(self, seconds: float) -> None:
+    def sample(self, seconds: float) -> None:
+        """A successful attempt took ``seconds``: one more sample for the quantile."""
         samples, ordered = self._samples, self._sorted
         samples.append(seconds)
         bisect.insort(ordered, seconds)
@@ -272,13 +205,115 @@ class Hedges:
                 timers.popleft()
             elif started + after <= now + SLACK:
                 timers.popleft()
-                self._hedge(slot, gen, job, now)
+                self._due(slot, gen, job, started, now)
             else:
                 break
         self._arm()
 
-    def _hedge(self, slot: Slot, gen: int, job: Job, now: float) -> None:
-        """Queue a twin of ``job`` (running in ``slot``) if the budget allows."""
+
+@final
+class Hedges:
+    """The hedging of one run: the timer that spots stragglers, the budget, and the pairs."""
+
+    __slots__ = (
+        "_grace",
+        "_loop",
+        "_note",
+        "_own",
+        "_retries",
+        "_room",
+        "_wake",
+        "_watch",
+        "_where",
+        "abandon",
+        "items",
+        "on_start_next",
+        "policy",
+        "record",
+        "run_next",
+        "spawn",
+        "spent",
+        "started",
+        "stopping",
+    )
+
+    def __init__(self, policy: Hedge, loop: asyncio.AbstractEventLoop, grace: float) -> None:
+        self.policy = policy
+        self._loop = loop
+        self._grace = grace
+        self._watch = Watch(policy, loop, self._hedge)
+        self._where: dict[Job, tuple[Slot, int]] = {}  # members in an attempt: slot, gen
+        self.items = 0
+        """Items whose first attempt started: what the budget is a share of."""
+        self.spent = 0
+        """Hedges queued (the budget's count; one never taken is given back)."""
+        self.started = 0
+        """Hedge attempts that started (``report.hedges``)."""
+        self.on_start_next: Callable[[Slot, Job, float], None] | None = None
+        """The runner's ``on_start`` without hedging (events), called after ours."""
+        # Set by the window (connect):
+        self.run_next: Callable[[Slot, Job], Awaitable[AttemptResult]]
+        self._retries: Retries
+        self._note: Callable[[Outcome[Any, Any]], None]
+        self._own: Outcome[Any, Any] | None = None  # the pair's own envelope, being recorded
+        self.record: Callable[[Outcome[Any, Any], Job], None]
+        self.stopping: Callable[[], bool]
+        self.spawn: Callable[[], None]
+        self._room: Callable[[], bool]
+        self.abandon: Callable[[Slot], None]
+        self._wake: Callable[[], None]
+
+    def connect(
+        self,
+        runner: Runner,
+        retries: Retries,
+        *,
+        wake: Callable[[], None],
+        record: Callable[[Outcome[Any, Any], Job], None],
+        stopping: Callable[[], bool],
+        spawn: Callable[[], None],
+        room: Callable[[], bool],
+        abandon: Callable[[Slot], None],
+        note: Callable[[Outcome[Any, Any]], None],
+    ) -> None:
+        """The run's parts (the engine wires them before any worker starts): every attempt
+        runs through :meth:`run` (the runner's ``run`` is replaced, so the workers' and the
+        retries' attempts do); a hedge waits in the retry heap, where an idle worker takes it
+        before new input; ``spawn`` starts one more worker when ``room`` says fewer than the
+        limit run (workers leave when they find nothing to do)."""
+        self.run_next = runner.run
+        runner.run = self.run
+        self._retries = retries
+        self._wake = wake
+        self.record = record
+        self.stopping = stopping
+        self.spawn = spawn
+        self._room = room
+        self.abandon = abandon
+        self._note = note
+
+    # -- spotting stragglers ---------------------------------------------------------
+    def on_start(self, slot: Slot, job: Job, now: float) -> None:
+        """The runner's ``on_start``: an attempt begins (its ``gen`` is ``slot.gen + 1``)."""
+        pair: Pair | None = getattr(job, "pair", None)
+        if pair is None:
+            if job.attempt == 1:
+                self.items += 1
+            self._watch.watch(slot, job, now)
+        elif not pair.done:
+            self._where[job] = (slot, slot.gen + 1)
+            if job is pair.hedge:
+                pair.started = True
+                self.started += 1
+        if self.on_start_next is not None:
+            self.on_start_next(slot, job, now)
+
+    def _hedge(self, slot: Slot, gen: int, job: Job, started: float, now: float) -> None:
+        """Queue a twin of ``job`` (running in ``slot`` since ``started``) if the budget
+        allows. Under a deadline, a straggler whose expected finish would miss it is
+        preferred: its twin goes ahead of the hedges (and retries) due now. In a heavy tail an
+        attempt's expected remaining time grows with the time it has run; it is taken to be
+        that time, so the expected finish is ``now + (now - started)``."""
         if self.stopping() or slot.cancel_gen == gen or getattr(job, "pair", None) is not None:
             return  # stopping, being cancelled already, or hedged before
         if self.spent + 1 > self.policy.budget * self.items + 1e-9:
@@ -296,7 +331,9 @@ class Hedges:
         pair = Pair(job, twin)
         job.pair = twin.pair = pair
         self._where[job] = (slot, gen)
-        self.park.park(twin, now)
+        deadline_at = slot.run.deadline_at
+        misses = deadline_at is not None and 2 * now - started > deadline_at
+        self._retries.park(twin, started if misses else now)
         self._wake()
         if self._room():
             self.spawn()
@@ -310,7 +347,7 @@ class Hedges:
             pair.queued = False
         result = await self.run_next(slot, job)
         if result.kind == "success":
-            self._sample(result.ended - result.started)
+            self._watch.sample(result.ended - result.started)
         pair = getattr(job, "pair", None)  # it may have been hedged while it ran
         if pair is None or slot.abandoned:
             return result
@@ -384,7 +421,7 @@ class Hedges:
 
     def _cut(self, pair: Pair, loser: Job) -> None:
         """The winner is in: the loser is cancelled, or dropped if no worker took it yet."""
-        if pair.queued and loser is pair.hedge and unpark(self.park.heap, loser):
+        if pair.queued and loser is pair.hedge and unpark(self._retries.heap, loser):
             pair.queued = False
             pair.live.remove(loser)
             self.spent -= 1  # never ran: not an extra attempt
