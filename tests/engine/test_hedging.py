@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -205,6 +206,28 @@ async def test_no_hedge_of_work_not_marked_safe_to_repeat() -> None:
     with pytest.raises(InvalidArgument, match=r"hedge= .* needs key="):
         await batch_process([1], up.fn, hedge=Hedge(after=1.0))
     assert up.starts == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"after": "p10"}, "quantile from 'p50' to 'p99.9'"),
+        ({"after": "fast"}, "quantile from 'p50' to 'p99.9'"),
+        ({"after": 0}, "Hedge.after must be > 0"),
+        ({"budget": 0}, "Hedge.budget must be a share"),
+        ({"budget": 1.5}, "Hedge.budget must be a share"),
+        ({"budget": "10%"}, "Hedge.budget must be a share"),
+        ({"min_samples": 0}, "Hedge.min_samples must be >= 1"),
+    ],
+)
+def test_a_bad_hedge_policy_is_refused_on_creation(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidArgument, match=re.escape(message)):
+        Hedge(**kwargs)
+
+
+async def test_hedge_takes_a_hedge_policy() -> None:
+    with pytest.raises(InvalidArgument, match=r"hedge must be batchkit\.Hedge"):
+        await batch_process([1], Upstream({}).fn, key=str, hedge="p95")  # type: ignore[call-overload]
 
 
 @virtual

@@ -186,9 +186,10 @@ class RunOptions(TypedDict, Generic[T], total=False):
 
     hedge: Hedge | None
     """A ``Hedge``: an attempt running longer than ``after`` (seconds, or a quantile of this
-    run's durations such as ``"p95"``) gets one more attempt beside it, within ``budget``
-    (a share of the items started); the first success wins, the other is cancelled. Needs
-    ``key=`` (the idempotency key: work safe to repeat). Default: ``None``."""
+    run's successful attempt durations such as ``"p95"``) gets one more attempt beside it,
+    within ``budget`` (a share of the items started); the first success wins, the other is
+    cancelled. Needs ``key=`` (the idempotency key: work safe to repeat). Default:
+    ``None``."""
 
 
 class StreamOptions(RunOptions[T], total=False):

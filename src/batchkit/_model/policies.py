@@ -233,11 +233,11 @@ class Hedge:
     ``after`` gets one more attempt beside it; the first to succeed wins and the other is
     cancelled (its context exits with the cancellation: a rollback).
 
-    ``after``: seconds, or a quantile of this run's attempt durations such as ``"p95"``
-    (``"p50"`` to ``"p99.9"``), used once ``min_samples`` attempts have ended (no hedge
-    before). ``budget``: at most this share of extra attempts, counted against the items
-    started so far (``0.10``: one hedge per ten items). Hedges run in the run's slots and
-    under its group and rate limits, like any attempt.
+    ``after``: seconds, or a quantile of this run's successful attempt durations such as
+    ``"p95"`` (``"p50"`` to ``"p99.9"``; the latest 1024 count), used once ``min_samples``
+    attempts have succeeded (no hedge before). ``budget``: at most this share of extra
+    attempts, counted against the items started so far (``0.10``: one hedge per ten items).
+    Hedges run in the run's slots and under its group and rate limits, like any attempt.
 
     A hedge runs the item twice at once, so the call must be safe to repeat: ``hedge=``
     needs ``key=``, and ``fn`` should send ``current_attempt().idempotency_key`` (the
@@ -253,11 +253,11 @@ class Hedge:
             hedge_quantile(self.after)
         else:
             _check_number("Hedge.after", self.after)
-        _check_number("Hedge.budget", self.budget)
-        if self.budget > 1:
+        budget: object = self.budget
+        if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 1:
             raise InvalidArgument(
-                f"Hedge.budget must be <= 1 (a share of the items started), got "
-                f"{self.budget!r}\nHINT: Hedge(budget=0.10) allows one hedge per ten items"
+                f"Hedge.budget must be a share of the items started, > 0 and <= 1, got "
+                f"{budget!r}\nHINT: Hedge(budget=0.10) allows one hedge per ten items"
             )
         _check_int("Hedge.min_samples", self.min_samples, minimum=1)
 
