@@ -23,6 +23,7 @@ from batchkit import (
     ItemFinished,
     ItemStarted,
     LimitGroup,
+    RateLimit,
     Retry,
     Success,
     batch_process,
@@ -228,6 +229,19 @@ def test_a_bad_hedge_policy_is_refused_on_creation(kwargs: dict[str, Any], messa
 async def test_hedge_takes_a_hedge_policy() -> None:
     with pytest.raises(InvalidArgument, match=r"hedge must be batchkit\.Hedge"):
         await batch_process([1], Upstream({}).fn, key=str, hedge="p95")  # type: ignore[call-overload]
+
+
+@virtual
+async def test_a_hedge_waits_for_its_turn_of_the_rate_limit() -> None:
+    # One start per 5 s: items 0, 1, 2 start at 0, 5, 10; item 0's hedge, due at 2, takes
+    # the next turn, at 15, and wins at 16.
+    up = Upstream({(0, 1): 50.0})
+    report = await batch_process(
+        range(3), up.fn, key=str, rate_limit=RateLimit(per_second=0.2, burst=1),
+        hedge=Hedge(after=2.0, budget=1.0),
+    )  # fmt: skip
+    assert up.starts == [(0, 1, 0.0), (1, 1, 5.0), (2, 1, 10.0), (0, 2, 15.0)]
+    assert (report[0].hedged, report.wall_time) == ("hedge", 16.0)
 
 
 @virtual
