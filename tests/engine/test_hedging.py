@@ -149,6 +149,56 @@ async def test_a_loser_already_in_its_shielded_commit_finishes_and_both_commits_
 
 
 @virtual
+async def test_a_loser_that_will_not_stop_is_abandoned_after_grace_and_the_winner_recorded() -> (
+    None
+):
+    async def fn(item: int) -> int:
+        if current_attempt().number == 1:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(100)  # swallows the first cancellation...
+            await asyncio.sleep(100)  # ...and is cut by the second
+            return -1
+        await asyncio.sleep(1)
+        return 2
+
+    report = await batch_process(
+        [0], fn, key=str, deadline=Deadline(seconds=50, grace=3),
+        hedge=Hedge(after=2.0, budget=1.0),
+    )  # fmt: skip
+    (outcome,) = report
+    assert isinstance(outcome, Success)
+    # The hedge won at 3; the first attempt was cancelled then, ignored it, was cancelled
+    # again at 6 (grace 3 s) and ended: the item's one envelope is the hedge's success.
+    assert (outcome.value, outcome.hedged, outcome.elapsed) == (2, "hedge", 3.0)
+    assert report.wall_time == 6.0
+
+
+@virtual
+async def test_a_loser_that_ignores_every_cancel_is_abandoned() -> None:
+    returned = False
+
+    async def fn(item: int) -> int:
+        if current_attempt().number == 1:
+            while not returned:  # swallows every cancellation while the call runs
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(100)
+            return -1
+        await asyncio.sleep(1)
+        return 2
+
+    report = await batch_process(
+        [0], fn, key=str, deadline=Deadline(seconds=50, grace=3),
+        hedge=Hedge(after=2.0, budget=1.0),
+    )  # fmt: skip
+    (outcome,) = report
+    assert isinstance(outcome, Success)
+    assert (outcome.value, outcome.hedged) == (2, "hedge")
+    returned = True
+    assert report.abandoned == (0,)
+    assert report.wall_time == 6.0
+
+
+@virtual
 async def test_the_budget_caps_the_extra_attempts() -> None:
     up = Upstream({}, default=10.0)  # every item straggles; slots to spare for hedges
     report = await batch_process(

@@ -254,6 +254,8 @@ class Engine(Generic[T, R]):
 
     async def _teardown(self, watch: asyncio.Task[None] | None, completed: bool) -> None:
         self._ended = True
+        if self._hedges is not None:
+            self._hedges.close()
         self._stopper.close()
         if watch is not None:
             watch.cancel()

@@ -150,6 +150,12 @@ class Watch:
         self._timers: deque[tuple[float, Slot, int, Job]] = deque()
         self._handle: asyncio.TimerHandle | None = None
 
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._timers.clear()
+
     def watch(self, slot: Slot, job: Job, now: float) -> None:
         """An attempt of ``job`` starts in ``slot`` (its ``gen`` will be ``slot.gen + 1``)."""
         timers = self._timers
@@ -222,6 +228,7 @@ class Hedges:
         "_own",
         "_retries",
         "_room",
+        "_timers",
         "_wake",
         "_watch",
         "_where",
@@ -242,6 +249,7 @@ class Hedges:
         self._loop = loop
         self._grace = grace
         self._watch = Watch(policy, loop, self._hedge)
+        self._timers: list[asyncio.TimerHandle] = []  # losers' escalations after ``grace``
         self._where: dict[Job, tuple[Slot, int]] = {}  # members in an attempt: slot, gen
         self.items = 0
         """Items whose first attempt started: what the budget is a share of."""
@@ -431,7 +439,15 @@ class Hedges:
             return  # waiting for admission: the hedge meter turns it away
         slot, gen = where
         if slot.gen == gen and cancel_once(slot, CancelKind.HEDGE):
-            self._loop.call_at(self._loop.time() + self._grace, self._escalate, slot, gen)
+            when = self._loop.time() + self._grace
+            self._timers.append(self._loop.call_at(when, self._escalate, slot, gen))
+
+    def close(self) -> None:
+        """The run ended: no timer of its hedging outlives it."""
+        self._watch.close()
+        for handle in self._timers:
+            handle.cancel()
+        self._timers.clear()
 
     def _escalate(self, slot: Slot, gen: int) -> None:
         """A loser still running ``grace`` after its cancellation: cancelled once more, then
