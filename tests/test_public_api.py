@@ -20,6 +20,7 @@ PUBLIC = [
     "Failure",
     "FailureKind",
     "FailureRatio",
+    "Hedge",
     "InputFailed",
     "InvalidArgument",
     "ItemCancelled",

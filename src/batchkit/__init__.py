@@ -37,6 +37,7 @@ from ._model.policies import Backoff as Backoff
 from ._model.policies import Breaker as Breaker
 from ._model.policies import Deadline as Deadline
 from ._model.policies import FailureRatio as FailureRatio
+from ._model.policies import Hedge as Hedge
 from ._model.policies import LimitGroup as LimitGroup
 from ._model.policies import RateLimit as RateLimit
 from ._model.policies import Remembered as Remembered
@@ -129,6 +130,7 @@ __all__ = [
     "Failure",
     "FailureKind",
     "FailureRatio",
+    "Hedge",
     "InputFailed",
     "InvalidArgument",
     "ItemCancelled",

@@ -115,6 +115,23 @@ async def test_groups_are_refused_on_dask_before_any_work() -> None:
     assert read == []
 
 
+async def test_hedge_is_refused_on_dask_before_any_work() -> None:
+    """A hedge would run beside its straggler on the same worker: refused at the call."""
+    backend = DaskBackend(_AsyncClientStandIn())
+    read: list[int] = []
+
+    def items() -> Iterator[int]:
+        read.append(1)
+        yield 1
+
+    hedge = batchkit.Hedge(after=1.0)
+    with pytest.raises(InvalidArgument, match="hedge= is not supported with the Dask backend"):
+        await batchkit.batch_process(items(), quick, hedge=hedge, key=str, backend=backend)
+    with pytest.raises(InvalidArgument, match="hedge= is not supported with the Dask backend"):
+        batchkit.stream(items(), quick, hedge=hedge, key=str, backend=backend)
+    assert read == []
+
+
 def test_worker_resources_are_only_for_code_running_in_a_dask_run() -> None:
     res: WorkerResource[dict[str, int]] = per_worker(dict)
     with pytest.raises(RuntimeError, match="inside a batchkit Dask run"):

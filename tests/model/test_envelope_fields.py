@@ -15,6 +15,7 @@ from batchkit._model.outcomes import (
     NOT_IN_ROWS,
     ROW_FIELDS,
     make_failure,
+    set_hedged,
     set_reruns,
     set_resumed,
 )
@@ -31,6 +32,8 @@ def _envelopes() -> list[Success[str, int] | Failure[str]]:
     set_reruns(s, 2)
     set_reruns(f, 1)
     set_resumed(s)
+    set_hedged(s, "hedge", both=True)
+    set_hedged(f, "neither")
     return [s, f]
 
 
@@ -52,9 +55,9 @@ def test_a_row_carries_every_placed_field() -> None:
     rows = _report().to_dict()["items"]
     assert rows == [
         {"index": 0, "key": "#0", "ok": True, "kind": "success", "attempts": 3, "elapsed": 1.5,
-         "reruns": 2, "resumed": True},
+         "reruns": 2, "resumed": True, "hedged": "hedge", "both_committed": True},
         {"index": 1, "key": "#1", "ok": False, "kind": "timeout", "attempts": 2, "elapsed": 2.5,
-         "reruns": 1, "error": "ValueError: boom"},
+         "reruns": 1, "hedged": "neither", "error": "ValueError: boom"},
     ]  # fmt: skip
 
 

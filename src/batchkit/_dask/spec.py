@@ -30,7 +30,15 @@ def refuse_unsupported(options: Options) -> None:
     """Options the cluster does not honour yet, refused at the call before a client is
     opened: ``groups=`` needs one place that sees every attempt of a group (a chunk's engine
     sees only its own items, and a worker runs several chunks at once). ``item_budget=`` is
-    per item, so a chunk's engine keeps it on the worker (see :func:`plan_run`)."""
+    per item, so a chunk's engine keeps it on the worker (see :func:`plan_run`).
+    ``hedge=`` would hedge within one worker's chunk only, where its budget and latencies
+    mean little (the driver re-runs what a lost worker held instead)."""
+    if options.hedge is not None:
+        raise InvalidArgument(
+            "hedge= is not supported with the Dask backend: a hedge would run beside its "
+            "item on the same worker, which is what makes it slow\nHINT: run the call "
+            "without backend= to hedge stragglers, or use timeout= with Retry(...)"
+        )
     if options.groups:
         raise InvalidArgument(
             "groups= is not supported with the Dask backend yet: a group's limits "

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
     from .._model.outcomes import Outcome
     from .._model.policies import Remembered
+    from .hedges import Hedges
     from .journal import RunJournal
     from .meters.adaptive import AdaptiveMeter
     from .meters.base import Meter
@@ -93,6 +94,7 @@ class Engine(Generic[T, R]):
         self._budget: BudgetMeter | None = None
         self._breaker: BreakerMeter | None = None
         self._journal: RunJournal | None = None
+        self._hedges: Hedges | None = None
 
     def _setup(
         self, loop: asyncio.AbstractEventLoop, circuits: Circuits | None = None
@@ -129,6 +131,11 @@ class Engine(Generic[T, R]):
             # Last: after every wait, an attempt whose budget is spent does not start.
             self._budget = BudgetMeter(p.item_budget, loop, p.grace, self._window.abandon)
             meters = (*meters, self._budget)
+        if p.hedge is not None:
+            from .hedges import HedgeMeter  # lazy: start-up time
+
+            # Last: a hedge whose twin won while it waited for admission does not start.
+            meters = (*meters, HedgeMeter())
         if not p.fn_is_async:
             from concurrent.futures import ThreadPoolExecutor  # lazy: start-up time
 
@@ -170,10 +177,19 @@ class Engine(Generic[T, R]):
         if p.timeout is not None:
             watchdog = Watchdog(loop, p.timeout, p.grace, window.abandon)
         ledger = self._ledger
+        on_start = window.on_start if ledger.emit_events else None
+        hedges = None
+        if p.hedge is not None:
+            from .hedges import Hedges  # lazy: start-up time
+
+            hedges = self._hedges = Hedges(p.hedge, loop, p.grace)
+            hedges.on_start_next, on_start = on_start, hedges.on_start
         self._runner = Runner(
             p, loop, meters=meters, watchdog=watchdog, executor=self._executor,
-            on_start=window.on_start if ledger.emit_events else None, hooks=self._hooks,
+            on_start=on_start, hooks=self._hooks,
         )  # fmt: skip
+        if hedges is not None:
+            self._connect(hedges, window)
         window.start(loop, self._run, self._runner, self._deadline, self.groups, self._budget)
         journal = self._journal
         if journal is not None and journal.transactional:
@@ -224,6 +240,18 @@ class Engine(Generic[T, R]):
         whole = completed and self._stopper.reason is None and intake.exhausted
         await journal.close(whole and intake.error is None and not self._window.fatal)
 
+    def _connect(self, hedges: Hedges, window: Window[T, R]) -> None:
+        """``hedge=``: the hedges run every attempt and hear of every envelope (hedges.py)."""
+        assert self._runner is not None
+        window.hedges = hedges
+        stopper = self._stopper
+        hedges.connect(
+            self._runner, window.retries, wake=self._waits.wake, record=window._record,
+            stopping=lambda: stopper.stopping, abandon=window.abandon, spawn=window.spawn,
+            room=lambda: len(window._live) + window._outliving < self._p.slots,
+            note=self._sink.note_hedge,
+        )  # fmt: skip
+
     async def _remember(self, memory: Remembered) -> None:
         """On every way out (a caller's cancel goes on after it): the final limit."""
         from .meters.adaptive import remember  # lazy: start-up time
@@ -262,6 +290,8 @@ class Engine(Generic[T, R]):
 
     async def _teardown(self, watch: asyncio.Task[None] | None, completed: bool) -> None:
         self._ended = True
+        if self._hedges is not None:
+            self._hedges.close()
         self._stopper.close()
         if watch is not None:
             watch.cancel()
@@ -308,6 +338,7 @@ class Engine(Generic[T, R]):
             keys=self._intake.keys,
             tally=self._sink.tally(),
             resumed=self._journal.resumed if self._journal is not None else 0,
+            hedges=self._hedges.started if self._hedges is not None else 0,
         )
 
     def partial_report(self) -> BatchReport[T, R]:

@@ -172,10 +172,12 @@ class Ledger(Generic[T, R]):
     def item_started(self, job: Job, in_flight: int, now: float) -> None:
         from .._model.events import ItemStarted
 
+        pair = getattr(job, "pair", None)  # with hedge= (hedges.py)
         self.event(
             ItemStarted(
                 name=self.name, index=job.index, key=event_key(job), item=job.item,
                 attempt=job.attempt, in_flight=in_flight, time=now,
+                hedge=pair is not None and pair.hedge is job,
             )
         )  # fmt: skip
 

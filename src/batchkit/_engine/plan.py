@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from .._model.events import Observer
     from .._model.journal import Journal
-    from .._model.policies import Breaker
+    from .._model.policies import Breaker, Hedge
     from .._model.seams import AttemptHook
 
 __all__ = ["Plan", "make_plan"]
@@ -75,6 +75,7 @@ class Plan:
     journal: Journal | None = None
     keys_checked: bool = False
     """With ``journal=``: the input's keys were checked unique before the run (a sequence)."""
+    hedge: Hedge | None = None
 
 
 def _check_timeout_fits(timeout: float | None, deadline: Deadline | None) -> None:
@@ -108,6 +109,17 @@ def _check_journal(journal: Journal | None, key: object, context: object) -> Non
         )
 
 
+def _check_hedge_is_safe(hedge: Hedge | None, key: object) -> None:
+    """A hedge runs an item twice at once: only work marked safe to repeat, by its key."""
+    if hedge is not None and key is None:
+        raise InvalidArgument(
+            "hedge= runs a slow item's attempt twice at once, so it needs key=: the item's "
+            "idempotency key, which fn sends upstream (current_attempt().idempotency_key) "
+            "so a repeated write happens once\nHINT: pass key=lambda item: item.id, and "
+            "make fn idempotent by that key"
+        )
+
+
 def make_plan(items: object, fn: object, options: Options) -> Plan:
     """Check every argument before anything runs; messages name the argument and the fix."""
     check_items(items)
@@ -121,6 +133,7 @@ def make_plan(items: object, fn: object, options: Options) -> Plan:
         from .._model.journal import check_unique_keys
 
         keys_checked = check_unique_keys(items, v["key"])  # before any work
+    _check_hedge_is_safe(v["hedge"], v["key"])
     adaptive = concurrency if isinstance(concurrency, Adaptive) else None
     slots = concurrency.max if isinstance(concurrency, Adaptive) else concurrency
     observers = list(v["observers"])
@@ -165,4 +178,5 @@ def make_plan(items: object, fn: object, options: Options) -> Plan:
         breaker=v["breaker"],
         journal=v["journal"],
         keys_checked=keys_checked,
+        hedge=v["hedge"],
     )

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .._model.attempt import Job, RunInfo
     from .._model.errors import StopReason
     from .._model.outcomes import Outcome
+    from .hedges import Hedges
     from .intake import Intake
     from .journal import RunJournal
     from .ledger import Ledger
@@ -83,6 +84,7 @@ class Window(Generic[T, R]):
         self._runner: Runner | None = None
         self._deadline: DeadlineMeter | None = None
         self._picks: GroupPicks | None = None  # with limit groups (picks.py)
+        self.hedges: Hedges | None = None  # with hedge= (hedges.py, wired by the engine)
         self._base_context = contextvars.copy_context()
         self.journal: RunJournal | None = None  # with journal=: it ends resumed items
 
@@ -297,6 +299,8 @@ class Window(Generic[T, R]):
     def _record(self, outcome: Outcome[T, R], job: Job | None = None) -> None:
         """To the ledger (the sink, the observers, the counts); then act on the threshold
         it says was reached."""
+        if self.hedges is not None and job is not None and not self.hedges.passes(outcome, job):
+            return  # a member of a hedged item's pair: its twin decides, or the pair records
         reason = self._ledger.record(outcome, job)
         if reason is not None:
             self.stop(reason)

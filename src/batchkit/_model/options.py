@@ -23,6 +23,7 @@ from .policies import (
     Breaker,
     Deadline,
     FailureRatio,
+    Hedge,
     LimitGroup,
     RateLimit,
     Retry,
@@ -80,6 +81,7 @@ class Options:
     backend: Backend | None = None
     breaker: Breaker | None = None
     journal: Journal | None = None
+    hedge: Hedge | None = None
 
 
 class Backend(Protocol):
@@ -190,6 +192,12 @@ class RunOptions(TypedDict, Generic[T], total=False):
     """A ``Journal``: each item's final outcome recorded by its ``key=`` in a state store, so a
     later call with the same journal resumes (items with a recorded success are not run again;
     their ``Success.resumed`` is ``True``). Needs ``key=``, unique per item. Default: ``None``."""
+    hedge: Hedge | None
+    """A ``Hedge``: an attempt running longer than ``after`` (seconds, or a quantile of this
+    run's successful attempt durations such as ``"p95"``) gets one more attempt beside it,
+    within ``budget`` (a share of the items started); the first success wins, the other is
+    cancelled. Needs ``key=`` (the idempotency key: work safe to repeat). Default:
+    ``None``."""
 
 
 class StreamOptions(RunOptions[T], total=False):
@@ -407,6 +415,15 @@ def check_breaker(value: object) -> Breaker | None:
     return value
 
 
+def check_hedge(value: object) -> Hedge | None:
+    if value is not None and not isinstance(value, Hedge):
+        raise InvalidArgument(
+            f"hedge must be batchkit.Hedge(...) or None, got {value!r}\n"
+            "HINT: hedge=Hedge(after='p95', budget=0.10)"
+        )
+    return value
+
+
 VALIDATORS: Final[dict[str, Callable[[object], object]]] = {
     "concurrency": check_concurrency,
     "timeout": check_timeout,
@@ -430,6 +447,7 @@ VALIDATORS: Final[dict[str, Callable[[object], object]]] = {
     "backend": check_backend,
     "breaker": check_breaker,
     "journal": check_journal,
+    "hedge": check_hedge,
 }
 
 

@@ -99,6 +99,9 @@ class BatchReport(Generic[T, R]):
     resumed: int = 0
     """Successes read from the run journal (``journal=``) instead of run: the items whose
     ``Success.resumed`` is ``True``."""
+    hedges: int = 0
+    """Hedged attempts that started (``hedge=``): the extra attempts the run spent on
+    stragglers. Each hedged item's envelope says which attempt won (``hedged``)."""
 
     def __post_init__(self) -> None:
         from .store import OutcomeStore, OutcomeView
@@ -180,7 +183,7 @@ class BatchReport(Generic[T, R]):
 
     @property
     def retries(self) -> int:
-        """Attempts beyond the first, over all items."""
+        """Attempts beyond the first, over all items (hedges included: see ``hedges``)."""
         return self._store.retries()
 
     @property
@@ -269,6 +272,7 @@ class BatchReport(Generic[T, R]):
             "retries": self.retries,
             "reruns": self.reruns,
             "resumed": self.resumed,
+            "hedges": self.hedges,
             "latency": {
                 "p50": self.latency(0.5),
                 "p95": self.latency(0.95),

@@ -127,6 +127,10 @@ class LoggingObserver:
             "elapsed": outcome.elapsed,
             "in_flight": event.in_flight,
         }
+        if outcome.hedged is not None:  # hedge=: which attempt won, and whether both committed
+            fields["hedged"] = outcome.hedged
+            if outcome.both_committed:
+                fields["both_committed"] = True
         if type(outcome) is Success:
             if outcome.resumed:
                 fields["resumed"] = True  # read from the run journal, not run
@@ -163,6 +167,7 @@ class LoggingObserver:
                     "index": event.index,
                     "attempt": event.attempt,
                     "in_flight": event.in_flight,
+                    **({"hedge": True} if event.hedge else {}),
                 },
             )
 
@@ -224,6 +229,8 @@ class LoggingObserver:
             "wall": report.wall_time,
             "stop_reason": report.stop_reason,
         }
+        if report.hedges:
+            fields["hedges"] = report.hedges
         if early:
             fields["unfinished"] = unfinished
         if report.resumed:
