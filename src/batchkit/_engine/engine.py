@@ -27,6 +27,7 @@ from .meters import open_meters
 from .runner import Runner, loop_clock, open_hooks
 from .sinks import BatchSink, Sink
 from .stopper import Stopper
+from .stored import Stored
 from .waits import Waits
 from .watchdog import Watchdog
 from .window import Window
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
 
     from .._model.outcomes import Outcome
-    from .._model.policies import Remembered
     from .hedges import Hedges
     from .journal import RunJournal
     from .meters.adaptive import AdaptiveMeter
@@ -148,28 +148,20 @@ class Engine(Generic[T, R]):
 
     async def run(self) -> BatchReport[T, R]:
         p = self._p
-        memory = p.adaptive.remember if p.adaptive is not None else None
-        remembered = None
-        if memory is not None:
-            from .meters.adaptive import recall  # lazy: start-up time
-
-            remembered = await recall(memory)  # before any item starts
-        circuits = None
-        if p.breaker is not None:
-            from .meters.breaker import Circuits  # lazy: start-up time
-
-            circuits = Circuits(p.breaker)
-            await circuits.load()  # before any item starts
-        if p.journal is not None:
-            await self._open_journal(p)  # before any item starts
+        stored = Stored()
+        await stored.load(p)  # before any item starts
+        journal = self._journal = stored.journal
+        if journal is not None:
+            journal.record, self._window.journal = self._window._record, journal
+            self._ledger.journal, self._ledger.careful = journal, True  # every success: a row
         loop = self._loop = asyncio.get_running_loop()
-        meters = self._setup(loop, circuits)
-        if remembered is not None:
+        meters = self._setup(loop, stored.circuits)
+        if stored.remembered is not None:
             from .meters.adaptive_math import resumed
 
             assert self._adaptive is not None
             assert p.adaptive is not None
-            self._adaptive.resume(resumed(p.adaptive, remembered))
+            self._adaptive.resume(resumed(p.adaptive, stored.remembered))
             self._first_limit = self._adaptive.limit
         window = self._window
         assert self._run is not None
@@ -189,9 +181,14 @@ class Engine(Generic[T, R]):
             on_start=on_start, hooks=self._hooks,
         )  # fmt: skip
         if hedges is not None:
-            self._connect(hedges, window)
+            window.hedges, stopper = hedges, self._stopper
+            hedges.connect(
+                self._runner, window.retries, wake=self._waits.wake, record=window._record,
+                stopping=lambda: stopper.stopping, abandon=window.abandon, spawn=window.spawn,
+                room=lambda: len(window._live) + window._outliving < p.slots,
+                note=self._sink.note_hedge,
+            )  # fmt: skip
         window.start(loop, self._run, self._runner, self._deadline, self.groups, self._budget)
-        journal = self._journal
         if journal is not None and journal.transactional:
             self._runner.journal_tx = journal.write_in_session
         if ledger.emit_events:
@@ -208,56 +205,11 @@ class Engine(Generic[T, R]):
             try:
                 await self._teardown(watch_task, completed)
             finally:
-                if memory is not None:
-                    await self._remember(memory)
-                if self._breaker is not None:
-                    await self._breaker.close()
-                if journal is not None:
-                    await self._close_journal(journal, completed)
+                intake = self._intake
+                whole = intake.exhausted and intake.error is None and not self._window.fatal
+                whole = whole and completed and self._stopper.reason is None
+                await stored.save(p, self._adaptive, self._breaker, whole)
         return self._finish()
-
-    async def _open_journal(self, p: Plan) -> None:
-        from .journal import RunJournal  # lazy: start-up time
-
-        assert p.journal is not None
-        journal = self._journal = RunJournal(p.journal, check_duplicates=not p.keys_checked)
-        await journal.load()
-        journal.record = self._journal_ended
-        self._window.journal = journal
-        self._ledger.journal = journal
-        self._ledger.careful = True  # every success is recorded as an envelope: it has a row
-
-    def _journal_ended(self, outcome: Outcome[T, R], job: Any) -> None:
-        """An item the journal ends without running it (resumed, or a duplicate key)."""
-        reason = self._ledger.record(outcome, job)
-        if reason is not None:
-            self._window.stop(reason)
-
-    async def _close_journal(self, journal: RunJournal, completed: bool) -> None:
-        """On every way out (a caller's cancel goes on after it): the rows still waiting;
-        the journal is cleared if every item of the input succeeded."""
-        intake = self._intake
-        whole = completed and self._stopper.reason is None and intake.exhausted
-        await journal.close(whole and intake.error is None and not self._window.fatal)
-
-    def _connect(self, hedges: Hedges, window: Window[T, R]) -> None:
-        """``hedge=``: the hedges run every attempt and hear of every envelope (hedges.py)."""
-        assert self._runner is not None
-        window.hedges = hedges
-        stopper = self._stopper
-        hedges.connect(
-            self._runner, window.retries, wake=self._waits.wake, record=window._record,
-            stopping=lambda: stopper.stopping, abandon=window.abandon, spawn=window.spawn,
-            room=lambda: len(window._live) + window._outliving < self._p.slots,
-            note=self._sink.note_hedge,
-        )  # fmt: skip
-
-    async def _remember(self, memory: Remembered) -> None:
-        """On every way out (a caller's cancel goes on after it): the final limit."""
-        from .meters.adaptive import remember  # lazy: start-up time
-
-        assert self._adaptive is not None
-        await remember(memory, self._adaptive.state.limit)
 
     async def _supervise(self) -> None:
         """Start the workers and wait until every one has ended or been abandoned."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, final
 
+from .._model.attempt import CancelKind
 from .._model.errors import ItemCancelled, ItemSkipped, ItemTimeout
 from .._model.outcomes import Failure
 from .._model.report import LimitChange
@@ -28,8 +29,10 @@ if TYPE_CHECKING:
     from .._model.policies import FailureRatio
     from .._model.report import BatchReport
     from .journal import RunJournal
+    from .plan import Plan
+    from .stopper import Stopper
 
-__all__ = ["Ledger", "cancelled", "last_error", "skipped", "stopped", "timed_out"]
+__all__ = ["Ledger", "abandoned", "cancelled", "last_error", "skipped", "stopped", "timed_out"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -284,6 +287,22 @@ def timed_out(job: Job, timeout: float, now: float, *, budget: bool = False) -> 
     history = (*job.errors, err) if job.errors else (err,)
     assert job.first_start is not None
     return Failure(job.item, err, "timeout", job.index, job.attempt, now - job.first_start, history)
+
+
+def abandoned(
+    job: Job, kind: CancelKind | None, plan: Plan, stopper: Stopper, now: float
+) -> Failure[Any] | None:
+    """The envelope of an attempt abandoned after its item budget's or timeout's two
+    cancellations; ``None`` when the run's stop cut it (the caller records it ``stopped``).
+    Logged as a warning: a thread or task still runs somewhere."""
+    _log.warning(
+        "batchkit: item #%d did not stop after being cancelled twice; abandoned", job.index
+    )
+    if kind is CancelKind.BUDGET and plan.item_budget is not None:
+        return timed_out(job, plan.item_budget, now, budget=True)
+    if kind is CancelKind.STOP or stopper.stopping or plan.timeout is None:
+        return None
+    return timed_out(job, plan.timeout, now)
 
 
 def budget_spent(job: Job, budget: float, now: float) -> Failure[Any]:

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import logging
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from .._model.attempt import _SLOT, CancelKind, Slot
+from .._model.attempt import _SLOT, Slot
 from . import ledger as envelopes
 from .picks import GroupPicks
 from .retries import Retries
@@ -42,8 +41,6 @@ __all__ = ["Window"]
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-_log = logging.getLogger("batchkit")
 
 
 class Window(Generic[T, R]):
@@ -293,7 +290,7 @@ class Window(Generic[T, R]):
         return self._intake.more() or bool(self.retries.heap)
 
     def on_start(self, slot: Slot, job: Job, now: float) -> None:
-        if self._ledger.emit_events:
+        if self._ledger.emit_events:  # off once every observer was dropped mid-run
             self._ledger.item_started(job, self.in_flight(), now)
 
     def _record(self, outcome: Outcome[T, R], job: Job | None = None) -> None:
@@ -328,16 +325,11 @@ class Window(Generic[T, R]):
         stopper = self._stopper
         if job is not None:
             self.abandoned.append(job.index)
-            _log.warning(
-                "batchkit: item #%d did not stop after being cancelled twice; abandoned", job.index
-            )
-            budget = self._p.item_budget
-            if slot.cancel_kind is CancelKind.BUDGET and budget is not None:
-                self._record(envelopes.timed_out(job, budget, self._clock(), budget=True), job)
-            elif slot.cancel_kind is CancelKind.STOP or stopper.stopping or self._p.timeout is None:
+            out = envelopes.abandoned(job, slot.cancel_kind, self._p, stopper, self._clock())
+            if out is None:  # the run's stop cut it
                 self.stopped(job, running=slot.in_attempt)
             else:
-                self._record(envelopes.timed_out(job, self._p.timeout, self._clock()), job)
+                self._record(out, job)
         self._live.discard(slot)
         self.check_quiet()
         if not stopper.stopping:
