@@ -299,18 +299,30 @@ def test_database_url_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_demo_uses_the_given_database_and_shows_a_market_recover(
     db_url: str, workdir: Path
 ) -> None:
-    """Items 1, 3, 6: both ticks on the defaults; the market down in tick 1 is predicted in
-    tick 2; ``--database-url`` is honoured (no ``predictions-demo.db`` appears)."""
+    """Items 1, 3, 6: the ticks on the defaults; the market down in tick 1 is predicted by
+    tick 3, which resumes tick 2 (a real ``run`` process killed with SIGKILL) from its
+    journal; ``--database-url`` is honoured (no ``predictions-demo.db`` appears)."""
     # The default time factor (0.2): a busy machine's HTTP overhead stays small next to it.
     argv = ["demo", "--database-url", db_url, "--markets", "6", "--seed", "3"]
     done = predictions(*argv, cwd=workdir)
     assert "-- cron tick 1 (the upstream is down for BTC-100K-DEC)" in done.stdout
-    assert "-- cron tick 2 (the outage is over)" in done.stdout
-    first, second = runs(db_url)
-    assert first.total == second.total == 6
-    assert first.config["concurrency"] == second.config["concurrency"] == 10
-    assert first.config["timeout"] == second.config["timeout"] == 20
-    recovered = re.search(r"failed in tick 1, predicted in tick 2: (.*)", done.stdout)
+    assert "-- cron tick 2 (the outage is over; the tick is killed with SIGKILL)" in done.stdout
+    killed = re.search(r"killed with SIGKILL \(pid \d+\): (\d+) market\(s\) predicted", done.stdout)
+    assert killed, done.stdout
+    first, second, third = runs(db_url)
+    assert second.status == "crashed"  # the kill left it running; tick 3 marked it
+    assert first.total == third.total == 6
+    assert first.config["concurrency"] == third.config["concurrency"] == 10
+    assert first.config["timeout"] == third.config["timeout"] == 20
+    # Tick 3 kept tick 2's journal and resumed what its journal held at the kill.
+    assert third.config["journal"] == second.config["journal"] == f"predictions-run-{second.id}"
+    resumed = int(killed[1])
+    assert resumed >= 2  # a third of 6 markets, at least
+    assert (
+        f"tick 3 resumed {resumed} market(s) from the killed tick 2's journal and ran only "
+        f"the other {6 - resumed}." in done.stdout
+    )
+    recovered = re.search(r"failed in tick 1, predicted by tick 3: (.*)", done.stdout)
     assert recovered, done.stdout
     assert "BTC-100K-DEC" in recovered[1].split(", ")
     assert done.returncode == 0, done.stderr  # goal met or missed: the demo ran
@@ -326,7 +338,7 @@ def test_demo_json_on_database_url_from_the_environment(workdir: Path) -> None:
     body = json.loads(done.stdout)
     assert [b["total"] for b in body] == [6, 6]
     assert "database: sqlite+aiosqlite:///" in done.stderr
-    assert len(runs(url)) == 2
+    assert len(runs(url)) == 3  # the killed tick's record too (or its finished one)
     assert list(workdir.iterdir()) == []
 
 

@@ -11,7 +11,16 @@ from sqlalchemy import event, select
 import batchkit
 from batchkit.sqlalchemy import SQLAlchemyStateStore, pool_stats
 from predictions.models import Market, Prediction, Run
-from predictions.pipeline import MarketRef, generate_predictions, select_markets, upstream_hosts
+from predictions.pipeline import (
+    MarketRef,
+    RunConfig,
+    Stop,
+    generate_predictions,
+    journal_name,
+    run_job,
+    select_markets,
+    upstream_hosts,
+)
 from predictions.simulator import SimulatorConfig
 
 if TYPE_CHECKING:
@@ -326,3 +335,78 @@ async def test_adaptive_limit_is_remembered_in_the_database_between_runs(
             entry = await store.get(key)
             assert entry is not None
             assert entry.version == run  # written once per run
+
+
+def _stop_after(stop: Stop, finished: int) -> batchkit.Observer:
+    """Stops the run once ``finished`` markets have ended: a tick cut short mid-run."""
+    seen = 0
+
+    def observe(event: batchkit.Event) -> None:
+        nonlocal seen
+        if isinstance(event, batchkit.ItemFinished):
+            seen += 1
+            if seen == finished:
+                stop.set("test")
+
+    return observe
+
+
+async def test_a_tick_that_did_not_finish_is_resumed_failed_markets_first(
+    session_factory: async_sessionmaker[AsyncSession], simulate: Simulate
+) -> None:
+    """The in-process equivalent of the demo's SIGKILL (the CLI test kills a real process):
+    the next tick resumes the cut-short tick's journal, runs its failed market first and
+    only the markets it did not predict, and adopts the predicted markets' rows."""
+    config = RunConfig(concurrency=2, attempts=1, timeout=100, deadline=300, time_factor=F)
+    down = (await select_markets(session_factory, 1))[0].symbol
+    stop = Stop()
+    sim = SimulatorConfig(time_factor=F, down=frozenset({down}))
+    async with simulate(sim) as (client, _):
+        first = await run_job(
+            session_factory, client, config, observers=[_stop_after(stop, 6)], stop=stop
+        )
+    assert first.status == "interrupted"
+    assert first.journal == journal_name(first.run_id) == f"predictions-run-{first.run_id}"
+    predicted = {o.item.symbol for o in first.report.successes}
+    assert first.report.counts["error"] == 1
+    assert len(predicted) >= 5
+    async with simulate(SimulatorConfig(time_factor=F)) as (client, app):
+        second = await run_job(session_factory, client, config)
+        called = {symbol for _, symbol in app.state.upstream.calls}
+    report = second.report
+    assert (second.resumed_from, second.journal) == (first.run_id, first.journal)
+    assert report.counts["success"] == 20, _failures(second)
+    assert {o.item.symbol for o in report.successes if o.resumed} == predicted
+    assert report.resumed == len(predicted)
+    assert report.outcomes[0].item.symbol == down  # the journal's failure goes first
+    assert isinstance(report.outcomes[0], batchkit.Success)
+    assert not report.outcomes[0].resumed  # it ran: the upstream is back
+    assert not called & predicted  # no upstream call for a resumed market
+    assert down in called
+    await check_record(session_factory, second, 20)  # the resumed rows are this run's now
+    # A tick that finished leaves nothing to resume: the next starts a journal of its own.
+    async with simulate(SimulatorConfig(time_factor=F)) as (client, _):
+        third = await run_job(session_factory, client, config)
+    assert (third.resumed_from, third.journal) == (None, journal_name(third.run_id))
+    assert third.report.resumed == 0
+    await check_record(session_factory, third, 20)
+
+
+async def test_without_a_journal_a_cut_short_tick_is_not_resumed(
+    session_factory: async_sessionmaker[AsyncSession], simulate: Simulate
+) -> None:
+    config = RunConfig(
+        concurrency=2, attempts=1, timeout=100, deadline=300, time_factor=F, journal=False
+    )
+    stop = Stop()
+    async with simulate(SimulatorConfig(time_factor=F)) as (client, _):
+        first = await run_job(
+            session_factory, client, config, observers=[_stop_after(stop, 4)], stop=stop
+        )
+        second = await run_job(session_factory, client, config)
+    assert first.status == "interrupted"
+    assert (first.journal, second.journal, second.resumed_from) == (None, None, None)
+    assert second.report.resumed == 0
+    assert second.report.counts["success"] == 20, _failures(second)
+    assert second.to_dict()["config"]["journal"] is False
+    await check_record(session_factory, second, 20)

@@ -232,6 +232,13 @@ def _run_args(p: argparse.ArgumentParser) -> None:
         help="seconds an open circuit skips markets before one probe",
     )
     g.add_argument(
+        "--no-journal",
+        dest="journal",
+        action="store_false",
+        help="keep no journal: a tick that did not finish (killed, interrupted) is not resumed "
+        "by the next, which predicts all its markets again",
+    )
+    g.add_argument(
         "--lease-seconds",
         type=POSITIVE,
         default=LEASE_SECONDS,
@@ -307,6 +314,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
         breaker_open_after=args.breaker_open_after,
         breaker_cool_down=args.breaker_cool_down,
         adaptive_max=args.adaptive_max,
+        journal=args.journal,
     )
 
 
@@ -419,13 +427,19 @@ def format_result(result: RunResult, title: str = "") -> str:
     lines.append(f"{'market':<24}{'outcome':<11}{'tries':>5}{'time (s)':>10}  result")
     for o in r:
         if isinstance(o, batchkit.Success):
-            outcome = "success"
+            outcome = "resumed" if o.resumed else "success"
             detail = f"p={o.value.probability:.3f} confidence={o.value.confidence:.2f}"
         else:
             outcome = o.kind
             detail = _describe(o.error, c)
         lines.append(
             f"{o.item.symbol:<24}{outcome:<11}{o.attempts:>5}{o.elapsed / f:>10.1f}  {detail}"
+        )
+    if result.resumed_from is not None:
+        lines.append(
+            f"resumed run {result.resumed_from} (it did not finish) from journal "
+            f"{result.journal}: {r.resumed} market(s) already predicted there were not run "
+            f"again, {len(r) - r.resumed} ran"
         )
     counts = ", ".join(f"{v} {k}" for k, v in r.counts.items() if v)
     lines.append(f"outcomes: {counts}; retries {r.retries}; saved predictions {result.saved}")
@@ -694,20 +708,16 @@ async def _demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             async with UpstreamClient(UpstreamURLs.single(base)) as client:
                 plan = [
                     f"cron tick 1 (the upstream is down for {down})",
-                    "cron tick 2 (the outage is over)",
+                    "cron tick 2 (the outage is over; the tick is killed with SIGKILL)",
+                    "cron tick 3 (resumes the killed tick's journal)",
                 ]
                 for i, title in enumerate(plan):
+                    print(f"\n-- {title} ...", file=human, flush=True)
                     if i == 1:
                         app.state.upstream.config = dataclasses.replace(sim, down=frozenset())
-                    print(f"\n-- {title} ...", file=human, flush=True)
-                    result = await run_job(
-                        sf,
-                        client,
-                        config,
-                        progress=err.isatty(),
-                        stop=stop,
-                        holder=default_holder("predictions demo"),
-                    )
+                        print(await _killed_tick(url, base, config, sf), file=human, flush=True)
+                        continue
+                    result = await _demo_tick(sf, client, config, stop, err.isatty())
                     results.append((title, result))
                     if not args.json:
                         print(format_result(result, title), file=out)
@@ -722,6 +732,73 @@ async def _demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return _demo_exit_code(results[-1][1])
 
 
+KILL_LEASE_SECONDS = 1.0
+"""The killed tick's SQLite lease: the next tick waits for it to lapse (PostgreSQL: not at all)."""
+
+
+async def _killed_tick(url: str, base: str, config: RunConfig, sf: Any) -> str:
+    """A cron tick as a real ``predictions run`` process, killed with ``SIGKILL`` once its
+    journal holds a third of the markets: nothing of it runs at the kill (no handler, no
+    record), so whatever the next tick knows, the database told it. Says what was left."""
+    argv = [
+        sys.executable, "-m", "predictions", "run", "--database-url", url,
+        "--upstream-url", base, "--time-factor", f"{config.time_factor:g}",
+        "--limit", str(config.limit), "--lease-seconds", f"{KILL_LEASE_SECONDS:g}",
+    ]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
+    want = max(1, config.limit // 3)
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + 30 + config.deadline * config.time_factor
+    journaled = 0
+    while proc.returncode is None and journaled < want and loop.time() < give_up:
+        with suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(proc.wait(), 0.05)
+        journaled = len(await _journaled(sf))
+    if proc.returncode is not None:
+        return f"the tick ended (exit code {proc.returncode}) before it could be killed"
+    proc.kill()
+    await proc.wait()
+    done = await _journaled(sf)
+    return (
+        f"killed with SIGKILL (pid {proc.pid}): {len(done)} market(s) predicted and in its "
+        f"journal, the rest not; no record of the run was written"
+    )
+
+
+async def _journaled(sf: Any) -> list[str]:
+    """The markets the running (or killed) run's journal says it predicted."""
+    from batchkit import Journal
+    from batchkit.sqlalchemy import SQLAlchemyStateStore
+
+    async with sf() as session:
+        run = await session.scalar(select(Run).where(Run.status == "running"))
+    name = run.config.get("journal") if run is not None else None
+    if not name:
+        return []
+    kinds = await Journal(SQLAlchemyStateStore(sf.kw["bind"]), name).kinds()
+    return [k for k, kind in kinds.items() if kind == "success"]
+
+
+async def _demo_tick(
+    sf: Any, client: UpstreamClient, config: RunConfig, stop: Stop, progress: bool
+) -> RunResult:
+    """One tick in this process; waits (a few seconds at most) for a killed tick's lease."""
+    for _ in range(40):
+        with suppress(RunInProgress):
+            return await run_job(
+                sf,
+                client,
+                config,
+                progress=progress,
+                stop=stop,
+                holder=default_holder("predictions demo"),
+            )
+        await asyncio.sleep(KILL_LEASE_SECONDS / 4)
+    return await run_job(sf, client, config, stop=stop, holder=default_holder("predictions demo"))
+
+
 def _demo_exit_code(last: RunResult) -> int:
     """The demo shows a run, it is not one: a missed goal (a slow machine's timeouts) is in
     its summary and exits 0; an interrupted demo or one with nothing to run does not."""
@@ -731,6 +808,13 @@ def _demo_exit_code(last: RunResult) -> int:
 def _demo_summary(first: RunResult, second: RunResult, url: str, f: float) -> str:
     failed = {o.item.symbol for o in first.report.failures}
     recovered = sorted(failed & {o.item.symbol for o in second.report.successes})
+    r = second.report
+    resumed = (
+        f"tick 3 resumed {r.resumed} market(s) from the killed tick 2's journal and ran only "
+        f"the other {len(r) - r.resumed}.\n"
+        if second.resumed_from is not None
+        else "tick 3 resumed nothing: tick 2 ended before it could be killed.\n"
+    )
     where = (
         f"--database-url {url}"
         if "predictions-demo.db" not in url
@@ -738,10 +822,11 @@ def _demo_summary(first: RunResult, second: RunResult, url: str, f: float) -> st
     )
     return (
         f"\nsummary: tick 1 predicted {first.report.counts['success']}/{len(first.report)}; "
-        f"tick 2 predicted {second.report.counts['success']}/{len(second.report)} in "
+        f"tick 3 predicted {second.report.counts['success']}/{len(second.report)} in "
         f"{second.report.wall_time / f:.1f} s (real-world seconds; measured "
         f"{second.report.wall_time:.2f} s at time factor {f:g}).\n"
-        f"failed in tick 1, predicted in tick 2: {', '.join(recovered) or 'none'}\n"
+        f"{resumed}"
+        f"failed in tick 1, predicted by tick 3: {', '.join(recovered) or 'none'}\n"
         f"goal of the last run: {'MET' if second.goal_met else 'MISSED'}. "
         f"See the runs: .venv/bin/predictions {where} report"
     )

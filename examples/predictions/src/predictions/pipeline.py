@@ -20,6 +20,11 @@
   default).
 - ``concurrency`` as an ``Adaptive`` limit remembered in the database (``adaptive_max``; off
   by default).
+- ``journal`` (on by default): each market's outcome recorded by its symbol in the app's
+  database as the run goes. A tick that did not finish (killed with ``SIGKILL``, interrupted,
+  crashed) leaves its journal to the next tick, which **resumes** it: the markets it
+  predicted are not predicted again (their rows move to the new run), its failed markets go
+  first, and only the rest run. Batched mode: see ``_journal``.
 
 A market holds a database connection only for database work: read the prior, give the
 connection back (``batchkit.sqlalchemy.release``), make the slow upstream calls with no
@@ -29,7 +34,8 @@ are queued in-process (one writer at a time is all SQLite allows).
 
 The run record is written after ``batch_process`` returns, from its report, in one
 transaction: counts by outcome kind, retries, whether the deadline stopped the run, and the
-config. A prediction row exists for a run exactly when the report says the market succeeded.
+config. A prediction row exists for a run exactly when the report says the market succeeded
+(a resumed market's row, written by the tick that did not finish, moves to the new run).
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from batchkit import (
     BatchReport,
     Breaker,
     Failure,
+    Journal,
     LimitGroup,
     Observer,
     Remembered,
@@ -68,7 +75,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-    from batchkit import Event, Outcome
+    from batchkit import Event, JsonValue, Outcome
 
 __all__ = [
     "LiveCounts",
@@ -79,6 +86,7 @@ __all__ = [
     "Stop",
     "describe_error",
     "generate_predictions",
+    "journal_name",
     "run_job",
     "select_markets",
     "upstream_hosts",
@@ -127,6 +135,9 @@ class RunConfig:
     adaptive_max: int | None = None
     """If set, ``concurrency`` is where an adaptive limit starts (up to this), remembered in
     the database between runs; None: ``concurrency`` is fixed."""
+    journal: bool = True
+    """Record each market's outcome in a journal, so the next tick resumes a tick that did not
+    finish; False: every tick predicts all its markets."""
 
     def __post_init__(self) -> None:
         if self.upstream_concurrency is not None and self.upstream_concurrency < 1:
@@ -187,6 +198,10 @@ class RunResult:
     goal_met: bool
     saved: int
     """Predictions in the database for this run (equal to the report's successes)."""
+    journal: str | None = None
+    """The journal's name, or None when the run kept none."""
+    resumed_from: int | None = None
+    """The run (one that did not finish) whose journal this run resumed, or None."""
     interrupted: str | None = None
     """The signal that stopped the run (``SIGTERM``/``SIGINT``), or None."""
 
@@ -225,6 +240,9 @@ class RunResult:
             "total": len(report),
             "counts": report.counts,
             "saved": self.saved,
+            "resumed": report.resumed,
+            "journal": self.journal,
+            "resumed_from_run": self.resumed_from,
             "retries": report.retries,
             "deadline_hit": report.deadline_hit,
             "interrupted_by": self.interrupted,
@@ -237,6 +255,7 @@ class RunResult:
                 {
                     "market": o.item.symbol,
                     "outcome": "success" if isinstance(o, batchkit.Success) else o.kind,
+                    **({"resumed": True} if isinstance(o, batchkit.Success) and o.resumed else {}),
                     "attempts": o.attempts,
                     "elapsed": round(o.elapsed / f, 3),
                     **(
@@ -366,6 +385,7 @@ async def generate_predictions(
     breaker_open_after: int = 0,
     breaker_cool_down: float = 60.0,
     adaptive_max: int | None = None,
+    journal: bool = True,
     observers: Sequence[Observer] = (),
     progress: bool = False,
 ) -> RunResult:
@@ -382,6 +402,7 @@ async def generate_predictions(
         breaker_open_after=breaker_open_after,
         breaker_cool_down=breaker_cool_down,
         adaptive_max=adaptive_max,
+        journal=journal,
     )
     return await run_job(session_factory, client, config, observers=observers, progress=progress)
 
@@ -491,6 +512,51 @@ def _concurrency(
     )
 
 
+JOURNAL_RETAIN = 3600.0
+"""Real-world seconds a journal row is kept: a tick that died longer ago than this is not
+resumed (its predictions are stale by then), its markets simply run again."""
+
+
+def journal_name(run_id: int) -> str:
+    """A journal per tick that did not finish: named by the run that started it, kept by every
+    run that resumes it (each such run records the name in its config)."""
+    return f"predictions-run-{run_id}"
+
+
+def _dump(value: Forecast) -> JsonValue:
+    return {"probability": value.probability, "confidence": value.confidence}
+
+
+def _load(stored: JsonValue) -> Forecast:
+    fields = cast("dict[str, float]", stored)
+    return Forecast(probability=fields["probability"], confidence=fields["confidence"])
+
+
+def _journal(
+    session_factory: async_sessionmaker[AsyncSession], config: RunConfig, name: str | None
+) -> Journal | None:
+    """The run's journal, in the app's database. Batched, not transactional: ``predict``
+    commits its prediction itself, inside SQLite's write lock, so a journal row written in
+    the same session would commit separately anyway. A journal row is written only after
+    its market's prediction committed; a kill can lose the last second of rows (never a
+    row whose prediction did not commit), and those markets are predicted again on resume,
+    which the (market, run) upsert makes harmless."""
+    if name is None:
+        return None
+    return Journal(
+        SQLAlchemyStateStore(_bind(session_factory)),
+        name,
+        dump=_dump,
+        load=_load,
+        retain=JOURNAL_RETAIN * config.time_factor,
+    )
+
+
+def _failed_first(markets: list[MarketRef], kinds: dict[str, str]) -> list[MarketRef]:
+    """The markets the resumed tick saw fail go first (a stable sort keeps the rest's order)."""
+    return sorted(markets, key=lambda m: kinds.get(m.symbol) not in ("error", "timeout"))
+
+
 def _upstream_breaker(
     session_factory: async_sessionmaker[AsyncSession], client: UpstreamClient, config: RunConfig
 ) -> Breaker | None:
@@ -521,15 +587,28 @@ async def _run_locked(
     started = time.monotonic()
     async with session_factory() as session, session.begin():
         await fence(session, lease)
+        # The last run did not finish (killed, interrupted, crashed): resume its journal.
+        last = await session.scalar(select(Run).order_by(Run.id.desc()).limit(1))
+        resumed_from = None
+        name = None
+        if config.journal and last is not None and last.status not in ("ok", "failed", "empty"):
+            name = last.config.get("journal")
+            resumed_from = last.id if name else None
         # We hold the only lock: a run still marked running died with its process.
         await session.execute(update(Run).where(Run.status == "running").values(status="crashed"))
         run = Run(config=config.as_dict(), status="running", started_at=utcnow())
         session.add(run)
         await session.flush()
         run_id = run.id
+        if config.journal:
+            name = name or journal_name(run_id)
+            run.config = {**config.as_dict(), "journal": name}
+    journal = _journal(session_factory, config, name)
     collector = _Collector()
     try:
         markets = await select_markets(session_factory, config.limit)
+        if journal is not None and resumed_from is not None:
+            markets = _failed_first(markets, await journal.kinds())
         # The deadline counts from the run's start, not from batch_process's: the queries
         # above took some of the cron's budget too.
         remaining = config.deadline * f - (time.monotonic() - started)
@@ -548,6 +627,7 @@ async def _run_locked(
             ),
             groups=_upstream_groups(client, config),
             breaker=_upstream_breaker(session_factory, client, config),
+            journal=journal,
             observers=[*observers, collector],
             progress=progress,
             name="predictions",
@@ -567,7 +647,8 @@ async def _run_locked(
     if report is None:  # stopped: what finished, and the rest as cancelled or skipped
         report = collector.partial(markets, time.monotonic() - started, config.concurrency)
         interrupted = (stop.reason if stop is not None else "") or "lease lost"
-    return await _record(session_factory, run_id, config, report, lease, interrupted)
+    result = await _record(session_factory, run_id, config, report, lease, interrupted)
+    return dataclasses.replace(result, journal=name, resumed_from=resumed_from)
 
 
 async def _until_stopped(
@@ -698,6 +779,7 @@ async def _record(
     goal_met = total > 0 and counts["success"] / total >= config.min_success_ratio
     not_saved = [o.item.id for o in report.failures]
     casualties = [o.item.id for o in report.failures if o.kind in ("skipped", "cancelled")]
+    resumed = [o.item.id for o in report.successes if o.resumed]
     result = RunResult(
         run_id=run_id,
         config=config,
@@ -716,6 +798,8 @@ async def _record(
                     Prediction.run_id == run_id, Prediction.market_id.in_(not_saved)
                 )
             )
+        if resumed:
+            await _adopt(session, run_id, resumed)
         if casualties:
             await session.execute(
                 update(Market).where(Market.id.in_(casualties)).values(needs_retry=True)
@@ -741,3 +825,20 @@ async def _record(
             )
         )
     return dataclasses.replace(result, saved=saved)
+
+
+async def _adopt(session: AsyncSession, run_id: int, market_ids: list[int]) -> None:
+    """A resumed market's prediction is the newest row its market has (written by the tick
+    that did not finish); it becomes this run's, so a run's rows are still its successes."""
+    rows = await session.execute(
+        select(Prediction.id, Prediction.market_id)
+        .where(Prediction.market_id.in_(market_ids))
+        .order_by(Prediction.market_id, Prediction.id.desc())
+    )
+    newest: dict[int, int] = {}
+    for row in rows:
+        newest.setdefault(row.market_id, row.id)
+    if newest:
+        await session.execute(
+            update(Prediction).where(Prediction.id.in_(newest.values())).values(run_id=run_id)
+        )
