@@ -4,7 +4,7 @@ other items for its verdict, learns from each chunk's result and writes the circ
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -13,6 +13,9 @@ from batchkit import Breaker, ItemSkipped, MemoryStateStore, StateStore
 from batchkit.dask import DaskBackend
 
 from . import _work
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -120,9 +123,7 @@ async def test_a_failed_probe_reopens_and_the_held_items_are_skipped(client: Any
 async def test_circuits_per_key_on_dask(client: Any) -> None:
     """Only the open circuit's items stay on the driver."""
     store = MemoryStateStore()
-    assert await store.compare_and_set(
-        KEY, {"odd": {"failures": 2, "opened_at": 90.0}}, expected=0
-    )
+    assert await store.compare_and_set(KEY, {"odd": {"failures": 2, "opened_at": 90.0}}, expected=0)
     report = await batchkit.batch_process(
         range(6),
         _work.counted,
@@ -131,3 +132,42 @@ async def test_circuits_per_key_on_dask(client: Any) -> None:
     )
     assert kinds(report) == ["success", "skipped"] * 3
     assert await ran(client) == 3
+
+
+async def test_an_async_input_s_held_items_wait_for_the_probe(client: Any) -> None:
+    """Items read from an async input and held behind the probe are sent once it succeeds,
+    each with its own index."""
+    store = MemoryStateStore()
+    await opened_at(store, 0.0)
+
+    async def items() -> AsyncIterator[int]:
+        for i in range(7):
+            yield i
+
+    report = await batchkit.batch_process(
+        items(),
+        _work.counted,
+        concurrency=4,
+        breaker=breaker(store),
+        backend=DaskBackend(client, chunk_size=3),
+    )
+    assert [(o.index, o.kind) for o in report] == [(i, "success") for i in range(7)]
+    assert [o.value for o in report.successes] == list(range(7))
+    assert await ran(client) == 7
+
+
+async def test_a_stop_while_items_are_held_gives_each_one_envelope(client: Any) -> None:
+    """The probe fails and ``max_failures=1`` stops the run: the held items end skipped, once."""
+    store = MemoryStateStore()
+    await opened_at(store, 0.0)
+    report = await batchkit.batch_process(
+        range(6),
+        _work.counted_down,
+        concurrency=4,
+        max_failures=1,
+        breaker=breaker(store),
+        backend=DaskBackend(client, chunk_size=3),
+    )
+    assert [o.index for o in report] == list(range(6))
+    assert kinds(report) == ["error"] + ["skipped"] * 5
+    assert await ran(client) == 1

@@ -59,15 +59,14 @@ class ChunkReader:
                 batch = self._back[:size]
                 del self._back[:size]
                 try:
-                    need = size - len(batch)
-                    if need and intake.exhausted:
+                    if len(batch) == size or intake.exhausted or intake.error is not None:
                         pass
                     elif intake.it is not None:
-                        read = list(itertools.islice(intake.it, need))
-                        batch.extend(read)
-                        if len(read) < need:
+                        # extend keeps what was read before the input raised: it still runs
+                        batch.extend(itertools.islice(intake.it, size - len(batch)))
+                        if len(batch) < size:
                             intake.exhausted = True
-                    elif need and intake.error is None:
+                    else:
                         await self._fill(batch, size)
                 except Exception as e:
                     intake.error = e  # what was read before it still runs
