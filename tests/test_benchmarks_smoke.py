@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING
 
 import pytest
-from benchmarks import sim_outage, simulated, worker
+from benchmarks import sim_hedging, sim_outage, simulated, worker
 from benchmarks.__main__ import main
 from benchmarks._report import evaluate
 from benchmarks._scenarios import greedy_makespan, scenario
@@ -190,6 +190,7 @@ def test_item_budget_scenario_accounts_for_every_item(capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     assert "limit 4 exceeded" in out
     assert "item_budget=11" in out
+    assert "Hedging stragglers" in out
 
 
 @pytest.mark.timeout(60)
@@ -207,3 +208,17 @@ def test_outage_scenario_with_and_without_a_breaker(capsys: pytest.CaptureFixtur
     out = capsys.readouterr().out
     assert "SQLAlchemyStateStore (SQLite)" in out
     assert "Recovery detected (the circuit closed) in" in out
+
+
+@pytest.mark.timeout(60)
+def test_hedging_scenario_accounts_for_every_item_and_keeps_its_budget() -> None:
+    rows = {r.setup: r for r in sim_hedging.hedge_rows(60)}
+    assert set(rows) == set(sim_hedging.HEDGE_SETUPS)
+    none, hedged = rows["none"], rows["p95"]
+    assert none.hedges == 0
+    assert none.attempts == none.n == 60
+    assert 0 < hedged.hedges <= 0.10 * hedged.n
+    assert hedged.attempts == hedged.n + hedged.hedges
+    assert hedged.finished >= none.finished
+    text = sim_hedging.hedge_markdown([none, hedged])
+    assert "Hedge(after='p95', budget=0.10)" in text

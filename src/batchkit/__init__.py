@@ -25,6 +25,7 @@ from ._model.errors import MissingExtra as MissingExtra
 from ._model.errors import RemoteError as RemoteError
 from ._model.errors import SkipReason as SkipReason
 from ._model.errors import StopReason as StopReason
+from ._model.journal import Journal as Journal
 from ._model.outcomes import Failure as Failure
 from ._model.outcomes import FailureKind as FailureKind
 from ._model.outcomes import Outcome as Outcome
@@ -36,6 +37,7 @@ from ._model.policies import Backoff as Backoff
 from ._model.policies import Breaker as Breaker
 from ._model.policies import Deadline as Deadline
 from ._model.policies import FailureRatio as FailureRatio
+from ._model.policies import Hedge as Hedge
 from ._model.policies import LimitGroup as LimitGroup
 from ._model.policies import RateLimit as RateLimit
 from ._model.policies import Remembered as Remembered
@@ -128,6 +130,7 @@ __all__ = [
     "Failure",
     "FailureKind",
     "FailureRatio",
+    "Hedge",
     "InputFailed",
     "InvalidArgument",
     "ItemCancelled",
@@ -137,6 +140,7 @@ __all__ = [
     "ItemStarted",
     "ItemTimeout",
     "ItemsSkipped",
+    "Journal",
     "JsonValue",
     "LimitChange",
     "LimitChanged",

@@ -47,6 +47,7 @@ from ._model.state import (
     StateEntry,
     check_expected,
     check_key,
+    check_prefix,
     check_time,
     decode,
     encode,
@@ -569,31 +570,40 @@ class SQLAlchemyStateStore:
         if not texts:
             return
         await self._ensure_table()
-        t = self._table
         now = float(self._clock())
         rows = [
             {"key": k, "value": texts[k], "version": 1, "updated_at": now} for k in sorted(texts)
         ]
         async with self._engine.begin() as conn:
             # Sorted keys, in sorted chunks: every writer locks rows in the same order. (In
-            # any other order two overlapping set_many deadlock on PostgreSQL.)
+            # any other order two overlapping set_many deadlock on PostgreSQL.) One statement
+            # for every chunk, its rows as parameters: compiled once, sent as multi-row
+            # INSERTs by SQLAlchemy ("insertmanyvalues").
             for start in range(0, len(rows), _ROWS_PER_STATEMENT):
-                ins = self._insert(t).values(rows[start : start + _ROWS_PER_STATEMENT])
-                await conn.execute(
-                    ins.on_conflict_do_update(
-                        index_elements=[t.c.key],
-                        set_={
-                            "value": ins.excluded.value,
-                            "version": t.c.version + 1,
-                            "updated_at": ins.excluded.updated_at,
-                        },
-                    )
-                )
+                await conn.execute(self._upsert_stmt(), rows[start : start + _ROWS_PER_STATEMENT])
+
+    async def _upsert_in(self, session: AsyncSession, texts: Mapping[str, str]) -> None:
+        now = float(self._clock())
+        rows = [
+            {"key": k, "value": texts[k], "version": 1, "updated_at": now} for k in sorted(texts)
+        ]
+        await session.execute(self._upsert_stmt(), rows)
+
+    def _upsert_stmt(self) -> Any:
+        t = self._table
+        ins = self._insert(t)
+        return ins.on_conflict_do_update(
+            index_elements=[t.c.key],
+            set_={
+                "value": ins.excluded.value,
+                "version": t.c.version + 1,
+                "updated_at": ins.excluded.updated_at,
+            },
+        )
 
     async def scan(self, prefix: str) -> list[StateEntry]:
         """See :meth:`batchkit.StateStore.scan`."""
-        if not isinstance(prefix, str):
-            raise InvalidArgument(f"prefix must be a str, got {prefix!r}")
+        check_prefix(prefix)
         await self._ensure_table()
         t = self._table
         query = sa.select(t)
@@ -607,11 +617,36 @@ class SQLAlchemyStateStore:
             (self._entry(r) for r in found if r.key.startswith(prefix)), key=lambda e: e.key
         )
 
-    async def prune(self, older_than: float) -> int:
+    async def prune(self, older_than: float, *, prefix: str = "") -> int:
         """See :meth:`batchkit.StateStore.prune`."""
         cutoff = check_time("older_than", older_than)
+        check_prefix(prefix)
         await self._ensure_table()
         t = self._table
+        stmt = sa.delete(t).where(t.c.updated_at < cutoff)
+        if prefix:
+            # Keys are compared exactly: LIKE ignores ASCII case on SQLite.
+            stmt = stmt.where(
+                t.c.key.startswith(prefix, autoescape=True),
+                sa.func.substr(t.c.key, 1, len(prefix)) == prefix,
+            )
         async with self._engine.begin() as conn:
-            result = await conn.execute(sa.delete(t).where(t.c.updated_at < cutoff))
+            result = await conn.execute(stmt)
         return result.rowcount
+
+    async def set_in_session(self, session: Any, values: Mapping[str, JsonValue]) -> None:
+        """Write ``values`` as :meth:`set_many` does, inside ``session``'s transaction (an
+        :class:`~sqlalchemy.ext.asyncio.AsyncSession` on the database that holds this
+        store's table), without committing: the rows commit or roll back with the session.
+        What ``Journal(mode="transactional")`` writes a success's row with."""
+        if not isinstance(session, AsyncSession):
+            raise InvalidArgument(
+                f"a transactional journal writes in the item's AsyncSession, got {session!r}\n"
+                "HINT: context=batchkit.sqlalchemy.sessions(async_sessionmaker(engine)), or "
+                "Journal(mode='batched')"
+            )
+        texts = {check_key(k): encode(v) for k, v in values.items()}
+        if not texts:
+            return
+        await self._ensure_table()
+        await self._upsert_in(session, texts)

@@ -425,3 +425,10 @@ async def counted_down(x: int) -> int:
     """Counts the items that reached a worker (``ran``) and fails: the upstream is down."""
     _add("ran")
     raise ConnectionError(f"down {x}")
+
+
+async def always_down(x: int) -> int:
+    """An upstream that is always down: each attempt fails after 20 ms."""
+    _add("always_down")
+    await asyncio.sleep(0.02)
+    raise ConnectionError(f"down: {x}")

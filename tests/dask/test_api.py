@@ -86,9 +86,12 @@ async def test_options_that_cannot_hold_across_a_cluster_are_refused() -> None:
     )
     with pytest.raises(InvalidArgument, match=r"Adaptive\(remember=\.\.\.\) is not supported"):
         await batchkit.batch_process([1], quick, concurrency=remembered, backend=backend)
+    journal = batchkit.Journal(batchkit.MemoryStateStore(), "job")
+    with pytest.raises(InvalidArgument, match="journal= is not supported"):
+        await batchkit.batch_process([1], quick, key=str, journal=journal, backend=backend)
 
 
-async def test_groups_and_item_budget_are_refused_on_dask_before_any_work() -> None:
+async def test_groups_are_refused_on_dask_before_any_work() -> None:
     """Not yet supported on a cluster: said before a client is used or an item is read."""
     backend = DaskBackend(_AsyncClientStandIn())
     groups = [batchkit.LimitGroup(by=str, concurrency=1)]
@@ -103,10 +106,26 @@ async def test_groups_and_item_budget_are_refused_on_dask_before_any_work() -> N
     with pytest.raises(InvalidArgument, match="groups= is not supported with the Dask backend"):
         batchkit.stream(items(), quick, groups=groups, backend=backend)
     assert read == []
-    with pytest.raises(InvalidArgument, match="item_budget= is not supported with the Dask"):
-        await batchkit.batch_process(items(), quick, item_budget=5, backend=backend)
-    with pytest.raises(InvalidArgument, match="item_budget= is not supported with the Dask"):
-        batchkit.stream(items(), quick, item_budget=5, backend=backend)
+    adaptive = [batchkit.LimitGroup(by=str, concurrency=batchkit.Adaptive())]
+    with pytest.raises(InvalidArgument, match="per chunk on a worker, not across the cluster"):
+        await batchkit.batch_process(items(), quick, groups=adaptive, backend=backend)
+    assert read == []
+
+
+async def test_hedge_is_refused_on_dask_before_any_work() -> None:
+    """A hedge would run beside its straggler on the same worker: refused at the call."""
+    backend = DaskBackend(_AsyncClientStandIn())
+    read: list[int] = []
+
+    def items() -> Iterator[int]:
+        read.append(1)
+        yield 1
+
+    hedge = batchkit.Hedge(after=1.0)
+    with pytest.raises(InvalidArgument, match="hedge= is not supported with the Dask backend"):
+        await batchkit.batch_process(items(), quick, hedge=hedge, key=str, backend=backend)
+    with pytest.raises(InvalidArgument, match="hedge= is not supported with the Dask backend"):
+        batchkit.stream(items(), quick, hedge=hedge, key=str, backend=backend)
     assert read == []
 
 

@@ -496,6 +496,30 @@ async def test_timeouts_are_per_attempt_on_the_worker_with_their_history(client:
     assert await _total(client, "running") == 0
 
 
+async def test_an_item_budget_is_kept_on_the_worker_across_its_retries(client: Any) -> None:
+    """item_budget= is per item: the chunk's engine keeps it on the worker. Backoffs of
+    0.1 s inside a 0.5 s budget: at most 6 attempts, however loaded the machine, instead of
+    the 1000 the retry policy allows; the budget's ItemTimeout crosses the wire."""
+    report = await batchkit.batch_process(
+        range(6),
+        _work.always_down,
+        concurrency=8,
+        retry=Retry(
+            attempts=1000, backoff=batchkit.Backoff(initial=0.1, maximum=0.1, jitter=False)
+        ),
+        item_budget=0.5,
+        backend=DaskBackend(client, per_worker=4),
+    )
+    assert report.counts["timeout"] == 6
+    for o in report:
+        assert isinstance(o, Failure)
+        assert 1 <= o.attempts <= 6
+        assert isinstance(o.error, batchkit.ItemTimeout)
+        assert o.error.budget
+        assert o.error.timeout == 0.5
+        assert any(isinstance(e, ConnectionError) for e in o.errors)
+
+
 async def test_max_failures_counts_failures_of_chunks_still_running(client: Any) -> None:
     """Items 0 and 4 fail in two chunks whose other items hang: neither chunk ever ends on its
     own, yet the driver hears of both failures and stops the run. The 32 items never sent

@@ -18,7 +18,7 @@ from batchkit._dask.chunks import Chunk
 from batchkit._dask.envelopes import Envelopes
 from batchkit._dask.state import RunState
 from batchkit._dask.stopping import Stopper
-from batchkit._dask.wire import NOT_IN_RECORDS, RECORD_PLACES
+from batchkit._dask.wire import NEVER_SET, NOT_IN_RECORDS, RECORD_PLACES
 from batchkit._model.options import Options
 from batchkit._model.outcomes import make_failure, set_reruns
 
@@ -57,13 +57,22 @@ def _across_the_wire(sent: list[Success[str, int] | Failure[str]]) -> list[Any]:
 def test_every_field_is_on_the_wire_or_filled_in_by_the_driver() -> None:
     assert set(RECORD_PLACES).isdisjoint(NOT_IN_RECORDS)
     assert set(RECORD_PLACES) | set(NOT_IN_RECORDS) == FIELDS, "a field has no way across"
+    assert set(NEVER_SET) <= set(NOT_IN_RECORDS)
+
+
+def test_fields_of_refused_options_come_back_as_their_defaults() -> None:
+    back = _across_the_wire(_sent())
+    for o in back:
+        for f in dataclasses.fields(o):
+            if f.name in NEVER_SET:
+                assert getattr(o, f.name) == f.default
 
 
 def test_the_sent_envelopes_set_every_field_away_from_its_default() -> None:
     # Else a forgotten field would cross as its default and the round trip could not tell.
     for o in _sent():
         for f in dataclasses.fields(o):
-            if f.default is not dataclasses.MISSING:
+            if f.default is not dataclasses.MISSING and f.name not in NEVER_SET:
                 assert getattr(o, f.name) != f.default, f"set {type(o).__name__}.{f.name}"
 
 

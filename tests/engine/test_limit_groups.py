@@ -414,7 +414,9 @@ def test_a_refilling_bucket_keeps_its_limit_across_idleness() -> None:
     groups.release(first)  # idle at once, but its bucket is empty
     groups.epoch()
     assert not groups.try_take(second)
-    assert groups.wait_for(("api",)) == 1.0
+    need = groups.keys(second)
+    assert not isinstance(need, BaseException)
+    assert groups.wait_for(need) == 1.0
     loop.now = 0.5
     epoch = groups.epoch()
     assert not groups.try_take(second)
@@ -495,3 +497,24 @@ async def test_an_item_waiting_out_its_backoff_holds_no_place() -> None:
     report = await batch_process(items, fn, concurrency=2, retry=retry, groups=groups_of(1, 9))
     assert report.ok
     assert watch.starts == {0: [0, 6], 1: [1]}
+
+
+@pytest.mark.looptime
+async def test_items_refused_by_an_open_circuit_give_their_places_back() -> None:
+    """A picked item holds its group's places before the breaker is asked: when the circuit
+    is open and refuses it, its places come back (else the group stays full and the run
+    hangs), and every item gets one envelope."""
+
+    async def fn(x: int) -> None:
+        await asyncio.sleep(1)
+        raise ConnectionError("down")
+
+    breaker = batchkit.Breaker(batchkit.MemoryStateStore(), name="up")
+    group = LimitGroup(by=lambda x: "up", concurrency=2)
+    report = await asyncio.wait_for(
+        batch_process(range(30), fn, concurrency=4, groups=[group], breaker=breaker), 100
+    )
+    assert report.counts["error"] + report.counts["skipped"] == 30
+    assert report.counts["skipped"] > 0
+    skipped = [o.error for o in report.failures if o.kind == "skipped"]
+    assert all(isinstance(e, batchkit.ItemSkipped) and e.reason == "circuit_open" for e in skipped)

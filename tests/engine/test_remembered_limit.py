@@ -203,8 +203,8 @@ class Wrapped:
     async def scan(self, prefix: str) -> list[StateEntry]:
         return await self.inner.scan(prefix)
 
-    async def prune(self, older_than: float) -> int:
-        return await self.inner.prune(older_than)
+    async def prune(self, older_than: float, *, prefix: str = "") -> int:
+        return await self.inner.prune(older_than, prefix=prefix)
 
 
 class FailingStore(Wrapped):

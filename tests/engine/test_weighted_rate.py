@@ -15,7 +15,6 @@ from batchkit import (
     Failure,
     InvalidArgument,
     ItemSkipped,
-    LimitGroup,
     RateLimit,
     Success,
     batch_process,
@@ -167,11 +166,9 @@ async def test_weights_granted_within_the_deadline_wait() -> None:
     assert starts == [0.0, 3.0]
 
 
-def test_weight_must_be_callable_and_groups_refuse_it() -> None:
+def test_weight_must_be_callable() -> None:
     with pytest.raises(InvalidArgument, match=r"RateLimit\.weight must be a callable"):
         RateLimit(per_second=1, weight=3)  # type: ignore[arg-type]
-    with pytest.raises(InvalidArgument, match="does not take weight="):
-        LimitGroup(by=str, rate_limit=RateLimit(per_second=1, weight=len))
 
 
 def test_without_weight_the_unweighted_meter_is_used() -> None:

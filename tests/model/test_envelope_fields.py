@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 
 from batchkit import BatchReport, Failure, Success
-from batchkit._model.outcomes import NOT_IN_ROWS, ROW_FIELDS, make_failure, set_reruns
+from batchkit._model.outcomes import (
+    NOT_IN_ROWS,
+    ROW_FIELDS,
+    make_failure,
+    set_hedged,
+    set_reruns,
+    set_resumed,
+)
 from batchkit._model.store import OutcomeStore
 
 FIELDS = {f.name for cls in (Success, Failure) for f in dataclasses.fields(cls)}
@@ -24,6 +31,9 @@ def _envelopes() -> list[Success[str, int] | Failure[str]]:
     f = make_failure("b", err, "timeout", 1, 2, 2.5, (KeyError("k"), err))
     set_reruns(s, 2)
     set_reruns(f, 1)
+    set_resumed(s)
+    set_hedged(s, "hedge", both=True)
+    set_hedged(f, "neither")
     return [s, f]
 
 
@@ -45,9 +55,9 @@ def test_a_row_carries_every_placed_field() -> None:
     rows = _report().to_dict()["items"]
     assert rows == [
         {"index": 0, "key": "#0", "ok": True, "kind": "success", "attempts": 3, "elapsed": 1.5,
-         "reruns": 2},
+         "reruns": 2, "resumed": True, "hedged": "hedge", "both_committed": True},
         {"index": 1, "key": "#1", "ok": False, "kind": "timeout", "attempts": 2, "elapsed": 2.5,
-         "reruns": 1, "error": "ValueError: boom"},
+         "reruns": 1, "hedged": "neither", "error": "ValueError: boom"},
     ]  # fmt: skip
 
 

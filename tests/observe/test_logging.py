@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+import batchkit
 from batchkit import (
     Deadline,
+    Hedge,
     LimitChanged,
     Retry,
     RunStarted,
@@ -162,6 +164,37 @@ async def test_debug_lines_per_attempt_and_retry(caplog: pytest.LogCaptureFixtur
             "INFO",
             "batch finished name=None total=1 success=1 error=0 timeout=0 cancelled=0 "
             "skipped=0 lost=0 retries=1 peak_concurrency=1 wall=2.000s stop_reason=None",
+        ),
+    ]
+
+
+async def test_a_hedge_is_logged_when_it_starts_and_which_attempt_won(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="batchkit")
+
+    async def straggler(item: int) -> int:
+        await asyncio.sleep(10 if batchkit.current_attempt().number == 1 else 1)
+        return item
+
+    report = await batch_process(
+        [7], straggler, key=str, hedge=Hedge(after=2.0, budget=1.0), observers=[LoggingObserver()]
+    )
+    assert report.hedges == 1
+    assert lines(caplog) == [
+        ("INFO", "batch started name=None total=1 concurrency=10"),
+        ("DEBUG", "item started name=None key=7 index=0 attempt=1 in_flight=1"),
+        ("DEBUG", "item started name=None key=7 index=0 attempt=2 in_flight=2 hedge=True"),
+        (
+            "DEBUG",
+            "item finished name=None key=7 index=0 outcome=success attempts=2 elapsed=3.000s "
+            "in_flight=0 hedged=hedge",  # recorded once the loser has exited
+        ),
+        (
+            "INFO",
+            "batch finished name=None total=1 success=1 error=0 timeout=0 cancelled=0 "
+            # retries counts attempts beyond the first, the hedge too; hedges says which
+            "skipped=0 lost=0 retries=1 peak_concurrency=2 wall=3.000s stop_reason=None hedges=1",
         ),
     ]
 

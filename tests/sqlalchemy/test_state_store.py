@@ -175,6 +175,20 @@ async def test_prune_deletes_what_was_written_before_the_cutoff(
     assert await store.prune(5_000) == 0
 
 
+async def test_prune_with_a_prefix_deletes_only_the_keys_under_it(
+    store: StateStore, clock: Clock
+) -> None:
+    await store.set_many({"j/a/1": 1, "j/a/2": 2, "j/ab/1": 3, "J/a/1": 4, "j/a_": 5})
+    clock.now = 1_100.0
+    await store.set_many({"j/a/3": 6})
+    # Exact prefixes: case counts and LIKE's wildcards are themselves.
+    assert await store.prune(1_050.0, prefix="j/a/") == 2
+    assert [e.key for e in await store.scan("")] == ["J/a/1", "j/a/3", "j/a_", "j/ab/1"]
+    assert await store.prune(1_050.0, prefix="j/a_") == 1
+    assert await store.prune(1_200.0, prefix="j/a/") == 1
+    assert [e.key for e in await store.scan("")] == ["J/a/1", "j/ab/1"]
+
+
 async def test_values_round_trip_as_json(store: StateStore) -> None:
     value: Any = {
         "text": "ünïcode ✓ \x00",

@@ -28,19 +28,24 @@ __all__ = ["check_options", "plan_run", "refuse_unsupported"]
 
 def refuse_unsupported(options: Options) -> None:
     """Options the cluster does not honour yet, refused at the call before a client is
-    opened: ``groups=`` needs one place that sees every attempt of a group;
-    ``item_budget=`` is not yet on the worker side's wire."""
-    if options.item_budget is not None:
+    opened: ``groups=`` needs one place that sees every attempt of a group (a chunk's engine
+    sees only its own items, and a worker runs several chunks at once). ``item_budget=`` is
+    per item, so a chunk's engine keeps it on the worker (see :func:`plan_run`).
+    ``hedge=`` would hedge within one worker's chunk only, where its budget and latencies
+    mean little (the driver re-runs what a lost worker held instead)."""
+    if options.hedge is not None:
         raise InvalidArgument(
-            "item_budget= is not supported with the Dask backend yet\nHINT: use timeout= "
-            "with Retry(attempts=...) to bound an item's time, or run without backend="
+            "hedge= is not supported with the Dask backend: a hedge would run beside its "
+            "item on the same worker, which is what makes it slow\nHINT: run the call "
+            "without backend= to hedge stragglers, or use timeout= with Retry(...)"
         )
     if options.groups:
         raise InvalidArgument(
-            "groups= is not supported with the Dask backend yet: a group's limits would "
-            "hold per worker, not across the cluster\nHINT: run the call without backend= "
-            "(limit groups hold in this process), or split the input by upstream and pass "
-            "each part with its own concurrency="
+            "groups= is not supported with the Dask backend yet: a group's limits "
+            "(concurrency, rate, Adaptive, weights) would hold per chunk on a worker, not "
+            "across the cluster\nHINT: run the call without backend= (limit groups hold in "
+            "this process), or split the input by upstream and pass each part with its own "
+            "concurrency= and rate_limit= (those are split among the workers)"
         )
 
 
@@ -65,6 +70,12 @@ def check_options(o: Plan, fn: Callable[..., Any]) -> None:
             "Adaptive(remember=...) is not supported with the Dask backend: each chunk adapts "
             "its own limit on a worker, so there is no one limit to remember\nHINT: drop "
             "remember= on Dask, or run the job with the local engine"
+        )
+    if o.journal is not None:
+        raise InvalidArgument(
+            "journal= is not supported with the Dask backend yet: a transactional journal "
+            "writes in each item's session, which lives on a worker\nHINT: drop journal= on "
+            "Dask, or run the job with the local engine"
         )
     if o.cost is not None:
         raise InvalidArgument(
@@ -123,6 +134,7 @@ def plan_run(s: RunState[Any, Any], n_workers: int, threads: int) -> int:
         logs=s.backend.forward_logs,
         alerts=o.max_failures is not None or o.max_failure_ratio is not None,
         topic=s.topic,
+        item_budget=o.item_budget,
     )
     s.spec_blob = dumps(spec)
     return in_flight

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .._model.policies import Adaptive, Retry
 
 __all__ = [
+    "NEVER_SET",
     "NOT_IN_RECORDS",
     "RECORD_PLACES",
     "ChunkResult",
@@ -246,6 +247,10 @@ class RunSpec:
     alerts: bool = False
     """Whether to tell the driver of every failure at once (``log_event`` on ``topic``)."""
     topic: str = ""
+    item_budget: float | None = None
+    """``item_budget=``: kept by the chunk's engine on the worker, from the item's first
+    attempt there (a chunk re-run after its worker was lost starts its items' budgets
+    again)."""
 
 
 # One outcome: (local index, kind, value or error, attempts, elapsed, errors, finished at).
@@ -267,8 +272,15 @@ the round trip."""
 NOT_IN_RECORDS: dict[str, str] = {
     "item": "the driver holds the chunk's items; they are not sent back",
     "reruns": "the driver counts a chunk's starts on workers (Alerts)",
+    "resumed": "a success read from a run journal never runs on a worker (and the Dask "
+    "backend refuses journal= for now)",
+    "hedged": "hedge= is refused with the Dask backend (spec.check_options): never set",
+    "both_committed": "hedge= is refused with the Dask backend (spec.check_options): never set",
 }
 """Envelope fields the driver fills in itself, and why."""
+NEVER_SET: frozenset[str] = frozenset({"hedged", "both_committed", "resumed"})
+"""Of :data:`NOT_IN_RECORDS`: fields of an option the Dask backend refuses, so a cluster's
+envelopes always carry their defaults."""
 
 
 @dataclass(slots=True, kw_only=True)

@@ -415,6 +415,8 @@ async def _consume(
     kwargs: dict[str, Any] = {}
     if spec.context is not None:
         kwargs["context"] = spec.context
+    if spec.item_budget is not None:
+        kwargs["item_budget"] = spec.item_budget
     async with stream(
         pairs,
         _tracked(spec.fn, collector),

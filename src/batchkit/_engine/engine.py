@@ -27,6 +27,7 @@ from .meters import open_meters
 from .runner import Runner, loop_clock, open_hooks
 from .sinks import BatchSink, Sink
 from .stopper import Stopper
+from .stored import Stored
 from .waits import Waits
 from .watchdog import Watchdog
 from .window import Window
@@ -35,7 +36,8 @@ if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
 
     from .._model.outcomes import Outcome
-    from .._model.policies import Remembered
+    from .hedges import Hedges
+    from .journal import RunJournal
     from .meters.adaptive import AdaptiveMeter
     from .meters.base import Meter
     from .meters.breaker import BreakerMeter, Circuits
@@ -91,6 +93,8 @@ class Engine(Generic[T, R]):
         self.groups: Groups | None = None
         self._budget: BudgetMeter | None = None
         self._breaker: BreakerMeter | None = None
+        self._journal: RunJournal | None = None
+        self._hedges: Hedges | None = None
 
     def _setup(
         self, loop: asyncio.AbstractEventLoop, circuits: Circuits | None = None
@@ -116,10 +120,10 @@ class Engine(Generic[T, R]):
         if p.groups:
             from .meters.groups import Groups  # lazy: start-up time
 
-            # First of all: an item takes its groups before it waits for the run's own limits;
-            # the window took their places when it picked the item, so the groups meter must
-            # be told of every end, also when the breaker refuses.
-            self.groups = Groups(p.groups, loop)
+            # First of all: a picked item already holds its groups' places, so the groups
+            # meter must be among the admitted ones whatever refuses next (else a breaker's
+            # refusal would keep its places for good).
+            self.groups = Groups(p.groups, loop, self._deadline)
             meters = (self.groups, *meters)
         if p.item_budget is not None:
             from .meters.budget import BudgetMeter  # lazy: start-up time
@@ -127,6 +131,11 @@ class Engine(Generic[T, R]):
             # Last: after every wait, an attempt whose budget is spent does not start.
             self._budget = BudgetMeter(p.item_budget, loop, p.grace, self._window.abandon)
             meters = (*meters, self._budget)
+        if p.hedge is not None:
+            from .hedges import HedgeMeter  # lazy: start-up time
+
+            # Last: a hedge whose twin won while it waited for admission does not start.
+            meters = (*meters, HedgeMeter())
         if not p.fn_is_async:
             from concurrent.futures import ThreadPoolExecutor  # lazy: start-up time
 
@@ -139,26 +148,20 @@ class Engine(Generic[T, R]):
 
     async def run(self) -> BatchReport[T, R]:
         p = self._p
-        memory = p.adaptive.remember if p.adaptive is not None else None
-        remembered = None
-        if memory is not None:
-            from .meters.adaptive import recall  # lazy: start-up time
-
-            remembered = await recall(memory)  # before any item starts
-        circuits = None
-        if p.breaker is not None:
-            from .meters.breaker import Circuits  # lazy: start-up time
-
-            circuits = Circuits(p.breaker)
-            await circuits.load()  # before any item starts
+        stored = Stored()
+        await stored.load(p)  # before any item starts
+        journal = self._journal = stored.journal
+        if journal is not None:
+            journal.record, self._window.journal = self._window._record, journal
+            self._ledger.journal, self._ledger.careful = journal, True  # every success: a row
         loop = self._loop = asyncio.get_running_loop()
-        meters = self._setup(loop, circuits)
-        if remembered is not None:
+        meters = self._setup(loop, stored.circuits)
+        if stored.remembered is not None:
             from .meters.adaptive_math import resumed
 
             assert self._adaptive is not None
             assert p.adaptive is not None
-            self._adaptive.resume(resumed(p.adaptive, remembered))
+            self._adaptive.resume(resumed(p.adaptive, stored.remembered))
             self._first_limit = self._adaptive.limit
         window = self._window
         assert self._run is not None
@@ -166,11 +169,28 @@ class Engine(Generic[T, R]):
         if p.timeout is not None:
             watchdog = Watchdog(loop, p.timeout, p.grace, window.abandon)
         ledger = self._ledger
+        on_start = window.on_start if ledger.emit_events else None
+        hedges = None
+        if p.hedge is not None:
+            from .hedges import Hedges  # lazy: start-up time
+
+            hedges = self._hedges = Hedges(p.hedge, loop, p.grace)
+            hedges.on_start_next, on_start = on_start, hedges.on_start
         self._runner = Runner(
             p, loop, meters=meters, watchdog=watchdog, executor=self._executor,
-            on_start=window.on_start if ledger.emit_events else None, hooks=self._hooks,
+            on_start=on_start, hooks=self._hooks,
         )  # fmt: skip
+        if hedges is not None:
+            window.hedges, stopper = hedges, self._stopper
+            hedges.connect(
+                self._runner, window.retries, wake=self._waits.wake, record=window._record,
+                stopping=lambda: stopper.stopping, abandon=window.abandon, spawn=window.spawn,
+                room=lambda: len(window._live) + window._outliving < p.slots,
+                note=self._sink.note_hedge,
+            )  # fmt: skip
         window.start(loop, self._run, self._runner, self._deadline, self.groups, self._budget)
+        if journal is not None and journal.transactional:
+            self._runner.journal_tx = journal.write_in_session
         if ledger.emit_events:
             limit = self._adaptive.limit if self._adaptive else p.slots
             ledger.run_started(limit, self._intake.total, self._start)
@@ -185,18 +205,11 @@ class Engine(Generic[T, R]):
             try:
                 await self._teardown(watch_task, completed)
             finally:
-                if memory is not None:
-                    await self._remember(memory)
-                if self._breaker is not None:
-                    await self._breaker.close()
+                intake = self._intake
+                whole = intake.exhausted and intake.error is None and not self._window.fatal
+                whole = whole and completed and self._stopper.reason is None
+                await stored.save(p, self._adaptive, self._breaker, whole)
         return self._finish()
-
-    async def _remember(self, memory: Remembered) -> None:
-        """On every way out (a caller's cancel goes on after it): the final limit."""
-        from .meters.adaptive import remember  # lazy: start-up time
-
-        assert self._adaptive is not None
-        await remember(memory, self._adaptive.state.limit)
 
     async def _supervise(self) -> None:
         """Start the workers and wait until every one has ended or been abandoned."""
@@ -229,6 +242,8 @@ class Engine(Generic[T, R]):
 
     async def _teardown(self, watch: asyncio.Task[None] | None, completed: bool) -> None:
         self._ended = True
+        if self._hedges is not None:
+            self._hedges.close()
         self._stopper.close()
         if watch is not None:
             watch.cancel()
@@ -274,6 +289,8 @@ class Engine(Generic[T, R]):
             threads_running=sum(1 for t in runner.threads if not t.done()) if runner else 0,
             keys=self._intake.keys,
             tally=self._sink.tally(),
+            resumed=self._journal.resumed if self._journal is not None else 0,
+            hedges=self._hedges.started if self._hedges is not None else 0,
         )
 
     def partial_report(self) -> BatchReport[T, R]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, final
 
+from .._model.attempt import CancelKind
 from .._model.errors import ItemCancelled, ItemSkipped, ItemTimeout
 from .._model.outcomes import Failure
 from .._model.report import LimitChange
@@ -27,8 +28,11 @@ if TYPE_CHECKING:
     from .._model.outcomes import Outcome
     from .._model.policies import FailureRatio
     from .._model.report import BatchReport
+    from .journal import RunJournal
+    from .plan import Plan
+    from .stopper import Stopper
 
-__all__ = ["Ledger", "cancelled", "last_error", "skipped", "stopped", "timed_out"]
+__all__ = ["Ledger", "abandoned", "cancelled", "last_error", "skipped", "stopped", "timed_out"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -55,6 +59,7 @@ class Ledger(Generic[T, R]):
         "fail_fast",
         "failed",
         "finished",
+        "journal",
         "limit_changes",
         "max_failure_ratio",
         "max_failures",
@@ -91,6 +96,9 @@ class Ledger(Generic[T, R]):
         self.ratio_armed = False
         self.careful = self.emit_events
         self.limit_changes: list[LimitChange] = []
+        self.journal: RunJournal | None = None
+        """With ``journal=``: told every recorded outcome (then ``careful`` stays True, so
+        every success is recorded as an envelope)."""
 
     # ------------------------------------------------------------------- decisions
     def threshold_reached(self) -> StopReason | None:
@@ -113,7 +121,7 @@ class Ledger(Generic[T, R]):
             return None
         if self.ratio_armed:
             self.ratio_armed = False
-            self.careful = self.emit_events
+            self.careful = self.emit_events or self.journal is not None
         if self.failed / self.finished > ratio.ratio:
             return "max_failure_ratio"
         return None
@@ -128,6 +136,8 @@ class Ledger(Generic[T, R]):
         reaches, if any (observers hear of the failure before the stop it causes)."""
         self.finished += 1
         self._put(outcome)
+        if self.journal is not None and job is not None and job.key is not None:
+            self.journal.ended(outcome, job.key)
         if self.emit_events:
             key = event_key(job) if job is not None else f"#{outcome.index}"
             from .._model.events import ItemFinished
@@ -165,10 +175,12 @@ class Ledger(Generic[T, R]):
     def item_started(self, job: Job, in_flight: int, now: float) -> None:
         from .._model.events import ItemStarted
 
+        pair = getattr(job, "pair", None)  # with hedge= (hedges.py)
         self.event(
             ItemStarted(
                 name=self.name, index=job.index, key=event_key(job), item=job.item,
                 attempt=job.attempt, in_flight=in_flight, time=now,
+                hedge=pair is not None and pair.hedge is job,
             )
         )  # fmt: skip
 
@@ -217,7 +229,7 @@ class Ledger(Generic[T, R]):
 
         notify(self.observers, event, _log)
         self.emit_events = bool(self.observers)
-        self.careful = self.emit_events or self.ratio_armed
+        self.careful = self.emit_events or self.ratio_armed or self.journal is not None
 
 
 def event_key(job: Job) -> str:
@@ -275,6 +287,22 @@ def timed_out(job: Job, timeout: float, now: float, *, budget: bool = False) -> 
     history = (*job.errors, err) if job.errors else (err,)
     assert job.first_start is not None
     return Failure(job.item, err, "timeout", job.index, job.attempt, now - job.first_start, history)
+
+
+def abandoned(
+    job: Job, kind: CancelKind | None, plan: Plan, stopper: Stopper, now: float
+) -> Failure[Any] | None:
+    """The envelope of an attempt abandoned after its item budget's or timeout's two
+    cancellations; ``None`` when the run's stop cut it (the caller records it ``stopped``).
+    Logged as a warning: a thread or task still runs somewhere."""
+    _log.warning(
+        "batchkit: item #%d did not stop after being cancelled twice; abandoned", job.index
+    )
+    if kind is CancelKind.BUDGET and plan.item_budget is not None:
+        return timed_out(job, plan.item_budget, now, budget=True)
+    if kind is CancelKind.STOP or stopper.stopping or plan.timeout is None:
+        return None
+    return timed_out(job, plan.timeout, now)
 
 
 def budget_spent(job: Job, budget: float, now: float) -> Failure[Any]:

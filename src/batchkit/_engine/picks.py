@@ -75,8 +75,8 @@ class GroupPicks:
         due = [job for _, _, job in self._intake.buffer]
         due += [job for job in heap if job.ready <= due_by]
         for job in due:
-            keys = groups.keys(job)
-            wait = 0.0 if isinstance(keys, BaseException) else groups.wait_for(keys)
+            need = groups.keys(job)
+            wait = 0.0 if isinstance(need, BaseException) else groups.wait_for(need, now, job.index)
             if wait != math.inf and (soonest is None or now + wait < soonest):
                 soonest = now + wait
         return soonest

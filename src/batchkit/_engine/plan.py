@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
     from .._model.events import Observer
-    from .._model.policies import Breaker
+    from .._model.journal import Journal
+    from .._model.policies import Breaker, Hedge
     from .._model.seams import AttemptHook
 
 __all__ = ["Plan", "make_plan"]
@@ -71,6 +72,10 @@ class Plan:
     attempt_hooks: tuple[AttemptHook, ...] = ()
     breaker: Breaker | None = None
     """Observers that also hook into every attempt (``batchkit.otel.OpenTelemetry``)."""
+    journal: Journal | None = None
+    keys_checked: bool = False
+    """With ``journal=``: the input's keys were checked unique before the run (a sequence)."""
+    hedge: Hedge | None = None
 
 
 def _check_timeout_fits(timeout: float | None, deadline: Deadline | None) -> None:
@@ -88,6 +93,33 @@ def _check_timeout_fits(timeout: float | None, deadline: Deadline | None) -> Non
         )
 
 
+def _check_journal(journal: Journal | None, key: object, context: object) -> None:
+    if journal is None:
+        return
+    if key is None:
+        raise InvalidArgument(
+            "journal= needs key=: the journal records each item's outcome by its key\n"
+            "HINT: key=lambda item: item.id (a value unique per item, stable between calls)"
+        )
+    if journal.mode == "transactional" and context is None:
+        raise InvalidArgument(
+            "Journal(mode='transactional') needs context=: a success's row is written in the "
+            "item's own session\nHINT: context=batchkit.sqlalchemy.sessions(async_sessionmaker("
+            "engine)), or Journal(mode='batched')"
+        )
+
+
+def _check_hedge_is_safe(hedge: Hedge | None, key: object) -> None:
+    """A hedge runs an item twice at once: only work marked safe to repeat, by its key."""
+    if hedge is not None and key is None:
+        raise InvalidArgument(
+            "hedge= runs a slow item's attempt twice at once, so it needs key=: the item's "
+            "idempotency key, which fn sends upstream (current_attempt().idempotency_key) "
+            "so a repeated write happens once\nHINT: pass key=lambda item: item.id, and "
+            "make fn idempotent by that key"
+        )
+
+
 def make_plan(items: object, fn: object, options: Options) -> Plan:
     """Check every argument before anything runs; messages name the argument and the fix."""
     check_items(items)
@@ -95,6 +127,13 @@ def make_plan(items: object, fn: object, options: Options) -> Plan:
     check_fn(fn, v["context"] is not None)
     concurrency, deadline = v["concurrency"], v["deadline"]
     _check_timeout_fits(v["timeout"], deadline)
+    _check_journal(v["journal"], v["key"], v["context"])
+    keys_checked = False
+    if v["journal"] is not None:
+        from .._model.journal import check_unique_keys
+
+        keys_checked = check_unique_keys(items, v["key"])  # before any work
+    _check_hedge_is_safe(v["hedge"], v["key"])
     adaptive = concurrency if isinstance(concurrency, Adaptive) else None
     slots = concurrency.max if isinstance(concurrency, Adaptive) else concurrency
     observers = list(v["observers"])
@@ -137,4 +176,7 @@ def make_plan(items: object, fn: object, options: Options) -> Plan:
         window=window,
         attempt_hooks=tuple(o for o in observers if hasattr(o, "start_run")),
         breaker=v["breaker"],
+        journal=v["journal"],
+        keys_checked=keys_checked,
+        hedge=v["hedge"],
     )

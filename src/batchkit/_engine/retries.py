@@ -106,6 +106,8 @@ class Retries:
         runner = self._runner
         assert runner is not None
         while True:
+            if result.kind == "settled":
+                return  # a hedged item's pair took it over (hedges.py)
             if result.kind == "success":
                 self.succeeded(job, result)
                 return

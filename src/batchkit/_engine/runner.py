@@ -95,6 +95,7 @@ class Runner:
         "_slots",
         "_watchdog",
         "in_flight",
+        "journal_tx",
         "peak",
         "run",
         "threads",
@@ -133,6 +134,8 @@ class Runner:
         """Admission, then one attempt of a job in a slot (on ``slot.task``)."""
         self.threads: set[Future[Any]] = set()
         """Threads of a sync ``fn`` still running (one that timed out runs to its end)."""
+        self.journal_tx: Callable[[Any, Any], Awaitable[None]] | None = None
+        """A transactional journal's write, in the item's context before it exits."""
         if plan.context is not None:
             self._call: Callable[[Any], Awaitable[Any]] = self._attempt_in_context
         elif plan.fn_is_async:
@@ -309,6 +312,9 @@ class Runner:
         ctx = await cm.__aenter__()
         try:
             value = await p.fn(item, ctx) if p.fn_is_async else await self._in_thread(item, ctx)
+            if self.journal_tx is not None:
+                # In the item's own transaction: the row commits (or rolls back) with it.
+                await self.journal_tx(ctx, value)
         except BaseException as e:
             try:
                 await cm.__aexit__(type(e), e, e.__traceback__)

@@ -54,6 +54,10 @@ class Sink(Generic[T, R]):
     def room(self, next_index: int) -> bool:
         return True
 
+    def note_hedge(self, outcome: Outcome[T, R]) -> None:
+        """``outcome`` (just put) is of an item that ran a hedge: a sink that stores columns
+        keeps its ``hedged`` and ``both_committed`` (an envelope handed on carries them)."""
+
     def outcomes(self) -> Sequence[Outcome[T, R]]:
         return ()
 
@@ -90,6 +94,10 @@ class BatchSink(Sink[T, R]):
 
     def success_writer(self) -> Callable[[T, R, int, int, float], None]:
         return self._store.append_success  # columns only: no envelope is built
+
+    def note_hedge(self, outcome: Outcome[T, R]) -> None:
+        if outcome.hedged is not None:
+            self._store.note_hedge(outcome.index, outcome.hedged, outcome.both_committed)
 
     def skip_range(
         self, indices: range, reason: StopReason, items: Sequence[T], first: int

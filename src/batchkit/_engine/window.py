@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import logging
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from .._model.attempt import _SLOT, CancelKind, Slot
+from .._model.attempt import _SLOT, Slot
 from . import ledger as envelopes
 from .picks import GroupPicks
 from .retries import Retries
@@ -25,7 +24,9 @@ if TYPE_CHECKING:
     from .._model.attempt import Job, RunInfo
     from .._model.errors import StopReason
     from .._model.outcomes import Outcome
+    from .hedges import Hedges
     from .intake import Intake
+    from .journal import RunJournal
     from .ledger import Ledger
     from .meters.budget import BudgetMeter
     from .meters.deadline import DeadlineMeter
@@ -40,8 +41,6 @@ __all__ = ["Window"]
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-_log = logging.getLogger("batchkit")
 
 
 class Window(Generic[T, R]):
@@ -82,7 +81,9 @@ class Window(Generic[T, R]):
         self._runner: Runner | None = None
         self._deadline: DeadlineMeter | None = None
         self._picks: GroupPicks | None = None  # with limit groups (picks.py)
+        self.hedges: Hedges | None = None  # with hedge= (hedges.py, wired by the engine)
         self._base_context = contextvars.copy_context()
+        self.journal: RunJournal | None = None  # with journal=: it ends resumed items
 
     def start(
         self,
@@ -183,6 +184,8 @@ class Window(Generic[T, R]):
                 job = pull_now() if pull_now is not None else await self._pull(slot)
                 if job is not None and grow:
                     self._grow()
+                if self.journal is not None and job is not None and self.journal.takes(job, picks):
+                    continue  # resumed (or a duplicate key): it does not run
             if job is None:
                 if not await self._wait_for_work():
                     return
@@ -287,12 +290,14 @@ class Window(Generic[T, R]):
         return self._intake.more() or bool(self.retries.heap)
 
     def on_start(self, slot: Slot, job: Job, now: float) -> None:
-        if self._ledger.emit_events:
+        if self._ledger.emit_events:  # off once every observer was dropped mid-run
             self._ledger.item_started(job, self.in_flight(), now)
 
     def _record(self, outcome: Outcome[T, R], job: Job | None = None) -> None:
         """To the ledger (the sink, the observers, the counts); then act on the threshold
         it says was reached."""
+        if self.hedges is not None and job is not None and not self.hedges.passes(outcome, job):
+            return  # a member of a hedged item's pair: its twin decides, or the pair records
         reason = self._ledger.record(outcome, job)
         if reason is not None:
             self.stop(reason)
@@ -320,16 +325,11 @@ class Window(Generic[T, R]):
         stopper = self._stopper
         if job is not None:
             self.abandoned.append(job.index)
-            _log.warning(
-                "batchkit: item #%d did not stop after being cancelled twice; abandoned", job.index
-            )
-            budget = self._p.item_budget
-            if slot.cancel_kind is CancelKind.BUDGET and budget is not None:
-                self._record(envelopes.timed_out(job, budget, self._clock(), budget=True), job)
-            elif slot.cancel_kind is CancelKind.STOP or stopper.stopping or self._p.timeout is None:
+            out = envelopes.abandoned(job, slot.cancel_kind, self._p, stopper, self._clock())
+            if out is None:  # the run's stop cut it
                 self.stopped(job, running=slot.in_attempt)
             else:
-                self._record(envelopes.timed_out(job, self._p.timeout, self._clock()), job)
+                self._record(out, job)
         self._live.discard(slot)
         self.check_quiet()
         if not stopper.stopping:

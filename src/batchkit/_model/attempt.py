@@ -42,14 +42,17 @@ class CancelKind(IntEnum):
     """The run is stopping (a threshold, the deadline, the caller's cancel)."""
     BUDGET = 3
     """The item's ``item_budget`` ran out during the attempt."""
+    HEDGE = 4
+    """Its twin (``hedge=``) succeeded first: this attempt is rolled back."""
 
 
-AttemptKind = Literal["success", "error", "timeout", "cancelled", "refused"]
+AttemptKind = Literal["success", "error", "timeout", "cancelled", "refused", "settled"]
 
 
 class AttemptResult(NamedTuple):
     """How one attempt ended. ``refused``: a meter did not let it start (``reason`` says why);
-    ``cancelled``: the run stopped while it ran."""
+    ``cancelled``: the run stopped while it ran (or its hedge's twin won); ``settled``: a
+    hedged item's pair took it over (``_engine/hedges.py``), its worker has nothing to do."""
 
     kind: AttemptKind
     value: Any
@@ -93,6 +96,7 @@ class Job:
         "item",
         "key",
         "last_kind",
+        "pair",
         "ready",
     )
 
@@ -113,6 +117,7 @@ class Job:
         # Set when an attempt fails (with ``errors``) and when it enters the retry heap:
         self.last_kind: str
         self.ready: float
+        self.pair: Any  # its hedge's Pair, set with ``hedge=`` only, once it is hedged
 
     def __lt__(self, other: Job) -> bool:
         return (self.ready, self.index) < (other.ready, other.index)

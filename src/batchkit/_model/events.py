@@ -63,6 +63,9 @@ class ItemStarted:
     """1 for the first attempt."""
     in_flight: int
     time: float
+    hedge: bool = False
+    """This attempt is a hedge (``hedge=``): one more attempt of an item that straggles,
+    beside it. Its ``ItemFinished`` says which attempt won (``outcome.hedged``)."""
 
 
 @final

@@ -16,12 +16,14 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypedDict, TypeVar
 
 from .errors import InvalidArgument
+from .journal import Journal
 from .policies import (
     Adaptive,
     AsyncLimiter,
     Breaker,
     Deadline,
     FailureRatio,
+    Hedge,
     LimitGroup,
     RateLimit,
     Retry,
@@ -78,6 +80,8 @@ class Options:
     buffer: int | None = None
     backend: Backend | None = None
     breaker: Breaker | None = None
+    journal: Journal | None = None
+    hedge: Hedge | None = None
 
 
 class Backend(Protocol):
@@ -159,8 +163,10 @@ class RunOptions(TypedDict, Generic[T], total=False):
     """Limits per upstream: one ``LimitGroup(by=..., concurrency=..., rate_limit=...)`` per
     upstream an item touches. An item starts when all its groups have room and takes them
     together; among the next ``batch_size`` items read (default 1024, the read-ahead), the
-    first whose groups have room starts, so a saturated group never holds a slot. Default:
-    ``()``."""
+    first whose groups have room starts, so a saturated group never holds a slot.
+    ``concurrency=Adaptive(...)`` gives each group value its own adaptive limit; a weighted
+    ``rate_limit=RateLimit(..., weight=...)`` takes each item's weight from its group's bucket.
+    Default: ``()``."""
 
     observers: Sequence[Observer]
     """Plain callables receiving events (an ``async def`` one is refused: it would never run).
@@ -181,6 +187,17 @@ class RunOptions(TypedDict, Generic[T], total=False):
     """A ``Breaker``: circuits that open after consecutive failures and skip their items
     (reason ``circuit_open``) until a probe succeeds, kept between runs in a state store.
     Default: ``None``."""
+
+    journal: Journal | None
+    """A ``Journal``: each item's final outcome recorded by its ``key=`` in a state store, so a
+    later call with the same journal resumes (items with a recorded success are not run again;
+    their ``Success.resumed`` is ``True``). Needs ``key=``, unique per item. Default: ``None``."""
+    hedge: Hedge | None
+    """A ``Hedge``: an attempt running longer than ``after`` (seconds, or a quantile of this
+    run's successful attempt durations such as ``"p95"``) gets one more attempt beside it,
+    within ``budget`` (a share of the items started); the first success wins, the other is
+    cancelled. Needs ``key=`` (the idempotency key: work safe to repeat). Default:
+    ``None``."""
 
 
 class StreamOptions(RunOptions[T], total=False):
@@ -380,11 +397,29 @@ def check_backend(value: object) -> Any:
     return value
 
 
+def check_journal(value: object) -> Journal | None:
+    if value is not None and not isinstance(value, Journal):
+        raise InvalidArgument(
+            f"journal must be batchkit.Journal(...) or None, got {value!r}\n"
+            "HINT: journal=Journal(MemoryStateStore(), 'nightly'), with key="
+        )
+    return value
+
+
 def check_breaker(value: object) -> Breaker | None:
     if value is not None and not isinstance(value, Breaker):
         raise InvalidArgument(
             f"breaker must be batchkit.Breaker(...) or None, got {value!r}\n"
             "HINT: breaker=Breaker(MemoryStateStore(), name='prices-api')"
+        )
+    return value
+
+
+def check_hedge(value: object) -> Hedge | None:
+    if value is not None and not isinstance(value, Hedge):
+        raise InvalidArgument(
+            f"hedge must be batchkit.Hedge(...) or None, got {value!r}\n"
+            "HINT: hedge=Hedge(after='p95', budget=0.10)"
         )
     return value
 
@@ -411,6 +446,8 @@ VALIDATORS: Final[dict[str, Callable[[object], object]]] = {
     "buffer": check_buffer,
     "backend": check_backend,
     "breaker": check_breaker,
+    "journal": check_journal,
+    "hedge": check_hedge,
 }
 
 

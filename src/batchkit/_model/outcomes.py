@@ -15,6 +15,7 @@ __all__ = [
     "ROW_FIELDS",
     "Failure",
     "FailureKind",
+    "HedgeWinner",
     "Outcome",
     "OutcomeKind",
     "Success",
@@ -37,6 +38,10 @@ OutcomeKind: TypeAlias = Literal["success", FailureKind]
 KINDS: tuple[OutcomeKind, ...] = ("success", *get_args(FailureKind))
 """Every outcome kind, in the order counts list them (the report's store numbers them so)."""
 
+HedgeWinner: TypeAlias = Literal["first", "hedge", "neither"]
+"""An envelope's ``hedged``: the item ran a hedge (``hedge=``) and ``"first"`` (its own
+attempt) or ``"hedge"`` (the extra attempt) succeeded first, or ``"neither"`` did."""
+
 
 @final
 @dataclass(frozen=True, slots=True)
@@ -47,6 +52,12 @@ class Success(Generic[T_co, R_co]):
     (1 without retries), ``elapsed`` the seconds from its first attempt's start to its end.
     ``reruns``: how many times a cluster backend sent the item to run again because the
     worker running it was lost (0 on the local engine); see :attr:`BatchReport.reruns`.
+    ``resumed``: ``True`` when the item did not run in this call because its run journal
+    (``journal=``) holds its committed success from an earlier call; ``attempts`` and
+    ``value`` are then the journal's, and ``elapsed`` is ``0.0``.
+    ``hedged``: with ``hedge=``, which attempt's success this is (``"first"`` or
+    ``"hedge"``), ``None`` if no hedge started; ``both_committed``: the other attempt was
+    past the point of no return (its context's shielded commit) and succeeded too.
     """
 
     item: T_co
@@ -55,6 +66,9 @@ class Success(Generic[T_co, R_co]):
     attempts: int = 1
     elapsed: float = 0.0
     reruns: int = field(default=0, repr=False)
+    resumed: bool = field(default=False, repr=False)
+    hedged: HedgeWinner | None = field(default=None, repr=False)
+    both_committed: bool = field(default=False, repr=False)
 
     @property
     def ok(self) -> Literal[True]:
@@ -89,6 +103,11 @@ class Failure(Generic[T_co]):
     reruns: int = field(default=0, repr=False)
     """How many times a cluster backend sent the item to run again after losing the worker
     running it (0 on the local engine)."""
+    hedged: HedgeWinner | None = field(default=None, repr=False)
+    """``"neither"`` when a hedge (``hedge=``) ran for the item and no attempt succeeded;
+    ``None`` if no hedge started."""
+    both_committed: bool = field(default=False, repr=False)
+    """Always ``False`` for a failure (see :attr:`Success.both_committed`)."""
 
     @property
     def ok(self) -> Literal[False]:
@@ -110,42 +129,72 @@ ROW_FIELDS: tuple[tuple[str, Literal["always", "if_set", "described"]], ...] = (
     ("attempts", "always"),
     ("elapsed", "always"),
     ("reruns", "if_set"),  # only a cluster backend re-runs items: local rows stay as they were
+    ("resumed", "if_set"),  # only a journal's resumed successes: other rows stay as they were
+    ("hedged", "if_set"),  # only with hedge=, for an item that ran a hedge
+    ("both_committed", "if_set"),
     ("error", "described"),  # ``describe(error)``: a failure's only
 )
 NOT_IN_ROWS: frozenset[str] = frozenset({"item", "value", "errors"})
 """Fields a ``to_dict()`` row leaves out: any objects of the user's, not JSON-safe."""
 
 
-def _default_zero(cls: type[Any], name: str) -> Any:
-    """Make the slot ``name`` read 0 while unset. The engine builds envelopes with their
-    slots set one by one (``make_success``) and never sets ``reruns``, so the local hot path
-    pays nothing for a field only a cluster backend fills in."""
+def _default(cls: type[Any], name: str, default: object, doc: str) -> Callable[[Any, Any], None]:
+    """Make the slot ``name`` read ``default`` while unset. The engine builds envelopes with
+    their slots set one by one (``make_success``) and never sets ``reruns`` or the hedge's
+    fields, so the local hot path pays nothing for fields only some runs fill in."""
     slot = vars(cls)[name]
 
-    def get(self: Any) -> int:
+    def get(self: Any) -> Any:
         try:
-            value: int = slot.__get__(self, cls)
+            return slot.__get__(self, cls)
         except AttributeError:
-            return 0
-        return value
+            return default
 
-    get.__doc__ = (
-        "How many times a cluster backend sent the item to run again because the worker "
-        "running it was lost (0 on the local engine)."
-    )
+    get.__doc__ = doc
     setattr(cls, name, property(get, slot.__set__))
-    return slot.__set__
+    setter: Callable[[Any, Any], None] = slot.__set__
+    return setter
 
 
-_set_reruns: dict[type, Callable[[Any, int], None]] = {
-    Success: _default_zero(Success, "reruns"),
-    Failure: _default_zero(Failure, "reruns"),
+_RERUNS_DOC = (
+    "How many times a cluster backend sent the item to run again because the worker "
+    "running it was lost (0 on the local engine)."
+)
+_HEDGED_DOC = (
+    'With ``hedge=``: ``"first"`` or ``"hedge"``, the attempt whose success this is; '
+    '``"neither"`` for a failure; ``None`` if no hedge started.'
+)
+_BOTH_DOC = (
+    "With ``hedge=``: the losing attempt was already in its shielded commit when the other "
+    "won, finished it and succeeded too (so upstream saw two writes)."
+)
+_set_reruns: dict[type, Callable[[Any, Any], None]] = {
+    cls: _default(cls, "reruns", 0, _RERUNS_DOC) for cls in (Success, Failure)
 }
+_set_hedged = {cls: _default(cls, "hedged", None, _HEDGED_DOC) for cls in (Success, Failure)}
+_set_both = {cls: _default(cls, "both_committed", False, _BOTH_DOC) for cls in (Success, Failure)}
+_set_resumed = _default(
+    Success, "resumed", False, "Whether the success was read from the run journal, not run."
+)
 
 
 def set_reruns(outcome: Success[Any, Any] | Failure[Any], reruns: int) -> None:
     """Set ``reruns`` on an envelope built by ``make_success`` or ``make_failure``."""
     _set_reruns[type(outcome)](outcome, reruns)
+
+
+def set_resumed(outcome: Success[Any, Any]) -> None:
+    """Mark a success built by ``make_success`` as read from the run journal."""
+    _set_resumed(outcome, True)
+
+
+def set_hedged(
+    outcome: Success[Any, Any] | Failure[Any], hedged: HedgeWinner | None, both: bool = False
+) -> None:
+    """Set ``hedged`` and ``both_committed`` on an envelope built by ``make_success`` or
+    ``make_failure`` (or the engine's envelope builders)."""
+    _set_hedged[type(outcome)](outcome, hedged)
+    _set_both[type(outcome)](outcome, both)
 
 
 # The engine builds envelopes on its hot path; a frozen dataclass's __init__ goes through
@@ -172,7 +221,9 @@ def make_success(item: T, value: R, index: int, attempts: int, elapsed: float) -
 
 _fslots = vars(Failure)
 _set_f = tuple(
-    _fslots[f.name].__set__ for f in dataclasses.fields(Failure) if f.name != "reruns"
+    _fslots[f.name].__set__
+    for f in dataclasses.fields(Failure)
+    if f.name not in ("reruns", "hedged", "both_committed")
 )  # item, error, kind, index, attempts, elapsed, errors: make_failure's arguments
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "Breaker",
     "Deadline",
     "FailureRatio",
+    "Hedge",
     "LimitGroup",
     "RateLimit",
     "Remembered",
@@ -194,10 +195,22 @@ class LimitGroup:
     per upstream an item touches: an item starts only when every one of its groups has room,
     and takes them all together (no partial holds). ``by`` is called once per item; if it
     raises (or returns an unhashable key), that item fails with its error.
+
+    ``concurrency=Adaptive(...)`` gives each group its own adaptive limit, as the call's
+    ``concurrency=Adaptive(...)`` does for the run: every group starts at ``initial`` and finds
+    its own limit from its own items' attempts (one upstream's timeouts or ``overload_on``
+    errors cut only its group's limit). ``remember=`` is not taken here (a limit per group
+    value is not remembered between runs).
+
+    ``rate_limit=RateLimit(..., weight=...)`` makes each attempt start take the item's weight
+    from its group's bucket, as the call's weighted ``RateLimit`` does: a weight that is no
+    number > 0 or above ``burst`` fails that item with ``InvalidArgument`` before any attempt;
+    under a ``Deadline``, an item whose weight its group cannot grant in time is skipped
+    (``out_of_time``).
     """
 
     by: Callable[[Any], object]
-    concurrency: int | None = None
+    concurrency: int | Adaptive | None = None
     rate_limit: RateLimit | None = None
 
     def __post_init__(self) -> None:
@@ -206,23 +219,80 @@ class LimitGroup:
                 f"LimitGroup.by must be a callable taking an item, got {self.by!r}\n"
                 "HINT: LimitGroup(by=lambda item: item.host, concurrency=4)"
             )
-        if self.concurrency is not None:
+        if isinstance(self.concurrency, Adaptive):
+            if self.concurrency.remember is not None:
+                raise InvalidArgument(
+                    "LimitGroup.concurrency=Adaptive(remember=...) is not supported: each "
+                    "group value finds its own limit within the run, and none is remembered\n"
+                    "HINT: drop remember= here; the call's concurrency=Adaptive(...) may have one"
+                )
+        elif self.concurrency is not None:
             _check_int("LimitGroup.concurrency", self.concurrency, minimum=1)
         if self.rate_limit is not None and not isinstance(self.rate_limit, RateLimit):
             raise InvalidArgument(
                 f"LimitGroup.rate_limit must be batchkit.RateLimit(...) or None, got "
                 f"{self.rate_limit!r}"
             )
-        if self.rate_limit is not None and self.rate_limit.weight is not None:
-            raise InvalidArgument(
-                "LimitGroup.rate_limit does not take weight= yet: a group's bucket counts "
-                "attempt starts\nHINT: put the weighted RateLimit on the call's rate_limit="
-            )
         if self.concurrency is None and self.rate_limit is None:
             raise InvalidArgument(
                 "LimitGroup limits nothing: give concurrency=, rate_limit= or both\n"
                 "HINT: LimitGroup(by=lambda item: item.host, concurrency=4)"
             )
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hedge:
+    """Hedged attempts for stragglers, for ``hedge=``: an item whose attempt runs longer than
+    ``after`` gets one more attempt beside it; the first to succeed wins and the other is
+    cancelled (its context exits with the cancellation: a rollback).
+
+    ``after``: seconds, or a quantile of this run's successful attempt durations such as
+    ``"p95"`` (``"p50"`` to ``"p99.9"``; the latest 1024 count), used once ``min_samples``
+    attempts have succeeded (no hedge before). ``budget``: at most this share of extra
+    attempts, counted against the items started so far (``0.10``: one hedge per ten items).
+    Hedges run in the run's slots and under its group and rate limits, like any attempt.
+
+    A hedge runs the item twice at once, so the call must be safe to repeat: ``hedge=``
+    needs ``key=``, and ``fn`` should send ``current_attempt().idempotency_key`` (the
+    item's key) upstream, so a write the loser already committed is not made twice.
+    """
+
+    after: float | str = "p95"
+    budget: float = 0.10
+    min_samples: int = 20
+
+    def __post_init__(self) -> None:
+        if isinstance(self.after, str):
+            hedge_quantile(self.after)
+        else:
+            _check_number("Hedge.after", self.after)
+        budget: object = self.budget
+        if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 1:
+            raise InvalidArgument(
+                f"Hedge.budget must be a share of the items started, > 0 and <= 1, got "
+                f"{budget!r}\nHINT: Hedge(budget=0.10) allows one hedge per ten items"
+            )
+        _check_int("Hedge.min_samples", self.min_samples, minimum=1)
+
+    @property
+    def quantile(self) -> float | None:
+        """``after`` as a quantile in (0, 1), or ``None`` when it is seconds."""
+        return hedge_quantile(self.after) if isinstance(self.after, str) else None
+
+
+def hedge_quantile(after: str) -> float:
+    """``"p95"`` → ``0.95``; an :class:`InvalidArgument` for anything else."""
+    try:
+        q = float(after[1:]) / 100 if after[:1] == "p" else math.nan
+    except ValueError:
+        q = math.nan
+    if not 0.5 <= q < 1:
+        raise InvalidArgument(
+            f"Hedge.after must be seconds or a quantile from 'p50' to 'p99.9', got {after!r}"
+            "\nHINT: Hedge(after='p95') or Hedge(after=2.0)"
+        )
+    return q
 
 
 @runtime_checkable

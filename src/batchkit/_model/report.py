@@ -96,6 +96,12 @@ class BatchReport(Generic[T, R]):
     """Re-executions a cluster backend caused by losing workers: the sum of every item's
     ``reruns`` (0 on the local engine). Items of a lost worker's chunk run again elsewhere,
     so this many item runs happened (at least in part) more than once."""
+    resumed: int = 0
+    """Successes read from the run journal (``journal=``) instead of run: the items whose
+    ``Success.resumed`` is ``True``."""
+    hedges: int = 0
+    """Hedged attempts that started (``hedge=``): the extra attempts the run spent on
+    stragglers. Each hedged item's envelope says which attempt won (``hedged``)."""
 
     def __post_init__(self) -> None:
         from .store import OutcomeStore, OutcomeView
@@ -105,6 +111,8 @@ class BatchReport(Generic[T, R]):
             object.__setattr__(self, "outcomes", store.view())
             if not self.reruns:
                 object.__setattr__(self, "reruns", store.reruns())
+            if not self.resumed:
+                object.__setattr__(self, "resumed", store.resumed())
 
     @property
     def _store(self) -> OutcomeStore[T, R]:
@@ -175,7 +183,7 @@ class BatchReport(Generic[T, R]):
 
     @property
     def retries(self) -> int:
-        """Attempts beyond the first, over all items."""
+        """Attempts beyond the first, over all items (hedges included: see ``hedges``)."""
         return self._store.retries()
 
     @property
@@ -243,7 +251,7 @@ class BatchReport(Generic[T, R]):
                 if how == "always":
                     row[name] = getattr(o, name)
                 elif how == "if_set":
-                    if value := getattr(o, name):
+                    if value := getattr(o, name, None):  # (resumed: a Success's only)
                         row[name] = value
                 elif type(o) is Failure:  # "described"
                     row[name] = describe(getattr(o, name))
@@ -263,6 +271,8 @@ class BatchReport(Generic[T, R]):
             "peak_concurrency": self.peak_concurrency,
             "retries": self.retries,
             "reruns": self.reruns,
+            "resumed": self.resumed,
+            "hedges": self.hedges,
             "latency": {
                 "p50": self.latency(0.5),
                 "p95": self.latency(0.95),
@@ -279,6 +289,9 @@ class BatchReport(Generic[T, R]):
         """One line: ``20 items in 105.0s: 18 success, 2 timeout (peak concurrency 3)``."""
         counts = {k: v for k, v in self.counts.items() if v}
         parts = ", ".join(f"{v} {k}" for k, v in counts.items()) or "nothing to do"
+        if self.resumed:
+            n = counts["success"]
+            parts = parts.replace(f"{n} success", f"{n} success ({self.resumed} resumed)", 1)
         stop = f", stopped: {self.stop_reason}" if self.stop_reason else ""
         return (
             f"{self.total} items in {self.wall_time:.3f}s: {parts} "

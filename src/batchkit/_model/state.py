@@ -30,6 +30,7 @@ __all__ = [
     "StateStore",
     "check_expected",
     "check_key",
+    "check_prefix",
     "check_time",
     "decode",
     "encode",
@@ -93,9 +94,10 @@ class StateStore(Protocol):
         """Every entry whose key starts with ``prefix`` (``""``: all), sorted by key."""
         ...
 
-    async def prune(self, older_than: float) -> int:
-        """Delete every entry last written before ``older_than`` (seconds since the epoch,
-        the store's clock); return how many were deleted."""
+    async def prune(self, older_than: float, *, prefix: str = "") -> int:
+        """Delete every entry whose key starts with ``prefix`` (``""``: all) last written
+        before ``older_than`` (seconds since the epoch, the store's clock); return how many
+        were deleted."""
         ...
 
 
@@ -133,6 +135,12 @@ def encode(value: object) -> str:
 def decode(text: str) -> JsonValue:
     value: JsonValue = json.loads(text)
     return value
+
+
+def check_prefix(prefix: object) -> str:
+    if not isinstance(prefix, str):
+        raise InvalidArgument(f"prefix must be a str, got {prefix!r}")
+    return prefix
 
 
 def check_time(name: str, value: object) -> float:
@@ -201,17 +209,17 @@ class MemoryStateStore:
 
     async def scan(self, prefix: str) -> list[StateEntry]:
         """See :meth:`StateStore.scan`."""
-        if not isinstance(prefix, str):
-            raise InvalidArgument(f"prefix must be a str, got {prefix!r}")
+        check_prefix(prefix)
         return [
             self._entry(k, self._entries[k])
             for k in sorted(k for k in self._entries if k.startswith(prefix))
         ]
 
-    async def prune(self, older_than: float) -> int:
+    async def prune(self, older_than: float, *, prefix: str = "") -> int:
         """See :meth:`StateStore.prune`."""
         cutoff = check_time("older_than", older_than)
-        old = [k for k, (_, _, at) in self._entries.items() if at < cutoff]
+        check_prefix(prefix)
+        old = [k for k, (_, _, at) in self._entries.items() if at < cutoff and k.startswith(prefix)]
         for k in old:
             del self._entries[k]
         return len(old)

@@ -29,13 +29,22 @@ from itertools import compress
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, final, overload
 
 from .errors import ItemSkipped
-from .outcomes import KINDS, Failure, Success, make_failure, make_success, set_reruns
+from .outcomes import (
+    KINDS,
+    Failure,
+    Success,
+    make_failure,
+    make_success,
+    set_hedged,
+    set_reruns,
+    set_resumed,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator, Mapping
 
     from .errors import StopReason
-    from .outcomes import FailureKind, Outcome
+    from .outcomes import FailureKind, HedgeWinner, Outcome
 
 __all__ = ["OutcomeStore", "OutcomeView"]
 
@@ -71,11 +80,13 @@ class OutcomeStore(Generic[T, R]):
         "_cap",
         "_elapsed",
         "_errors",
+        "_hedges",
         "_index",
         "_items",
         "_kinds",
         "_ranges",
         "_reruns",
+        "_resumed",
         "_values",
     )
 
@@ -96,11 +107,18 @@ class OutcomeStore(Generic[T, R]):
         # Envelopes' ``reruns`` (a cluster backend's), only the non-zero ones: the local
         # engine never writes here.
         self._reruns: dict[int, int] = {}
+        # Successes read from a run journal (``Success.resumed``), by index.
+        self._resumed: set[int] = set()
+        # Envelopes' ``hedged`` and ``both_committed`` (``hedge=``), only of items that ran
+        # a hedge: a run without hedging never writes here.
+        self._hedges: dict[int, tuple[HedgeWinner, bool]] = {}
 
     def __setstate__(self, state: tuple[None, dict[str, Any]]) -> None:
         """Unpickle; a store pickled before a column existed gets that column empty (a
         report pickled before re-runs were counted has none)."""
         self._reruns = {}
+        self._resumed = set()
+        self._hedges = {}
         for name, value in state[1].items():
             setattr(self, name, value)
 
@@ -119,12 +137,17 @@ class OutcomeStore(Generic[T, R]):
         if reruns is not None:
             for o in given:
                 store.append(o)
+                if o.hedged is not None:
+                    store._hedges[o.index] = (o.hedged, o.both_committed)
+            store._resumed.clear()
             store._reruns = {i: n for i, n in reruns.items() if n}
             return store
         for o in given:
             store.append(o)
             if o.reruns:
                 store._reruns[o.index] = o.reruns
+            if o.hedged is not None:
+                store._hedges[o.index] = (o.hedged, o.both_committed)
         return store
 
     # ------------------------------------------------------------------ writing
@@ -154,6 +177,8 @@ class OutcomeStore(Generic[T, R]):
         if type(outcome) is Success:
             self._kinds[i] = _SUCCESS
             self._values[i] = outcome.value
+            if outcome.resumed:
+                self._resumed.add(i)
         else:
             assert isinstance(outcome, Failure)
             self._kinds[i] = _CODE[outcome.kind]
@@ -161,6 +186,11 @@ class OutcomeStore(Generic[T, R]):
         self._items[i] = outcome.item
         self._attempts[i] = outcome.attempts
         self._elapsed[i] = outcome.elapsed
+
+    def note_hedge(self, index: int, hedged: HedgeWinner, both: bool) -> None:
+        """The outcome of ``index`` (appended, or a success written from its fields) is
+        of an item that ran a hedge: its envelope's ``hedged`` and ``both_committed``."""
+        self._hedges[index] = (hedged, both)
 
     def append_success(self, item: T, value: R, index: int, attempts: int, elapsed: float) -> None:
         """``append`` of a success, from its fields (no envelope is built)."""
@@ -209,7 +239,7 @@ class OutcomeStore(Generic[T, R]):
     def outcome(self, index: int) -> Outcome[T, R]:
         """Build the envelope of input index ``index`` (a new object on every call)."""
         k = self._kinds[index] if 0 <= index < self._cap else _HOLE
-        if self._reruns:
+        if self._reruns or self._resumed or self._hedges:
             return self._with_reruns(index, k)
         if self._index is not None and k != _HOLE:
             return _at(self._build(index, k), self._index[index])
@@ -222,6 +252,11 @@ class OutcomeStore(Generic[T, R]):
         n = self._reruns.get(index)
         if n:
             set_reruns(out, n)
+        if index in self._resumed and type(out) is Success:
+            set_resumed(out)
+        hedge = self._hedges.get(index)
+        if hedge is not None and k != _HOLE:
+            set_hedged(out, *hedge)
         return out
 
     def _build(self, index: int, k: int) -> Outcome[T, R]:
@@ -297,6 +332,9 @@ class OutcomeStore(Generic[T, R]):
 
     def reruns(self) -> int:
         return sum(self._reruns.values())
+
+    def resumed(self) -> int:
+        return len(self._resumed)
 
     def retries(self) -> int:
         att = self._attempts

@@ -127,7 +127,13 @@ class LoggingObserver:
             "elapsed": outcome.elapsed,
             "in_flight": event.in_flight,
         }
+        if outcome.hedged is not None:  # hedge=: which attempt won, and whether both committed
+            fields["hedged"] = outcome.hedged
+            if outcome.both_committed:
+                fields["both_committed"] = True
         if type(outcome) is Success:
+            if outcome.resumed:
+                fields["resumed"] = True  # read from the run journal, not run
             self._log(level, "item finished", fields)
         else:
             fields["error"] = _error(outcome.error)
@@ -161,6 +167,7 @@ class LoggingObserver:
                     "index": event.index,
                     "attempt": event.attempt,
                     "in_flight": event.in_flight,
+                    **({"hedge": True} if event.hedge else {}),
                 },
             )
 
@@ -222,8 +229,12 @@ class LoggingObserver:
             "wall": report.wall_time,
             "stop_reason": report.stop_reason,
         }
+        if report.hedges:
+            fields["hedges"] = report.hedges
         if early:
             fields["unfinished"] = unfinished
+        if report.resumed:
+            fields["resumed"] = report.resumed
         self._log(logging.WARNING if early else logging.INFO, "batch finished", fields)
 
     def _limit_changed(self, event: LimitChanged) -> None:

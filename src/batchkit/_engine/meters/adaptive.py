@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from ..._model.policies import Adaptive, Remembered
     from ..._model.state import JsonValue
 
-__all__ = ["AdaptiveMeter", "recall", "remember"]
+__all__ = ["AdaptiveMeter", "is_overload", "recall", "remember"]
 
 _log = logging.getLogger("batchkit")
 
@@ -86,7 +86,7 @@ class AdaptiveMeter:
         elif result.kind == "timeout" or (
             result.kind == "error"
             and isinstance(result.error, Exception)
-            and _is_overload(policy, result.error)
+            and is_overload(policy, result.error)
         ):
             self._set(on_overload(self.state, policy, result.started, now), now, result.kind)
 
@@ -128,7 +128,7 @@ class AdaptiveMeter:
                 free -= 1
 
 
-def _is_overload(policy: Adaptive, error: Exception) -> bool:
+def is_overload(policy: Adaptive, error: Exception) -> bool:
     """``overload_on`` runs user code: if it raises, the error is not counted as an overload,
     and it says so in a note (the item keeps its own error)."""
     try:
