@@ -415,6 +415,18 @@ async def sees_a_span(x: int) -> bool:
     return bool(trace.get_current_span().get_span_context().is_valid)
 
 
+async def counted(x: int) -> int:
+    """Counts the items that reached a worker (``ran``) and succeeds."""
+    _add("ran")
+    return x
+
+
+async def counted_down(x: int) -> int:
+    """Counts the items that reached a worker (``ran``) and fails: the upstream is down."""
+    _add("ran")
+    raise ConnectionError(f"down {x}")
+
+
 async def always_down(x: int) -> int:
     """An upstream that is always down: each attempt fails after 20 ms."""
     _add("always_down")

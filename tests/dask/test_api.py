@@ -86,9 +86,6 @@ async def test_options_that_cannot_hold_across_a_cluster_are_refused() -> None:
     )
     with pytest.raises(InvalidArgument, match=r"Adaptive\(remember=\.\.\.\) is not supported"):
         await batchkit.batch_process([1], quick, concurrency=remembered, backend=backend)
-    breaker = batchkit.Breaker(batchkit.MemoryStateStore(), name="up")
-    with pytest.raises(InvalidArgument, match=r"breaker= is not supported(.|\n)*HINT: run"):
-        await batchkit.batch_process([1], quick, breaker=breaker, backend=backend)
     journal = batchkit.Journal(batchkit.MemoryStateStore(), "job")
     with pytest.raises(InvalidArgument, match="journal= is not supported"):
         await batchkit.batch_process([1], quick, key=str, journal=journal, backend=backend)

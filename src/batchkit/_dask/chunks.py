@@ -78,5 +78,13 @@ class Chunk:
     submitted: float = 0.0
     bad: dict[int, Exception] = dataclasses.field(default_factory=dict)
     """Items that could not be pickled to send them (position -> error)."""
+    open: set[int] = dataclasses.field(default_factory=set)
+    """Items not sent because their circuit was open (``skipped``, ``circuit_open``)."""
+    circuits: dict[int, tuple[str, object]] = dataclasses.field(default_factory=dict)
+    """With a breaker: each sent item's circuit and the token its verdict is told by."""
     starts: dict[str, str] = dataclasses.field(default_factory=dict)
     """Each run of this chunk on a worker: token -> worker address, in order."""
+
+    def unsent(self, i: int) -> bool:
+        """Was the item at position ``i`` kept on the driver (unpicklable, circuit open)?"""
+        return i in self.bad or i in self.open

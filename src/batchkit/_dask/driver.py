@@ -115,6 +115,8 @@ class DaskRun(Generic[T, R]):
                 "await client.wait_for_workers(n) before the call"
             )
         s.wall_offset = time.time() - loop.time()
+        if s.breaker is not None:
+            await s.breaker.load()  # one read: the circuits as the run starts
         in_flight = plan_run(s, n_workers, threads)
         s.client.subscribe_topic(s.topic, self._alerts.on_alert)
         self._subscribed = True
@@ -272,6 +274,8 @@ class DaskRun(Generic[T, R]):
             grace = min(s.grace, self._stopper.time_left())
             await self._stopper.broadcast(worker_side.end_run, s.run_id, grace)
         await self._reader.close()
+        if s.breaker is not None and self._announced:
+            await s.breaker.save()  # this run's circuits merged over the stored ones
         if self._announced:
             assert s.loop is not None
             report = self.report

@@ -55,8 +55,8 @@ class Envelopes(Generic[T, R]):
         now = time.time()
         for i in range(len(chunk.items)):
             err: BaseException
-            if i in chunk.bad:
-                continue  # its own pickling error (added by emit_chunk)
+            if chunk.unsent(i):
+                continue  # its own pickling error or circuit_open (added by emit_chunk)
             if how == "skipped":
                 err = ItemSkipped(reason)
                 records.append((i, "skipped", err, 0, 0.0, (err,), now))
@@ -70,7 +70,7 @@ class Envelopes(Generic[T, R]):
         records: list[Record] = [
             (i, "lost", error, 1, 0.0, (error,), now)
             for i in range(len(chunk.items))
-            if i not in chunk.bad
+            if not chunk.unsent(i)
         ]
         return ChunkResult(offset=chunk.offset, records=records)
 
@@ -90,6 +90,9 @@ class Envelopes(Generic[T, R]):
         if chunk.bad:  # items that could not be pickled to send them: each its own failure
             now = time.time()
             records = records + [(i, "error", e, 0, 0.0, (e,), now) for i, e in chunk.bad.items()]
+        if chunk.open:  # items whose circuit was open: never sent
+            now = time.time()
+            records = records + [_circuit_open(i, now) for i in sorted(chunk.open)]
         if s.plan.ordered:
             records = sorted(records, key=lambda r: r[0])
         reruns = max(len(chunk.starts) - 1, 0)
@@ -225,6 +228,11 @@ class Envelopes(Generic[T, R]):
         self._peak = max(self._peak, peak(self._intervals))
         self._intervals.sort(key=lambda span: span[1])
         del self._intervals[: len(self._intervals) - _MAX_INTERVALS // 10]
+
+
+def _circuit_open(i: int, now: float) -> Record:
+    err = ItemSkipped("circuit_open")
+    return (i, "skipped", err, 0, 0.0, (err,), now)
 
 
 def peak(spans: list[tuple[float, float]]) -> int:

@@ -48,11 +48,11 @@ class InFlight:
         s = self._s
         loop = asyncio.get_running_loop()
         if s.stopping:
-            self.returned[chunk.offset] = (chunk, self._envelopes.closed_chunk(chunk, "skipped"))
+            self._unsent(chunk, self._envelopes.closed_chunk(chunk, "skipped"))
             return None
-        blob, positions, chunk.bad = pack_items(chunk.items)
-        if len(chunk.bad) == len(chunk.items):
-            self.returned[chunk.offset] = (chunk, ChunkResult(offset=chunk.offset, records=[]))
+        blob, positions, chunk.bad = pack_items(chunk.items, chunk.open)
+        if len(chunk.bad) + len(chunk.open) == len(chunk.items):
+            self._unsent(chunk, ChunkResult(offset=chunk.offset, records=[]))
             return None
         future = s.client.submit(
             worker_side.run_chunk,
@@ -80,10 +80,17 @@ class InFlight:
         s.in_flight_items -= len(chunk.items)
         if result.token:
             chunk.starts.setdefault(result.token, result.worker)
+        if s.breaker is not None:
+            s.breaker.observe(chunk, result)
         if s.sizer is not None and result.records and result.seconds:
             s.sizer.observe(len(result.records), result.seconds)
         self.returned[chunk.offset] = (chunk, result)
         return None
+
+    def _unsent(self, chunk: Chunk, result: ChunkResult) -> None:
+        if self._s.breaker is not None:
+            self._s.breaker.observe(chunk, result)  # a probe in it is not out any more
+        self.returned[chunk.offset] = (chunk, result)
 
     def end_chunks_out(self, *, abandon: bool) -> None:
         """Every chunk still out or returned but unread -> its items' envelopes."""
@@ -101,7 +108,7 @@ class InFlight:
                 given_up += len(chunk.items)
                 if s.gone is None and abandon:
                     self.abandoned.extend(
-                        offset + i for i in range(len(chunk.items)) if i not in chunk.bad
+                        offset + i for i in range(len(chunk.items)) if not chunk.unsent(i)
                     )
                 result = self._envelopes.closed_chunk(chunk, "cancelled")
             self._envelopes.emit_chunk(chunk, result)

@@ -34,6 +34,7 @@ class ChunkReader:
         self._s = state
         self._skip_unsent = skip_unsent  # a chunk read but never sent: its items skipped
         self._pull: asyncio.Future[Any] | None = None  # an async input's next item
+        self._back: list[Any] = []  # read, not sent yet (held behind a probe): next in line
 
     def open(self) -> None:
         s = self._s
@@ -45,29 +46,48 @@ class ChunkReader:
     async def chunks(self) -> AsyncIterator[Chunk]:
         s = self._s
         intake = s.intake
+        breaker = s.breaker
         assert s.sizer is not None
-        while not s.stopping and not intake.exhausted and intake.error is None:
-            size = s.sizer.next_size(intake.next_index)
-            batch: list[Any] = []
-            try:
-                if intake.it is not None:
-                    batch.extend(itertools.islice(intake.it, size))
-                    if len(batch) < size:
-                        intake.exhausted = True
-                else:
-                    await self._fill(batch, size)
-            except Exception as e:
-                intake.error = e  # what was read before it still runs
-            except BaseException:
-                # Closed while reading (a stop's grace ran out): what was read is skipped.
-                if batch:
-                    self._skip_unsent(Chunk(intake.next_index, batch))
-                raise
-            if not batch:
-                return
-            chunk = Chunk(intake.next_index, batch)
-            intake.next_index += len(batch)
-            yield chunk
+        try:
+            while not s.stopping and (
+                self._back or (not intake.exhausted and intake.error is None)
+            ):
+                if self._back and breaker is not None and breaker.held(self._back[0]):
+                    await breaker.wait_verdict()  # a half-open circuit's probe is out
+                    continue
+                size = s.sizer.next_size(intake.next_index)
+                batch = self._back[:size]
+                del self._back[:size]
+                try:
+                    if len(batch) == size or intake.exhausted or intake.error is not None:
+                        pass
+                    elif intake.it is not None:
+                        # extend keeps what was read before the input raised: it still runs
+                        batch.extend(itertools.islice(intake.it, size - len(batch)))
+                        if len(batch) < size:
+                            intake.exhausted = True
+                    else:
+                        await self._fill(batch, size)
+                except Exception as e:
+                    intake.error = e  # what was read before it still runs
+                except BaseException:
+                    # Closed while reading (a stop's grace ran out): what was read is skipped.
+                    self._back[:0] = batch
+                    raise
+                if not batch:
+                    return
+                chunk = Chunk(intake.next_index, batch)
+                if breaker is not None and (cut := breaker.sort(chunk)) is not None:
+                    self._back[:0] = batch[cut:]  # held until the probe's verdict
+                    del batch[cut:]
+                    if not batch:
+                        continue
+                intake.next_index += len(batch)
+                yield chunk
+        finally:
+            if self._back:  # read but never sent: skipped
+                back, self._back = self._back, []
+                self._skip_unsent(Chunk(intake.next_index, back))
 
     async def _fill(self, batch: list[Any], size: int) -> None:
         """Read up to ``size`` items of the async input into ``batch``; once it holds one,

@@ -71,14 +71,6 @@ def check_options(o: Plan, fn: Callable[..., Any]) -> None:
             "its own limit on a worker, so there is no one limit to remember\nHINT: drop "
             "remember= on Dask, or run the job with the local engine"
         )
-    if o.breaker is not None:
-        raise InvalidArgument(
-            "breaker= is not supported with the Dask backend yet: a chunk's attempts run in a "
-            "worker's local engine, out of the driver's sight until the chunk returns, so the "
-            "driver can neither let one probe through at a time nor stop a chunk's attempts "
-            "when a circuit opens\nHINT: run the job with the local engine (no backend=) to "
-            "use a breaker, or drop breaker= on Dask"
-        )
     if o.journal is not None:
         raise InvalidArgument(
             "journal= is not supported with the Dask backend yet: a transactional journal "

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 from .._engine.intake import Intake
 from .._engine.ledger import Ledger
 from .._engine.plan import make_plan
+from .breaker import DriverBreaker
 
 if TYPE_CHECKING:
     import asyncio
@@ -71,6 +72,7 @@ class RunState(Generic[T, R]):
         self.closed = False
         self.pending: dict[int, Chunk] = {}  # chunks out: accepted by Dask, no result yet
         self.in_flight_items = 0
+        self.breaker = DriverBreaker(o.breaker) if o.breaker is not None else None
 
     def event(self, event: Event | ChunkRerun | WorkerLost) -> None:
         # The cluster's own events go to the same observers, through the ledger; they are not

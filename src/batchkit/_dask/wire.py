@@ -71,19 +71,24 @@ def _dumps_fast(obj: object) -> bytes:
         return dumps(obj)
 
 
-def pack_items(items: list[Any]) -> tuple[bytes, list[int] | None, dict[int, Exception]]:
-    """A chunk's items as one blob: ``(blob, positions, bad)``. If the chunk does not pickle,
-    each item is tried alone: ``bad`` maps the position of each that fails to its pickling
-    error, the blob holds the rest, and ``positions`` says where each came from (``None``:
-    every item, in order)."""
-    try:
-        return _dumps_fast(items), None, {}
-    except Exception:
-        pass
+def pack_items(
+    items: list[Any], skip: set[int] | None = None
+) -> tuple[bytes, list[int] | None, dict[int, Exception]]:
+    """A chunk's items as one blob: ``(blob, positions, bad)``, without the positions in
+    ``skip``. If the chunk does not pickle, each item is tried alone: ``bad`` maps the
+    position of each that fails to its pickling error, the blob holds the rest, and
+    ``positions`` says where each came from (``None``: every item, in order)."""
+    if not skip:
+        try:
+            return _dumps_fast(items), None, {}
+        except Exception:
+            pass
     good: list[Any] = []
     positions: list[int] = []
     bad: dict[int, Exception] = {}
     for i, item in enumerate(items):
+        if skip and i in skip:
+            continue
         try:
             _dumps_fast(item)
         except Exception as e:
