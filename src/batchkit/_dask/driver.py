@@ -42,11 +42,12 @@ from .state import RunState
 from .stopping import Stopper
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Coroutine
     from types import TracebackType
 
     from .._model.options import Options
     from .chunks import Chunk
+    from .journal import DriverJournal
     from .wire import ChunkResult
 
 __all__ = ["DaskRun", "run_batch"]
@@ -85,6 +86,7 @@ class DaskRun(Generic[T, R]):
         self._outer: Any = None  # the local stream over chunks
         self._outer_done = False
         self._entered = False
+        self._journal: DriverJournal | None = None  # journal=: read and written here
 
     # ------------------------------------------------------------------ entering
     async def __aenter__(self) -> DaskRun[T, R]:
@@ -107,6 +109,8 @@ class DaskRun(Generic[T, R]):
         assert loop is not None
         # The run (and a relative deadline) starts at the call, connecting included.
         s.start = loop.time()
+        if o.journal is not None:
+            await self._open_journal(o.journal)  # before anything is sent
         s.client = await s.backend._connect()
         n_workers, threads, addresses = await self._cluster.workers()
         if n_workers == 0:
@@ -126,7 +130,11 @@ class DaskRun(Generic[T, R]):
         self._announced = True
         from .._api import stream
 
-        chunks, run_chunk = self._reader.chunks(), self._inflight.run_chunk
+        chunks = self._reader.chunks()
+        run_chunk: Callable[[Chunk], Coroutine[Any, Any, ChunkResult | None]]
+        run_chunk = self._inflight.run_chunk
+        if self._journal is not None:  # a chunk the journal ended is not sent
+            run_chunk = self._journal.wrap(run_chunk, self._inflight.returned)
         # buffer=in_flight: an ordered stream waiting on a slow chunk holds at most twice the
         # chunks in flight (the default reorder buffer, 8 per slot, would hold 36 chunks).
         outer = stream(
@@ -134,6 +142,14 @@ class DaskRun(Generic[T, R]):
         )
         await outer.__aenter__()
         self._outer = outer
+
+    async def _open_journal(self, policy: Any) -> None:
+        from .journal import DriverJournal  # lazy: start-up time
+
+        journal = self._journal = DriverJournal(self._s, policy)
+        await journal.load()
+        self._reader.split = journal.split
+        self._envelopes.journal = journal.ended
 
     # ------------------------------------------------------------------- iterating
     def __aiter__(self) -> DaskRun[T, R]:
@@ -272,6 +288,8 @@ class DaskRun(Generic[T, R]):
             grace = min(s.grace, self._stopper.time_left())
             await self._stopper.broadcast(worker_side.end_run, s.run_id, grace)
         await self._reader.close()
+        if self._journal is not None:
+            await self._journal.close()  # the rows still waiting, on every way out
         if self._announced:
             assert s.loop is not None
             report = self.report
@@ -309,6 +327,7 @@ class DaskRun(Generic[T, R]):
             abandoned=tuple(sorted(self._inflight.abandoned)),
             tally=None if self._keep else dict(envelopes.counts),
             reruns=envelopes.reruns,
+            resumed=self._journal.resumed if self._journal is not None else 0,
         )
         if s.closed and not self._stopper.background and self._cluster.done():
             self._final = report  # nothing can change it any more

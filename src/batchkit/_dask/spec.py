@@ -74,11 +74,13 @@ def check_options(o: Plan, fn: Callable[..., Any]) -> None:
             "when a circuit opens\nHINT: run the job with the local engine (no backend=) to "
             "use a breaker, or drop breaker= on Dask"
         )
-    if o.journal is not None:
+    if o.journal is not None and o.journal.mode == "transactional":
         raise InvalidArgument(
-            "journal= is not supported with the Dask backend yet: a transactional journal "
-            "writes in each item's session, which lives on a worker\nHINT: drop journal= on "
-            "Dask, or run the job with the local engine"
+            "Journal(mode='transactional') is not supported with the Dask backend: a "
+            "success's row would be written in the item's session, which lives on a worker, "
+            "while the journal is read and written by the driver\nHINT: use "
+            "Journal(mode='batched') on Dask (rows written by the driver as results come "
+            "back), or run the job with the local engine"
         )
     if o.cost is not None:
         raise InvalidArgument(

@@ -262,8 +262,8 @@ the round trip."""
 NOT_IN_RECORDS: dict[str, str] = {
     "item": "the driver holds the chunk's items; they are not sent back",
     "reruns": "the driver counts a chunk's starts on workers (Alerts)",
-    "resumed": "a success read from a run journal never runs on a worker (and the Dask "
-    "backend refuses journal= for now)",
+    "resumed": "a success read from a run journal never runs on a worker: the driver ends "
+    "it (_dask/journal.py)",
 }
 """Envelope fields the driver fills in itself, and why."""
 

@@ -131,7 +131,6 @@ class OutcomeStore(Generic[T, R]):
         if reruns is not None:
             for o in given:
                 store.append(o)
-            store._resumed.clear()
             store._reruns = {i: n for i, n in reruns.items() if n}
             return store
         for o in given:
