@@ -101,8 +101,8 @@ class CountingStore:
     async def scan(self, prefix: str) -> list[StateEntry]:
         return await self._call("scan", self.inner.scan(prefix))
 
-    async def prune(self, older_than: float) -> int:
-        return await self._call("prune", self.inner.prune(older_than))
+    async def prune(self, older_than: float, *, prefix: str = "") -> int:
+        return await self._call("prune", self.inner.prune(older_than, prefix=prefix))
 
 
 class RealTimeStore(CountingStore):

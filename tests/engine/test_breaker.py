@@ -369,9 +369,9 @@ class CountingStore:
         self.calls += 1
         return await self.inner.scan(prefix)
 
-    async def prune(self, older_than: float) -> int:
+    async def prune(self, older_than: float, *, prefix: str = "") -> int:
         self.calls += 1
-        return await self.inner.prune(older_than)
+        return await self.inner.prune(older_than, prefix=prefix)
 
 
 @pytest.mark.parametrize("n", [40, 4000])
