@@ -112,7 +112,8 @@ async def test_a_local_runs_journal_is_resumed_on_dask(client: Any, store: Any) 
     assert second.resumed == N // 2
     resumed = [o for o in second.outcomes if type(o) is Success and o.resumed]
     assert [o.index for o in resumed] == list(range(0, N, 2))
-    assert [o.value for o in second.outcomes if type(o) is Success] == list(range(N))  # stored values came back
+    # The stored values came back.
+    assert [o.value for o in second.outcomes if type(o) is Success] == list(range(N))
     finished = [e for e in events if type(e) is batchkit.ItemFinished]
     assert sum(bool(getattr(e.outcome, "resumed", False)) for e in finished) == N // 2
     assert len(finished) == N
@@ -133,3 +134,49 @@ async def test_duplicate_keys_of_an_iterator_fail_on_dask(client: Any) -> None:
         await batchkit.batch_process(
             [1, 1], _work.quick, key=str, journal=journal, backend=DaskBackend(client)
         )
+
+
+async def test_items_lost_with_their_worker_have_no_row(client: Any, cluster: Any) -> None:
+    journal = Journal(MemoryStateStore(), "lost")
+    backend = DaskBackend(client, per_worker=4, chunk_size=5)
+    scheduler = cluster.scheduler
+    allowed = scheduler.allowed_failures
+    scheduler.allowed_failures = 0
+    try:
+        first = await batchkit.batch_process(
+            range(20), _work.kill_worker_always, key=str, journal=journal, backend=backend
+        )
+    finally:
+        scheduler.allowed_failures = allowed
+    lost = [o.index for o in first.outcomes if type(o) is Failure and o.kind == "lost"]
+    assert lost == [5, 6, 7, 8, 9]
+    # Lost items are neither successes nor failures in the journal: they run again.
+    assert await journal.kinds() == {str(i): "success" for i in range(20) if i not in lost}
+    await client.wait_for_workers(2)
+    second = await batchkit.batch_process(
+        range(20), _work.quick, key=str, journal=journal, backend=backend
+    )
+    one_each(second, 20)
+    assert second.resumed == 15
+    assert [o.index for o in second.outcomes if type(o) is Success and not o.resumed] == lost
+
+
+async def test_rows_are_written_when_a_stream_is_left_early(client: Any) -> None:
+    # Nothing is flushed while the run goes on (flush_every, flush_after): the way out does.
+    journal = Journal(MemoryStateStore(), "left", flush_every=1000, flush_after=3600.0)
+    got = 0
+    async with batchkit.stream(
+        range(1000),
+        _work.hang_unless_small,
+        key=str,
+        journal=journal,
+        concurrency=8,
+        backend=DaskBackend(client, per_worker=4, chunk_size=5),
+    ) as outcomes:
+        async for outcome in outcomes:
+            assert outcome.ok
+            got += 1
+            if got == 5:
+                break
+        assert await journal.kinds() == {}
+    assert await journal.kinds() == {str(i): "success" for i in range(5)}
