@@ -6,6 +6,7 @@ local one; a SQLAlchemy store on a SQLite file is the same across processes.
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -180,3 +181,36 @@ async def test_rows_are_written_when_a_stream_is_left_early(client: Any) -> None
                 break
         assert await journal.kinds() == {}
     assert await journal.kinds() == {str(i): "success" for i in range(5)}
+
+
+def lock_or_int(x: Any) -> str:
+    return str(x) if isinstance(x, int) else "lock"
+
+
+async def test_resumed_items_and_an_unpicklable_one_in_a_chunk(client: Any) -> None:
+    """The items left in a chunk are sent as one task; the resumed ones and the one that does
+    not pickle each end on the driver, one envelope per item, in input order."""
+    journal = Journal(MemoryStateStore(), "mixed")
+    items: list[Any] = [0, 1, 2, threading.Lock(), 4, 5, 6]
+
+    async def even_ints(x: Any) -> int:
+        if not isinstance(x, int) or x % 2:
+            raise ValueError(x)
+        return x
+
+    await batchkit.batch_process(items, even_ints, key=lock_or_int, journal=journal)
+    report = await batchkit.batch_process(
+        items,
+        _work.quick,
+        key=lock_or_int,
+        journal=journal,
+        backend=DaskBackend(client, chunk_size=7),
+    )
+    assert [o.index for o in report.outcomes] == list(range(7))
+    assert [type(o) is Success and o.resumed for o in report.outcomes] == [
+        True, False, True, False, True, False, True
+    ]  # fmt: skip
+    assert [o.value for o in report.outcomes if type(o) is Success] == [0, 1, 2, 4, 5, 6]
+    lock = report.outcomes[3]
+    assert type(lock) is Failure
+    assert lock.kind == "error"

@@ -78,5 +78,8 @@ class Chunk:
     submitted: float = 0.0
     bad: dict[int, Exception] = dataclasses.field(default_factory=dict)
     """Items that could not be pickled to send them (position -> error)."""
+    done: dict[int, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
+    """Items the driver ends without sending them (``journal=``: resumed, or a duplicate
+    key): position -> their record."""
     starts: dict[str, str] = dataclasses.field(default_factory=dict)
     """Each run of this chunk on a worker: token -> worker address, in order."""

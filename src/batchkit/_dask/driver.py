@@ -42,7 +42,7 @@ from .state import RunState
 from .stopping import Stopper
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine
+    from collections.abc import Callable
     from types import TracebackType
 
     from .._model.options import Options
@@ -130,11 +130,7 @@ class DaskRun(Generic[T, R]):
         self._announced = True
         from .._api import stream
 
-        chunks = self._reader.chunks()
-        run_chunk: Callable[[Chunk], Coroutine[Any, Any, ChunkResult | None]]
-        run_chunk = self._inflight.run_chunk
-        if self._journal is not None:  # a chunk the journal ended is not sent
-            run_chunk = self._journal.wrap(run_chunk, self._inflight.returned)
+        chunks, run_chunk = self._reader.chunks(), self._inflight.run_chunk
         # buffer=in_flight: an ordered stream waiting on a slow chunk holds at most twice the
         # chunks in flight (the default reorder buffer, 8 per slot, would hold 36 chunks).
         outer = stream(
@@ -148,7 +144,7 @@ class DaskRun(Generic[T, R]):
 
         journal = self._journal = DriverJournal(self._s, policy)
         await journal.load()
-        self._reader.split = journal.split
+        self._reader.mark = journal.mark
         self._envelopes.journal = journal.ended
 
     # ------------------------------------------------------------------- iterating

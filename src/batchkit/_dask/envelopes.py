@@ -58,8 +58,8 @@ class Envelopes(Generic[T, R]):
         now = time.time()
         for i in range(len(chunk.items)):
             err: BaseException
-            if i in chunk.bad:
-                continue  # its own pickling error (added by emit_chunk)
+            if i in chunk.bad or i in chunk.done:
+                continue  # its own pickling error, or ended by the driver (added by emit_chunk)
             if how == "skipped":
                 err = ItemSkipped(reason)
                 records.append((i, "skipped", err, 0, 0.0, (err,), now))
@@ -73,7 +73,7 @@ class Envelopes(Generic[T, R]):
         records: list[Record] = [
             (i, "lost", error, 1, 0.0, (error,), now)
             for i in range(len(chunk.items))
-            if i not in chunk.bad
+            if i not in chunk.bad and i not in chunk.done
         ]
         return ChunkResult(offset=chunk.offset, records=records)
 
@@ -93,6 +93,8 @@ class Envelopes(Generic[T, R]):
         if chunk.bad:  # items that could not be pickled to send them: each its own failure
             now = time.time()
             records = records + [(i, "error", e, 0, 0.0, (e,), now) for i, e in chunk.bad.items()]
+        if chunk.done:  # journal=: items the driver ended without sending them
+            records = records + list(chunk.done.values())
         if s.plan.ordered:
             records = sorted(records, key=lambda r: r[0])
         reruns = max(len(chunk.starts) - 1, 0)

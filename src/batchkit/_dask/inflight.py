@@ -50,8 +50,8 @@ class InFlight:
         if s.stopping:
             self.returned[chunk.offset] = (chunk, self._envelopes.closed_chunk(chunk, "skipped"))
             return None
-        blob, positions, chunk.bad = pack_items(chunk.items)
-        if len(chunk.bad) == len(chunk.items):
+        blob, positions, chunk.bad = pack_items(chunk.items, chunk.done)
+        if len(chunk.bad) + len(chunk.done) == len(chunk.items):
             self.returned[chunk.offset] = (chunk, ChunkResult(offset=chunk.offset, records=[]))
             return None
         future = s.client.submit(
@@ -101,7 +101,9 @@ class InFlight:
                 given_up += len(chunk.items)
                 if s.gone is None and abandon:
                     self.abandoned.extend(
-                        offset + i for i in range(len(chunk.items)) if i not in chunk.bad
+                        offset + i
+                        for i in range(len(chunk.items))
+                        if i not in chunk.bad and i not in chunk.done
                     )
                 result = self._envelopes.closed_chunk(chunk, "cancelled")
             self._envelopes.emit_chunk(chunk, result)

@@ -34,7 +34,7 @@ class ChunkReader:
         self._s = state
         self._skip_unsent = skip_unsent  # a chunk read but never sent: its items skipped
         self._pull: asyncio.Future[Any] | None = None  # an async input's next item
-        self.split: Callable[[Chunk], list[Chunk]] | None = None  # journal=: cut a chunk
+        self.mark: Callable[[Chunk], None] | None = None  # journal=: what is not sent
 
     def open(self) -> None:
         s = self._s
@@ -68,17 +68,9 @@ class ChunkReader:
                 return
             chunk = Chunk(intake.next_index, batch)
             intake.next_index += len(batch)
-            if self.split is None:
-                yield chunk
-                continue
-            parts = self.split(chunk)
-            for n, part in enumerate(parts):
-                try:
-                    yield part
-                except BaseException:
-                    for rest in parts[n + 1 :]:  # cut but never sent: skipped
-                        self._skip_unsent(rest)
-                    raise
+            if self.mark is not None:
+                self.mark(chunk)
+            yield chunk
 
     async def _fill(self, batch: list[Any], size: int) -> None:
         """Read up to ``size`` items of the async input into ``batch``; once it holds one,

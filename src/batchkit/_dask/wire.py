@@ -26,7 +26,7 @@ from .._model.errors import InvalidArgument, RemoteError
 
 if TYPE_CHECKING:
     import logging
-    from collections.abc import Callable
+    from collections.abc import Callable, Collection
 
     from .._model.errors import StopReason
     from .._model.policies import Adaptive, Retry
@@ -70,19 +70,30 @@ def _dumps_fast(obj: object) -> bytes:
         return dumps(obj)
 
 
-def pack_items(items: list[Any]) -> tuple[bytes, list[int] | None, dict[int, Exception]]:
+def pack_items(
+    items: list[Any], skip: Collection[int] = ()
+) -> tuple[bytes, list[int] | None, dict[int, Exception]]:
     """A chunk's items as one blob: ``(blob, positions, bad)``. If the chunk does not pickle,
     each item is tried alone: ``bad`` maps the position of each that fails to its pickling
     error, the blob holds the rest, and ``positions`` says where each came from (``None``:
-    every item, in order)."""
-    try:
-        return _dumps_fast(items), None, {}
-    except Exception:
-        pass
+    every item, in order). Items at positions in ``skip`` are not sent."""
+    if skip:
+        at = [i for i in range(len(items)) if i not in skip]
+        try:
+            return _dumps_fast([items[i] for i in at]), at, {}
+        except Exception:
+            pass
+    else:
+        try:
+            return _dumps_fast(items), None, {}
+        except Exception:
+            pass
     good: list[Any] = []
     positions: list[int] = []
     bad: dict[int, Exception] = {}
     for i, item in enumerate(items):
+        if i in skip:
+            continue
         try:
             _dumps_fast(item)
         except Exception as e:
