@@ -31,6 +31,20 @@ class _AsyncClientStandIn:
     asynchronous = True
 
 
+def _no_context(*args: Any) -> Any:
+    raise AssertionError("never called: refused at the call")
+
+
+class _SessionStore:
+    """What a transactional journal accepts: a state store that writes in a session."""
+
+    get = compare_and_set = set_many = scan = prune = set_in_session = staticmethod(_no_context)
+
+
+async def _quick_in(x: int, ctx: Any) -> int:
+    return x
+
+
 def test_missing_distributed_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "distributed", None)
     with pytest.raises(MissingExtra, match=r"pip install 'aio-batchkit\[dask\]'") as info:
@@ -86,9 +100,19 @@ async def test_options_that_cannot_hold_across_a_cluster_are_refused() -> None:
     )
     with pytest.raises(InvalidArgument, match=r"Adaptive\(remember=\.\.\.\) is not supported"):
         await batchkit.batch_process([1], quick, concurrency=remembered, backend=backend)
-    journal = batchkit.Journal(batchkit.MemoryStateStore(), "job")
-    with pytest.raises(InvalidArgument, match="journal= is not supported"):
-        await batchkit.batch_process([1], quick, key=str, journal=journal, backend=backend)
+    journal = batchkit.Journal(cast("Any", _SessionStore()), "job", mode="transactional")
+    with pytest.raises(
+        InvalidArgument, match=r"Journal\(mode='transactional'\) is not supported(.|\n)*HINT"
+    ):
+        await batchkit.batch_process(
+            [1], _quick_in, key=str, journal=journal, context=_no_context, backend=backend
+        )
+    both = batchkit.Breaker(batchkit.MemoryStateStore(), name="up")
+    batched = batchkit.Journal(batchkit.MemoryStateStore(), "job")
+    with pytest.raises(InvalidArgument, match=r"journal= and breaker= together(.|\n)*HINT"):
+        await batchkit.batch_process(
+            [1], quick, key=str, journal=batched, breaker=both, backend=backend
+        )
 
 
 async def test_groups_are_refused_on_dask_before_any_work() -> None:

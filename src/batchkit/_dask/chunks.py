@@ -82,9 +82,13 @@ class Chunk:
     """Items not sent because their circuit was open (``skipped``, ``circuit_open``)."""
     circuits: dict[int, tuple[str, object]] = dataclasses.field(default_factory=dict)
     """With a breaker: each sent item's circuit and the token its verdict is told by."""
+    done: dict[int, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
+    """Items the driver ends without sending them (``journal=``: resumed, or a duplicate
+    key): position -> their record."""
     starts: dict[str, str] = dataclasses.field(default_factory=dict)
     """Each run of this chunk on a worker: token -> worker address, in order."""
 
     def unsent(self, i: int) -> bool:
-        """Was the item at position ``i`` kept on the driver (unpicklable, circuit open)?"""
-        return i in self.bad or i in self.open
+        """Was the item at position ``i`` kept on the driver (unpicklable, circuit open, or
+        ended by the journal)?"""
+        return i in self.bad or i in self.open or i in self.done

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
     from .._model.options import Options
     from .chunks import Chunk
+    from .journal import DriverJournal
     from .wire import ChunkResult
 
 __all__ = ["DaskRun", "run_batch"]
@@ -85,6 +86,7 @@ class DaskRun(Generic[T, R]):
         self._outer: Any = None  # the local stream over chunks
         self._outer_done = False
         self._entered = False
+        self._journal: DriverJournal | None = None  # journal=: read and written here
 
     # ------------------------------------------------------------------ entering
     async def __aenter__(self) -> DaskRun[T, R]:
@@ -107,6 +109,8 @@ class DaskRun(Generic[T, R]):
         assert loop is not None
         # The run (and a relative deadline) starts at the call, connecting included.
         s.start = loop.time()
+        if o.journal is not None:
+            await self._open_journal(o.journal)  # before anything is sent
         s.client = await s.backend._connect()
         n_workers, threads, addresses = await self._cluster.workers()
         if n_workers == 0:
@@ -136,6 +140,14 @@ class DaskRun(Generic[T, R]):
         )
         await outer.__aenter__()
         self._outer = outer
+
+    async def _open_journal(self, policy: Any) -> None:
+        from .journal import DriverJournal  # lazy: start-up time
+
+        journal = self._journal = DriverJournal(self._s, policy)
+        await journal.load()
+        self._reader.mark = journal.mark
+        self._envelopes.journal = journal.ended
 
     # ------------------------------------------------------------------- iterating
     def __aiter__(self) -> DaskRun[T, R]:
@@ -276,6 +288,8 @@ class DaskRun(Generic[T, R]):
         await self._reader.close()
         if s.breaker is not None and self._announced:
             await s.breaker.save()  # this run's circuits merged over the stored ones
+        if self._journal is not None:
+            await self._journal.close()  # the rows still waiting, on every way out
         if self._announced:
             assert s.loop is not None
             report = self.report
@@ -313,6 +327,7 @@ class DaskRun(Generic[T, R]):
             abandoned=tuple(sorted(self._inflight.abandoned)),
             tally=None if self._keep else dict(envelopes.counts),
             reruns=envelopes.reruns,
+            resumed=self._journal.resumed if self._journal is not None else 0,
         )
         if s.closed and not self._stopper.background and self._cluster.done():
             self._final = report  # nothing can change it any more

@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .._model.errors import ItemCancelled, ItemSkipped
 from .._model.events import AttemptFailed, Event, ItemFinished, ItemStarted
-from .._model.outcomes import Failure, Outcome, make_success, set_reruns
+from .._model.outcomes import Failure, Outcome, make_success, set_reruns, set_resumed
 from .wire import ChunkResult, Record
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .._model.errors import StopReason
     from .alerts import Alerts
     from .chunks import Chunk
@@ -44,6 +46,7 @@ class Envelopes(Generic[T, R]):
         self._intervals: list[tuple[float, float]] = []
         self._peak = 0  # from spans folded away (long streams)
         self._skip_announced = False
+        self.journal: Callable[[Outcome[T, R]], None] | None = None  # journal=: every envelope
 
     # ------------------------------------------------------- records of chunks that did not run
     def closed_chunk(self, chunk: Chunk, how: str) -> ChunkResult:
@@ -93,6 +96,8 @@ class Envelopes(Generic[T, R]):
         if chunk.open:  # items whose circuit was open: never sent
             now = time.time()
             records = records + [_circuit_open(i, now) for i in sorted(chunk.open)]
+        if chunk.done:  # journal=: items the driver ended without sending them
+            records = records + list(chunk.done.values())
         if s.plan.ordered:
             records = sorted(records, key=lambda r: r[0])
         reruns = max(len(chunk.starts) - 1, 0)
@@ -134,10 +139,16 @@ class Envelopes(Generic[T, R]):
             out = make_success(item, payload, index, attempts, elapsed)
             if reruns:
                 set_reruns(out, reruns)
+        elif kind == "resumed":  # read from the run journal by the driver (_dask/journal.py)
+            out = make_success(item, payload, index, attempts, elapsed)
+            set_resumed(out)
+            kind = "success"
         else:
             out = Failure(item, payload, kind, index, attempts, elapsed, errors, reruns)  # type: ignore[arg-type]
         self.counts[kind] = self.counts.get(kind, 0) + 1
         self.ready.append(out)
+        if self.journal is not None:
+            self.journal(out)
         return out
 
     def finished_event(self, out: Outcome[T, R], item: Any, at: float) -> tuple[float, int, Event]:

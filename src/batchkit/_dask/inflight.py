@@ -50,8 +50,9 @@ class InFlight:
         if s.stopping:
             self._unsent(chunk, self._envelopes.closed_chunk(chunk, "skipped"))
             return None
-        blob, positions, chunk.bad = pack_items(chunk.items, chunk.open)
-        if len(chunk.bad) + len(chunk.open) == len(chunk.items):
+        unsent = chunk.open.union(chunk.done) if chunk.done else chunk.open
+        blob, positions, chunk.bad = pack_items(chunk.items, unsent)
+        if len(chunk.bad) + len(unsent) == len(chunk.items):
             self._unsent(chunk, ChunkResult(offset=chunk.offset, records=[]))
             return None
         future = s.client.submit(

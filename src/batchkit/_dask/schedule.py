@@ -35,6 +35,7 @@ class ChunkReader:
         self._skip_unsent = skip_unsent  # a chunk read but never sent: its items skipped
         self._pull: asyncio.Future[Any] | None = None  # an async input's next item
         self._back: list[Any] = []  # read, not sent yet (held behind a probe): next in line
+        self.mark: Callable[[Chunk], None] | None = None  # journal=: what is not sent
 
     def open(self) -> None:
         s = self._s
@@ -83,6 +84,8 @@ class ChunkReader:
                     if not batch:
                         continue
                 intake.next_index += len(batch)
+                if self.mark is not None:  # journal= (never with breaker=: spec.py)
+                    self.mark(chunk)
                 yield chunk
         finally:
             if self._back:  # read but never sent: skipped

@@ -71,11 +71,20 @@ def check_options(o: Plan, fn: Callable[..., Any]) -> None:
             "its own limit on a worker, so there is no one limit to remember\nHINT: drop "
             "remember= on Dask, or run the job with the local engine"
         )
-    if o.journal is not None:
+    if o.journal is not None and o.breaker is not None:
         raise InvalidArgument(
-            "journal= is not supported with the Dask backend yet: a transactional journal "
-            "writes in each item's session, which lives on a worker\nHINT: drop journal= on "
-            "Dask, or run the job with the local engine"
+            "journal= and breaker= together are not supported with the Dask backend yet: the "
+            "driver would have to hold a half-open circuit's items behind a probe the journal "
+            "may end without sending\nHINT: use one of them on Dask, or run the job with the "
+            "local engine (no backend=), where both work together"
+        )
+    if o.journal is not None and o.journal.mode == "transactional":
+        raise InvalidArgument(
+            "Journal(mode='transactional') is not supported with the Dask backend: a "
+            "success's row would be written in the item's session, which lives on a worker, "
+            "while the journal is read and written by the driver\nHINT: use "
+            "Journal(mode='batched') on Dask (rows written by the driver as results come "
+            "back), or run the job with the local engine"
         )
     if o.cost is not None:
         raise InvalidArgument(

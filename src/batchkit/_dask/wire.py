@@ -26,7 +26,7 @@ from .._model.errors import InvalidArgument, RemoteError
 
 if TYPE_CHECKING:
     import logging
-    from collections.abc import Callable
+    from collections.abc import Callable, Collection
 
     from .._model.errors import StopReason
     from .._model.policies import Adaptive, Retry
@@ -72,13 +72,19 @@ def _dumps_fast(obj: object) -> bytes:
 
 
 def pack_items(
-    items: list[Any], skip: set[int] | None = None
+    items: list[Any], skip: Collection[int] = ()
 ) -> tuple[bytes, list[int] | None, dict[int, Exception]]:
-    """A chunk's items as one blob: ``(blob, positions, bad)``, without the positions in
-    ``skip``. If the chunk does not pickle, each item is tried alone: ``bad`` maps the
-    position of each that fails to its pickling error, the blob holds the rest, and
-    ``positions`` says where each came from (``None``: every item, in order)."""
-    if not skip:
+    """A chunk's items as one blob: ``(blob, positions, bad)``. If the chunk does not pickle,
+    each item is tried alone: ``bad`` maps the position of each that fails to its pickling
+    error, the blob holds the rest, and ``positions`` says where each came from (``None``:
+    every item, in order). Items at positions in ``skip`` are not sent."""
+    if skip:
+        at = [i for i in range(len(items)) if i not in skip]
+        try:
+            return _dumps_fast([items[i] for i in at]), at, {}
+        except Exception:
+            pass
+    else:
         try:
             return _dumps_fast(items), None, {}
         except Exception:
@@ -87,7 +93,7 @@ def pack_items(
     positions: list[int] = []
     bad: dict[int, Exception] = {}
     for i, item in enumerate(items):
-        if skip and i in skip:
+        if i in skip:
             continue
         try:
             _dumps_fast(item)
@@ -272,15 +278,16 @@ the round trip."""
 NOT_IN_RECORDS: dict[str, str] = {
     "item": "the driver holds the chunk's items; they are not sent back",
     "reruns": "the driver counts a chunk's starts on workers (Alerts)",
-    "resumed": "a success read from a run journal never runs on a worker (and the Dask "
-    "backend refuses journal= for now)",
+    "resumed": "a success read from a run journal never runs on a worker: the driver ends "
+    "it (_dask/journal.py)",
     "hedged": "hedge= is refused with the Dask backend (spec.check_options): never set",
     "both_committed": "hedge= is refused with the Dask backend (spec.check_options): never set",
 }
 """Envelope fields the driver fills in itself, and why."""
 NEVER_SET: frozenset[str] = frozenset({"hedged", "both_committed", "resumed"})
-"""Of :data:`NOT_IN_RECORDS`: fields of an option the Dask backend refuses, so a cluster's
-envelopes always carry their defaults."""
+"""Of :data:`NOT_IN_RECORDS`: fields no worker record ever sets, so they cross as their
+defaults: those of an option the Dask backend refuses (``hedge=``), and ``resumed``, which
+only the driver sets on the items its journal ends without sending them."""
 
 
 @dataclass(slots=True, kw_only=True)

@@ -86,6 +86,8 @@ class Journal:
             in the item's own session (``context=batchkit.sqlalchemy.sessions(...)``),
             before it commits, so the item's writes and its row commit together or not at
             all. Failures are then written in groups, as in batched mode.
+            On the Dask backend the journal is the driver's, in batched mode only: it is read
+            before any chunk is sent and written as chunk results come back.
         flush_every: Batched rows are written once this many are waiting (``>= 1``).
         flush_after: ... or once the oldest has waited this many seconds (``> 0``).
         values: Store successes' values (see above), or not (``False``).

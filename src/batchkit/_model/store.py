@@ -139,7 +139,6 @@ class OutcomeStore(Generic[T, R]):
                 store.append(o)
                 if o.hedged is not None:
                     store._hedges[o.index] = (o.hedged, o.both_committed)
-            store._resumed.clear()
             store._reruns = {i: n for i, n in reruns.items() if n}
             return store
         for o in given:
