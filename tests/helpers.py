@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from batchkit import Backoff
+from batchkit import Backoff, MemoryStateStore
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from batchkit import JsonValue, StateEntry
 
 # Virtual-time budget for a call that should take at most a minute: a hang fails at once
 # (virtual time jumps) instead of waiting for pytest-timeout. Deadline tests use less.
@@ -37,3 +43,27 @@ class Recorder:
     def exit(self, index: int) -> None:
         self.in_flight -= 1
         self.ends[index] = now()
+
+
+class Wrapped:
+    """A StateStore that hands every call to a MemoryStateStore (which is final)."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStateStore()
+
+    async def get(self, key: str) -> StateEntry | None:
+        return await self.inner.get(key)
+
+    async def compare_and_set(
+        self, key: str, value: JsonValue, *, expected: int
+    ) -> StateEntry | None:
+        return await self.inner.compare_and_set(key, value, expected=expected)
+
+    async def set_many(self, values: Mapping[str, JsonValue]) -> None:
+        await self.inner.set_many(values)
+
+    async def scan(self, prefix: str) -> list[StateEntry]:
+        return await self.inner.scan(prefix)
+
+    async def prune(self, older_than: float, *, prefix: str = "") -> int:
+        return await self.inner.prune(older_than, prefix=prefix)

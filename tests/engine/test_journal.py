@@ -21,7 +21,6 @@ from batchkit import (
     Journal,
     JsonValue,
     MemoryStateStore,
-    StateEntry,
     StateStore,
     Success,
     batch_process,
@@ -29,7 +28,7 @@ from batchkit import (
 )
 from batchkit.testing import run_virtual
 
-from ..helpers import now
+from ..helpers import Wrapped, now
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping
@@ -41,30 +40,6 @@ P = "batchkit/journal/j/"
 
 async def kinds(store: StateStore) -> dict[str, str]:
     return await Journal(store, "j").kinds()
-
-
-class Wrapped:
-    """A StateStore that hands every call to a MemoryStateStore (which is final)."""
-
-    def __init__(self) -> None:
-        self.inner = MemoryStateStore()
-
-    async def get(self, key: str) -> StateEntry | None:
-        return await self.inner.get(key)
-
-    async def compare_and_set(
-        self, key: str, value: JsonValue, *, expected: int
-    ) -> StateEntry | None:
-        return await self.inner.compare_and_set(key, value, expected=expected)
-
-    async def set_many(self, values: Mapping[str, JsonValue]) -> None:
-        await self.inner.set_many(values)
-
-    async def scan(self, prefix: str) -> list[StateEntry]:
-        return await self.inner.scan(prefix)
-
-    async def prune(self, older_than: float, *, prefix: str = "") -> int:
-        return await self.inner.prune(older_than, prefix=prefix)
 
 
 class Counted:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
@@ -22,10 +22,7 @@ from batchkit import (
     stream,
 )
 
-from ..helpers import now
-
-if TYPE_CHECKING:
-    from collections.abc import Mapping
+from ..helpers import Wrapped, now
 
 pytestmark = pytest.mark.looptime
 
@@ -181,30 +178,6 @@ async def test_a_stream_left_early_writes_its_limit() -> None:
             if read == 10:  # at t=2: slow start has taken the limit 4 -> 8 -> 16
                 break
     assert await remembered(store) == {"limit": 16.0}
-
-
-class Wrapped:
-    """A StateStore that hands every call to a MemoryStateStore (which is final)."""
-
-    def __init__(self) -> None:
-        self.inner = MemoryStateStore()
-
-    async def get(self, key: str) -> StateEntry | None:
-        return await self.inner.get(key)
-
-    async def compare_and_set(
-        self, key: str, value: JsonValue, *, expected: int
-    ) -> StateEntry | None:
-        return await self.inner.compare_and_set(key, value, expected=expected)
-
-    async def set_many(self, values: Mapping[str, JsonValue]) -> None:
-        await self.inner.set_many(values)
-
-    async def scan(self, prefix: str) -> list[StateEntry]:
-        return await self.inner.scan(prefix)
-
-    async def prune(self, older_than: float, *, prefix: str = "") -> int:
-        return await self.inner.prune(older_than, prefix=prefix)
 
 
 class FailingStore(Wrapped):

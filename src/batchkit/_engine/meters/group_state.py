@@ -6,10 +6,10 @@ import math
 from collections import deque
 from typing import TYPE_CHECKING, final
 
-from ..._model.errors import InvalidArgument, safe_repr
 from ..._model.policies import Adaptive
 from .adaptive import is_overload
 from .adaptive_math import AimdState, is_stuck, on_overload, on_success
+from .rate import checked_weight
 from .rate_math import TokenBucket, reserve_weighted
 
 if TYPE_CHECKING:
@@ -153,25 +153,7 @@ def weigh(rate: RateLimit | None, item: object) -> float:
     (that item's error, before any attempt) if it is no number > 0 or above the burst."""
     if rate is None or rate.weight is None:
         return 1.0
-    weight: object = rate.weight(item)  # user code: check what it really returned
-    if (
-        isinstance(weight, bool)
-        or not isinstance(weight, (int, float))
-        or not math.isfinite(weight)
-        or weight <= 0
-    ):
-        raise InvalidArgument(
-            f"LimitGroup's RateLimit.weight must return a finite number > 0, got "
-            f"{safe_repr(weight)} for this item\nHINT: weigh each item by what the quota "
-            "counts, e.g. its tokens"
-        )
-    if weight > rate.burst:
-        raise InvalidArgument(
-            f"LimitGroup's RateLimit.weight {weight!r} of this item is larger than its "
-            f"burst={rate.burst}: the group's bucket never holds that much, so it could never "
-            "start\nHINT: raise burst= to the largest weight, or split the item"
-        )
-    return float(weight)
+    return checked_weight(rate.weight(item), rate.burst, "LimitGroup's RateLimit")
 
 
 def forget_at(state: GroupState, now: float) -> float:

@@ -43,6 +43,29 @@ class RateMeter:
         return None
 
 
+def checked_weight(weight: object, burst: int, whose: str) -> float:
+    """What a ``weight=`` callable (user code) returned for an item, checked: a finite number
+    > 0 and at most ``burst`` (a bucket never holds more, so it would wait forever); else
+    ``InvalidArgument``, that item's error. ``whose`` names the rate limit in the message."""
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, (int, float))
+        or not math.isfinite(weight)
+        or weight <= 0
+    ):
+        raise InvalidArgument(
+            f"{whose}.weight must return a finite number > 0, got {safe_repr(weight)} for "
+            "this item\nHINT: weigh each item by what the quota counts, e.g. its tokens"
+        )
+    if weight > burst:
+        raise InvalidArgument(
+            f"{whose}.weight {weight!r} of this item is larger than its burst={burst}: the "
+            "bucket never holds that much, so it could never start\nHINT: raise burst= to "
+            "the largest weight, or split the item"
+        )
+    return float(weight)
+
+
 @final
 class WeightedRateMeter:
     """``RateLimit(weight=...)``: as :class:`RateMeter`, each start taking the item's weight
@@ -73,24 +96,7 @@ class WeightedRateMeter:
     def weigh(self, item: object) -> float:
         """The item's weight; ``InvalidArgument`` (that item's error) if it is no number
         > 0, or more than the bucket holds (it would wait forever)."""
-        weight: object = self._weight(item)  # user code: check what it really returned
-        if (
-            isinstance(weight, bool)
-            or not isinstance(weight, (int, float))
-            or not math.isfinite(weight)
-            or weight <= 0
-        ):
-            raise InvalidArgument(
-                f"RateLimit.weight must return a finite number > 0, got {safe_repr(weight)} "
-                "for this item\nHINT: weigh each item by what the quota counts, e.g. its tokens"
-            )
-        if weight > self._burst:
-            raise InvalidArgument(
-                f"RateLimit.weight {weight!r} of this item is larger than RateLimit.burst="
-                f"{self._burst}: the bucket never holds that much, so it could never start\n"
-                "HINT: raise burst= to the largest weight, or split the item"
-            )
-        return float(weight)
+        return checked_weight(self._weight(item), self._burst, "RateLimit")
 
     def notify_task_started(self, slot: Slot, job: Job, now: float) -> None:
         return None
