@@ -349,6 +349,13 @@ def check_groups(value: object) -> tuple[LimitGroup, ...]:
                 f"every entry of groups must be batchkit.LimitGroup(...), got {g!r}\n"
                 "HINT: groups=[LimitGroup(by=lambda item: item.host, concurrency=4)]"
             )
+    names = [g.name for g in value if g.name is not None]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InvalidArgument(
+            f"every LimitGroup name in groups must be unique, got {', '.join(map(repr, twice))} "
+            "more than once\nHINT: one LimitGroup per upstream, each with its own name="
+        )
     return tuple(value)
 
 
