@@ -143,12 +143,11 @@ def test_a_call_level_group_holds_its_limits_and_gives_every_place_back(case: Ca
         return len(calls)
 
     group = LimitGroup(name="news", concurrency=case.group, rate_limit=case.rate)
-    report = run_virtual(
-        batch_process(
-            case.calls, fn, concurrency=case.concurrency, groups=[group],
-            timeout=case.timeout, deadline=case.deadline,
-        )  # fmt: skip
-    )
+    run = batch_process(
+        case.calls, fn, concurrency=case.concurrency, groups=[group],
+        timeout=case.timeout, deadline=case.deadline,
+    )  # fmt: skip
+    report = run_virtual(run)
     assert sorted(o.index for o in report.outcomes) == list(range(len(case.calls)))
     assert watch.over == [], "more blocks in the group than its concurrency"
     assert not any(isinstance(o, Failure) and isinstance(o.error, AssertionError)
@@ -203,7 +202,8 @@ async def test_waiting_in_limit_holds_the_items_slot() -> None:
             async with limit("news"):
                 await asyncio.sleep(5)
 
-    await batch_process([0, 1, 2], fn, concurrency=2, groups=[LimitGroup(name="news", concurrency=1)])
+    news = LimitGroup(name="news", concurrency=1)
+    await batch_process([0, 1, 2], fn, concurrency=2, groups=[news])
     # Item 1 waits for item 0's place in its slot: item 2 (no call) starts only at 5.
     assert starts == [(0, 0), (1, 0), (2, 5)]
 
@@ -249,7 +249,8 @@ async def test_a_wait_cancelled_inside_fn_leaves_the_queue() -> None:
             await asyncio.sleep(item)  # item 2 queues after item 1
             await take(item)
 
-    await batch_process([0, 1, 2], fn, concurrency=3, groups=[LimitGroup(name="news", concurrency=1)])
+    news = LimitGroup(name="news", concurrency=1)
+    await batch_process([0, 1, 2], fn, concurrency=3, groups=[news])
     assert held_at == [(0, 0), (2, 4)]
 
 
@@ -346,7 +347,8 @@ async def test_misuse_is_a_clear_error() -> None:
         except (InvalidArgument, RuntimeError) as e:
             errors.append(e)
 
-    groups = [LimitGroup(by=str, name="host", concurrency=1), LimitGroup(name="news", concurrency=1)]
+    host = LimitGroup(by=str, name="host", concurrency=1)
+    groups = [host, LimitGroup(name="news", concurrency=1)]
     await batch_process(["nope", "host"], fn, groups=groups, concurrency=1)
     assert "no call-level group named 'nope'" in str(errors[0])
     assert "'news'" in str(errors[0])
@@ -370,7 +372,7 @@ async def test_a_bad_weight_is_the_items_error() -> None:
 
 
 def test_limit_group_names_are_checked() -> None:
-    with pytest.raises(InvalidArgument, match="needs by= .* or name="):
+    with pytest.raises(InvalidArgument, match=r"needs by= .* or name="):
         LimitGroup(concurrency=1)
     with pytest.raises(InvalidArgument, match="non-empty str"):
         LimitGroup(name="", concurrency=1)
@@ -383,8 +385,11 @@ def test_limit_group_names_are_checked() -> None:
 
 
 async def test_a_name_twice_is_refused_at_the_call() -> None:
-    groups = [LimitGroup(name="news", concurrency=1), LimitGroup(by=str, name="news", concurrency=2)]
-    with pytest.raises(InvalidArgument, match="unique.*'news'.*\nHINT"):
+    groups = [
+        LimitGroup(name="news", concurrency=1),
+        LimitGroup(by=str, name="news", concurrency=2),
+    ]
+    with pytest.raises(InvalidArgument, match=r"unique.*'news'.*\nHINT"):
         await batch_process([1], str, groups=groups)
 
 

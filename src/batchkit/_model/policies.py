@@ -224,9 +224,10 @@ class LimitGroup:
     name: str | None = None
 
     def __post_init__(self) -> None:
-        if self.name is not None and (not isinstance(self.name, str) or not self.name):
+        name: object = self.name
+        if name is not None and (not isinstance(name, str) or not name):
             raise InvalidArgument(
-                f"LimitGroup.name must be a non-empty str or None, got {self.name!r}\n"
+                f"LimitGroup.name must be a non-empty str or None, got {name!r}\n"
                 'HINT: LimitGroup(name="news", concurrency=8), then '
                 'async with batchkit.limit("news"): in fn'
             )

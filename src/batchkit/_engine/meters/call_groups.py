@@ -49,14 +49,20 @@ class CallGroups:
 
     __slots__ = ("_by_name", "_item_level")
 
-    def __init__(
-        self, policies: tuple[LimitGroup, ...], loop: asyncio.AbstractEventLoop
-    ) -> None:
-        self._by_name = {p.name: CallGroup(p, loop) for p in policies if p.by is None}
-        self._item_level = frozenset(p.name for p in policies if p.by is not None and p.name)
+    def __init__(self, policies: tuple[LimitGroup, ...], loop: asyncio.AbstractEventLoop) -> None:
+        self._by_name: dict[str | None, CallGroup] = {}
+        item_level: set[str] = set()
+        for p in policies:
+            if p.by is None:
+                self._by_name[p.name] = CallGroup(p, loop)
+            elif p.name is not None:
+                item_level.add(p.name)
+        self._item_level = frozenset(item_level)
 
     def group(self, name: object) -> CallGroup:
-        group = self._by_name.get(name)  # type: ignore[call-overload]
+        if not isinstance(name, str):
+            unknown(name, sorted(map(str, self._by_name)))
+        group = self._by_name.get(name)
         if group is not None:
             return group
         if name in self._item_level:
@@ -65,7 +71,7 @@ class CallGroups:
                 "an item takes it before fn runs, not fn around a call\nHINT: drop by= to make "
                 f'it call-level (LimitGroup(name={name!r}, ...)), or drop the "async with'
             )
-        return unknown(name, sorted(self._by_name))
+        return unknown(name, sorted(map(str, self._by_name)))
 
     def held(self, name: str) -> int:
         """The places held in group ``name`` now."""
