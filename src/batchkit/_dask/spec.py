@@ -31,8 +31,8 @@ def refuse_unsupported(options: Options) -> None:
     opened: ``groups=`` needs one place that sees every attempt of a group (a chunk's engine
     sees only its own items, and a worker runs several chunks at once); call-level groups
     (``batchkit.limit()`` in ``fn``) for the same reason, whatever becomes of ``groups=``.
-    ``item_budget=`` is
-    per item, so a chunk's engine keeps it on the worker (see :func:`plan_run`).
+    ``item_budget=`` is per item, so a chunk's engine keeps it on the worker (see
+    :func:`plan_run`).
     ``hedge=`` would hedge within one worker's chunk only, where its budget and latencies
     mean little (the driver re-runs what a lost worker held instead)."""
     if options.hedge is not None:
