@@ -166,7 +166,9 @@ class RunOptions(TypedDict, Generic[T], total=False):
     first whose groups have room starts, so a saturated group never holds a slot.
     ``concurrency=Adaptive(...)`` gives each group value its own adaptive limit; a weighted
     ``rate_limit=RateLimit(..., weight=...)`` takes each item's weight from its group's bucket.
-    Default: ``()``."""
+    A group with ``name=`` and no ``by=`` is call-level: ``fn`` takes it around one call with
+    ``async with batchkit.limit(name):`` (waiting there holds the item's slot). Default:
+    ``()``."""
 
     observers: Sequence[Observer]
     """Plain callables receiving events (an ``async def`` one is refused: it would never run).
