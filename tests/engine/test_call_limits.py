@@ -18,6 +18,7 @@ from batchkit import (
     Adaptive,
     Deadline,
     Failure,
+    Hedge,
     InvalidArgument,
     LimitGroup,
     RateLimit,
@@ -274,6 +275,36 @@ async def test_the_deadline_cancels_a_wait_and_a_hold_and_no_place_stays_held() 
     assert [o.ok for o in report.outcomes] == [False, False]
     assert limits[0].held("news") == 0
     assert limits[0].waiting("news") == 0
+
+
+@pytest.mark.looptime
+async def test_a_hedge_that_loses_gives_its_place_back() -> None:
+    """The first attempt holds its place for 10 s; its hedge (at 1 s) holds one for 1 s and
+    wins: the loser is cancelled in its block at 2, and gives the place back."""
+    calls: list[float] = []
+    limits: list[CallGroups] = []
+    exits: list[tuple[float, str]] = []
+
+    async def fn(item: int) -> int:
+        limits.append(run_limits())
+        calls.append(now())
+        try:
+            async with limit("news"):
+                await asyncio.sleep(10 if len(calls) == 1 else 1)
+        except asyncio.CancelledError:
+            exits.append((now(), "cancelled"))
+            raise
+        exits.append((now(), "done"))
+        return item
+
+    report = await batch_process(
+        [0], fn, key=str, hedge=Hedge(after=1.0, budget=1.0),
+        groups=[LimitGroup(name="news", concurrency=2)],
+    )  # fmt: skip
+    assert calls == [0, 1]
+    assert exits == [(2, "done"), (2, "cancelled")]
+    assert report.ok
+    assert limits[0].held("news") == 0
 
 
 @pytest.mark.looptime
