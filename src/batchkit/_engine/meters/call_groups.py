@@ -68,8 +68,9 @@ class CallGroups:
         if name in self._item_level:
             raise InvalidArgument(
                 f"batchkit.limit({name!r}): that LimitGroup has by=, so it is item-level: "
-                "an item takes it before fn runs, not fn around a call\nHINT: drop by= to make "
-                f'it call-level (LimitGroup(name={name!r}, ...)), or drop the "async with'
+                "the item took it before fn ran, for the whole attempt\nHINT: drop this "
+                f"batchkit.limit({name!r}) (the item holds the group already), or drop by= "
+                f"to make the group call-level: LimitGroup(name={name!r}, ...)"
             )
         return unknown(name, sorted(map(str, self._by_name)))
 
