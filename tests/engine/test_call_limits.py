@@ -67,6 +67,8 @@ class Case:
     calls: list[tuple[Call, ...]]
     concurrency: int
     group: int
+    adaptive: bool
+    """The group's concurrency is ``Adaptive(initial=1, max=group)``, cut by ``Busy``."""
     rate: RateLimit | None
     timeout: float | None
     deadline: float | None
@@ -86,6 +88,7 @@ def cases(draw: st.DrawFn) -> Case:
         calls=items,
         concurrency=draw(st.integers(1, 6)),
         group=draw(st.integers(1, 3)),
+        adaptive=draw(st.booleans()),
         rate=rate,
         timeout=draw(st.none() | st.integers(1, 8).map(float)),
         deadline=draw(st.none() | st.integers(2, 30).map(float)),
@@ -109,6 +112,8 @@ class Watch:
             self.in_use += 1
             try:
                 # Recorded, not asserted: an assertion in fn would only fail its item.
+                # With Adaptive, ``group`` is its max (a cut below the places held takes
+                # effect as they are given back).
                 if max(self.in_use, self.limits.held("news")) > self.case.group:
                     self.over.append(now())
                 self.starts.append((now(), c.weight))
@@ -143,7 +148,10 @@ def test_a_call_level_group_holds_its_limits_and_gives_every_place_back(case: Ca
         await asyncio.gather(*(watch.call(c) for c in calls))
         return len(calls)
 
-    group = LimitGroup(name="news", concurrency=case.group, rate_limit=case.rate)
+    concurrency: int | Adaptive = case.group
+    if case.adaptive:
+        concurrency = Adaptive(initial=1, max=case.group, overload_on=(Busy,))
+    group = LimitGroup(name="news", concurrency=concurrency, rate_limit=case.rate)
     run = batch_process(
         case.calls, fn, concurrency=case.concurrency, groups=[group],
         timeout=case.timeout, deadline=case.deadline,
