@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import batchkit
@@ -157,6 +157,9 @@ def test_a_call_level_group_holds_its_limits_and_gives_every_place_back(case: Ca
         timeout=case.timeout, deadline=case.deadline,
     )  # fmt: skip
     report = run_virtual(run)
+    for o in report.outcomes:
+        if isinstance(o, Failure):
+            event(f"an item failed: {o.kind}")  # --hypothesis-show-statistics: what ran
     assert sorted(o.index for o in report.outcomes) == list(range(len(case.calls)))
     assert watch.over == [], "more blocks in the group than its concurrency"
     assert not any(isinstance(o, Failure) and isinstance(o.error, AssertionError)
