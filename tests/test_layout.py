@@ -197,6 +197,13 @@ def test_the_map_in_design_md_names_every_module_of_the_dask_room() -> None:
         assert f"`{path.name}`" in the_map, path.name
 
 
+def test_the_map_in_design_md_names_every_module_of_the_engine_room() -> None:
+    text = (SRC.parent / "docs" / "design.md").read_text(encoding="utf-8")
+    the_map = text[: text.index("## The flow")]
+    for path in sorted((SRC / "batchkit" / "_engine").rglob("[!_]*.py")):
+        assert f"`{path.name}`" in the_map, path.name
+
+
 # -- the checks themselves fail on a wrong import (a tree made for the purpose) -------------
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:

@@ -59,6 +59,7 @@ PUBLIC = [
     "__version__",
     "batch_process",
     "current_attempt",
+    "limit",
     "stream",
     "transient",
 ]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ._api import ContextFactory as ContextFactory
 from ._api import batch_process as batch_process
 from ._api import stream as stream
+from ._engine.calls import limit as limit
 from ._model.attempt import Attempt as Attempt
 from ._model.attempt import current_attempt as current_attempt
 from ._model.errors import BatchkitError as BatchkitError
@@ -169,6 +170,7 @@ __all__ = [
     "__version__",
     "batch_process",
     "current_attempt",
+    "limit",
     "stream",
     "transient",
 ]

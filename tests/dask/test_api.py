@@ -136,6 +136,16 @@ async def test_groups_are_refused_on_dask_before_any_work() -> None:
     assert read == []
 
 
+async def test_call_level_groups_are_refused_on_dask_before_any_work() -> None:
+    """batchkit.limit() in fn would limit each worker alone: refused at the call."""
+    backend = DaskBackend(_AsyncClientStandIn())
+    news = [batchkit.LimitGroup(name="news", concurrency=4)]
+    with pytest.raises(InvalidArgument, match=r"call-level limit groups .* not supported"):
+        await batchkit.batch_process([1], quick, groups=news, backend=backend)
+    with pytest.raises(InvalidArgument, match=r"call-level limit groups .* not supported"):
+        batchkit.stream([1], quick, groups=news, backend=backend)
+
+
 async def test_hedge_is_refused_on_dask_before_any_work() -> None:
     """A hedge would run beside its straggler on the same worker: refused at the call."""
     backend = DaskBackend(_AsyncClientStandIn())

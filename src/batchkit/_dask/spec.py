@@ -29,8 +29,10 @@ __all__ = ["check_options", "plan_run", "refuse_unsupported"]
 def refuse_unsupported(options: Options) -> None:
     """Options the cluster does not honour yet, refused at the call before a client is
     opened: ``groups=`` needs one place that sees every attempt of a group (a chunk's engine
-    sees only its own items, and a worker runs several chunks at once). ``item_budget=`` is
-    per item, so a chunk's engine keeps it on the worker (see :func:`plan_run`).
+    sees only its own items, and a worker runs several chunks at once); call-level groups
+    (``batchkit.limit()`` in ``fn``) for the same reason, whatever becomes of ``groups=``.
+    ``item_budget=`` is per item, so a chunk's engine keeps it on the worker (see
+    :func:`plan_run`).
     ``hedge=`` would hedge within one worker's chunk only, where its budget and latencies
     mean little (the driver re-runs what a lost worker held instead)."""
     if options.hedge is not None:
@@ -38,6 +40,14 @@ def refuse_unsupported(options: Options) -> None:
             "hedge= is not supported with the Dask backend: a hedge would run beside its "
             "item on the same worker, which is what makes it slow\nHINT: run the call "
             "without backend= to hedge stragglers, or use timeout= with Retry(...)"
+        )
+    groups = options.groups  # not checked yet: a wrong value is refused by the checks later
+    if isinstance(groups, list | tuple) and any(getattr(g, "by", 0) is None for g in groups):
+        raise InvalidArgument(
+            "call-level limit groups (LimitGroup(name=...) without by=, taken with "
+            "batchkit.limit() in fn) are not supported with the Dask backend: each worker "
+            "would hold its own copy of the group, not one for the cluster\nHINT: run the "
+            "call without backend= (call-level groups hold in this process)"
         )
     if options.groups:
         raise InvalidArgument(

@@ -107,6 +107,10 @@ class Engine(Generic[T, R]):
         deadline_at = p.deadline_at if p.deadline_at is not None else deadline_at
         # A random run id, as uuid4().hex[:12] would give, without importing uuid (start-up).
         self._run = RunInfo(os.urandom(6).hex(), p.timeout, deadline_at, loop.time)
+        if p.call_groups:
+            from .meters.call_groups import CallGroups  # lazy: start-up time
+
+            self._run.limits = CallGroups(p.call_groups, loop)
         meters, self._adaptive, self._deadline = open_meters(
             p, loop, deadline_at, self._ledger.limit_changed
         )

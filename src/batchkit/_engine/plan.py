@@ -67,6 +67,9 @@ class Plan:
     ordered: bool = False
     item_budget: float | None = None
     groups: tuple[LimitGroup, ...] = ()
+    """The item-level groups (with ``by``), taken at admission."""
+    call_groups: tuple[LimitGroup, ...] = ()
+    """All the groups, when some are call-level (``batchkit.limit(name)`` in ``fn``)."""
     window: int = 0
     """For a stream: how many items may be pulled and not yet consumed."""
     attempt_hooks: tuple[AttemptHook, ...] = ()
@@ -146,7 +149,8 @@ def make_plan(items: object, fn: object, options: Options) -> Plan:
     extra = v["buffer"]
     default = ORDERED_BUFFER_PER_SLOT * slots if v["ordered"] else slots
     window = slots + (extra if extra is not None else default)
-    if v["cost"] is not None or v["groups"]:
+    groups = tuple(g for g in v["groups"] if not g.call_level)
+    if v["cost"] is not None or groups:
         window += read_ahead  # cost ordering and groups pick among the read-ahead
     return Plan(
         fn=fn,  # type: ignore[arg-type]
@@ -171,7 +175,8 @@ def make_plan(items: object, fn: object, options: Options) -> Plan:
         observers=tuple(observers),
         name=v["name"],
         ordered=v["ordered"],
-        groups=v["groups"],
+        groups=groups,
+        call_groups=v["groups"] if len(groups) < len(v["groups"]) else (),
         item_budget=v["item_budget"],
         window=window,
         attempt_hooks=tuple(o for o in observers if hasattr(o, "start_run")),

@@ -66,7 +66,7 @@ class AttemptResult(NamedTuple):
 class RunInfo:
     """Facts of one run that every attempt may ask for."""
 
-    __slots__ = ("clock", "deadline_at", "run_id", "timeout")
+    __slots__ = ("clock", "deadline_at", "limits", "run_id", "timeout")
 
     def __init__(
         self,
@@ -79,6 +79,8 @@ class RunInfo:
         self.timeout = timeout
         self.deadline_at = deadline_at
         self.clock = clock
+        self.limits: Any = None
+        """The run's call-level limit groups (``_engine/meters/call_groups.py``), if any."""
 
 
 @final

@@ -166,7 +166,9 @@ class RunOptions(TypedDict, Generic[T], total=False):
     first whose groups have room starts, so a saturated group never holds a slot.
     ``concurrency=Adaptive(...)`` gives each group value its own adaptive limit; a weighted
     ``rate_limit=RateLimit(..., weight=...)`` takes each item's weight from its group's bucket.
-    Default: ``()``."""
+    A group with ``name=`` and no ``by=`` is call-level: ``fn`` takes it around one call with
+    ``async with batchkit.limit(name):`` (waiting there holds the item's slot). Default:
+    ``()``."""
 
     observers: Sequence[Observer]
     """Plain callables receiving events (an ``async def`` one is refused: it would never run).
@@ -349,6 +351,13 @@ def check_groups(value: object) -> tuple[LimitGroup, ...]:
                 f"every entry of groups must be batchkit.LimitGroup(...), got {g!r}\n"
                 "HINT: groups=[LimitGroup(by=lambda item: item.host, concurrency=4)]"
             )
+    names = [g.name for g in value if g.name is not None]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InvalidArgument(
+            f"every LimitGroup name in groups must be unique, got {', '.join(map(repr, twice))} "
+            "more than once\nHINT: one LimitGroup per upstream, each with its own name="
+        )
     return tuple(value)
 
 

@@ -207,14 +207,33 @@ class LimitGroup:
     number > 0 or above ``burst`` fails that item with ``InvalidArgument`` before any attempt;
     under a ``Deadline``, an item whose weight its group cannot grant in time is skipped
     (``out_of_time``).
+
+    **Call-level groups.** A group with a ``name=`` and no ``by`` (``LimitGroup(name="news",
+    concurrency=8)``) is never taken at admission: ``fn`` takes a place in it around one call,
+    ``async with batchkit.limit("news"):``, as many times as it calls that upstream (three
+    calls gathered take three places). It is one group for the whole run, with the same
+    ``concurrency`` (or ``Adaptive``, moved by the blocks' own timeouts, ``overload_on``
+    errors and latencies) and ``rate_limit`` (``limit(name, weight=...)`` takes that many
+    tokens; ``RateLimit(weight=...)`` is refused here). A group with ``by`` is item-level,
+    named or not; ``batchkit.limit()`` refuses its name. Names are unique within ``groups=``.
     """
 
-    by: Callable[[Any], object]
+    by: Callable[[Any], object] | None = None
     concurrency: int | Adaptive | None = None
     rate_limit: RateLimit | None = None
+    name: str | None = None
 
     def __post_init__(self) -> None:
-        if not callable(self.by):
+        name: object = self.name
+        if name is not None and (not isinstance(name, str) or not name):
+            raise InvalidArgument(
+                f"LimitGroup.name must be a non-empty str or None, got {name!r}\n"
+                'HINT: LimitGroup(name="news", concurrency=8), then '
+                'async with batchkit.limit("news"): in fn'
+            )
+        if self.by is None:
+            self._check_call_level()
+        elif not callable(self.by):
             raise InvalidArgument(
                 f"LimitGroup.by must be a callable taking an item, got {self.by!r}\n"
                 "HINT: LimitGroup(by=lambda item: item.host, concurrency=4)"
@@ -238,6 +257,25 @@ class LimitGroup:
                 "LimitGroup limits nothing: give concurrency=, rate_limit= or both\n"
                 "HINT: LimitGroup(by=lambda item: item.host, concurrency=4)"
             )
+
+    def _check_call_level(self) -> None:
+        if self.name is None:
+            raise InvalidArgument(
+                "LimitGroup needs by= (an item-level group) or name= (a call-level group, "
+                "taken in fn with batchkit.limit(name))\nHINT: LimitGroup(by=lambda item: "
+                'item.host, concurrency=4), or LimitGroup(name="news", concurrency=8)'
+            )
+        if self.rate_limit is not None and self.rate_limit.weight is not None:
+            raise InvalidArgument(
+                f"LimitGroup(name={self.name!r}) without by= is a call-level group: its "
+                "RateLimit takes no weight= callable (there is no item to weigh)\nHINT: drop "
+                f"weight= and pass it per call: batchkit.limit({self.name!r}, weight=...)"
+            )
+
+    @property
+    def call_level(self) -> bool:
+        """Whether ``fn`` takes this group with ``batchkit.limit(name)`` (no ``by``)."""
+        return self.by is None
 
 
 @final

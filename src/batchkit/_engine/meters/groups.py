@@ -134,7 +134,7 @@ class Groups:
         need: Need | BaseException | None = getattr(job, "groups", None)
         if need is None:
             try:
-                keys = tuple(_hashable(g.by(job.item)) for g in self._policies)
+                keys = tuple(_hashable(g.by(job.item)) if g.by else None for g in self._policies)
                 weights = None
                 if self._weighted:
                     weights = tuple(
