@@ -437,11 +437,20 @@ async def always_down(x: int) -> int:
 # ------------------------------------------------------------------ limit groups (issue 25)
 def upstream(item: tuple[Any, ...]) -> str:
     """A ``LimitGroup.by``: the item's upstream."""
-    return item[0]
+    return str(item[0])
 
 
 Grouped = tuple[str, int, str, tuple[int, ...]]
 """(upstream, index, folder, the fast items a slow one waits for)."""
+
+
+def _mark(folder: str, index: int) -> None:
+    with open(os.path.join(folder, f"fast-{index}"), "w"):
+        pass
+
+
+def _marked(folder: str, indices: tuple[int, ...]) -> bool:
+    return all(os.path.exists(os.path.join(folder, f"fast-{i}")) for i in indices)
 
 
 async def grouped(item: Grouped, ctx: str) -> tuple[int, str, float, float]:
@@ -452,10 +461,9 @@ async def grouped(item: Grouped, ctx: str) -> tuple[int, str, float, float]:
     name, index, folder, waits_for = item
     start = time.time()
     if name == "fast":
-        with open(os.path.join(folder, f"fast-{index}"), "w"):
-            pass
+        _mark(folder, index)
     else:
-        while not all(os.path.exists(os.path.join(folder, f"fast-{i}")) for i in waits_for):
+        while not _marked(folder, waits_for):
             await asyncio.sleep(0.005)  # polls the thing itself (its files), no margin
         await asyncio.sleep(0.02)  # slow items overlap, if their limit lets them
     return os.getpid(), name, start, time.time()
@@ -463,7 +471,7 @@ async def grouped(item: Grouped, ctx: str) -> tuple[int, str, float, float]:
 
 def tokens(item: tuple[Any, ...]) -> int:
     """A ``RateLimit.weight``: the item's index is its weight."""
-    return item[1]
+    return int(item[1])
 
 
 async def weighed(item: tuple[Any, ...]) -> tuple[int, int, float]:

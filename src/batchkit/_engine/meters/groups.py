@@ -395,4 +395,3 @@ def _hashable(key: Any) -> Hashable:
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
-
