@@ -9,7 +9,8 @@ processes), never a sleep with a margin.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 
@@ -244,3 +245,91 @@ async def test_an_item_heavier_than_a_workers_share_of_the_burst_fails_alone(
     message = str(failed.error)
     assert "burst=4 // 2 workers = 2" in message
     assert "HINT: raise burst= to at least 2 x the heaviest weight" in message
+
+
+# ------------------------------------------------- workers leaving and joining (no cluster)
+class _Client:
+    """Records what the driver sends to the workers (``client.run``)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[Any, tuple[Any, ...], list[str]]] = []
+
+    async def run(self, fn: Any, *args: Any, workers: list[str]) -> None:
+        self.sent.append((fn, args, workers))
+
+
+def _watched(plan: Any, workers: list[list[str]]) -> tuple[Any, Any, list[int]]:
+    """A ``ClusterWatch`` over a run started on ``tcp://a`` and ``tcp://b`` that sees the
+    scheduler's workers go through ``workers`` (the last stays)."""
+    from batchkit._dask.cluster import ClusterWatch
+
+    gave_up: list[int] = []
+    state = SimpleNamespace(
+        loop=asyncio.get_running_loop(), backend=SimpleNamespace(lost_after=2.0),
+        kept=["tcp://a", "tcp://b"], outage=None, plan=plan, run_id="r", client=_Client(),
+        event=lambda e: None, pending={}, gone=None,
+    )  # fmt: skip
+    watch = ClusterWatch(
+        cast("Any", state), cast("Any", SimpleNamespace(give_up_now=lambda: gave_up.append(1)))
+    )
+    seen = iter(workers)
+    last = workers[-1]
+
+    async def scheduler_says() -> tuple[int, int, list[str]]:
+        now = next(seen, last)
+        return len(now), len(now), now
+
+    watch.workers = scheduler_says  # type: ignore[method-assign]
+    return watch, state, gave_up
+
+
+@pytest.mark.looptime
+async def test_a_worker_that_leaves_gives_its_share_to_the_others() -> None:
+    plan = _plan(groups=[LimitGroup(by=str, concurrency=3)])
+    watch, state, _ = _watched(plan, [["tcp://a", "tcp://b"], ["tcp://b", "tcp://c"]])
+    await watch.start(["tcp://a", "tcp://b"])
+    await asyncio.sleep(1.0)
+    await watch.stop()
+    ((fn, (run_id, table), to),) = state.client.sent
+    assert fn is worker_side.set_group_shares
+    assert to == ["tcp://b"]  # not the worker that joined: it holds no share
+    assert table["tcp://b"][0].concurrency == 3
+
+
+@pytest.mark.looptime
+async def test_a_run_with_groups_is_lost_when_its_workers_are_gone_even_if_others_joined() -> None:
+    plan = _plan(groups=[LimitGroup(by=str, concurrency=2)])
+    watch, state, gave_up = _watched(plan, [["tcp://c"]])
+    await watch.start(["tcp://a", "tcp://b"])
+    await asyncio.sleep(3.0)
+    await watch.stop()
+    assert gave_up
+    assert "no Dask worker was left" in str(state.gone)
+
+
+@pytest.mark.looptime
+async def test_a_grown_share_lets_a_waiting_item_of_a_running_chunk_start() -> None:
+    plan = _plan(groups=[LimitGroup(by=str, concurrency=2)])
+    spec = RunSpec(
+        run_id="grow-test", name=None, fn=_counted, context=None, concurrency=4,
+        per_worker=8, timeout=None, retry=None, rate=None, burst=1, deadline_wall=None,
+        fit_timeout=False, grace=1.0, fail_fast=False, max_failures=None, events=False,
+        logs=False, groups=share_table(plan, ["", "tcp://other"]),
+    )  # fmt: skip
+    _RUNNING.update(now=0, most=0)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    chunk = asyncio.ensure_future(
+        worker_side.run_chunk(dumps(spec), "grow-test", 0, dumps(["a", "a", "a", "a"]))
+    )
+    try:
+        await asyncio.sleep(0.5)
+        assert _RUNNING["now"] == 1  # the share of 1 here
+        here = SimpleNamespace(address="")
+        await worker_side.set_group_shares("grow-test", share_table(plan, [""]), here)
+        await chunk
+    finally:
+        await worker_side.end_run("grow-test")
+    assert _RUNNING["most"] == 2
+    # The second starts at 0.5, as the share grows; then two at a time: 4 items end at 2.5.
+    assert loop.time() - began == pytest.approx(2.5)
