@@ -155,11 +155,11 @@ async def test_two_chunks_on_one_worker_share_the_workers_share_of_a_group() -> 
 
 # ------------------------------------------------------------------------ on the cluster
 def _chunked_items(folder: Path, chunks: int, size: int) -> list[_work.Grouped]:
-    """Each chunk of ``size``: two slow items first, then fast ones the slow ones wait for."""
+    """Each chunk of ``size``: three slow items first, then fast ones the slow ones wait for."""
     items: list[_work.Grouped] = []
     for c in range(chunks):
-        fast = tuple(range(c * size + 2, (c + 1) * size))
-        items += [("slow", c * size + k, str(folder), fast) for k in range(2)]
+        fast = tuple(range(c * size + 3, (c + 1) * size))
+        items += [("slow", c * size + k, str(folder), fast) for k in range(3)]
         items += [("fast", i, str(folder), ()) for i in fast]
     return items
 
@@ -169,9 +169,10 @@ async def test_a_groups_limit_holds_across_the_cluster_and_other_groups_keep_run
 ) -> None:
     """Each upstream at most 2 at once across both workers (1 each); a slow item finishes
     only once the fast items of its chunk ran beside it, so an item waiting for its group
-    never holds a slot the others need."""
+    never holds a slot the others need (a chunk has 3 slots: two slow items waiting in them
+    beside the one running would leave none for the fast ones, and the run would hang)."""
     items = _chunked_items(tmp_path, chunks=6, size=8)
-    report = await batchkit.batch_process(
+    run = batchkit.batch_process(
         items,
         _work.grouped,
         concurrency=6,
@@ -179,6 +180,10 @@ async def test_a_groups_limit_holds_across_the_cluster_and_other_groups_keep_run
         groups=[LimitGroup(by=_work.upstream, concurrency=2)],
         backend=DaskBackend(client, per_worker=3, chunk_size=8),
     )
+    try:
+        report = await asyncio.wait_for(run, 30)
+    except TimeoutError:
+        pytest.fail("the run hung: slow items waiting for their group held the chunk's slots")
     assert report.ok
     assert [o.index for o in report] == list(range(len(items)))
     for name in ("slow", "fast"):
