@@ -171,6 +171,7 @@ async def test_a_groups_limit_holds_across_the_cluster_and_other_groups_keep_run
     only once the fast items of its chunk ran beside it, so an item waiting for its group
     never holds a slot the others need (a chunk has 3 slots: two slow items waiting in them
     beside the one running would leave none for the fast ones, and the run would hang)."""
+    await client.run(_work.reset_state)
     items = _chunked_items(tmp_path, chunks=6, size=8)
     run = batchkit.batch_process(
         items,
@@ -246,6 +247,7 @@ async def test_an_item_heavier_than_a_workers_share_of_the_burst_fails_alone(
     failed = report.outcomes[2]
     assert isinstance(failed, Failure)
     assert failed.kind == "error"
+    assert failed.attempts == 1  # as locally: refused at admission, fn never called
     assert isinstance(failed.error, InvalidArgument)
     message = str(failed.error)
     assert "burst=4 // 2 workers = 2" in message
