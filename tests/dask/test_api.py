@@ -215,3 +215,14 @@ async def test_an_fn_that_cannot_be_pickled_is_refused_with_where_to_put_it() ->
         await batchkit.batch_process([1], holds_a_lock, backend=backend)
     assert "a module the workers can import" in str(caught.value)
     assert "client.upload_file" in str(caught.value)
+
+    def by_host(x: int) -> str:
+        with lock:
+            return str(x)
+
+    groups = [batchkit.LimitGroup(by=by_host, concurrency=4)]
+    with pytest.raises(InvalidArgument, match=r"LimitGroup\.by '.*by_host' cannot be pickled"):
+        await batchkit.batch_process([1], quick, groups=groups, backend=backend)
+    weighted = batchkit.RateLimit(per_second=5, burst=4, weight=by_host)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match=r"RateLimit\.weight '.*by_host' cannot be pickled"):
+        await batchkit.batch_process([1], quick, rate_limit=weighted, backend=backend)

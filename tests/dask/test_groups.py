@@ -298,6 +298,7 @@ async def test_a_worker_that_leaves_gives_its_share_to_the_others() -> None:
     await asyncio.sleep(1.0)
     await watch.stop()
     ((fn, (run_id, table), to),) = state.client.sent
+    assert run_id == "r"
     assert fn is worker_side.set_group_shares
     assert to == ["tcp://b"]  # not the worker that joined: it holds no share
     assert table["tcp://b"][0].concurrency == 3

@@ -84,8 +84,12 @@ def check_options(o: Plan, fn: Callable[..., Any]) -> None:
         check_picklable("retry", o.retry)
     if o.key is not None:
         check_picklable("key", o.key)
-    if shared(o):
-        check_picklable("groups= (or the RateLimit's weight=)", share_table(o, ["w"]))
+    for g in o.groups:
+        check_picklable("LimitGroup.by", g.by)
+        if g.rate_limit is not None and g.rate_limit.weight is not None:
+            check_picklable("LimitGroup's RateLimit.weight", g.rate_limit.weight)
+    if o.rate_limit is not None and o.rate_limit.weight is not None:
+        check_picklable("RateLimit.weight", o.rate_limit.weight)
 
 
 def plan_run(s: RunState[Any, Any], addresses: list[str], threads: int) -> int:
