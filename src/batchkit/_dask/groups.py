@@ -14,7 +14,9 @@ most the group's limit, so **every limit holds across the cluster at every insta
 A share of zero would never start an item, so :func:`check_shares` refuses it at the call
 (``concurrency`` or ``Adaptive.max`` below ``n``, a ``burst`` below ``n``). An item whose
 weight is above a worker's share of the burst fails with ``InvalidArgument`` naming the share,
-on the worker, when its group keys are computed (before its first attempt).
+on the worker, when its group keys are computed (at its admission: ``fn`` is never called; its
+envelope is the local one's, kind ``error`` after one attempt). The driver does not weigh items
+itself: ``weight`` and ``by`` are called once per item, where the item runs.
 
 A run with these limits keeps to the workers it started with (chunks are submitted with
 ``workers=`` and ``allow_other_workers=False``): a worker that joins later has no share. When
