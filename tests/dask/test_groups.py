@@ -195,6 +195,28 @@ async def test_a_groups_limit_holds_across_the_cluster_and_other_groups_keep_run
     assert sum(s.get("exited", 0) for s in states.values()) == len(items)
 
 
+async def test_an_adaptive_groups_max_is_split_among_the_workers(
+    client: Any, tmp_path: Path
+) -> None:
+    items = [("slow", i, str(tmp_path), ()) for i in range(40)]
+    adaptive = batchkit.Adaptive(initial=2, min=1, max=2)
+    report = await batchkit.batch_process(
+        items,
+        _work.grouped,
+        concurrency=8,
+        context=_work.counting,
+        groups=[LimitGroup(by=_work.upstream, concurrency=adaptive)],
+        backend=DaskBackend(client, per_worker=4, chunk_size=5),
+    )
+    assert report.ok
+    assert [o.index for o in report] == list(range(40))
+    by_worker: dict[int, list[tuple[float, float]]] = {}
+    for pid, _, start, end in report.values():
+        by_worker.setdefault(pid, []).append((start, end))
+    assert max(peak(spans) for spans in by_worker.values()) <= 1  # max=2 over 2 workers
+    assert peak([(v[2], v[3]) for v in report.values()]) <= 2
+
+
 def _most_in_a_second(starts: list[tuple[float, float]]) -> float:
     """The most weight started in any 1 s window (from each start on)."""
     starts = sorted(starts)
