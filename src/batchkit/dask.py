@@ -92,7 +92,9 @@ class DaskBackend:
     ``lost_after``: seconds without any worker (or without the scheduler) after which the
     items still out, and the rest of a sized input, end as ``Failure(kind="lost")``; ``None``
     waits for workers to come back for as long as the run's deadline allows (forever
-    without one).
+    without one). A run with ``groups=`` or a weighted ``RateLimit`` counts only the workers
+    it started with (they hold its shares; a worker its nanny restarts comes back under a new
+    address, as one that joined).
 
     ``SLACK``: the seconds a call may take past ``deadline + grace`` (or a stop + grace) for the
     cluster round trip, also when the scheduler is gone.

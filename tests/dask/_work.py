@@ -432,3 +432,48 @@ async def always_down(x: int) -> int:
     _add("always_down")
     await asyncio.sleep(0.02)
     raise ConnectionError(f"down: {x}")
+
+
+# ------------------------------------------------------------------ limit groups (issue 25)
+def upstream(item: tuple[Any, ...]) -> str:
+    """A ``LimitGroup.by``: the item's upstream."""
+    return str(item[0])
+
+
+Grouped = tuple[str, int, str, tuple[int, ...]]
+"""(upstream, index, folder, the fast items a slow one waits for)."""
+
+
+def _mark(folder: str, index: int) -> None:
+    with open(os.path.join(folder, f"fast-{index}"), "w"):
+        pass
+
+
+def _marked(folder: str, indices: tuple[int, ...]) -> bool:
+    return all(os.path.exists(os.path.join(folder, f"fast-{i}")) for i in indices)
+
+
+async def grouped(item: Grouped, ctx: str) -> tuple[int, str, float, float]:
+    """A ``fast`` item leaves its mark in ``folder``; a ``slow`` one waits until the fast
+    items it names (those of its chunk) have left theirs, so it finishes only if they ran
+    beside it (head-of-line blocking in the chunk would hang). Returns (pid, upstream,
+    start, end), wall-clock times comparable across local processes."""
+    name, index, folder, waits_for = item
+    start = time.time()
+    if name == "fast":
+        _mark(folder, index)
+    else:
+        while not _marked(folder, waits_for):
+            await asyncio.sleep(0.005)  # polls the thing itself (its files), no margin
+        await asyncio.sleep(0.02)  # slow items overlap, if their limit lets them
+    return os.getpid(), name, start, time.time()
+
+
+def tokens(item: tuple[Any, ...]) -> int:
+    """A ``RateLimit.weight``: the item's index is its weight."""
+    return int(item[1])
+
+
+async def weighed(item: tuple[Any, ...]) -> tuple[int, int, float]:
+    """(pid, weight, start) in wall-clock time."""
+    return os.getpid(), item[1], time.time()

@@ -92,9 +92,6 @@ async def test_options_that_cannot_hold_across_a_cluster_are_refused() -> None:
         await batchkit.batch_process([1], quick, rate_limit=Limiter(), backend=backend)
     with pytest.raises(InvalidArgument, match="cost= is not supported"):
         await batchkit.batch_process([1], quick, cost=float, backend=backend)
-    weighted = batchkit.RateLimit(per_second=10, burst=100, weight=float)
-    with pytest.raises(InvalidArgument, match=r"RateLimit\(weight=\.\.\.\) is not supported"):
-        await batchkit.batch_process([1], quick, rate_limit=weighted, backend=backend)
     remembered = batchkit.Adaptive(
         remember=batchkit.Remembered(store=batchkit.MemoryStateStore(), name="job")
     )
@@ -113,27 +110,6 @@ async def test_options_that_cannot_hold_across_a_cluster_are_refused() -> None:
         await batchkit.batch_process(
             [1], quick, key=str, journal=batched, breaker=both, backend=backend
         )
-
-
-async def test_groups_are_refused_on_dask_before_any_work() -> None:
-    """Not yet supported on a cluster: said before a client is used or an item is read."""
-    backend = DaskBackend(_AsyncClientStandIn())
-    groups = [batchkit.LimitGroup(by=str, concurrency=1)]
-    read: list[int] = []
-
-    def items() -> Iterator[int]:
-        read.append(1)
-        yield 1
-
-    with pytest.raises(InvalidArgument, match="groups= is not supported with the Dask backend"):
-        await batchkit.batch_process(items(), quick, groups=groups, backend=backend)
-    with pytest.raises(InvalidArgument, match="groups= is not supported with the Dask backend"):
-        batchkit.stream(items(), quick, groups=groups, backend=backend)
-    assert read == []
-    adaptive = [batchkit.LimitGroup(by=str, concurrency=batchkit.Adaptive())]
-    with pytest.raises(InvalidArgument, match="per chunk on a worker, not across the cluster"):
-        await batchkit.batch_process(items(), quick, groups=adaptive, backend=backend)
-    assert read == []
 
 
 async def test_call_level_groups_are_refused_on_dask_before_any_work() -> None:
@@ -249,3 +225,14 @@ async def test_an_fn_that_cannot_be_pickled_is_refused_with_where_to_put_it() ->
         await batchkit.batch_process([1], holds_a_lock, backend=backend)
     assert "a module the workers can import" in str(caught.value)
     assert "client.upload_file" in str(caught.value)
+
+    def by_host(x: int) -> str:
+        with lock:
+            return str(x)
+
+    groups = [batchkit.LimitGroup(by=by_host, concurrency=4)]
+    with pytest.raises(InvalidArgument, match=r"LimitGroup\.by '.*by_host' cannot be pickled"):
+        await batchkit.batch_process([1], quick, groups=groups, backend=backend)
+    weighted = batchkit.RateLimit(per_second=5, burst=4, weight=by_host)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match=r"RateLimit\.weight '.*by_host' cannot be pickled"):
+        await batchkit.batch_process([1], quick, rate_limit=weighted, backend=backend)

@@ -70,10 +70,10 @@ class Spy:
     @contextmanager
     def watching() -> Iterator[Spy]:
         spy = Spy()
-        take: Callable[[Groups, Need, int, float], None] = Groups._take
+        take: Callable[[Groups, Need, Job, float], None] = Groups._take
 
-        def spied(groups: Groups, need: Need, index: int, now: float) -> None:
-            take(groups, need, index, now)
+        def spied(groups: Groups, need: Need, job: Job, now: float) -> None:
+            take(groups, need, job, now)
             if groups not in spy.instances:
                 spy.instances.append(groups)
             for i, key in enumerate(need.keys):

@@ -1,6 +1,7 @@
 """The cluster while a run is on it: which workers are there, each one's share of the rate
-limit, the workers that left, and — when no worker (or no scheduler) was there for
-``DaskBackend(lost_after=...)`` seconds — the end of what is out as ``lost``.
+limit (and of the limit groups: ``groups.py``), the workers that left, and — when no worker
+(or no scheduler) was there for ``DaskBackend(lost_after=...)`` seconds — the end of what is
+out as ``lost``. A run with limit groups counts only the workers it started with.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .._model.errors import ItemError
 from . import worker as worker_side
 from .events import WorkerLost
+from .groups import share_table
 
 if TYPE_CHECKING:
     from .._model.policies import RateLimit
@@ -33,6 +35,7 @@ class ClusterWatch:
         self._s = state
         self._stopper = stopper
         self._workers_seen: set[str] = set()
+        self._grouped: set[str] = set()  # the workers the groups were last split among
         self._shares: dict[str, float] = {}
         self._watch: asyncio.Future[None] | None = None
 
@@ -45,7 +48,9 @@ class ClusterWatch:
 
     async def start(self, addresses: list[str]) -> None:
         rate = self._s.plan.rate_limit
-        self._workers_seen = set(addresses)
+        if rate is not None and rate.weight is not None:
+            rate = None  # split with the groups (groups.py), not through the gate
+        self._workers_seen = self._grouped = set(addresses)
         if rate is not None:
             await self._share_rate(rate, addresses)
         self._watch = asyncio.ensure_future(self._watch_cluster(rate))
@@ -81,6 +86,8 @@ class ClusterWatch:
             try:
                 async with asyncio.timeout(_PROBE_SECONDS):
                     _, _, addresses = await self.workers()
+                if s.kept is not None:  # groups=: only the workers holding a share count
+                    addresses = [a for a in addresses if a in s.kept]
                 missing = None if addresses else "worker"
             except asyncio.CancelledError:
                 raise
@@ -89,6 +96,8 @@ class ClusterWatch:
             now = s.loop.time()
             if missing is None:
                 s.outage = None
+                if s.kept is not None and set(addresses) != self._grouped:
+                    await self._share_groups(addresses)
                 self._tell_left(addresses, now)
                 if rate is not None and set(addresses) != set(self._shares):
                     try:
@@ -102,6 +111,18 @@ class ClusterWatch:
             if lost_after is not None and now - s.outage[0] >= lost_after:
                 self._cluster_gone(missing, lost_after)
                 return
+
+    async def _share_groups(self, addresses: list[str]) -> None:
+        """Workers holding a share left: split the groups again among those left (each
+        share only grows)."""
+        table = share_table(self._s.plan, addresses)
+        try:
+            await self._s.client.run(
+                worker_side.set_group_shares, self._s.run_id, table, workers=addresses
+            )
+            self._grouped = set(addresses)
+        except Exception:
+            _log.debug("batchkit: re-splitting the limit groups failed", exc_info=True)
 
     def _tell_left(self, addresses: list[str], now: float) -> None:
         left = self._workers_seen - set(addresses)

@@ -121,7 +121,7 @@ class DaskRun(Generic[T, R]):
         s.wall_offset = time.time() - loop.time()
         if s.breaker is not None:
             await s.breaker.load()  # one read: the circuits as the run starts
-        in_flight = plan_run(s, n_workers, threads)
+        in_flight = plan_run(s, addresses, threads)
         s.client.subscribe_topic(s.topic, self._alerts.on_alert)
         self._subscribed = True
         await self._cluster.start(addresses)

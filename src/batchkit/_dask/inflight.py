@@ -55,6 +55,10 @@ class InFlight:
         if len(chunk.bad) + len(unsent) == len(chunk.items):
             self._unsent(chunk, ChunkResult(offset=chunk.offset, records=[]))
             return None
+        # groups=: only the workers holding a share (the run's start; groups.py).
+        where: dict[str, Any] = {}
+        if s.kept is not None:
+            where = {"workers": s.kept, "allow_other_workers": False}
         future = s.client.submit(
             worker_side.run_chunk,
             s.spec_blob,
@@ -65,6 +69,7 @@ class InFlight:
             s.topic,
             pure=False,
             key=f"batchkit-{s.run_id}-{chunk.offset}",
+            **where,
         )
         s.pending[chunk.offset] = chunk
         s.in_flight_items += len(chunk.items)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._model.errors import InvalidArgument
 from .chunks import ChunkSizer, plan_chunks
+from .groups import check_shares, share_table, shared
 from .wire import RunSpec, check_picklable, dumps
 
 if TYPE_CHECKING:
@@ -27,14 +28,13 @@ __all__ = ["check_options", "plan_run", "refuse_unsupported"]
 
 
 def refuse_unsupported(options: Options) -> None:
-    """Options the cluster does not honour yet, refused at the call before a client is
-    opened: ``groups=`` needs one place that sees every attempt of a group (a chunk's engine
-    sees only its own items, and a worker runs several chunks at once); call-level groups
-    (``batchkit.limit()`` in ``fn``) for the same reason, whatever becomes of ``groups=``.
-    ``item_budget=`` is per item, so a chunk's engine keeps it on the worker (see
-    :func:`plan_run`).
+    """Options the cluster does not honour, refused at the call before a client is opened:
     ``hedge=`` would hedge within one worker's chunk only, where its budget and latencies
-    mean little (the driver re-runs what a lost worker held instead)."""
+    mean little (the driver re-runs what a lost worker held instead). ``item_budget=`` is
+    per item, so a chunk's engine keeps it on the worker (see :func:`plan_run`); ``groups=``
+    is split among the workers (``groups.py``), refused by :func:`plan_run` only when a share
+    would be 0. Call-level groups (``batchkit.limit()`` in ``fn``) are refused: each chunk
+    engine would hold its own copy of the group."""
     if options.hedge is not None:
         raise InvalidArgument(
             "hedge= is not supported with the Dask backend: a hedge would run beside its "
@@ -49,14 +49,6 @@ def refuse_unsupported(options: Options) -> None:
             "would hold its own copy of the group, not one for the cluster\nHINT: run the "
             "call without backend= (call-level groups hold in this process)"
         )
-    if options.groups:
-        raise InvalidArgument(
-            "groups= is not supported with the Dask backend yet: a group's limits "
-            "(concurrency, rate, Adaptive, weights) would hold per chunk on a worker, not "
-            "across the cluster\nHINT: run the call without backend= (limit groups hold in "
-            "this process), or split the input by upstream and pass each part with its own "
-            "concurrency= and rate_limit= (those are split among the workers)"
-        )
 
 
 def check_options(o: Plan, fn: Callable[..., Any]) -> None:
@@ -67,13 +59,6 @@ def check_options(o: Plan, fn: Callable[..., Any]) -> None:
             "rate_limit on a Dask cluster must be batchkit.RateLimit(...): a limiter "
             f"object ({o.limiter!r}) would be copied to every worker and limit each "
             "alone\nHINT: pass RateLimit(per_second=...); batchkit splits it among workers"
-        )
-    if o.rate_limit is not None and o.rate_limit.weight is not None:
-        raise InvalidArgument(
-            "RateLimit(weight=...) is not supported with the Dask backend yet: each worker "
-            "holds a share of the bucket, and a weight above a share could never start\n"
-            "HINT: run the call without backend= (the bucket is in this process), or drop "
-            "weight= and give per_second= in items"
         )
     if o.adaptive is not None and o.adaptive.remember is not None:
         raise InvalidArgument(
@@ -108,12 +93,25 @@ def check_options(o: Plan, fn: Callable[..., Any]) -> None:
         check_picklable("retry", o.retry)
     if o.key is not None:
         check_picklable("key", o.key)
+    for g in o.groups:
+        check_picklable("LimitGroup.by", g.by)
+        if g.rate_limit is not None and g.rate_limit.weight is not None:
+            check_picklable("LimitGroup's RateLimit.weight", g.rate_limit.weight)
+    if o.rate_limit is not None and o.rate_limit.weight is not None:
+        check_picklable("RateLimit.weight", o.rate_limit.weight)
 
 
-def plan_run(s: RunState[Any, Any], n_workers: int, threads: int) -> int:
+def plan_run(s: RunState[Any, Any], addresses: list[str], threads: int) -> int:
     """Reads the deadline and the grace, sizes chunks and pickles the run's spec into
-    ``s``; returns how many chunks may be in flight."""
+    ``s``; returns how many chunks may be in flight. With ``groups=`` or a weighted
+    ``RateLimit``, refuses a share of 0 and keeps the run to ``addresses`` (``groups.py``)."""
     o = s.plan
+    n_workers = len(addresses)
+    table = None
+    if shared(o):
+        check_shares(o, n_workers)
+        table = share_table(o, addresses)
+        s.kept = sorted(addresses)
     s.grace = o.grace
     if o.deadline_seconds is not None:
         s.deadline_at = s.start + o.deadline_seconds
@@ -141,7 +139,7 @@ def plan_run(s: RunState[Any, Any], n_workers: int, threads: int) -> int:
         per_worker=per_worker,
         timeout=o.timeout,
         retry=o.retry,
-        rate=rate.per_second if rate else None,
+        rate=rate.per_second if rate and rate.weight is None else None,
         burst=rate.burst if rate else 1,
         deadline_wall=dl + s.wall_offset if dl is not None else None,
         key=o.key,
@@ -154,6 +152,7 @@ def plan_run(s: RunState[Any, Any], n_workers: int, threads: int) -> int:
         alerts=o.max_failures is not None or o.max_failure_ratio is not None,
         topic=s.topic,
         item_budget=o.item_budget,
+        groups=table,
     )
     s.spec_blob = dumps(spec)
     return in_flight

@@ -72,6 +72,9 @@ class RunState(Generic[T, R]):
         self.closed = False
         self.pending: dict[int, Chunk] = {}  # chunks out: accepted by Dask, no result yet
         self.in_flight_items = 0
+        # groups= or a weighted RateLimit: the workers the run started with, the only ones
+        # holding a share (chunks go to them only; see groups.py)
+        self.kept: list[str] | None = None
         self.breaker = DriverBreaker(o.breaker) if o.breaker is not None else None
 
     def event(self, event: Event | ChunkRerun | WorkerLost) -> None:

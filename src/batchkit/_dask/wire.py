@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     from .._model.errors import StopReason
     from .._model.policies import Adaptive, Retry
+    from .groups import ShareTable
 
 __all__ = [
     "NEVER_SET",
@@ -257,6 +258,9 @@ class RunSpec:
     """``item_budget=``: kept by the chunk's engine on the worker, from the item's first
     attempt there (a chunk re-run after its worker was lost starts its items' budgets
     again)."""
+    groups: ShareTable | None = None
+    """``groups=`` and a weighted ``RateLimit``: each worker's share (``_dask/groups.py``),
+    by address, as the run started; ``rate`` is then ``None`` for a weighted one."""
 
 
 # One outcome: (local index, kind, value or error, attempts, elapsed, errors, finished at).

@@ -7,6 +7,8 @@ the deadline). What is shared between the chunks of one run on one worker lives 
 
 - a gate every attempt passes (``rate_limit=`` of the local run): at most ``per_worker``
   attempts at once on this worker, and this worker's share of the cluster-wide ``RateLimit``;
+- with ``groups=`` (or a weighted ``RateLimit``), this worker's share of each group, one
+  ``Groups`` every chunk engine of the run here is handed (``groups.py``);
 - the asyncio tasks of the chunks running now, so that a stop message from the driver
   (``stop_run``: deadline, thresholds, the caller cancelled) cancels the coroutines themselves
   (``Client.cancel`` does not stop a coroutine that is already running);
@@ -24,6 +26,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .._engine.meters.groups import SHARED, Groups
 from .._engine.meters.rate_math import TokenBucket
 from .._model.errors import ItemCancelled, ItemSkipped, StopReason
 from .._model.events import AttemptFailed, Event, ItemStarted
@@ -44,12 +47,15 @@ from .wire import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from .groups import ShareTable
+
 __all__ = [
     "current_run",
     "decode",
     "end_run",
     "run_chunk",
     "running_chunks",
+    "set_group_shares",
     "set_share",
     "stop_run",
 ]
@@ -71,6 +77,10 @@ class _WorkerRun:
     # This worker's share of the cluster-wide rate, once the driver has sent it.
     bucket: TokenBucket | None = None
     share_set: asyncio.Event = field(default_factory=asyncio.Event)
+    # groups=: this worker's share of the groups, shared by the run's chunk engines here,
+    # and the latest share table the driver sent (it re-splits as workers leave).
+    groups: Groups | None = None
+    table: ShareTable | None = None
     resources: dict[object, tuple[Any, Callable[[Any], object] | None]] = field(
         default_factory=dict
     )
@@ -134,6 +144,31 @@ def set_share(run_id: str, per_second: float, burst: int) -> None:
     else:
         run.bucket.set_rate(per_second, burst)
     run.share_set.set()
+
+
+async def set_group_shares(run_id: str, table: ShareTable, dask_worker: Any = None) -> None:
+    """The driver's message: workers left, this worker's share of the groups grew."""
+    if run_id in _ENDED:
+        return
+    run = _run_state(run_id)
+    run.table = table
+    policies = table.get(dask_worker.address) if dask_worker is not None else None
+    if run.groups is not None and policies is not None:
+        run.groups.resize(policies)
+
+
+def _groups_of(run: _WorkerRun, worker: str) -> tuple[Any, ...]:
+    """This worker's share of the run's groups; the shared ``Groups`` made on first use."""
+    spec = run.spec
+    assert spec is not None
+    table = run.table or spec.groups
+    assert table is not None
+    policies = table.get(worker)
+    if policies is None:  # pragma: no cover - chunks are submitted to the start workers only
+        raise RuntimeError(f"batchkit: worker {worker} holds no share of the run's groups")
+    if run.groups is None:
+        run.groups = Groups(policies, asyncio.get_running_loop())
+    return policies
 
 
 def _has_loop() -> bool:
@@ -398,6 +433,7 @@ async def _consume(
     records: list[Record],
     gate: bool,
     token: str,
+    groups: tuple[Any, ...] = (),
 ) -> None:
     from .._api import stream
     from .._model.policies import Deadline
@@ -413,6 +449,10 @@ async def _consume(
             grace=spec.grace,
         )
     kwargs: dict[str, Any] = {}
+    if groups:
+        # The chunk's engine takes the worker's shared groups (SHARED), not its own.
+        kwargs["groups"] = groups
+        SHARED.set(run.groups)
     if spec.context is not None:
         kwargs["context"] = spec.context
     if spec.item_budget is not None:
@@ -547,7 +587,10 @@ async def run_chunk(
         # The gate holds per_worker across chunks running at once here and this worker's
         # rate share; with one chunk at a time and no rate limit it has nothing to do.
         gate = spec.rate is not None or threads > 1
-        task = loop.create_task(_consume(run, offset, pairs, collector, records, gate, run_token))
+        groups = _groups_of(run, worker) if spec.groups is not None else ()
+        task = loop.create_task(
+            _consume(run, offset, pairs, collector, records, gate, run_token, groups)
+        )
     finally:
         _CURRENT.reset(token)
         _LOGS.reset(logs_token)

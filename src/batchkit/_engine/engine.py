@@ -122,12 +122,14 @@ class Engine(Generic[T, R]):
             self._breaker = BreakerMeter(circuits, loop)
             meters = (self._breaker, *meters)
         if p.groups:
-            from .meters.groups import Groups  # lazy: start-up time
+            from .meters.groups import SHARED, Groups  # lazy: start-up time
 
             # First of all: a picked item already holds its groups' places, so the groups
             # meter must be among the admitted ones whatever refuses next (else a breaker's
-            # refusal would keep its places for good).
-            self.groups = Groups(p.groups, loop, self._deadline)
+            # refusal would keep its places for good). A Dask chunk's engine is handed its
+            # worker's groups, shared with the run's other chunks there (``_dask/groups.py``).
+            shared = SHARED.get()
+            self.groups = shared if shared is not None else Groups(p.groups, loop, self._deadline)
             meters = (self.groups, *meters)
         if p.item_budget is not None:
             from .meters.budget import BudgetMeter  # lazy: start-up time
@@ -246,6 +248,8 @@ class Engine(Generic[T, R]):
 
     async def _teardown(self, watch: asyncio.Task[None] | None, completed: bool) -> None:
         self._ended = True
+        if self.groups is not None:
+            self.groups.detach(self._run)
         if self._hedges is not None:
             self._hedges.close()
         self._stopper.close()

@@ -76,7 +76,7 @@ class GroupPicks:
         due += [job for job in heap if job.ready <= due_by]
         for job in due:
             need = groups.keys(job)
-            wait = 0.0 if isinstance(need, BaseException) else groups.wait_for(need, now, job.index)
+            wait = 0.0 if isinstance(need, BaseException) else groups.wait_for(need, now, job)
             if wait != math.inf and (soonest is None or now + wait < soonest):
                 soonest = now + wait
         return soonest

@@ -99,7 +99,7 @@ class Window(Generic[T, R]):
         self.retries.budget = budget
         if groups is not None:
             self._picks = GroupPicks(groups, self._intake, self.retries, loop)
-            groups.on_release = self._wake
+            groups.attach(run, self._wake, deadline)
         self.retries.start(loop, runner, deadline)
         self._base_context = contextvars.copy_context()
         self.quiet = loop.create_future()

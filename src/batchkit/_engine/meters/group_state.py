@@ -15,17 +15,19 @@ from .rate_math import TokenBucket, reserve_weighted
 if TYPE_CHECKING:
     from collections.abc import Hashable
 
-    from ..._model.attempt import AttemptResult, Slot
+    from ..._model.attempt import AttemptResult, Job, Slot
     from ..._model.policies import LimitGroup, RateLimit
 
 __all__ = [
     "GroupState",
     "Need",
     "forget_at",
+    "forget_idle",
     "forgettable",
     "fresh_limit",
     "observe",
     "reserve",
+    "resize",
     "unreserve",
     "weigh",
 ]
@@ -45,8 +47,9 @@ class GroupState:
         ``inf`` while in use, or when it must be kept (:func:`forgettable`)."""
         rate = policy.rate_limit
         self.bucket = TokenBucket.of(rate, now) if rate is not None else None
-        self.reserved: int | None = None
-        """The index of the item the weighted bucket's tokens are kept for."""
+        self.reserved: Job | None = None
+        """The item the weighted bucket's tokens are kept for (the job itself, not its index:
+        on a Dask worker, the jobs of several chunk engines share these states)."""
         self.limit = fresh_limit(policy)
         concurrency = policy.concurrency
         self.adaptive = concurrency if isinstance(concurrency, Adaptive) else None
@@ -78,8 +81,8 @@ def fresh_limit(policy: LimitGroup) -> float:
     return math.inf if concurrency is None else float(concurrency)
 
 
-def reserve(states: list[dict[Hashable, GroupState]], need: Need, index: int, now: float) -> None:
-    """Keep the weighted buckets that item ``index`` waits for (and only those) for it."""
+def reserve(states: list[dict[Hashable, GroupState]], need: Need, job: Job, now: float) -> None:
+    """Keep the weighted buckets that ``job`` waits for (and only those) for it."""
     assert need.weights is not None
     for by_key, key, weight in zip(states, need.keys, need.weights, strict=True):
         state = by_key.get(key)
@@ -87,18 +90,45 @@ def reserve(states: list[dict[Hashable, GroupState]], need: Need, index: int, no
         if state is None or bucket is None or state.reserved is not None:
             continue
         if reserve_weighted(bucket.tat, now, bucket.interval, bucket.tolerance, weight)[1] > 0:
-            state.reserved = index
+            state.reserved = job
 
 
-def unreserve(states: list[dict[Hashable, GroupState]], need: Need, index: int) -> bool:
-    """Drop what item ``index`` reserved; whether it had anything."""
+def unreserve(states: list[dict[Hashable, GroupState]], need: Need, job: Job) -> bool:
+    """Drop what ``job`` reserved; whether it had anything."""
     dropped = False
     for by_key, key in zip(states, need.keys, strict=True):
         state = by_key.get(key)
-        if state is not None and state.reserved == index:
+        if state is not None and state.reserved is job:
             state.reserved = None
             dropped = True
     return dropped
+
+
+def resize(states: list[dict[Hashable, GroupState]], policies: tuple[LimitGroup, ...]) -> None:
+    """The states in memory take their groups' new limits (a Dask worker's share grew): a
+    fixed concurrency at once, an adaptive one within its new ``max`` (its limit now stays),
+    the bucket's rate and burst (its debt kept: see :meth:`TokenBucket.set_rate`)."""
+    for policy, by_key in zip(policies, states, strict=True):
+        concurrency, rate = policy.concurrency, policy.rate_limit
+        for state in by_key.values():
+            if isinstance(concurrency, Adaptive):
+                state.adaptive = concurrency
+            elif concurrency is not None:
+                state.limit = float(concurrency)
+            if rate is not None and state.bucket is not None:
+                state.bucket.set_rate(rate.per_second, rate.burst)
+
+
+def forget_idle(
+    idle: deque[tuple[float, int, Hashable]], states: list[dict[Hashable, GroupState]], now: float
+) -> None:
+    """Forget groups idle since their bucket refilled (checked in the order they went idle;
+    one taken again meanwhile is skipped, and checked again when it goes idle)."""
+    while idle and idle[0][0] <= now:
+        _, i, key = idle.popleft()
+        state = states[i].get(key)
+        if state is not None and state.held == 0 and state.forget_at <= now:
+            del states[i][key]
 
 
 def observe(state: GroupState, result: AttemptResult) -> None:

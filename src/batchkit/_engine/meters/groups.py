@@ -50,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, final
 
 from ..._model.policies import Adaptive
@@ -58,10 +59,12 @@ from .group_state import (
     GroupState,
     Need,
     forget_at,
+    forget_idle,
     forgettable,
     fresh_limit,
     observe,
     reserve,
+    resize,
     unreserve,
     weigh,
 )
@@ -75,7 +78,11 @@ if TYPE_CHECKING:
     from ..._model.policies import LimitGroup
     from .deadline import DeadlineMeter
 
-__all__ = ["Groups"]
+__all__ = ["SHARED", "Groups"]
+
+SHARED: ContextVar[Groups | None] = ContextVar("batchkit_shared_groups", default=None)
+"""A private seam: set while a Dask worker opens a chunk's engine, that engine uses these
+groups (the worker's share, shared by the run's chunks there) instead of its own."""
 
 
 @final
@@ -86,6 +93,7 @@ class Groups:
         "_adaptive",
         "_changed",
         "_deadline",
+        "_engines",
         "_epoch",
         "_full",
         "_idle",
@@ -95,7 +103,6 @@ class Groups:
         "_refill_at",
         "_states",
         "_weighted",
-        "on_release",
         "paced",
     )
 
@@ -118,14 +125,32 @@ class Groups:
         self._epoch = 0
         self._refill_at = math.inf
         """The soonest a bucket found empty has a token again (a new epoch then)."""
-        self._late: set[int] = set()
-        """Items (by index) whose weight a bucket grants only after the deadline."""
+        self._late: set[Job] = set()
+        """Items whose weight a bucket grants only after the deadline."""
         self.paced = any(g.rate_limit is not None for g in policies)
         """Whether a group has a rate limit (a bucket's refill is then a time to wake at)."""
         self._weighted = any(g.rate_limit is not None and g.rate_limit.weight for g in policies)
         self._adaptive = any(isinstance(g.concurrency, Adaptive) for g in policies)
-        self.on_release: Callable[[], None] = _nothing
-        """Called when places are given back (the window wakes its waiting workers)."""
+        self._engines: dict[object, tuple[Callable[[], None], DeadlineMeter | None]] = {}
+
+    def attach(self, run: object, wake: Callable[[], None], deadline: DeadlineMeter | None) -> None:
+        """An engine (its ``RunInfo``) uses these groups: ``wake`` wakes its workers when room
+        appears; its deadline meter hears of its items skipped by weight. Locally one engine;
+        on a Dask worker, the run's chunk engines there (``_dask/groups.py``)."""
+        self._engines[run] = (wake, deadline)
+        if self._deadline is None:
+            self._deadline = deadline
+
+    def detach(self, run: object) -> None:
+        """The engine ended: it is woken no more."""
+        self._engines.pop(run, None)
+
+    def resize(self, policies: tuple[LimitGroup, ...]) -> None:
+        """New limits for the same groups (a Dask worker's share grew), for the states in
+        memory too."""
+        self._policies = policies
+        resize(self._states, policies)
+        self._room_changed()
 
     # -- what an item needs ----------------------------------------------------------
     def keys(self, job: Job) -> Need | BaseException:
@@ -163,7 +188,7 @@ class Groups:
                 self._unreserve(job, need)
                 return False
         now = self._loop.time()
-        wait = self.wait_for(need, now, job.index)
+        wait = self.wait_for(need, now, job)
         if wait > 0.0:
             if math.isinf(wait):
                 self._unreserve(job, need)
@@ -171,11 +196,11 @@ class Groups:
                 deadline = self._deadline
                 if deadline is not None and now + wait > deadline.deadline_at + SLACK:
                     self._unreserve(job, need)
-                    self._late.add(job.index)
+                    self._late.add(job)
                     return True
                 self._reserve(job, need, now)
             return False
-        self._take(need, job.index, now)
+        self._take(need, job, now)
         job.holds = True
         return True
 
@@ -192,7 +217,7 @@ class Groups:
         self._full.clear()
         self._refill_at = math.inf
 
-    def wait_for(self, need: Need, now: float | None = None, index: int = -1) -> float:
+    def wait_for(self, need: Need, now: float | None = None, job: Job | None = None) -> float:
         """0.0 if every group has room now; else the seconds until the buckets allow it
         (``inf`` if a group is full, or its weighted bucket is kept for another item: only a
         release or that item's start makes room). A group found without room is remembered
@@ -214,7 +239,7 @@ class Groups:
             bucket = state.bucket
             if bucket is None:
                 continue
-            if weights is not None and state.reserved is not None and state.reserved != index:
+            if weights is not None and state.reserved is not None and state.reserved is not job:
                 return math.inf
             w = 1.0 if weights is None else weights[i]
             turn = reserve_weighted(bucket.tat, now, bucket.interval, bucket.tolerance, w)[1]
@@ -227,16 +252,16 @@ class Groups:
         return wait
 
     def _reserve(self, job: Job, need: Need, now: float) -> None:
-        reserve(self._states, need, job.index, now)
+        reserve(self._states, need, job, now)
 
     def _unreserve(self, job: Job, need: Need) -> None:
         """``job`` waits for something else than buckets: its reservations go (others of
         those groups may take the tokens, and they are woken to)."""
-        if need.weights is not None and unreserve(self._states, need, job.index):
+        if need.weights is not None and unreserve(self._states, need, job):
             self._room_changed()
 
-    def _take(self, need: Need, index: int, now: float) -> None:
-        self._forget(now)
+    def _take(self, need: Need, job: Job, now: float) -> None:
+        forget_idle(self._idle, self._states, now)
         weights = need.weights
         dropped = False
         for i, (policy, states, key) in enumerate(
@@ -252,7 +277,7 @@ class Groups:
             bucket = state.bucket
             if bucket is not None:
                 bucket.take_weighted(now, 1.0 if weights is None else weights[i])
-            if state.reserved == index:
+            if state.reserved is job:
                 state.reserved = None
                 dropped = True
         if dropped:
@@ -277,7 +302,7 @@ class Groups:
                     del states[key]
                 else:
                     self._idle.append((at, i, key))
-        self._forget(now)
+        forget_idle(self._idle, self._states, now)
         self._room_changed()
 
     def _room_changed(self) -> None:
@@ -287,17 +312,8 @@ class Groups:
         fut = self._changed
         if fut is not None and not fut.done():
             fut.set_result(None)
-        self.on_release()
-
-    def _forget(self, now: float) -> None:
-        """Forget groups idle since their bucket refilled (checked in the order they went
-        idle; one taken again meanwhile is skipped, and checked again when it goes idle)."""
-        idle = self._idle
-        while idle and idle[0][0] <= now:
-            _, i, key = idle.popleft()
-            state = self._states[i].get(key)
-            if state is not None and state.held == 0 and state.forget_at <= now:
-                del self._states[i][key]
+        for wake, _ in self._engines.values():
+            wake()
 
     def active(self) -> int:
         """How many group states are held in memory (all groups together)."""
@@ -323,11 +339,11 @@ class Groups:
             self.epoch()
             if self.try_take(job):
                 break
-            await self._until_room(self.wait_for(need, index=job.index))
+            await self._until_room(self.wait_for(need, job=job))
         late = self._late
-        if late and job.index in late:
-            late.discard(job.index)
-            deadline = self._deadline
+        if late and job in late:
+            late.discard(job)
+            deadline = self._engines.get(slot.run, (None, self._deadline))[1]
             assert deadline is not None
             deadline.by_weight = True  # this item's own weight does not fit: a lighter one may
             return "out_of_time"
@@ -379,7 +395,3 @@ def _hashable(key: Any) -> Hashable:
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
-
-
-def _nothing() -> None:
-    pass
