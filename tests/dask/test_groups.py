@@ -53,7 +53,9 @@ def test_shares_add_up_to_the_limit_and_the_first_workers_in_order_get_the_rest(
     rate = table["tcp://a"][0].rate_limit
     assert rate is not None
     assert (rate.per_second, rate.burst) == (3.0, 2)
-    assert table["tcp://a"][0].by((0, 12)) == "12"  # `by` takes the chunk's (index, item)
+    by = table["tcp://a"][0].by
+    assert by is not None
+    assert by((0, 12)) == "12"  # `by` takes the chunk's (index, item)
 
 
 def test_a_weighted_run_rate_is_one_more_group_holding_every_item() -> None:
@@ -61,6 +63,7 @@ def test_a_weighted_run_rate_is_one_more_group_holding_every_item() -> None:
         _plan(rate_limit=RateLimit(per_second=10, burst=6, weight=float)), ["tcp://a", "tcp://b"]
     )
     (whole,) = table["tcp://b"]
+    assert whole.by is not None
     assert whole.by((3, "x")) == whole.by((4, "y"))
     assert whole.rate_limit is not None
     assert (whole.rate_limit.per_second, whole.rate_limit.burst) == (5.0, 3)

@@ -92,7 +92,7 @@ def share_table(plan: Plan, addresses: list[str]) -> ShareTable:
     for k, address in enumerate(ordered):
         shares = [
             LimitGroup(
-                by=OnItem(g.by),
+                by=OnItem(_item_level(g)),
                 concurrency=_concurrency(g.concurrency, k, n),
                 rate_limit=_rate(g.rate_limit, n, "LimitGroup's RateLimit"),
             )
@@ -103,6 +103,12 @@ def share_table(plan: Plan, addresses: list[str]) -> ShareTable:
             shares.append(LimitGroup(by=_every_item, rate_limit=_rate(rate, n, "RateLimit")))
         table[address] = tuple(shares)
     return table
+
+
+def _item_level(g: LimitGroup) -> Callable[[Any], object]:
+    # Plan.groups holds the item-level groups only; call-level ones are refused on Dask.
+    assert g.by is not None
+    return g.by
 
 
 def _concurrency(c: int | Adaptive | None, k: int, n: int) -> int | Adaptive | None:
